@@ -1,0 +1,412 @@
+"""The on-disk expert format: one folder per expert, written atomically.
+
+Layout of ``<store>/<expert>/``::
+
+    manifest.json          ExpertManifest (below), sorted keys
+    tensors.safetensors    the task vector: one entry per part, key "<param>::<part>"
+                           (e.g. "layers.0.q_proj.weight::mask"), parts as the codec defines
+    carried.safetensors    task-specific parameters stored whole (separate heads);
+                           present only when the manifest lists some
+
+Derived fields (bytes, bits/param, density, rank, tensors, sha256) are
+computed by ``save_expert`` from what it writes, never taken from the caller.
+``load_expert`` reads only headers (cheap); tensors are read lazily, one
+parameter at a time. ``Expert.verify()`` does the full, data-reading check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from experts.atomic import atomic_dir
+from experts.codecs import CODECS, Codec, get_codec
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TENSORS_FILE = "tensors.safetensors"
+CARRIED_FILE = "carried.safetensors"
+PART_SEPARATOR = "::"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
+_TORCH_DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in ("float32", "float16", "bfloat16", "float64")}
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_MAX_LISTED_PROBLEMS = 10
+
+
+class ExpertFormatError(ValueError):
+    """An expert folder is missing, malformed or inconsistent (the message names the file)."""
+
+
+class BaseMismatchError(ExpertFormatError):
+    """The expert was made for another base model."""
+
+
+class TensorSpec(BaseModel):
+    """Shape and dtype of the BASE parameter a delta applies to."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    shape: tuple[NonNegativeInt, ...]
+    dtype: DTypeName
+
+
+class ExpertManifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: Literal[1] = Field(description="on-disk format version")
+    name: str = Field(pattern=NAME_PATTERN, description="used in URLs and paths")
+    base_fingerprint: str = Field(min_length=1, description="fingerprint of the base model")
+    kind: Literal["full", "lora"] = Field(description="full fine-tune or LoRA origin")
+    codec: str = Field(description="storage codec of every tensor (experts.codecs)")
+    density: float | None = Field(ge=0.0, le=1.0, description="kept fraction; None for lowrank/dense")
+    rank: int | None = Field(ge=1, description="largest factor rank (lowrank codec), else None")
+    bytes: int = Field(ge=0, description="exact bytes of all stored tensor parts")
+    carried_bytes: int = Field(ge=0, description="exact bytes of the carried parameters")
+    base_params: int = Field(ge=1, description="number of base parameters the expert covers")
+    bits_per_param: float = Field(ge=0.0, description="8 * bytes / base_params")
+    source: str = Field(description="where the expert came from (path or description)")
+    method: dict[str, Any] = Field(description="compressor name and options, e.g. {'name': 'nps', ...}")
+    calibration_score: float | None = None
+    task: str | None = None
+    created: str = Field(description="ISO 8601 timestamp")
+    tensors: dict[str, TensorSpec] = Field(min_length=1)
+    carried: list[str] = Field(default_factory=list)
+    sha256: dict[str, str] = Field(default_factory=dict, description="file name -> hex digest")
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        if value not in CODECS:
+            raise ValueError(f"unknown codec {value!r}; known codecs: {sorted(CODECS)}")
+        return value
+
+    @field_validator("created")
+    @classmethod
+    def _iso_timestamp(cls, value: str) -> str:
+        datetime.fromisoformat(value)  # raises ValueError with the bad value
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _method_has_name(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(value.get("name"), str):
+            raise ValueError("method must hold the compressor's 'name' (a string)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExpertManifest:
+        counted = sum(math.prod(spec.shape) for spec in self.tensors.values())
+        if counted != self.base_params:
+            raise ValueError(f"base_params={self.base_params} but the tensors hold {counted} parameters")
+        if not math.isclose(self.bits_per_param, 8 * self.bytes / self.base_params, rel_tol=1e-9):
+            raise ValueError(f"bits_per_param={self.bits_per_param} != 8*bytes/base_params")
+        if overlap := sorted(set(self.carried) & set(self.tensors)):
+            raise ValueError(f"carried parameters also listed as tensors: {overlap}")
+        if unknown := sorted(set(self.sha256) - {TENSORS_FILE, CARRIED_FILE}):
+            raise ValueError(f"sha256 names unknown files {unknown}")
+        return self
+
+
+@dataclass(frozen=True)
+class EncodedDelta:
+    """Parts already encoded by the expert's codec (e.g. ``encode_factors``) plus the base spec."""
+
+    parts: Mapping[str, Tensor]
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_expert(
+    directory: Path,
+    deltas: Mapping[str, Tensor | EncodedDelta],
+    *,
+    name: str,
+    base_fingerprint: str,
+    codec: str,
+    source: str,
+    method: Mapping[str, Any],
+    kind: Literal["full", "lora"] = "full",
+    value_dtype: torch.dtype = torch.float16,
+    encode_options: Mapping[str, Any] | None = None,
+    carried: Mapping[str, Tensor] | None = None,
+    calibration_score: float | None = None,
+    task: str | None = None,
+    created: str | None = None,
+) -> ExpertManifest:
+    """Encode ``deltas`` (param -> compressed dense delta, or EncodedDelta) and publish atomically.
+
+    A dense tensor's base spec is its own shape and dtype. ``encode_options``
+    go to ``codec.encode`` (e.g. ``{"rank": 8}`` for lowrank). An existing
+    expert at ``directory`` is replaced wholly. Returns the written manifest.
+    """
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(f"name {name!r} must match {NAME_PATTERN} (it is used in URLs and paths)")
+    codec_impl = get_codec(codec)
+    encoded = {param: _encode(codec_impl, param, delta, value_dtype, encode_options or {})
+               for param, delta in deltas.items()}
+    carried = dict(carried or {})
+    draft = ExpertManifest(**_derived_fields(codec_impl, encoded, carried), name=name,
+                           base_fingerprint=base_fingerprint, kind=kind, codec=codec, source=source,
+                           method=dict(method), calibration_score=calibration_score, task=task,
+                           created=created or datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    with atomic_dir(Path(directory)) as tmp:
+        flat = {f"{p}{PART_SEPARATOR}{k}": t.contiguous() for p, d in encoded.items() for k, t in d.parts.items()}
+        save_file(flat, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
+        digests = {TENSORS_FILE: _sha256(tmp / TENSORS_FILE)}
+        if carried:
+            save_file({k: v.contiguous() for k, v in carried.items()}, str(tmp / CARRIED_FILE),
+                      metadata={"format": "pt"})
+            digests[CARRIED_FILE] = _sha256(tmp / CARRIED_FILE)
+        manifest = ExpertManifest.model_validate({**draft.model_dump(), "sha256": digests})
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _encode(codec: Codec, param: str, delta: Tensor | EncodedDelta, value_dtype: torch.dtype,
+            options: Mapping[str, Any]) -> EncodedDelta:
+    if PART_SEPARATOR in param or not param:
+        raise ValueError(f"parameter name {param!r} must be non-empty and must not contain {PART_SEPARATOR!r}")
+    try:
+        if isinstance(delta, Tensor):
+            if delta.dtype not in _TORCH_DTYPES.values():
+                raise ValueError(f"dtype {delta.dtype} is not one of {sorted(_TORCH_DTYPES)}")
+            return EncodedDelta(codec.encode(delta, value_dtype=value_dtype, **options), tuple(delta.shape), delta.dtype)
+        if delta.dtype not in _TORCH_DTYPES.values():
+            raise ValueError(f"base dtype {delta.dtype} is not one of {sorted(_TORCH_DTYPES)}")
+        parts = dict(delta.parts)
+        problems = codec.check_parts({k: (tuple(v.shape), v.dtype) for k, v in parts.items()}, delta.shape)
+        if problems:
+            raise ValueError("; ".join(problems))
+        if not all(torch.isfinite(t).all() for t in parts.values() if t.is_floating_point()):
+            raise ValueError("parts hold NaN or Inf")
+        codec.decode(parts, delta.shape, torch.float32)  # full consistency check (mask counts etc.)
+        return EncodedDelta(parts, tuple(delta.shape), delta.dtype)
+    except ValueError as err:
+        raise ValueError(f"delta for parameter {param!r} ({codec.name} codec): {err}") from err
+
+
+def _derived_fields(codec: Codec, encoded: Mapping[str, EncodedDelta], carried: Mapping[str, Tensor]) -> dict:
+    if not encoded:
+        raise ValueError("deltas is empty: an expert needs at least one parameter")
+    base_params = sum(math.prod(d.shape) for d in encoded.values())
+    stored_bytes = sum(codec.nbytes(d.parts) for d in encoded.values())
+    kept = [codec.kept_count(d.parts) for d in encoded.values()]
+    ranks = [d.parts["A"].shape[0] for d in encoded.values() if "A" in d.parts]
+    return {
+        "format_version": FORMAT_VERSION,
+        "density": None if None in kept else sum(kept) / base_params,
+        "rank": max(ranks) if ranks else None,
+        "bytes": stored_bytes,
+        "carried_bytes": sum(t.numel() * t.element_size() for t in carried.values()),
+        "base_params": base_params,
+        "bits_per_param": 8 * stored_bytes / base_params,
+        "tensors": {p: {"shape": list(d.shape), "dtype": str(d.dtype).removeprefix("torch.")}
+                    for p, d in encoded.items()},
+        "carried": sorted(carried),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- load
+
+
+class Expert:
+    """A loaded expert; tensors are read lazily from ``tensors.safetensors``."""
+
+    def __init__(self, directory: Path, manifest: ExpertManifest) -> None:
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.codec = get_codec(manifest.codec)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(self.manifest.tensors)
+
+    def _spec(self, name: str) -> TensorSpec:
+        try:
+            return self.manifest.tensors[name]
+        except KeyError:
+            raise KeyError(f"expert {self.manifest.name!r} has no parameter {name!r}") from None
+
+    def parts(self, name: str) -> dict[str, Tensor]:
+        self._spec(name)
+        path = self.directory / TENSORS_FILE
+        with _open_safetensors(path) as fh:
+            try:
+                return {p: fh.get_tensor(f"{name}{PART_SEPARATOR}{p}") for p in self.codec.part_names}
+            except SafetensorError as err:
+                raise ExpertFormatError(f"{path}: cannot read parameter {name!r}: {err}") from err
+
+    def decode(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense delta of ``name`` (in the base dtype unless ``dtype`` is given)."""
+        spec = self._spec(name)
+        with self._format_errors(name):
+            return self.codec.decode(self.parts(name), spec.shape, dtype or _TORCH_DTYPES[spec.dtype])
+
+    def add_into(self, name: str, target: Tensor, weight: float) -> None:
+        """In place ``target += weight * delta(name)``; ``target`` must have the base shape."""
+        spec = self._spec(name)
+        if tuple(target.shape) != spec.shape:
+            raise ValueError(f"target for {name!r} has shape {list(target.shape)}, expected {list(spec.shape)}")
+        with self._format_errors(name):
+            self.codec.add_into(target, self.parts(name), weight)
+
+    def iter_deltas(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
+        for name in self.param_names:
+            yield name, self.decode(name, dtype)
+
+    @cached_property
+    def carried(self) -> dict[str, Tensor]:
+        """Task-specific parameters stored whole (read on first access)."""
+        if not self.manifest.carried:
+            return {}
+        path = self.directory / CARRIED_FILE
+        with _open_safetensors(path) as fh:
+            return {k: fh.get_tensor(k) for k in self.manifest.carried}
+
+    def check_base(self, fingerprint: str, shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+        """Refuse a base whose fingerprint differs or which lacks/reshapes a covered parameter."""
+        if fingerprint != self.manifest.base_fingerprint:
+            raise BaseMismatchError(f"expert {self.manifest.name!r} was made for base "
+                                    f"{self.manifest.base_fingerprint!r}, not {fingerprint!r}")
+        problems = []
+        for name, spec in (self.manifest.tensors.items() if shapes is not None else ()):
+            if name not in shapes:
+                problems.append(f"base has no parameter {name!r}")
+            elif tuple(shapes[name]) != spec.shape:
+                problems.append(f"{name!r} is {list(shapes[name])} in the base, {list(spec.shape)} in the expert")
+        if problems:
+            raise BaseMismatchError(f"expert {self.manifest.name!r}: " + _join(problems))
+
+    def verify(self) -> None:
+        """Full check: file digests, every parameter decodes, density as recorded."""
+        for file_name, expected in self.manifest.sha256.items():
+            if _sha256(self.directory / file_name) != expected:
+                raise ExpertFormatError(f"{self.directory / file_name}: sha256 differs from the manifest")
+        kept = [self.codec.kept_count(self.parts(n)) for n in self.param_names]
+        for name in self.param_names:
+            self.decode(name, torch.float32)
+        density = None if None in kept else sum(kept) / self.manifest.base_params
+        if density != self.manifest.density and not (
+                density is not None and self.manifest.density is not None
+                and math.isclose(density, self.manifest.density, rel_tol=1e-9)):
+            raise ExpertFormatError(f"{self.directory / MANIFEST_FILE}: density {self.manifest.density} "
+                                    f"but the mask keeps {density}")
+
+    def _format_errors(self, name: str):
+        return _reraise_as_format_error(f"{self.directory / TENSORS_FILE}: parameter {name!r}")
+
+
+def load_expert(directory: Path, *, verify: bool = False) -> Expert:
+    """Read and check an expert folder's manifest and headers; ``verify`` also reads all data."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ExpertFormatError(f"{directory}: not an expert directory")
+    manifest = _read_manifest(directory / MANIFEST_FILE)
+    codec = get_codec(manifest.codec)
+    problems = _layout_problems(manifest, codec, _part_meta(directory / TENSORS_FILE))
+    if manifest.carried:
+        carried_keys = set(_part_meta(directory / CARRIED_FILE))
+        if carried_keys != set(manifest.carried):
+            problems.append(f"{CARRIED_FILE} holds {sorted(carried_keys)}, manifest lists {manifest.carried}")
+    if problems:
+        raise ExpertFormatError(f"{directory}: " + _join(problems))
+    expert = Expert(directory, manifest)
+    if verify:
+        expert.verify()
+    return expert
+
+
+def _read_manifest(path: Path) -> ExpertManifest:
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ExpertFormatError(f"{path}: manifest is missing") from None
+    except ValueError as err:
+        raise ExpertFormatError(f"{path}: not valid JSON ({err})") from err
+    try:
+        return ExpertManifest.model_validate(raw)
+    except ValidationError as err:
+        found = [f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()]
+        raise ExpertFormatError(f"{path}: invalid manifest: " + _join(found)) from err
+
+
+@contextlib.contextmanager
+def _reraise_as_format_error(where: str) -> Iterator[None]:
+    """A codec's ValueError becomes an ExpertFormatError that says where it happened."""
+    try:
+        yield
+    except ExpertFormatError:
+        raise
+    except ValueError as err:
+        raise ExpertFormatError(f"{where}: {err}") from err
+
+
+def _open_safetensors(path: Path):
+    if not path.is_file():
+        raise ExpertFormatError(f"{path}: file is missing")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ExpertFormatError(f"{path}: unreadable or corrupted safetensors file ({err})") from err
+
+
+def _part_meta(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:
+    """key -> (shape, dtype) from the header only; unknown dtypes are kept as their name."""
+    with _open_safetensors(path) as fh:
+        meta = {}
+        for key in fh.keys():
+            info = fh.get_slice(key)
+            meta[key] = (tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype()))
+        return meta
+
+
+def _layout_problems(manifest: ExpertManifest, codec: Codec, meta: Mapping[str, tuple]) -> list[str]:
+    grouped: dict[str, dict[str, tuple]] = {}
+    for key, value in meta.items():
+        param, sep, part = key.rpartition(PART_SEPARATOR)
+        grouped.setdefault(param if sep else key, {})[part] = value
+    problems = [f"{TENSORS_FILE} holds tensors for unlisted parameter {p!r}"
+                for p in sorted(set(grouped) - set(manifest.tensors))]
+    for param, spec in manifest.tensors.items():
+        problems += [f"parameter {param!r}: {p}" for p in codec.check_parts(grouped.get(param, {}), spec.shape)]
+    if not problems:
+        stored = sum(math.prod(shape) * dtype.itemsize for shape, dtype in meta.values())
+        if stored != manifest.bytes:
+            problems.append(f"{TENSORS_FILE} stores {stored} bytes, manifest says {manifest.bytes}")
+    return problems
+
+
+def _join(problems: Sequence[str]) -> str:
+    shown = "; ".join(problems[:_MAX_LISTED_PROBLEMS])
+    more = len(problems) - _MAX_LISTED_PROBLEMS
+    return shown + (f"; ... and {more} more" if more > 0 else "")

@@ -1,0 +1,431 @@
+"""Merge methods over task vectors (deltas, not full weights): one registry.
+
+Every registered method is ``fn(deltas, weights, **options) -> Tensor``: the
+deltas are same-shape, same-dtype floating tensors tau_i, ``weights`` one real
+number per delta, the options keyword-only with documented defaults. The result
+is the merged delta; the caller adds it to the base, optionally times a global
+lambda. Methods work per tensor (density, thresholds and signs are computed
+within the one tensor they are given).
+
+Register with ``@merge_method("name")``; look up with :func:`get_merge_method`
+(a miss lists the known names). Unknown or invalid options raise ``ValueError``
+naming the option.
+
+:func:`lora_concat` (exact LoRA merge) lives here too but takes factors, not
+deltas, so it is not in the registry.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from experts.sparsify import breadcrumbs as breadcrumbs_sparsify
+from experts.sparsify import check_density, check_tensor, dare, magnitude
+
+__all__ = [
+    "DEFAULT_DENSITY", "MERGE_METHODS", "MergeMethod", "breadcrumbs", "breadcrumbs_ties", "dare_linear",
+    "dare_ties", "elect_and_merge", "get_merge_method", "lora_concat", "merge_method", "pcb", "pcb_scores",
+    "task_arithmetic", "ties",
+]  # fmt: skip
+
+#: Default kept fraction for the sparsifying methods (TIES paper: top-20 %).
+DEFAULT_DENSITY = 0.2
+SignMethod = Literal["total", "frequency"]
+SignSource = Literal["weighted", "unweighted"]
+Normalize = Literal["weight", "count", "none"]
+
+
+# ------------------------------------------------------------------------ registry
+
+
+class MergeMethod:
+    """A registered merge function plus the names of its keyword-only options."""
+
+    def __init__(self, name: str, fn: Callable[..., Tensor]) -> None:
+        parameters = list(inspect.signature(fn).parameters.values())
+        positional = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        if positional != ["deltas", "weights"]:
+            raise ValueError(f"merge method {name!r} must take (deltas, weights, *, ...), got {positional}")
+        self.name = name
+        self.fn = fn
+        self.options = tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, deltas: Sequence[Tensor], weights: Sequence[float], **options: object) -> Tensor:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = list(self.options)
+            raise ValueError(f"unknown option(s) {unknown} for merge method {self.name!r}; known: {known}")
+        return self.fn(deltas, weights, **options)
+
+    def __repr__(self) -> str:
+        return f"MergeMethod({self.name!r}, options={self.options})"
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(name: str) -> Callable[[Callable[..., Tensor]], MergeMethod]:
+    """Register ``fn(deltas, weights, *, ...)`` under ``name``; duplicates are rejected."""
+
+    def register(fn: Callable[..., Tensor]) -> MergeMethod:
+        if name in MERGE_METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        method = MergeMethod(name, fn)
+        MERGE_METHODS[name] = method
+        return method
+
+    return register
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    """The method registered as ``name``; a miss lists the known names."""
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; known: {sorted(MERGE_METHODS)}") from None
+
+
+# -------------------------------------------------------------------------- checks
+
+
+def _stack(deltas: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """Validate inputs; return deltas stacked on dim 0 and weights shaped to broadcast."""
+    if isinstance(deltas, Tensor) or not isinstance(deltas, Sequence) or not deltas:
+        raise ValueError(f"deltas must be a non-empty sequence of tensors, got {type(deltas).__name__}")
+    first = check_tensor(deltas[0], "deltas[0]")
+    for i, delta in enumerate(deltas):
+        check_tensor(delta, f"deltas[{i}]")
+        if delta.shape != first.shape or delta.dtype != first.dtype:
+            expected = f"{first.dtype} {tuple(first.shape)}"
+            raise ValueError(f"deltas[{i}] is {delta.dtype} {tuple(delta.shape)}, expected {expected}")
+    values = _check_numbers(weights, "weights", len(deltas))
+    stacked = torch.stack(list(deltas), dim=0)
+    w = torch.tensor(values, dtype=first.dtype, device=first.device)
+    return stacked, w.reshape((-1,) + (1,) * first.dim())
+
+
+def _check_numbers(values: Sequence[float] | Tensor, name: str, count: int) -> list[float]:
+    """One finite real number per input; returned as floats."""
+    if isinstance(values, Tensor):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
+    if len(values) != count:
+        raise ValueError(f"{name} must have one entry per input ({count}), got {len(values)}")
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}[{i}] must be a finite number, got {value!r}")
+    return [float(value) for value in values]
+
+
+def _choice(value: object, name: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+# ----------------------------------------------------------------- TIES machinery
+
+
+def elect_and_merge(
+    sparse: Tensor,
+    weights: Tensor,
+    *,
+    sign_method: SignMethod = "total",
+    sign_source: SignSource = "weighted",
+    normalize: Normalize = "weight",
+) -> Tensor:
+    """TIES sign election + disjoint merge of stacked (already sparsified) deltas.
+
+    ``sparse`` is [n, ...] (one row per task), ``weights`` holds n numbers.
+    voters = ``w_i * tau_i`` (``sign_source="weighted"``, mergekit) or
+    ``tau_i`` (``"unweighted"``, PEFT). Elected sign = +1 where the score >= 0
+    (a zero score elects +1, as both libraries do), else -1; score = sum of
+    voters (``"total"``) or sum of their signs (``"frequency"``). Entry i
+    agrees where sign(voter_i) == elected; exact zeros never agree. Merged =
+    sum over agreeing of ``w_i * tau_i``, divided by the sum of agreeing
+    weights (``normalize="weight"``, mergekit; 0 -> 1), by their count
+    (``"count"``, PEFT; clamped to >= 1), or not at all (``"none"``).
+    """
+    _choice(sign_method, "sign_method", ("total", "frequency"))
+    _choice(sign_source, "sign_source", ("weighted", "unweighted"))
+    _choice(normalize, "normalize", ("weight", "count", "none"))
+    weights = weights.reshape((-1,) + (1,) * (sparse.dim() - 1))
+    weighted = sparse * weights
+    voters = weighted if sign_source == "weighted" else sparse
+    signs = voters.sign()
+    score = voters.sum(dim=0) if sign_method == "total" else signs.sum(dim=0)
+    elected = torch.where(score >= 0, 1.0, -1.0).to(signs.dtype)
+    agree = signs == elected
+    merged = (weighted * agree).sum(dim=0)
+    if normalize == "none":
+        return merged
+    if normalize == "count":
+        return merged / torch.clamp(agree.sum(dim=0), min=1.0)
+    divisor = (weights * agree).sum(dim=0)
+    return merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def _dare_all(
+    deltas: Sequence[Tensor],
+    density: float,
+    generator: torch.Generator | None,
+    masks: Sequence[Tensor] | None,
+    rescale: bool,
+) -> list[Tensor]:
+    """DARE each delta in order (one generator stream, or the injected masks)."""
+    density = check_density(density)
+    if generator is not None and masks is not None:
+        raise ValueError("give only one of generator or masks, got both")
+    if masks is not None and len(masks) != len(deltas):
+        raise ValueError(f"masks must have one entry per delta ({len(deltas)}), got {len(masks)}")
+    if generator is None and masks is None and density < 1.0:
+        raise ValueError(f"generator (or masks) is required when density < 1, got generator={generator!r}")
+    if not isinstance(rescale, bool):
+        raise ValueError(f"rescale must be a bool, got {rescale!r}")
+    return [
+        dare(delta, density, generator, rescale=rescale, mask=None if masks is None else masks[i])
+        for i, delta in enumerate(deltas)
+    ]
+
+
+# --------------------------------------------------------------------- the methods
+
+
+@merge_method("task_arithmetic")
+def task_arithmetic(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Task arithmetic: ``sum_i w_i * tau_i`` (= mergekit ``task_arithmetic``, PEFT ``task_arithmetic``)."""
+    stacked, w = _stack(deltas, weights)
+    return (stacked * w).sum(dim=0)
+
+
+@merge_method("ties")
+def ties(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    density: float = DEFAULT_DENSITY,
+    sign_method: SignMethod = "total",
+    sign_source: SignSource = "weighted",
+    normalize: Normalize = "weight",
+) -> Tensor:
+    """TIES: trim each tau_i to its top-``density`` by |x|, elect signs, disjoint mean.
+
+    Trim: :func:`experts.sparsify.magnitude` (per tensor, k = max(1,
+    int(density * numel))). Election and merge: :func:`elect_and_merge`.
+    The defaults reproduce mergekit ``ties`` (``normalize=True``): election on
+    the weighted trimmed deltas, division by the agreeing weights. PEFT
+    ``merge_utils.ties`` = ``sign_source="unweighted", normalize="count"``
+    (it elects on the unweighted trimmed deltas, divides by the agreeing count,
+    and uses k = int(density * numel) without the floor of 1). mergekit's
+    ``normalize=False`` = ``normalize="none"``; its ``consensus_method=count``
+    = ``sign_method="frequency"``. With unit weights all agree.
+    """
+    stacked, w = _stack(deltas, weights)
+    trimmed = torch.stack([magnitude(delta, density) for delta in stacked], dim=0)
+    return elect_and_merge(trimmed, w, sign_method=sign_method, sign_source=sign_source, normalize=normalize)
+
+
+@merge_method("dare_linear")
+def dare_linear(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    density: float = DEFAULT_DENSITY,
+    generator: torch.Generator | None = None,
+    masks: Sequence[Tensor] | None = None,
+    rescale: bool = True,
+) -> Tensor:
+    """DARE + linear: ``sum_i w_i * dare(tau_i)``.
+
+    Each tau_i keeps entries with probability ``density`` (``generator``,
+    consumed in delta order, or injected bool ``masks``) and kept entries are
+    divided by ``density`` (``rescale``). Equal to PEFT ``dare_linear`` given
+    the same masks (for float32 a generator seeded like the global RNG
+    reproduces them). mergekit ``dare_linear`` rescales to the L1 norm instead
+    of 1/density; with its ``rescale=False`` it equals ``rescale=False`` here.
+    """
+    stacked, w = _stack(deltas, weights)
+    dropped = torch.stack(_dare_all(list(stacked), density, generator, masks, rescale), dim=0)
+    return (dropped * w).sum(dim=0)
+
+
+@merge_method("dare_ties")
+def dare_ties(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    density: float = DEFAULT_DENSITY,
+    generator: torch.Generator | None = None,
+    masks: Sequence[Tensor] | None = None,
+    rescale: bool = True,
+    sign_method: SignMethod = "total",
+    sign_source: SignSource = "weighted",
+    normalize: Normalize = "weight",
+) -> Tensor:
+    """DARE sparsification (as :func:`dare_linear`) then TIES election + disjoint merge.
+
+    PEFT ``dare_ties`` = ``sign_source="unweighted", normalize="count"`` with
+    the same masks. mergekit ``dare_ties`` defaults to ``normalize=False``
+    (``normalize="none"``) and an L1-norm rescale.
+    """
+    stacked, w = _stack(deltas, weights)
+    dropped = torch.stack(_dare_all(list(stacked), density, generator, masks, rescale), dim=0)
+    return elect_and_merge(dropped, w, sign_method=sign_method, sign_source=sign_source, normalize=normalize)
+
+
+@merge_method("breadcrumbs")
+def breadcrumbs(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    density: float = DEFAULT_DENSITY,
+    gamma: float = 0.01,
+) -> Tensor:
+    """Model Breadcrumbs: ``sum_i w_i * breadcrumbs(tau_i, density, gamma)``.
+
+    Sparsifier: :func:`experts.sparsify.breadcrumbs` (mergekit
+    ``magnitude_outliers``). Equal to mergekit ``breadcrumbs`` (its default
+    ``normalize=False``, ``rescale=False``); gamma default 0.01 as mergekit.
+    """
+    stacked, w = _stack(deltas, weights)
+    crumbs = torch.stack([breadcrumbs_sparsify(delta, density, gamma) for delta in stacked], dim=0)
+    return (crumbs * w).sum(dim=0)
+
+
+@merge_method("breadcrumbs_ties")
+def breadcrumbs_ties(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    density: float = DEFAULT_DENSITY,
+    gamma: float = 0.01,
+    sign_method: SignMethod = "total",
+    sign_source: SignSource = "weighted",
+    normalize: Normalize = "weight",
+) -> Tensor:
+    """Breadcrumbs sparsification then TIES election + disjoint merge.
+
+    mergekit ``breadcrumbs_ties`` defaults to ``normalize=False``: pass
+    ``normalize="none"`` to reproduce it.
+    """
+    stacked, w = _stack(deltas, weights)
+    crumbs = torch.stack([breadcrumbs_sparsify(delta, density, gamma) for delta in stacked], dim=0)
+    return elect_and_merge(crumbs, w, sign_method=sign_method, sign_source=sign_source, normalize=normalize)
+
+
+# ----------------------------------------------------------------------------- PCB
+
+
+def _minmax_rows(x: Tensor) -> Tensor:
+    """Min-max normalise each row to [0, 1]; a constant row becomes all zeros."""
+    low = x.min(dim=1, keepdim=True).values
+    span = x.max(dim=1, keepdim=True).values - low
+    return (x - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def pcb_scores(flat: Tensor) -> Tensor:
+    """PCB matrix beta [n, d] of flat task vectors ``flat`` [n, d] (paper eqs.).
+
+    intra_i = Softmax(n * Norm(tau_i * tau_i)); inter_i = sum_j
+    Softmax(Norm(tau_i * tau_j)) (j runs over all n, itself included);
+    beta_i = intra_i * inter_i. Norm is min-max over the d entries of one row,
+    Softmax runs over those d entries.
+    """
+    n = flat.shape[0]
+    intra = torch.softmax(n * _minmax_rows(flat * flat), dim=1)
+    inter = torch.zeros_like(flat)
+    for j in range(n):
+        inter += torch.softmax(_minmax_rows(flat * flat[j]), dim=1)
+    return intra * inter
+
+
+def _pcb_keep(scores: Tensor, ratio: float) -> Tensor:
+    """Per row keep beta >= sorted_ascending(beta)[int((1 - ratio) * d)] (stable order)."""
+    d = scores.shape[1]
+    start = int((1.0 - ratio) * d)
+    order = torch.sort(scores, dim=1, stable=True).indices
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    return keep.scatter_(1, order[:, start:], True)
+
+
+@merge_method("pcb")
+def pcb(deltas: Sequence[Tensor], weights: Sequence[float], *, ratio: float = 0.1) -> Tensor:
+    """PCB-Merging (Parameter Competition Balancing, Du et al., NeurIPS 2024).
+
+    Per tensor, with tau_i flattened to d entries and n tasks:
+      1. beta_i = Softmax(n * Norm(tau_i^2)) * sum_j Softmax(Norm(tau_i * tau_j))
+         (intra- times inter-balancing; :func:`pcb_scores`);
+      2. drop: keep beta_i >= sorted(beta_i)[int((1 - ratio) * d)], i.e. the
+         top ``d - int((1 - ratio) * d)`` scores per task (ties by stable order);
+         beta_hat_i = beta_i * keep_i;
+      3. rescale: merged = sum_i w_i * beta_hat_i * tau_i / sum_i beta_hat_i
+         (0 where no task keeps the entry). Unit weights give the paper's
+         tau_m; the caller applies lambda.
+    Scores are computed in float32 (float64 stays float64). ``ratio`` in (0, 1]
+    is the kept fraction r (default 0.1, the official code's ``pcb_ratio``).
+    The official script (duguodong7/pcb-merging) differs from the paper's
+    equations, and so from this function: it flattens the whole model into one
+    vector, first clips |tau| at its 1e-4 / 1 - 1e-4 quantiles, uses
+    exp(n * Norm(|tau|)^2) for intra, tanh(tau_i * sum_j tau_j) for inter, and
+    min-max rescales the kept scores so the weakest kept one gets weight 0.
+    """
+    stacked, w = _stack(deltas, weights)
+    ratio = check_density(ratio, "ratio")
+    work = stacked.reshape(stacked.shape[0], -1)
+    work = work.float() if work.element_size() < 4 else work
+    scores = pcb_scores(work)
+    kept = scores * _pcb_keep(scores, ratio)
+    total = kept.sum(dim=0)
+    merged = (w.reshape(-1, 1).to(work.dtype) * kept * work).sum(dim=0)
+    merged = merged / torch.where(total > 0, total, torch.ones_like(total))
+    return merged.reshape(stacked.shape[1:]).to(stacked.dtype)
+
+
+# ---------------------------------------------------------------------- LoRA concat
+
+
+def lora_concat(
+    loras: Sequence[tuple[Tensor, Tensor]],
+    weights: Sequence[float],
+    scalings: Sequence[float],
+) -> tuple[Tensor, Tensor]:
+    """Exact weighted LoRA merge: ``sum_i w_i * s_i * B_i @ A_i == B_cat @ A_cat``.
+
+    ``loras[i] = (A_i, B_i)`` with A_i [r_i, in], B_i [out, r_i]; ``scalings``
+    are the adapters' s_i = lora_alpha / r (pass them explicitly: forgetting
+    them is the classic bug). Returns ``(A_cat, B_cat)`` of rank sum r_i: the
+    A's scaled by w_i * s_i stacked along the rank dim, the B's concatenated
+    unscaled (PEFT ``add_weighted_adapter(combination_type="cat")``, whose new
+    adapter has scaling 1).
+    """
+    if not isinstance(loras, Sequence) or not loras:
+        raise ValueError(f"loras must be a non-empty sequence of (A, B) pairs, got {type(loras).__name__}")
+    checked_weights = _check_numbers(weights, "weights", len(loras))
+    checked_scalings = _check_numbers(scalings, "scalings", len(loras))
+    _check_lora_pairs(loras)
+    # (A * w) * s in PEFT's operation order, so the factors match it bit for bit.
+    a_cat = torch.cat([a * w * s for (a, _), w, s in zip(loras, checked_weights, checked_scalings)], dim=0)
+    b_cat = torch.cat([b for _, b in loras], dim=1)
+    return a_cat, b_cat
+
+
+def _check_lora_pairs(loras: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Every pair is A [r_i, in], B [out, r_i] with one in, out and dtype."""
+    a0, b0 = loras[0]
+    for i, (a, b) in enumerate(loras):
+        check_tensor(a, f"loras[{i}][0] (A)")
+        check_tensor(b, f"loras[{i}][1] (B)")
+        shapes = f"A {tuple(a.shape)}, B {tuple(b.shape)}"
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"loras[{i}] must be A [r, in], B [out, r], got {shapes}")
+        if (a.shape[1], b.shape[0], a.dtype, b.dtype) != (a0.shape[1], b0.shape[0], a0.dtype, a0.dtype):
+            expected = f"{a0.dtype} with in={a0.shape[1]}, out={b0.shape[0]}"
+            raise ValueError(f"loras[{i}] is {a.dtype}/{b.dtype} {shapes}; expected {expected}")
