@@ -18,5 +18,5 @@ def micro_zoo():
     from experts.zoo.spec import preset
 
     builder = ZooBuilder(preset("micro"), MICRO_ZOO)
-    builder.build()
+    builder.build(workers=1)
     return builder

@@ -30,6 +30,8 @@ REFERENCE = {
     "count_letter": lambda p: str(p["x"].count(p["c"])),
     "max_digit": lambda p: max(p["n"]),
     "distinct": lambda p: str(len(set(p["x"]))),
+    "min_digit": lambda p: min(p["n"]),
+    "count_consonants": lambda p: str(sum(c not in "aeiou" for c in p["x"])),
 }
 
 

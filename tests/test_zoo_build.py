@@ -39,10 +39,11 @@ def _built_markers(builder):
 def nano_pair(tmp_path_factory):
     first = ZooBuilder(NANO, tmp_path_factory.mktemp("a"), log=lambda _: None)
     second = ZooBuilder(NANO, tmp_path_factory.mktemp("b"), log=lambda _: None)
-    return first, first.build(), second, second.build()
+    # One serial, one with two worker processes: the weights must not depend on it.
+    return first, first.build(workers=1), second, second.build(workers=2)
 
 
-def test_same_seed_same_weights_and_matrix(nano_pair):
+def test_same_seed_same_weights_and_matrix_whatever_the_workers(nano_pair):
     first, m1, second, m2 = nano_pair
     w1, w2 = _weights(first), _weights(second)
     assert w1.keys() == w2.keys()
@@ -65,16 +66,16 @@ def test_experts_differ_from_base(nano_pair):
 def test_cached_build_rebuilds_nothing(nano_pair):
     first = nano_pair[0]
     before = _built_markers(first)
-    ZooBuilder(NANO, first.layout.root, log=lambda _: None).build()
+    ZooBuilder(NANO, first.layout.root, log=lambda _: None).build(workers=1)
     assert _built_markers(first) == before
 
 
 def test_changed_lora_spec_rebuilds_only_lora(tmp_path):
     builder = ZooBuilder(NANO, tmp_path, log=lambda _: None)
-    builder.build()
+    builder.build(workers=1)
     before = _built_markers(builder)
     changed = NANO.model_copy(update={"lora": NANO.lora.model_copy(update={"lr": 2e-3})})
-    ZooBuilder(changed, tmp_path, log=lambda _: None).build()
+    ZooBuilder(changed, tmp_path, log=lambda _: None).build(workers=1)
     after = _built_markers(builder)
     rebuilt = {p.parent.relative_to(tmp_path).as_posix() for p in before if before[p] != after[p]}
     assert rebuilt == {"experts/lora/reverse", "experts/lora/length", "matrix"}
@@ -129,3 +130,12 @@ def test_presets_and_keys():
     a = preset("micro")
     b = a.model_copy(update={"full": a.full.model_copy(update={"steps": 41})})
     assert a.key("full") != b.key("full") and a.key("lora") == b.key("lora")
+
+
+def test_cached_base_from_another_corpus_is_refused(tmp_path, monkeypatch):
+    builder = ZooBuilder(NANO, tmp_path, log=lambda _: None)
+    builder.build_base()
+    builder.build_base()  # cached and consistent: fine
+    monkeypatch.setattr(ZooBuilder, "_pretraining_documents", lambda self: ["different corpus"])
+    with pytest.raises(RuntimeError, match="ZOO_FORMAT_VERSION"):
+        builder.build_base()

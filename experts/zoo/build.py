@@ -115,10 +115,30 @@ class ZooBuilder:
         return self.spec.key("vision") + task
 
     # -- LLM suite --------------------------------------------------------
+    def _pretraining_documents(self) -> list[str]:
+        p = self.spec.pretrain
+        return pretraining_documents(p.text_bytes, p.skills_per_chunk, self.spec.seed, p.doctest_share)
+
+    def check_base_corpus(self) -> None:
+        """A cached base must have been trained on today's corpus; the cache key covers
+        the spec, not the corpus code (or the Python version's stdlib), so refuse loudly."""
+        marker = self.layout.base / ARTIFACT_FILE
+        if not _cached(self.layout.base, self.base_key()):
+            return
+        recorded = json.loads(marker.read_text()).get("corpus")
+        current = text_fingerprint("".join(self._pretraining_documents()))
+        if recorded != current:
+            raise RuntimeError(
+                f"cached base {self.layout.base} was pretrained on corpus {recorded}, the code now makes "
+                f"{current}: bump ZOO_FORMAT_VERSION in experts/zoo/spec.py (or delete the zoo directory)"
+            )
+
     def build_base(self) -> None:
+        self.check_base_corpus()
+
         def make(tmp: Path) -> dict:
+            docs = self._pretraining_documents()
             p = self.spec.pretrain
-            docs = pretraining_documents(p.text_bytes, p.skills_per_chunk, self.spec.seed, p.doctest_share)
             encoded = self.tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
             stream = torch.tensor([t for doc in encoded for t in doc.ids], dtype=torch.long)
             model = lm.make_llama(self.spec.model, self.tokenizer, self.spec.seed)

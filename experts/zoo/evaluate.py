@@ -143,3 +143,17 @@ def evaluate_state_dict(
     """Accuracy of ``model`` with ``state_dict`` swapped in (the model is left unchanged)."""
     with swapped_weights(model, state_dict):
         return evaluator.score(model, tasks)
+
+
+def task_vector_objective(model: torch.nn.Module, evaluator: TaskEvaluator, task: str):
+    """Callable ``deltas -> accuracy on task`` of ``model`` (the base) plus ``deltas``.
+
+    This is NPS's default calibration objective; the model is left unchanged.
+    """
+    base = {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+    def objective(deltas: Mapping[str, torch.Tensor]) -> float:
+        weights = {name: base[name] + delta.to(base[name].dtype) for name, delta in deltas.items()}
+        return evaluate_state_dict(model, weights, evaluator, [task])[task]
+
+    return objective

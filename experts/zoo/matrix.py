@@ -27,21 +27,35 @@ class AccuracyMatrix:
         return task if task in self.tasks else None
 
     def margins(self) -> dict[str, float]:
-        """Per expert row: own-task accuracy minus its best accuracy on another task's
-        column *relative to that task's own experts*. Positive = diagonal-dominant.
-
-        For task t and expert e != t, the gap is min over experts of t (any kind) on
-        t minus e's accuracy on t; the margin of e is the smallest gap over t.
+        """Per expert row ``kind:task``: the smallest gap, over the other tasks t, between
+        the same-kind expert of t on t and this row on t. Positive for every row means
+        the matrix is diagonal-dominant (each expert is worse on t than t's own expert).
         """
-        own_best = {
-            t: max(acc[t] for row, acc in self.rows.items() if self.own_task(row) == t) for t in self.tasks
-        }
         out = {}
         for row, acc in self.rows.items():
             mine = self.own_task(row)
             if mine is None:
                 continue
-            out[row] = min(own_best[t] - acc[t] for t in self.tasks if t != mine)
+            kind = row.partition(":")[0]
+            gaps = [self.rows[f"{kind}:{t}"][t] - acc[t] for t in self.tasks if t != mine and f"{kind}:{t}" in self.rows]
+            if gaps:
+                out[row] = min(gaps)
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """Headline numbers: the worst own-task accuracy per expert kind, the base's best
+        task, and the smallest diagonal margin (see :meth:`margins`)."""
+        out: dict[str, float] = {}
+        for row, acc in self.rows.items():
+            task = self.own_task(row)
+            if task is not None:
+                key = f"min_own_{row.partition(':')[0]}"
+                out[key] = min(out.get(key, 1.0), acc[task])
+        if "base" in self.rows:
+            out["max_base"] = max(self.rows["base"].values())
+        margins = self.margins()
+        if margins:
+            out["min_margin"] = min(margins.values())
         return out
 
     def to_markdown(self, title: str = "") -> str:
@@ -67,9 +81,12 @@ class AccuracyMatrix:
 
     def save(self, directory: Path, title: str) -> None:
         directory = Path(directory)
-        data = {"suite": self.suite, "tasks": self.tasks, "rows": self.rows, "meta": {**self.meta, "title": title}}
+        meta = {**self.meta, "title": title, "summary": self.summary()}
+        data = {"suite": self.suite, "tasks": self.tasks, "rows": self.rows, "meta": meta}
         write_json_atomic(directory / f"{self.suite}.json", data, sort_keys=False)
-        write_bytes_atomic(directory / f"{self.suite}.md", self.to_markdown(f"{self.suite}: {title}").encode())
+        summary = ", ".join(f"{k} {v:.1%}" for k, v in self.summary().items())
+        markdown = self.to_markdown(f"{self.suite}: {title}") + f"\n{summary}\n"
+        write_bytes_atomic(directory / f"{self.suite}.md", markdown.encode())
 
     @classmethod
     def load(cls, path: Path) -> "AccuracyMatrix":

@@ -302,3 +302,37 @@ def _max_digit(rng: random.Random) -> tuple[dict[str, str], str]:
 def _distinct(rng: random.Random) -> tuple[dict[str, str], str]:
     x = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 10)))
     return {"x": x}, str(len(set(x)))
+
+
+@task(
+    "min_digit",
+    "name the smallest digit of a number",
+    [
+        "What is the smallest digit in {n}?",
+        "Find the lowest digit of {n}.",
+        "Which digit of {n} is the least?",
+        "Min digit of {n}?",
+        "Tell me the tiniest digit appearing in {n}.",
+        "Smallest single digit inside {n}:",
+    ],
+)
+def _min_digit(rng: random.Random) -> tuple[dict[str, str], str]:
+    n = "".join(rng.choice(string.digits) for _ in range(rng.randint(4, 8)))
+    return {"n": n}, min(n)
+
+
+@task(
+    "count_consonants",
+    "count the consonants of a word",
+    [
+        "How many consonants are in {x}?",
+        "Count the consonants of {x}.",
+        "Number of non-vowel letters in {x}?",
+        "How many letters of {x} are not vowels?",
+        "Tell me the consonant count of {x}.",
+        "Consonants in {x}: how many?",
+    ],
+)
+def _count_consonants(rng: random.Random) -> tuple[dict[str, str], str]:
+    x = _word(rng, 3, 10)
+    return {"x": x}, str(sum(c not in "aeiou" for c in x))
