@@ -22,6 +22,7 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     matrices = builder.build(workers=args.workers)
     for matrix in matrices:
         matrix.print(title=f"{spec.size} zoo — {matrix.suite} suite, test split accuracy")
+        print("  " + ", ".join(f"{k} {v:.1%}" for k, v in matrix.summary().items()))
     print(f"zoo ready in {out} (matrix: {builder.layout.matrix})")
     return 0
 
@@ -73,6 +74,88 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from experts.compress import compress_expert, extract
+
+    _require_dir(args.base, "config.json", "--base")
+    if args.finetuned:
+        _require_dir(args.finetuned, "config.json", "--finetuned")
+    if args.adapter:
+        _require_dir(args.adapter, "adapter_config.json", "--adapter")
+    if not 0 < args.density <= 1:
+        raise SystemExit(f"error: --density must be in (0, 1], got {args.density}")
+    objective = None
+    if args.method == "nps":
+        if not args.task:
+            raise SystemExit("error: --method nps needs --task (its calibration objective is that task's accuracy)")
+        objective = _zoo_objective(args.base, args.task, args.calib_n)
+    tv = extract(args.base, args.finetuned, args.adapter)
+    name = args.name or args.out.name
+    manifest = compress_expert(
+        tv, args.out, name=name, method=args.method, density=args.density, rank=args.rank, seed=args.seed,
+        objective=objective, task=args.task, generations=args.generations, bands=args.bands,
+    )
+    _print_manifest(manifest, args.out)
+    return 0
+
+
+def _zoo_objective(base: Path, task: str, n: int):
+    from experts.zoo.build import load_llama, load_tokenizer
+    from experts.zoo.evaluate import TaskEvaluator, task_vector_objective
+    from experts.zoo.tasks import TASKS
+
+    if task not in TASKS:
+        raise SystemExit(f"error: unknown task {task!r}; known tasks: {sorted(TASKS)}")
+    evaluator = TaskEvaluator(load_tokenizer(base), [task], "calib", n)
+    return task_vector_objective(load_llama(base), evaluator, task)
+
+
+def _print_manifest(manifest, path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"expert {manifest.name} ({path})", show_header=False)
+    rows = [("kind", manifest.kind), ("task", manifest.task or "-"), ("codec", manifest.codec),
+            ("density", "-" if manifest.density is None else f"{manifest.density:.4f}"),
+            ("rank", "-" if manifest.rank is None else str(manifest.rank)),
+            ("bytes", f"{manifest.bytes:,}"), ("bits/param", f"{manifest.bits_per_param:.3f}"),
+            ("base params", f"{manifest.base_params:,}"), ("carried", ", ".join(manifest.carried) or "-"),
+            ("method", json.dumps({k: v for k, v in manifest.method.items() if k != "history"})),
+            ("calibration score", "-" if manifest.calibration_score is None else f"{manifest.calibration_score:.3f}"),
+            ("source", manifest.source), ("base fingerprint", manifest.base_fingerprint), ("created", manifest.created)]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from experts.expert import ExpertFormatError
+    from experts.merge_model import MergeError, merge_into_checkpoint
+
+    _require_dir(args.base, "config.json", "--base")
+    if args.weights and len(args.weights) != len(args.experts):
+        raise SystemExit(f"error: {len(args.weights)} --weights for {len(args.experts)} --experts")
+    options = {"density": args.density} if args.density is not None else {}
+    try:
+        merge_into_checkpoint(args.base, args.experts, args.out, method=args.method, weights=args.weights,
+                              scale=args.scale, **options)
+    except (MergeError, ExpertFormatError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"merged {len(args.experts)} experts with {args.method} into {args.out}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from experts.expert import ExpertFormatError, load_expert
+
+    try:
+        expert = load_expert(args.expert, verify=args.verify)
+    except ExpertFormatError as err:
+        raise SystemExit(f"error: {err}") from None
+    _print_manifest(expert.manifest, args.expert)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +178,43 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", type=Path, help="write the result here instead of stdout")
     ev.set_defaults(func=_cmd_eval)
+
+    from experts.compress import COMPRESSORS
+
+    comp = sub.add_parser("compress", help="compress a fine-tune or LoRA into an expert directory")
+    comp.add_argument("--base", type=Path, required=True, help="base HF model directory")
+    source = comp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--finetuned", type=Path, help="fully fine-tuned HF model directory")
+    source.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
+    comp.add_argument("--method", choices=sorted(COMPRESSORS), default="nps")
+    comp.add_argument("--density", type=float, default=0.05, help="kept fraction (sparse/ternary methods)")
+    comp.add_argument("--rank", type=int, default=8, help="rank (lowrank method)")
+    comp.add_argument("--task", help="zoo task whose calib split is NPS's objective")
+    comp.add_argument("--calib-n", type=int, default=100, help="calibration examples (nps)")
+    comp.add_argument("--generations", type=int, default=20, help="CMA-ES generations (nps)")
+    comp.add_argument("--bands", type=int, default=8, help="magnitude bands (nps)")
+    comp.add_argument("--seed", type=int, default=0)
+    comp.add_argument("--name", help="expert name (default: the --out directory name)")
+    comp.add_argument("--out", type=Path, required=True, help="expert directory to write")
+    comp.set_defaults(func=_cmd_compress)
+
+    from experts.merge_model import METHOD_ALIASES
+    from experts.merging import MERGE_METHODS
+
+    mrg = sub.add_parser("merge", help="merge experts into the base and write a loadable HF checkpoint")
+    mrg.add_argument("--base", type=Path, required=True)
+    mrg.add_argument("--experts", type=Path, nargs="+", required=True, help="expert directories")
+    mrg.add_argument("--method", choices=sorted([*MERGE_METHODS, *METHOD_ALIASES]), default="task_arithmetic")
+    mrg.add_argument("--weights", type=float, nargs="+", help="one per expert (default 1.0 each)")
+    mrg.add_argument("--scale", type=float, default=1.0, help="lambda: theta = base + lambda * merged")
+    mrg.add_argument("--density", type=float, help="kept fraction for ties/dare/breadcrumbs methods")
+    mrg.add_argument("--out", type=Path, required=True, help="output HF checkpoint directory")
+    mrg.set_defaults(func=_cmd_merge)
+
+    ins = sub.add_parser("inspect", help="show an expert's kind, density, bytes, bits/param and provenance")
+    ins.add_argument("expert", type=Path)
+    ins.add_argument("--verify", action="store_true", help="also check file digests and decode every tensor")
+    ins.set_defaults(func=_cmd_inspect)
     return parser
 
 

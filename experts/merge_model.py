@@ -1,0 +1,95 @@
+"""Merge stored experts into a base checkpoint: theta = theta_base + scale * merge(tau_1..n).
+
+The merge runs one parameter at a time (only that parameter's deltas are
+decoded), checks the result is finite before anything is written (PEFT's
+``safe_merge`` rule), and publishes a loadable HF checkpoint atomically: the
+base directory's config and tokenizer files plus the merged safetensors.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from experts.atomic import atomic_dir
+from experts.expert import Expert, load_expert
+from experts.merging import get_merge_method
+from experts.taskvector import base_fingerprint, load_state_dict
+
+# Short names accepted on the command line.
+METHOD_ALIASES = {"ta": "task_arithmetic"}
+
+
+class MergeError(ValueError):
+    """The experts cannot be merged into this base."""
+
+
+def load_experts_for(base_dir: Path, expert_dirs: Sequence[Path]) -> list[Expert]:
+    """Load experts and refuse any made for another base (fingerprint and shapes)."""
+    fingerprint = base_fingerprint(base_dir)
+    experts = [load_expert(d) for d in expert_dirs]
+    for expert in experts:
+        if expert.manifest.base_fingerprint != fingerprint:
+            raise MergeError(f"expert {expert.manifest.name!r} was made for another base "
+                             f"({expert.manifest.base_fingerprint[:12]}, this base is {fingerprint[:12]})")
+    return experts
+
+
+def merged_state_dict(
+    base: Mapping[str, Tensor],
+    experts: Sequence[Expert],
+    method: str,
+    weights: Sequence[float],
+    scale: float = 1.0,
+    **options: Any,
+) -> dict[str, Tensor]:
+    """Base weights plus ``scale`` times the merged deltas, parameter by parameter."""
+    if len(weights) != len(experts):
+        raise MergeError(f"{len(weights)} weights for {len(experts)} experts")
+    merge = get_merge_method(METHOD_ALIASES.get(method, method))
+    out = dict(base)
+    names = sorted({n for e in experts for n in e.param_names})
+    for name in names:
+        if name not in base:
+            raise MergeError(f"parameter {name!r} of an expert is not in the base")
+        deltas = [e.decode(name, dtype=torch.float32) if name in e.param_names else torch.zeros_like(base[name], dtype=torch.float32)
+                  for e in experts]
+        merged = merge(deltas, list(weights), **options)
+        value = base[name].float() + scale * merged
+        if not torch.isfinite(value).all():
+            raise MergeError(f"merging {name!r} with {method} produced NaN/Inf; nothing was written")
+        out[name] = value.to(base[name].dtype)
+    return out
+
+
+def write_checkpoint(base_dir: Path, state_dict: Mapping[str, Tensor], out: Path) -> None:
+    """The base's non-weight files (config, tokenizer, ...) plus ``state_dict`` as safetensors."""
+    base_dir = Path(base_dir)
+    with atomic_dir(Path(out)) as tmp:
+        for path in base_dir.iterdir():
+            if path.is_file() and path.suffix not in (".safetensors", ".bin") and path.name != "model.safetensors.index.json":
+                shutil.copy2(path, tmp / path.name)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+
+
+def merge_into_checkpoint(
+    base_dir: Path,
+    expert_dirs: Sequence[Path],
+    out: Path,
+    *,
+    method: str = "task_arithmetic",
+    weights: Sequence[float] | None = None,
+    scale: float = 1.0,
+    **options: Any,
+) -> None:
+    experts = load_experts_for(base_dir, expert_dirs)
+    weights = list(weights) if weights is not None else [1.0] * len(experts)
+    state = merged_state_dict(load_state_dict(base_dir), experts, method, weights, scale, **options)
+    write_checkpoint(base_dir, state, out)

@@ -1,0 +1,99 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experts.zoo.matrix import AccuracyMatrix
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_eval_cli_matches_the_zoo_matrix(micro_zoo, tmp_path):
+    layout, spec = micro_zoo.layout, micro_zoo.spec
+    out = tmp_path / "eval.json"
+    tasks = list(spec.tasks[:2])
+    res = _cli("eval", "--model", str(layout.base), "--adapter", str(layout.lora(tasks[0])),
+               "--tasks", *tasks, "--n", str(spec.eval_examples), "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    result = json.loads(out.read_text())
+    matrix = AccuracyMatrix.load(layout.matrix / "llm.json")
+    assert result["accuracy"] == {t: matrix.rows[f"lora:{tasks[0]}"][t] for t in tasks}
+    assert tasks[0] in res.stdout  # the printed table
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--model", "/nonexistent"], "is not a directory"),
+        (["eval", "--model", "."], "has no config.json"),
+        (["eval", "--model", "{base}", "--tasks", "nope"], "unknown task"),
+        (["eval", "--model", "{base}", "--adapter", "{base}"], "has no adapter_config.json"),
+        (["eval", "--model", "{base}", "--n", "0"], "--n must be >= 1"),
+        (["zoo", "build", "--size", "huge"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_a_clear_error(micro_zoo, args, message):
+    args = [a.format(base=micro_zoo.layout.base) for a in args]
+    res = _cli(*args)
+    assert res.returncode != 0
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_compress_then_inspect(micro_zoo, tmp_path):
+    layout = micro_zoo.layout
+    out = tmp_path / "upper-tswitch"
+    res = _cli("compress", "--base", str(layout.base), "--finetuned", str(layout.full("upper")),
+               "--method", "tswitch", "--density", "0.05", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert (out / "manifest.json").is_file()
+    res = _cli("inspect", str(out), "--verify")
+    assert res.returncode == 0, res.stderr
+    assert "ternary" in res.stdout and "bits/param" in res.stdout and "upper-tswitch" in res.stdout
+
+
+def test_inspect_and_compress_refuse_bad_inputs(micro_zoo, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    res = _cli("inspect", str(broken))
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "manifest" in res.stderr
+    res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
+               "--method", "nps", "--out", str(tmp_path / "x"))
+    assert res.returncode != 0 and "needs --task" in res.stderr
+    res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
+               "--density", "1.5", "--out", str(tmp_path / "x"))
+    assert res.returncode != 0 and "--density" in res.stderr
+
+
+def test_merge_writes_a_loadable_checkpoint_equal_to_the_math(micro_zoo, tmp_path):
+    import torch
+
+    from experts.taskvector import load_state_dict
+    from experts.zoo.build import load_llama
+
+    layout = micro_zoo.layout
+    experts = []
+    for task in ("upper", "length"):
+        out = tmp_path / task
+        res = _cli("compress", "--base", str(layout.base), "--finetuned", str(layout.full(task)),
+                   "--method", "dense", "--out", str(out))
+        assert res.returncode == 0, res.stderr
+        experts.append(out)
+    merged = tmp_path / "merged"
+    res = _cli("merge", "--base", str(layout.base), "--experts", *map(str, experts), "--method", "ta",
+               "--weights", "0.7", "0.3", "--out", str(merged))
+    assert res.returncode == 0, res.stderr
+    model = load_llama(merged)  # loadable by transformers
+    base, up, ln = (load_state_dict(p) for p in (layout.base, layout.full("upper"), layout.full("length")))
+    got = model.state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expected = base[name] + 0.7 * (up[name] - base[name]) + 0.3 * (ln[name] - base[name])
+    torch.testing.assert_close(got[name], expected, rtol=1e-3, atol=1e-4)  # fp16-stored deltas
+    assert not torch.equal(got[name], base[name])
+    res = _cli("merge", "--base", str(layout.base), "--experts", str(experts[0]), "--weights", "1", "2",
+               "--out", str(tmp_path / "bad"))
+    assert res.returncode != 0 and "--weights" in res.stderr

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from experts.compress import COMPRESSORS, compress_expert, extract, get_compressor
+from experts.expert import load_expert
+from experts.taskvector import load_state_dict
+
+
+@pytest.fixture(scope="module")
+def tv(micro_zoo):
+    return extract(micro_zoo.layout.base, finetuned_dir=micro_zoo.layout.full("upper"))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "ties", "dare", "breadcrumbs", "tswitch"])
+def test_sparse_methods_write_loadable_experts_at_the_requested_density(tv, tmp_path, method):
+    manifest = compress_expert(tv, tmp_path / method, name=method, method=method, density=0.1, task="upper")
+    expert = load_expert(tmp_path / method, verify=True)
+    assert expert.manifest == manifest
+    assert manifest.codec == get_compressor(method).codec
+    assert manifest.kind == "full" and manifest.task == "upper"
+    tolerance = 0.03 if method in ("dare", "breadcrumbs") else 0.002  # random / outlier-dropping methods
+    assert abs(manifest.density - 0.1) < tolerance
+    assert manifest.bits_per_param < 16 * 0.5  # far below fp16 dense
+    name = "model.layers.0.mlp.down_proj.weight"
+    decoded = expert.decode(name)
+    assert decoded.shape == tv.deltas[name].shape and decoded.abs().sum() > 0
+
+
+def test_magnitude_expert_keeps_the_largest_entries(tv, tmp_path):
+    compress_expert(tv, tmp_path / "m", name="m", method="magnitude", density=0.05, value_dtype=torch.float32)
+    expert = load_expert(tmp_path / "m")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    decoded, tau = expert.decode(name), tv.deltas[name]
+    kept = decoded != 0
+    assert torch.equal(decoded[kept], tau[kept])  # fp32 values stored losslessly
+    assert tau[kept].abs().min() >= tau[~kept].abs().max()
+
+
+def test_lowrank_expert_reconstructs_a_lora_exactly(micro_zoo, tmp_path):
+    tv = extract(micro_zoo.layout.base, adapter_dir=micro_zoo.layout.lora("upper"))
+    compress_expert(tv, tmp_path / "lr", name="lr", method="lowrank", rank=8, value_dtype=torch.float32)
+    expert = load_expert(tmp_path / "lr")
+    assert expert.manifest.rank == 8 and expert.manifest.kind == "lora"
+    for name, delta in tv.deltas.items():
+        torch.testing.assert_close(expert.decode(name), delta, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_expert_round_trips_and_adds_into_base(tv, micro_zoo, tmp_path):
+    compress_expert(tv, tmp_path / "d", name="d", method="dense", value_dtype=torch.float32)
+    expert = load_expert(tmp_path / "d")
+    base, tuned = load_state_dict(micro_zoo.layout.base), load_state_dict(micro_zoo.layout.full("upper"))
+    for name in expert.param_names:
+        target = base[name].clone()
+        expert.add_into(name, target, 1.0)
+        torch.testing.assert_close(target, tuned[name], rtol=0, atol=1e-6)
+
+
+def test_nps_needs_an_objective_and_unknown_methods_list_the_known(tv, tmp_path):
+    with pytest.raises(ValueError, match="objective"):
+        compress_expert(tv, tmp_path / "n", name="n", method="nps")
+    with pytest.raises(KeyError, match="known"):
+        compress_expert(tv, tmp_path / "x", name="x", method="zip")
+    assert set(COMPRESSORS) == {"dense", "magnitude", "ties", "dare", "breadcrumbs", "tswitch", "lowrank", "nps"}
+
+
+def test_nps_on_a_zoo_task_records_its_search(micro_zoo, tmp_path):
+    from experts.zoo.build import load_llama
+    from experts.zoo.evaluate import TaskEvaluator, task_vector_objective
+
+    layout = micro_zoo.layout
+    tv = extract(layout.base, finetuned_dir=layout.full("length"))
+    evaluator = TaskEvaluator(micro_zoo.tokenizer, ["length"], "calib", 16)
+    objective = task_vector_objective(load_llama(layout.base), evaluator, "length")
+    manifest = compress_expert(tv, tmp_path / "nps", name="nps", method="nps", density=0.05, task="length",
+                               objective=objective, generations=2, population=4, bands=4)
+    m = manifest.method
+    assert m["name"] == "nps" and len(m["weights"]) == 4 and len(m["history"]) == 2
+    assert manifest.calibration_score >= m["baseline_score"]
+    assert m["evaluations"] == 1 + 2 * 4
+    assert abs(manifest.density - 0.05) < 0.002

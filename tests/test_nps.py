@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from experts.nps import band_ids, nps_prune, nps_search
+from experts.sparsify import magnitude, magnitude_global
+
+
+@pytest.fixture
+def taus():
+    g = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(16, 24, generator=g), "b": torch.randn(40, generator=g)}
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_bands_split_by_magnitude_rank(taus, per_tensor):
+    ids = band_ids(taus, 8, per_tensor)
+    scopes = [taus] if not per_tensor else [{k: v} for k, v in taus.items()]
+    for scope in scopes:
+        flat = torch.cat([t.reshape(-1) for t in scope.values()]).abs()
+        band = torch.cat([ids[k].reshape(-1) for k in scope]).long()
+        counts = torch.bincount(band, minlength=8)
+        assert counts.max() - counts.min() <= 1
+        for m in range(7):  # every entry of band m is at least as large as every entry of band m+1
+            assert flat[band == m].min() >= flat[band == m + 1].max()
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_unit_weights_are_magnitude_pruning(taus, per_tensor):
+    ids = band_ids(taus, 8, per_tensor)
+    pruned = nps_prune(taus, ids, [1.0] * 8, 0.1, per_tensor)
+    expected = {k: magnitude(v, 0.1) for k, v in taus.items()} if per_tensor else magnitude_global(taus, 0.1)
+    for k in taus:
+        assert torch.equal(pruned[k], expected[k])
+
+
+def test_reweighting_changes_which_entries_survive(taus):
+    ids = band_ids(taus, 8)
+    pruned = nps_prune(taus, ids, [0, 0, 1, 0, 0, 0, 0, 0], 0.1)
+    kept = torch.cat([(pruned[k] != 0).reshape(-1) for k in taus])
+    band = torch.cat([ids[k].reshape(-1) for k in taus])
+    assert kept.any() and (band[kept] == 2).all()
+
+
+def _band_target_objective(taus, target_band):
+    """Cosine similarity with tau restricted to one band: magnitude pruning scores ~0."""
+    ids = band_ids(taus, 8)
+    target = torch.cat([torch.where(ids[k] == target_band, v, 0).reshape(-1) for k, v in taus.items()])
+
+    def objective(pruned):
+        flat = torch.cat([pruned[k].reshape(-1) for k in taus])
+        return float(torch.nn.functional.cosine_similarity(flat, target, dim=0))
+
+    return objective
+
+
+def test_search_beats_magnitude_and_is_deterministic(taus):
+    objective = _band_target_objective(taus, target_band=1)
+    first = nps_search(taus, objective, density=0.125, bands=8, generations=15, seed=3, progress=False)
+    again = nps_search(taus, objective, density=0.125, bands=8, generations=15, seed=3, progress=False)
+    assert first.baseline_score < 0.05
+    assert first.score > 0.8 > first.baseline_score
+    assert first.weights == again.weights and first.history == again.history
+    assert first.history == sorted(first.history)
+    assert first.evaluations > 15 and len(first.weights) == 8
+    assert all(0.0 <= w <= 4.0 for w in first.weights)
+
+
+def test_bad_arguments(taus):
+    with pytest.raises(ValueError, match="bands"):
+        band_ids(taus, 0)
+    with pytest.raises(ValueError, match="density"):
+        nps_search(taus, lambda p: 0.0, density=0.0, progress=False)
+    with pytest.raises(ValueError, match="generations"):
+        nps_search(taus, lambda p: 0.0, generations=0, progress=False)
