@@ -41,7 +41,7 @@ COMPRESSORS: dict[str, Compressor] = {}
 
 
 def compressor(name: str, codec: str):
-    """Register ``fn(deltas, *, density, rank, seed, objective) -> Compressed``."""
+    """Register ``fn(deltas, *, density, rank, seed, objective, value_dtype) -> Compressed``."""
 
     def register(fn: Callable[..., Compressed]):
         if name in COMPRESSORS:
@@ -98,7 +98,7 @@ def _tswitch(deltas, *, density: float, **_: Any) -> Compressed:
 
 
 @compressor("lowrank", codec="lowrank")
-def _lowrank(deltas, *, rank: int, **_: Any) -> Compressed:
+def _lowrank(deltas, *, rank: int, value_dtype: torch.dtype = torch.float16, **_: Any) -> Compressed:
     """Truncated SVD of every matrix; 1-D deltas (norm weights) are dropped (recorded)."""
     from experts.codecs import get_codec
 
@@ -110,7 +110,7 @@ def _lowrank(deltas, *, rank: int, **_: Any) -> Compressed:
             dropped.append(name)
             continue
         a, b = sparsify.lowrank(t.float(), rank=min(rank, *t.shape))
-        out[name] = EncodedDelta(codec.encode_factors(a, b), tuple(t.shape), t.dtype)
+        out[name] = EncodedDelta(codec.encode_factors(a, b, value_dtype=value_dtype), tuple(t.shape), t.dtype)
     return Compressed(out, {"name": "lowrank", "rank": rank, "dropped_1d": dropped})
 
 
@@ -152,7 +152,8 @@ def compress_expert(
 ) -> ExpertManifest:
     """Compress ``tv`` with ``method`` and publish it as expert ``name`` at ``out``."""
     comp = get_compressor(method)
-    result = comp.fn(tv.deltas, density=density, rank=rank, seed=seed, objective=objective, **options)
+    result = comp.fn(tv.deltas, density=density, rank=rank, seed=seed, objective=objective,
+                     value_dtype=value_dtype, **options)
     return save_expert(
         out, result.deltas, name=name, base_fingerprint=tv.base_fingerprint, codec=comp.codec,
         source=tv.source, method=result.method, kind=tv.kind, value_dtype=value_dtype,

@@ -81,6 +81,8 @@ def load_state_dict(model_dir: Path) -> dict[str, Tensor]:
 
 
 def _config(model_dir: Path) -> dict:
+    if not Path(model_dir).is_dir():
+        raise TaskVectorError(f"{model_dir} is not a directory")
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise TaskVectorError(f"{model_dir} has no config.json (not an HF model directory)")

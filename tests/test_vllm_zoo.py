@@ -32,12 +32,8 @@ def engine(micro_zoo):
     del llm
 
 
-def _prompts(n_per_task=3):
-    return [
-        format_prompt(e.question)
-        for t in ("reverse", "upper", "length")
-        for e in get_task(t).examples("test", n_per_task)
-    ]
+def _prompts(tasks, n_per_task=3):
+    return [format_prompt(e.question) for t in tasks for e in get_task(t).examples("test", n_per_task)]
 
 
 def _hf_greedy(model, tokenizer, prompts):
@@ -61,7 +57,7 @@ def test_base_greedy_matches_transformers(engine, micro_zoo):
     from experts.zoo.build import load_llama
 
     tok = micro_zoo.tokenizer
-    prompts = _prompts()
+    prompts = _prompts(micro_zoo.spec.tasks[:3])
     results = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     hf = _hf_greedy(load_llama(micro_zoo.layout.base), tok, prompts)
     for res, ref in zip(results, hf):
@@ -76,10 +72,11 @@ def test_lora_expert_greedy_matches_peft(engine, micro_zoo):
     from experts.zoo.build import load_llama
 
     tok = micro_zoo.tokenizer
-    path = micro_zoo.layout.lora("reverse")
-    prompts = _prompts()
+    task = micro_zoo.spec.tasks[0]
+    path = micro_zoo.layout.lora(task)
+    prompts = _prompts(micro_zoo.spec.tasks[:3])
     results = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
-                              lora_request=LoRARequest("reverse", 1, str(path)))
+                              lora_request=LoRARequest(task, 1, str(path)))
     model = PeftModel.from_pretrained(load_llama(micro_zoo.layout.base), path)
     hf = _hf_greedy(model, tok, prompts)
     base = _hf_greedy(load_llama(micro_zoo.layout.base), tok, prompts)
@@ -91,7 +88,7 @@ def test_lora_expert_greedy_matches_peft(engine, micro_zoo):
 def test_chat_uses_the_training_prompt(engine, micro_zoo):
     from vllm import SamplingParams
 
-    question = get_task("reverse").examples("test", 1)[0].question
+    question = get_task(micro_zoo.spec.tasks[0]).examples("test", 1)[0].question
     chat = engine.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     plain = engine.generate([format_prompt(question)], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     assert chat[0].prompt_token_ids == plain[0].prompt_token_ids

@@ -99,7 +99,7 @@ def test_micro_zoo_layout_and_formats(micro_zoo):
 
     layout, spec = micro_zoo.layout, micro_zoo.spec
     config = AutoConfig.from_pretrained(layout.base)
-    assert config.model_type == "llama" and config.head_dim == 64
+    assert config.model_type == "llama" and config.head_dim == spec.model.head_dim in (32, 64)
     tok = AutoTokenizer.from_pretrained(layout.base)
     assert tok.chat_template and tok.decode(tok("abc").input_ids, skip_special_tokens=True) == "abc"
     for task in spec.tasks:

@@ -73,7 +73,8 @@ class TaskEvaluator:
     def predictions(self, model: torch.nn.Module, task: str) -> list[str]:
         """Greedy completions (decoded, special tokens dropped) for one task."""
         out: list[str] = []
-        device = next(model.parameters()).device
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
         for batch in self._batches[task]:
             config = GenerationConfig(
                 max_new_tokens=batch.max_new_tokens,
