@@ -29,6 +29,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from experts.registry import Registry
+
 Parts = Mapping[str, Tensor]
 PartMeta = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 VALUE_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,7 +51,7 @@ class Codec(Protocol):
     def kept_count(self, parts: Parts) -> int | None: ...
 
 
-CODECS: dict[str, Codec] = {}
+CODECS: Registry[Codec] = Registry("codec")
 
 
 def codec(name: str) -> Callable[[type], type]:
@@ -59,17 +61,14 @@ def codec(name: str) -> Callable[[type], type]:
         if name in CODECS:
             raise ValueError(f"codec {name!r} is already registered")
         cls.name = name
-        CODECS[name] = cls()
+        CODECS.add(name, cls())
         return cls
 
     return register
 
 
 def get_codec(name: str) -> Codec:
-    try:
-        return CODECS[name]
-    except KeyError:
-        raise KeyError(f"unknown codec {name!r}; known codecs: {sorted(CODECS)}") from None
+    return CODECS[name]
 
 
 # --------------------------------------------------------------------------- bits

@@ -20,6 +20,7 @@ from torch import Tensor
 from experts import sparsify
 from experts.expert import EncodedDelta, ExpertManifest, save_expert
 from experts.nps import Objective, nps_search
+from experts.registry import Registry
 from experts.taskvector import TaskVector, extract_full, extract_lora
 
 
@@ -37,26 +38,21 @@ class Compressor:
     fn: Callable[..., Compressed]
 
 
-COMPRESSORS: dict[str, Compressor] = {}
+COMPRESSORS: Registry[Compressor] = Registry("compression method")
 
 
 def compressor(name: str, codec: str):
     """Register ``fn(deltas, *, density, rank, seed, objective, value_dtype) -> Compressed``."""
 
     def register(fn: Callable[..., Compressed]):
-        if name in COMPRESSORS:
-            raise ValueError(f"compressor {name!r} is already registered")
-        COMPRESSORS[name] = Compressor(name, codec, fn)
+        COMPRESSORS.add(name, Compressor(name, codec, fn))
         return fn
 
     return register
 
 
 def get_compressor(name: str) -> Compressor:
-    try:
-        return COMPRESSORS[name]
-    except KeyError:
-        raise KeyError(f"unknown compression method {name!r}; known: {sorted(COMPRESSORS)}") from None
+    return COMPRESSORS[name]
 
 
 def _per_tensor(deltas: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from experts.registry import Registry
 from experts.sparsify import breadcrumbs as breadcrumbs_sparsify
 from experts.sparsify import check_density, check_tensor, dare, magnitude
 
@@ -69,28 +70,21 @@ class MergeMethod:
         return f"MergeMethod({self.name!r}, options={self.options})"
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
 def merge_method(name: str) -> Callable[[Callable[..., Tensor]], MergeMethod]:
     """Register ``fn(deltas, weights, *, ...)`` under ``name``; duplicates are rejected."""
 
     def register(fn: Callable[..., Tensor]) -> MergeMethod:
-        if name in MERGE_METHODS:
-            raise ValueError(f"merge method {name!r} is already registered")
-        method = MergeMethod(name, fn)
-        MERGE_METHODS[name] = method
-        return method
+        return MERGE_METHODS.add(name, MergeMethod(name, fn))
 
     return register
 
 
 def get_merge_method(name: str) -> MergeMethod:
     """The method registered as ``name``; a miss lists the known names."""
-    try:
-        return MERGE_METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; known: {sorted(MERGE_METHODS)}") from None
+    return MERGE_METHODS[name]
 
 
 # -------------------------------------------------------------------------- checks

@@ -2,49 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
 
 from experts import merging as mg
 from experts.sparsify import magnitude
+from oracles import DTYPES, RTOL, SHAPE, assert_rel, make_tau, peft_mu  # noqa: F401
 
-# Helpers repeated from test_sparsify.py so each file stands alone (a shared
-# conftest fixture would be the next step).
-DTYPES = [torch.float32, torch.float64]
-RTOL = {torch.float32: 1e-6, torch.float64: 1e-12}
-SHAPE = (16, 24)
-
-
-def load_peft_merge_utils():
-    """PEFT's merge_utils module, loaded from its file (importing `peft` costs ~5 s)."""
-    spec = importlib.util.find_spec("peft")
-    assert spec is not None and spec.submodule_search_locations
-    path = Path(spec.submodule_search_locations[0]) / "utils" / "merge_utils.py"
-    module_spec = importlib.util.spec_from_file_location("peft_merge_utils_oracle", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def make_tau(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(SHAPE, generator=generator, dtype=torch.float64).to(dtype)
-
-
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    """||actual - expected|| <= RTOL[dtype] * ||expected||, same dtype/shape, all finite."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    assert torch.isfinite(actual).all()
-    error = float(torch.linalg.vector_norm((actual - expected).double()))
-    scale = float(torch.linalg.vector_norm(expected.double()))
-    assert error <= RTOL[dtype] * max(scale, 1e-30), (error, scale)
-
-
-peft_mu = load_peft_merge_utils()
 WEIGHTS = [0.5, 1.3, 0.8]
 UNIT = [1.0, 1.0, 1.0]
 

@@ -25,20 +25,19 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
+from experts.registry import Registry
 from experts.zoo.tokenizer import BOS, EOS, format_prompt
 
-SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {}
-DOCTESTS: dict[str, Callable[[random.Random], tuple[str, str]]] = {}
+Draw = Callable[[random.Random], tuple[str, str]]
+SKILLS: Registry[Draw] = Registry("skill")
+DOCTESTS: Registry[Draw] = Registry("doctest")
 
 
 def doctest(name: str):
     """Register a doctest snippet ``rng -> (python expression, repr of its value)``."""
 
-    def register(fn: Callable[[random.Random], tuple[str, str]]):
-        if name in DOCTESTS:
-            raise ValueError(f"doctest {name!r} is already registered")
-        DOCTESTS[name] = fn
-        return fn
+    def register(fn: Draw):
+        return DOCTESTS.add(name, fn)
 
     return register
 
@@ -46,11 +45,8 @@ def doctest(name: str):
 def skill(name: str):
     """Register a generic Q/A pretraining skill ``rng -> (question, answer)``."""
 
-    def register(fn: Callable[[random.Random], tuple[str, str]]):
-        if name in SKILLS:
-            raise ValueError(f"skill {name!r} is already registered")
-        SKILLS[name] = fn
-        return fn
+    def register(fn: Draw):
+        return SKILLS.add(name, fn)
 
     return register
 

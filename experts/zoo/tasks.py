@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from experts.registry import Registry
+
 Split = Literal["train", "calib", "test"]
 SPLITS: tuple[Split, ...] = ("train", "calib", "test")
 # Share of the payload-hash space owned by each split (train, calib, test).
@@ -62,26 +64,21 @@ class Task:
         raise ValueError(f"task {self.name!r} cannot supply {n} distinct {split} examples")
 
 
-TASKS: dict[str, Task] = {}
+TASKS: Registry[Task] = Registry("task")
 
 
 def task(name: str, description: str, phrasings: list[str]):
     """Register a generator ``rng -> (fields, answer)`` as a zoo task."""
 
     def register(draw: Callable[[random.Random], tuple[dict[str, str], str]]):
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        TASKS[name] = Task(name, description, tuple(phrasings), draw)
+        TASKS.add(name, Task(name, description, tuple(phrasings), draw))
         return draw
 
     return register
 
 
 def get_task(name: str) -> Task:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
+    return TASKS[name]
 
 
 def exact_match(prediction: str, answer: str) -> bool:

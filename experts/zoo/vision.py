@@ -20,6 +20,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from experts.registry import Registry
 from experts.zoo.spec import VisionSpec
 from experts.zoo.tasks import Split
 
@@ -27,17 +28,15 @@ IMAGE_SIDE = 8
 N_CLASSES = 10
 _SPLIT_FRACTIONS = {"train": (0.0, 0.6), "calib": (0.6, 0.75), "test": (0.75, 1.0)}
 
-TRANSFORMS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {}
+Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+TRANSFORMS: Registry[Transform] = Registry("vision task")
 
 
 def transform(name: str):
     """Register ``(images [n,8,8] in [0,1], rng) -> images`` as a vision task."""
 
-    def register(fn):
-        if name in TRANSFORMS:
-            raise ValueError(f"vision transform {name!r} is already registered")
-        TRANSFORMS[name] = fn
-        return fn
+    def register(fn: Transform) -> Transform:
+        return TRANSFORMS.add(name, fn)
 
     return register
 
@@ -79,15 +78,14 @@ def _noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def digits(task: str, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """Features [n, 64] (float32) and labels [n] of one task's split."""
-    if task not in TRANSFORMS:
-        raise KeyError(f"unknown vision task {task!r}; known: {sorted(TRANSFORMS)}")
+    transform_fn = TRANSFORMS[task]  # a miss lists the known tasks
     data = load_digits()
     order = np.random.default_rng(0).permutation(len(data.target))
     lo, hi = _SPLIT_FRACTIONS[split]
     idx = order[int(lo * len(order)) : int(hi * len(order))]
     images = data.images[idx] / 16.0
     rng = np.random.default_rng(_stable_seed(task, split))
-    x = TRANSFORMS[task](images, rng).reshape(len(idx), -1).astype(np.float32)
+    x = transform_fn(images, rng).reshape(len(idx), -1).astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(data.target[idx]).long()
 
 
