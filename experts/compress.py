@@ -19,7 +19,7 @@ from torch import Tensor
 
 from experts import sparsify
 from experts.expert import EncodedDelta, ExpertManifest, save_expert
-from experts.nps import Objective, nps_search
+from experts.nps import Objective, band_ids, nps_prune, nps_search
 from experts.registry import Registry
 from experts.taskvector import TaskVector, extract_full, extract_lora
 
@@ -116,8 +116,6 @@ def _nps(deltas, *, density: float, seed: int, objective: Objective | None, **op
         raise ValueError("nps needs a calibration objective (e.g. --task NAME for a zoo task)")
     search = {k: options[k] for k in ("bands", "generations", "population", "per_tensor") if options.get(k) is not None}
     result = nps_search(deltas, objective, density=density, seed=seed, **search)
-    from experts.nps import band_ids, nps_prune
-
     per_tensor = search.get("per_tensor", False)
     pruned = nps_prune(deltas, band_ids(deltas, len(result.weights), per_tensor), result.weights, density, per_tensor)
     method = {"name": "nps", "density": density, "seed": seed, **search, "weights": list(result.weights),

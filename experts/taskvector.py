@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -102,10 +103,28 @@ def base_fingerprint(model_dir: Path) -> str:
             for name in sorted(fh.keys()):
                 sl = fh.get_slice(name)
                 shape = sl.get_shape()
-                head = fh.get_tensor(name).flatten()[:_FINGERPRINT_SAMPLE].contiguous()
+                head = _leading_elements(fh, sl, name, shape)
                 digest.update(f"{name}|{shape}|{sl.get_dtype()}|".encode())
                 digest.update(head.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def _leading_elements(fh, sl, name: str, shape: list[int]) -> Tensor:
+    """The first _FINGERPRINT_SAMPLE elements (row-major), reading only the rows that hold them."""
+    if not shape:
+        return fh.get_tensor(name).reshape(-1)
+    row = math.prod(shape[1:]) or 1
+    rows = min(shape[0], -(-_FINGERPRINT_SAMPLE // row))
+    return sl[:rows].reshape(-1)[:_FINGERPRINT_SAMPLE].contiguous()
+
+
+def _shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers, without reading any data."""
+    out = {}
+    for path in _weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as fh:
+            out.update({name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()})
+    return out
 
 
 def check_same_architecture(base_dir: Path, other_dir: Path) -> None:
@@ -158,7 +177,7 @@ def lora_factors(base_dir: Path, adapter_dir: Path) -> tuple[dict[str, LoraFacto
     rank, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
     tensors = load_state_dict(adapter_dir)
-    base = load_state_dict(base_dir)
+    base = _shapes(base_dir)
     halves: dict[str, dict[str, Tensor]] = {}
     carried: dict[str, Tensor] = {}
     for key, value in tensors.items():
@@ -172,8 +191,8 @@ def lora_factors(base_dir: Path, adapter_dir: Path) -> tuple[dict[str, LoraFacto
         if set(pair) != {"A", "B"} or name not in base:
             raise TaskVectorError(f"{adapter_dir}: {name} has no matching base weight or lacks lora_A/lora_B")
         a, b = pair["A"], pair["B"]
-        if (b.shape[0], a.shape[1]) != tuple(base[name].shape) or a.shape[0] != b.shape[1]:
-            raise TaskVectorError(f"{adapter_dir}: {name} factors {tuple(b.shape)}@{tuple(a.shape)} do not fit base {tuple(base[name].shape)}")
+        if (b.shape[0], a.shape[1]) != base[name] or a.shape[0] != b.shape[1]:
+            raise TaskVectorError(f"{adapter_dir}: {name} factors {tuple(b.shape)}@{tuple(a.shape)} do not fit base {base[name]}")
         factors[name] = LoraFactors(a, b, scaling)
     if not factors:
         raise TaskVectorError(f"{adapter_dir} holds no lora_A/lora_B weights")
