@@ -1,0 +1,82 @@
+"""Prometheus metrics: every name is ``deltaserve_``-prefixed and listed in README.
+
+One ``Metrics`` object per server owns its own ``CollectorRegistry`` (so tests
+can run several servers in one process). Label values are bounded: ``path`` is
+one of PATHS, ``tier`` one of TIERS, ``status`` an HTTP status code, ``model``
+what the client asked for only when it names a known model (otherwise
+``"other"``), ``recipe`` the canonical recipe string of a served request.
+
+This module is the contract for deploy/ (Grafana dashboard, alert rules):
+renaming a metric here means updating deploy/grafana and deploy/prometheus.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PATHS = ("base", "dense", "lora")
+TIERS = ("device", "host", "disk")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "deltaserve_requests", "Inference requests by requested model, served recipe and HTTP status",
+            ["model", "recipe", "status"], registry=r)
+        self.latency = Histogram(
+            "deltaserve_request_latency_seconds", "End-to-end latency of inference requests",
+            ["path"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "deltaserve_time_to_first_token_seconds", "Time from request arrival to the first generated token",
+            ["path"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(
+            "deltaserve_prompt_tokens", "Prompt tokens processed", ["path"], registry=r)
+        self.generated_tokens = Counter(
+            "deltaserve_generated_tokens", "Completion tokens generated", ["path"], registry=r)
+        self.queue_depth = Gauge(
+            "deltaserve_queue_depth", "Requests waiting or running, per serving path", ["path"], registry=r)
+        self.swaps = Counter(
+            "deltaserve_weight_swaps", "Dense-path weight swaps (recipe changes applied in place)", registry=r)
+        self.swap_seconds = Histogram(
+            "deltaserve_weight_swap_seconds", "Time to drain nothing more and apply one dense recipe",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.swap_bytes = Counter(
+            "deltaserve_weight_swap_bytes", "Bytes of base weights rewritten by dense swaps", registry=r)
+        self.adapter_builds = Counter(
+            "deltaserve_merged_adapter_builds", "Merged LoRA adapters built for a recipe (LoRA path)", registry=r)
+        self.cache_hits = Counter("deltaserve_cache_hits", "Cache hits by tier", ["tier"], registry=r)
+        self.cache_misses = Counter("deltaserve_cache_misses", "Cache misses by tier", ["tier"], registry=r)
+        self.cache_evictions = Counter("deltaserve_cache_evictions", "Cache evictions by tier", ["tier"], registry=r)
+        self.cache_bytes = Gauge("deltaserve_cache_bytes", "Bytes held by tier", ["tier"], registry=r)
+        self.registered_experts = Gauge("deltaserve_registered_experts", "Experts in the store", registry=r)
+        self.store_generation = Gauge("deltaserve_store_generation", "Store generation counter", registry=r)
+        # Routing (router issue): decisions, confidence, fallbacks, latency.
+        self.route_decisions = Counter(
+            "deltaserve_route_decisions", "Routing decisions by router and chosen expert (fallback recipes as 'fallback')",
+            ["router", "expert"], registry=r)
+        self.route_confidence = Histogram(
+            "deltaserve_router_confidence", "Router confidence of each decision", ["router"],
+            buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.route_fallbacks = Counter(
+            "deltaserve_route_fallbacks", "Requests routed to the fallback recipe, by reason",
+            ["router", "reason"], registry=r)
+        self.router_latency = Histogram(
+            "deltaserve_router_latency_seconds", "Time to route one request", ["router"],
+            buckets=FAST_BUCKETS, registry=r)
+        for path in PATHS:
+            self.queue_depth.labels(path)
+            self.latency.labels(path)
+            self.ttft.labels(path)
+        for tier in TIERS:
+            for family in (self.cache_hits, self.cache_misses, self.cache_evictions, self.cache_bytes):
+                family.labels(tier)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
