@@ -60,12 +60,25 @@ def merged_state_dict(
             raise MergeError(f"parameter {name!r} of an expert is not in the base")
         deltas = [e.decode(name, dtype=torch.float32) if name in e.param_names else torch.zeros_like(base[name], dtype=torch.float32)
                   for e in experts]
-        merged = merge(deltas, list(weights), **options)
-        value = base[name].float() + scale * merged
-        if not torch.isfinite(value).all():
-            raise MergeError(f"merging {name!r} with {method} produced NaN/Inf; nothing was written")
-        out[name] = value.to(base[name].dtype)
+        out[name] = merged_param(name, base[name], deltas, merge, weights, scale, **options)
     return out
+
+
+def merged_param(name: str, base: Tensor, deltas: Sequence[Tensor], merge: Any, weights: Sequence[float],
+                 scale: float = 1.0, **options: Any) -> Tensor:
+    """One parameter: ``base + scale * merge(deltas, weights)`` computed in float32, cast to base's dtype.
+
+    The serving engine's dense path calls this too, so a served recipe and the
+    checkpoint ``deltaserve merge`` writes are bit-identical.
+    """
+    if isinstance(merge, str):
+        merge = get_merge_method(METHOD_ALIASES.get(merge, merge))
+    merged = merge(list(deltas), list(weights), **options)
+    value = base.float() + scale * merged
+    if not torch.isfinite(value).all():
+        raise MergeError(f"merging {name!r} with {merge.name if hasattr(merge, 'name') else merge} produced NaN/Inf; "
+                         "nothing was written")
+    return value.to(base.dtype)
 
 
 def write_checkpoint(base_dir: Path, state_dict: Mapping[str, Tensor], out: Path) -> None:

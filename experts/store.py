@@ -1,0 +1,272 @@
+"""The expert store: one directory of expert folders, shared by every replica.
+
+Layout of ``<store>/``::
+
+    GENERATION             {"generation": n}; bumped on every publish/delete (replicas poll it)
+    <name>/                an expert folder (experts.expert) plus, optionally,
+    <name>/exemplars.json  ["example prompt", ...] for the routers
+    .staging-*/ .trash-*   in-flight publishes/deletes (ignored; cleaned on open)
+
+Publishing is atomic: the expert is written into a staging folder, fsynced and
+renamed into place, so a reader sees a whole expert or none. Every expert must
+have been made for this store's base (fingerprint and shapes); others are refused.
+Registration sources (``import_source``): an already-compressed expert folder,
+a PEFT LoRA adapter (kept exactly as its factors, lowrank codec) or a full
+fine-tuned HF model (task vector compressed with the given method).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from experts.atomic import fsync_tree, write_json_atomic
+from experts.codecs import get_codec
+from experts.expert import (MANIFEST_FILE, NAME_PATTERN, BaseMismatchError, EncodedDelta, Expert,
+                            ExpertFormatError, ExpertManifest, load_expert, save_expert)
+from experts.taskvector import _shapes, base_fingerprint, lora_factors
+
+GENERATION_FILE = "GENERATION"
+EXEMPLARS_FILE = "exemplars.json"
+LOCK_FILE = ".lock"
+MAX_EXEMPLARS = 10_000
+MAX_EXEMPLAR_CHARS = 4_000
+
+
+class StoreError(ValueError):
+    """A store operation was refused; the message says why (safe to show to API clients)."""
+
+
+class ExpertExistsError(StoreError):
+    pass
+
+
+class UnknownExpertError(StoreError, KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class Compression(BaseModel):
+    """How to turn a full fine-tune (or, optionally, a LoRA) into a stored expert."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field("magnitude", description="experts.compress method (nps needs `task`)")
+    density: float = Field(0.05, gt=0.0, le=1.0)
+    rank: int = Field(8, ge=1, le=4096)
+    seed: int = 0
+    task: str | None = Field(None, description="zoo task whose calibration split NPS optimises")
+    value_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
+
+
+def source_kind(path: Path) -> str:
+    """'expert', 'lora' or 'full', from the marker files of a directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreError(f"{path} is not a directory")
+    if (path / MANIFEST_FILE).is_file():
+        return "expert"
+    if (path / "adapter_config.json").is_file():
+        return "lora"
+    if (path / "config.json").is_file():
+        return "full"
+    raise StoreError(f"{path} is neither an expert folder (manifest.json), a PEFT adapter "
+                     "(adapter_config.json) nor an HF model (config.json)")
+
+
+class ExpertStore:
+    def __init__(self, root: Path, base_dir: Path) -> None:
+        self.root = Path(root)
+        self.base_dir = Path(base_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = base_fingerprint(self.base_dir)
+        self.shapes = _shapes(self.base_dir)
+        for leftover in list(self.root.glob(".staging-*")) + list(self.root.glob(".trash-*")):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    # ------------------------------------------------------------------ reading
+    def generation(self) -> int:
+        try:
+            return int(json.loads((self.root / GENERATION_FILE).read_text())["generation"])
+        except FileNotFoundError:
+            return 0
+        except (ValueError, KeyError, TypeError) as err:
+            raise StoreError(f"{self.root / GENERATION_FILE} is corrupt: {err}") from err
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
+
+    def path(self, name: str) -> Path:
+        check_name(name)
+        return self.root / name
+
+    def load(self, name: str, *, verify: bool = False) -> Expert:
+        path = self.path(name)
+        if not (path / MANIFEST_FILE).is_file():
+            raise UnknownExpertError(f"unknown expert {name!r}; known experts: {self.names()}")
+        expert = load_expert(path, verify=verify)
+        expert.check_base(self.fingerprint, self.shapes)
+        return expert
+
+    def exemplars(self, name: str) -> list[str]:
+        path = self.path(name) / EXEMPLARS_FILE
+        if not path.is_file():
+            return []
+        try:
+            texts = json.loads(path.read_text())
+        except ValueError as err:
+            raise StoreError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise StoreError(f"{path}: must be a JSON list of strings")
+        return texts
+
+    # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / LOCK_FILE, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _bump(self) -> int:
+        generation = self.generation() + 1
+        write_json_atomic(self.root / GENERATION_FILE, {"generation": generation})
+        return generation
+
+    def publish(self, name: str, write: Any, *, exemplars: Sequence[str] | None = None,
+                replace: bool = False) -> ExpertManifest:
+        """Publish expert ``name``: ``write(stage_dir)`` writes the expert folder into ``stage_dir``.
+
+        The staged expert is validated (data digests, base fingerprint, shapes)
+        before it is renamed into place; a failure leaves the store untouched.
+        """
+        check_name(name)
+        texts = check_exemplars(exemplars)
+        target = self.root / name
+        if target.exists() and not replace:
+            raise ExpertExistsError(f"expert {name!r} already exists; delete it first or publish with replace")
+        stage = self.root / f".staging-{uuid.uuid4().hex[:12]}"
+        try:
+            write(stage)
+            expert = load_expert(stage, verify=True)
+            if expert.manifest.name != name:
+                raise StoreError(f"the expert's manifest names it {expert.manifest.name!r}, not {name!r}")
+            expert.check_base(self.fingerprint, self.shapes)
+            if texts:
+                write_json_atomic(stage / EXEMPLARS_FILE, texts, sort_keys=False)
+            fsync_tree(stage)
+            with self._locked():
+                if target.exists():
+                    if not replace:
+                        raise ExpertExistsError(f"expert {name!r} already exists")
+                    trash = self.root / f".trash-{uuid.uuid4().hex[:12]}"
+                    os.replace(target, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                os.replace(stage, target)
+                self._bump()
+            return expert.manifest
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def delete(self, name: str) -> None:
+        target = self.path(name)
+        with self._locked():
+            if not (target / MANIFEST_FILE).is_file():
+                raise UnknownExpertError(f"unknown expert {name!r}; known experts: {self.names()}")
+            trash = self.root / f".trash-{uuid.uuid4().hex[:12]}"
+            os.replace(target, trash)
+            self._bump()
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def set_exemplars(self, name: str, texts: Sequence[str]) -> None:
+        self.load(name)
+        with self._locked():
+            write_json_atomic(self.path(name) / EXEMPLARS_FILE, check_exemplars(texts), sort_keys=False)
+            self._bump()
+
+    # ------------------------------------------------------------------ importing
+    def import_source(self, name: str, source: Path, *, compression: Compression | None = None,
+                      exemplars: Sequence[str] | None = None, replace: bool = False,
+                      objective: Any = None) -> ExpertManifest:
+        """Register ``source`` (expert folder, PEFT adapter or HF fine-tune) as expert ``name``."""
+        source = Path(source)
+        kind = source_kind(source)
+        if kind == "expert":
+            if compression is not None:
+                raise StoreError("an already-compressed expert folder is stored as is; drop `compression`")
+
+            def write(stage: Path) -> None:
+                manifest = load_expert(source).manifest  # header check before copying anything
+                shutil.copytree(source, stage)
+                if manifest.name != name:  # the store's name wins: rewrite the manifest's name field
+                    raw = json.loads((stage / MANIFEST_FILE).read_text())
+                    raw["name"] = name
+                    (stage / MANIFEST_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+        elif kind == "lora" and compression is None:
+            def write(stage: Path) -> None:
+                save_lora_expert(self.base_dir, source, stage, name=name, fingerprint=self.fingerprint)
+        else:
+            from experts.compress import compress_expert, extract
+
+            comp = compression or Compression()
+            tv = extract(self.base_dir, source if kind == "full" else None, source if kind == "lora" else None)
+            if tv.base_fingerprint != self.fingerprint:
+                raise BaseMismatchError(f"{source} was not made from this store's base")
+
+            def write(stage: Path) -> None:
+                compress_expert(tv, stage, name=name, method=comp.method, density=comp.density, rank=comp.rank,
+                                seed=comp.seed, objective=objective, task=comp.task,
+                                value_dtype=getattr(torch, comp.value_dtype))
+        return self.publish(name, write, exemplars=exemplars, replace=replace)
+
+
+def save_lora_expert(base_dir: Path, adapter_dir: Path, out: Path, *, name: str, fingerprint: str) -> ExpertManifest:
+    """A PEFT LoRA kept exactly: per adapted weight, A and scaling*B (lowrank codec, adapter dtype)."""
+    factors, carried = lora_factors(base_dir, adapter_dir)
+    codec = get_codec("lowrank")
+    dtype = next(iter(factors.values())).A.dtype
+    value_dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    encoded = {}
+    for param, f in factors.items():
+        B = (f.B.float() * f.scaling).to(value_dtype)
+        encoded[param] = EncodedDelta(codec.encode_factors(f.A, B, value_dtype=value_dtype),
+                                      (f.B.shape[0], f.A.shape[1]))
+    rank = max(f.A.shape[0] for f in factors.values())
+    return save_expert(out, encoded, name=name, base_fingerprint=fingerprint, codec="lowrank",
+                       source=str(adapter_dir), method={"name": "lora", "rank": rank}, kind="lora",
+                       value_dtype=value_dtype, carried=carried)
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise StoreError(f"expert name {name!r} must match {NAME_PATTERN} (lowercase letters, digits, '_', '.', '-')")
+    return name
+
+
+def check_exemplars(texts: Sequence[str] | None) -> list[str]:
+    texts = list(texts or [])
+    if len(texts) > MAX_EXEMPLARS:
+        raise StoreError(f"at most {MAX_EXEMPLARS} exemplars per expert, got {len(texts)}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise StoreError(f"exemplars[{i}] must be a non-empty string")
+        if len(text) > MAX_EXEMPLAR_CHARS:
+            raise StoreError(f"exemplars[{i}] is {len(text)} characters; the limit is {MAX_EXEMPLAR_CHARS}")
+    return texts
+
+
+__all__ = ["Compression", "ExpertExistsError", "ExpertStore", "StoreError", "UnknownExpertError",
+           "ExpertFormatError", "BaseMismatchError", "save_lora_expert", "source_kind", "check_name"]

@@ -1,0 +1,157 @@
+"""The LoRA path: a recipe of low-rank experts becomes ONE exact merged PEFT adapter.
+
+sum_i w_i * B_i A_i == B_cat @ A_cat with A_cat = [w_1 A_1; ...; w_n A_n] and
+B_cat = [B_1 ... B_n] (experts.merging.lora_concat), rank sum r_i. Modules an
+expert does not adapt get zero blocks, so every module has the same rank R and
+the adapter is a plain PEFT LoRA (r = lora_alpha = R, scaling 1) that vLLM
+loads per request. Adapters are written once into a RAM-backed directory
+(/dev/shm when present) and kept in an LRU of bounded size; an evicted
+adapter's folder is removed and vLLM is told to drop it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from experts.atomic import atomic_dir
+from experts.expert import Expert
+from experts.merging import lora_concat
+
+LORA_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class MergedAdapter:
+    key: str
+    lora_id: int
+    path: Path
+    rank: int
+    nbytes: int
+    experts: tuple[str, ...] = ()
+
+
+def write_merged_adapter(out: Path, experts: Sequence[Expert], weights: Sequence[float], base_shapes: dict,
+                         *, base_model: str = "") -> int:
+    """Write the exact merged adapter of ``sum w_i * expert_i`` to ``out``; returns its rank."""
+    ranks = []
+    for e in experts:
+        if e.manifest.codec != "lowrank":
+            raise AdapterError(f"expert {e.manifest.name!r} is not low-rank (codec {e.manifest.codec})")
+        ranks.append(max(e.parts(n)["A"].shape[0] for n in e.param_names))
+    rank = sum(ranks)
+    names = sorted({n for e in experts for n in e.param_names})
+    for name in names:
+        if not name.endswith(".weight") or name.rsplit(".", 2)[-2] not in LORA_MODULE_SUFFIXES:
+            raise AdapterError(f"{name!r} is not a linear projection vLLM can adapt")
+    # Every module with a target suffix gets an entry, zero if no expert adapts it.
+    suffixes = sorted({n.rsplit(".", 2)[-2] for n in names})
+    modules = sorted(n for n in base_shapes if n.endswith(".weight") and n.rsplit(".", 2)[-2] in suffixes)
+    tensors = {}
+    for name in modules:
+        out_f, in_f = base_shapes[name]
+        pairs = []
+        for e, r in zip(experts, ranks):
+            if name in e.param_names:
+                parts = e.parts(name)
+                a, b = parts["A"].float(), parts["B"].float()
+                pad = r - a.shape[0]
+                if pad:
+                    a = torch.cat([a, torch.zeros(pad, in_f)], 0)
+                    b = torch.cat([b, torch.zeros(out_f, pad)], 1)
+            else:
+                a, b = torch.zeros(r, in_f), torch.zeros(out_f, r)
+            pairs.append((a, b))
+        a_cat, b_cat = lora_concat(pairs, list(weights), [1.0] * len(pairs))
+        stem = "base_model.model." + name.removesuffix(".weight")
+        tensors[f"{stem}.lora_A.weight"] = a_cat.contiguous()
+        tensors[f"{stem}.lora_B.weight"] = b_cat.contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "target_modules": suffixes, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "base_model_name_or_path": base_model, "modules_to_save": None, "inference_mode": True,
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return rank
+
+
+def default_adapter_root() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() else Path("/tmp")
+
+
+class AdapterCache:
+    """Merged adapters by recipe key; LRU over ``capacity`` adapters (the device tier's LoRA slots)."""
+
+    def __init__(self, root: Path, capacity: int = 32) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.capacity = max(1, capacity)
+        self._items: OrderedDict[str, MergedAdapter] = OrderedDict()
+        self._next_id = 1
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = self.builds = 0
+
+    def get(self, key: str) -> MergedAdapter | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return item
+
+    def build(self, key: str, experts: Sequence[Expert], weights: Sequence[float], base_shapes: dict,
+              base_model: str = "") -> tuple[MergedAdapter, list[MergedAdapter]]:
+        """Build (or return) the adapter for ``key``; returns it and the adapters evicted to make room."""
+        with self._lock:
+            if key in self._items:
+                return self._items[key], []
+            lora_id = self._next_id
+            self._next_id += 1
+        path = self.root / f"adapter-{lora_id}"
+        rank = write_merged_adapter(path, experts, weights, base_shapes, base_model=base_model)
+        nbytes = sum(p.stat().st_size for p in path.iterdir())
+        item = MergedAdapter(key, lora_id, path, rank, nbytes, tuple(e.manifest.name for e in experts))
+        evicted = []
+        with self._lock:
+            self._items[key] = item
+            self.builds += 1
+            while len(self._items) > self.capacity:
+                _, old = self._items.popitem(last=False)
+                evicted.append(old)
+                self.evictions += 1
+        return item, evicted
+
+    def invalidate(self, expert: str) -> list[MergedAdapter]:
+        """Drop every adapter whose recipe uses ``expert`` (deleted or replaced)."""
+        with self._lock:
+            stale = [k for k, a in self._items.items() if expert in a.experts]
+            return [self._items.pop(k) for k in stale]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._items.values())
+
+    def remove_files(self, adapters: Sequence[MergedAdapter]) -> None:
+        for a in adapters:
+            shutil.rmtree(a.path, ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+

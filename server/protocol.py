@@ -1,0 +1,138 @@
+"""OpenAI-compatible wire format (the subset deltaserve serves), as pydantic models.
+
+Field names, defaults and response shapes follow the OpenAI API (and vLLM's
+own protocol models), so the official ``openai`` SDK works unchanged. Unknown
+request fields are accepted and ignored, as OpenAI-compatible servers do,
+except the ones that would change the output and that we do not implement:
+those are rejected with a 400 instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools", "tool_choice",
+               "functions", "function_call", "response_format", "prompt_logprobs")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    def unsupported(self) -> list[str]:
+        extra = self.model_extra or {}
+        return sorted(k for k in UNSUPPORTED if extra.get(k) not in (None, False, 0, [], {}))
+
+    def sampling(self, max_tokens: int) -> dict[str, Any]:
+        return dict(n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                    seed=self.seed, stop=self.stop or None, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value):
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts or len(prompts) > 64:
+            raise ValueError("prompt must be a string or a list of 1-64 strings")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def plain_messages(self) -> list[dict[str, str]]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ExpertRegistration(BaseModel):
+    """POST /v1/experts body."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the expert's name in `model` and in URLs")
+    path: str = Field(description="server-side directory under an allowed root: an expert folder, a PEFT "
+                                  "adapter or an HF fine-tuned model")
+    compression: dict[str, Any] | None = Field(None, description="experts.store.Compression fields")
+    exemplars: list[str] | None = Field(None, description="example prompts for the routers")
+    replace: bool = False
+
+
+class RouteRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = "auto"
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def error_body(message: str, code: int, param: str | None = None) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+            503: "service_unavailable"}.get(code, "server_error" if code >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,0 +1,182 @@
+"""The vLLM worker extension of the dense path: W = W_base + sum_i w_i * decode(tau_i), in place.
+
+vLLM mixes ``DeltaWorkerExtension`` into its Worker (``worker_extension_cls``)
+and the engine calls its methods with ``collective_rpc``; they run in the
+worker process, next to the weights. The worker keeps a host copy of the base
+weights, so every recipe is computed from the base (never from the previous
+recipe) and switching back to the base restores it bit-exactly.
+
+Weights go through ``model_runner.reload_weights(weights_iterator=...)``: it
+runs the model's own loader (name mapping, q/k/v and gate/up fusion, the CPU
+backend's weight repacking), so it works on vLLM-CPU and on GPU alike. A fused
+module must be reloaded whole (reloading q alone corrupts k and v), so a touched
+q/k/v or gate/up weight brings its siblings along.
+
+Decoded deltas are cached in host RAM (LRU by bytes): the "host" cache tier.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from experts.expert import Expert, load_expert
+from experts.merge_model import merged_param
+from experts.merging import get_merge_method
+
+# Siblings that vLLM fuses into one module and that must be reloaded together.
+_FUSED = (
+    re.compile(r"^(?P<prefix>.*\.self_attn\.)(?P<member>q|k|v)_proj\.(?P<suffix>weight|bias)$"),
+    re.compile(r"^(?P<prefix>.*\.mlp\.)(?P<member>gate|up)_proj\.(?P<suffix>weight|bias)$"),
+)
+_MEMBERS = {0: ("q", "k", "v"), 1: ("gate", "up")}
+
+
+def fused_siblings(name: str, known: set[str] | dict) -> list[str]:
+    """``name`` plus the members of its fused module that exist in ``known``."""
+    for i, pattern in enumerate(_FUSED):
+        m = pattern.match(name)
+        if m:
+            group = [f"{m['prefix']}{member}_proj.{m['suffix']}" for member in _MEMBERS[i]]
+            return [g for g in group if g in known]
+    return [name]
+
+
+class HostDeltaCache:
+    """Decoded float32 deltas keyed by (expert token, parameter); LRU by bytes."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = max(0, int(budget_bytes))
+        self._items: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, token: str, expert: Expert, name: str) -> Tensor:
+        key = (token, name)
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return hit
+        self.misses += 1
+        value = expert.decode(name, dtype=torch.float32)
+        size = value.numel() * value.element_size()
+        if size <= self.budget:
+            self._items[key] = value
+            self.bytes += size
+            while self.bytes > self.budget:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+                self.evictions += 1
+        return value
+
+    def drop(self, token: str) -> None:
+        for key in [k for k in self._items if k[0] == token]:
+            old = self._items.pop(key)
+            self.bytes -= old.numel() * old.element_size()
+            self.evictions += 1
+
+
+class DeltaState:
+    """Everything the extension keeps in the worker process."""
+
+    def __init__(self, base_dir: str, host_cache_bytes: int) -> None:
+        self.base_dir = Path(base_dir)
+        self.base: dict[str, Tensor] = {}
+        for path in sorted(self.base_dir.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    self.base[key] = fh.get_tensor(key)
+        if not self.base:
+            raise FileNotFoundError(f"no *.safetensors weights in {self.base_dir}")
+        self.cache = HostDeltaCache(host_cache_bytes)
+        self.experts: dict[str, Expert] = {}
+        self.applied: set[str] = set()   # parameters that currently differ from the base
+        self.recipe_key = ""
+
+    def expert(self, directory: str, token: str) -> Expert:
+        cached = self.experts.get(token)
+        if cached is None:
+            cached = self.experts[token] = load_expert(Path(directory))
+        return cached
+
+    def expand(self, names: set[str]) -> set[str]:
+        return {s for n in names for s in fused_siblings(n, self.base)}
+
+    def weights(self, recipe: Sequence[tuple[str, str, float]], method: str, options: dict,
+                targets: set[str], restore: set[str]) -> Iterator[tuple[str, Tensor]]:
+        merge = get_merge_method(method)
+        experts = [(self.expert(d, token), token, w) for d, token, w in recipe]
+        for name in sorted(targets):
+            using = [(e, token, w) for e, token, w in experts if name in e.param_names]
+            if not using:
+                yield name, self.base[name]
+                continue
+            base = self.base[name]
+            deltas = [self.cache.get(token, e, name) if name in e.param_names
+                      else torch.zeros(base.shape, dtype=torch.float32) for e, token, _ in experts]
+            yield name, merged_param(name, base, deltas, merge, [w for *_, w in experts], 1.0, **options)
+        for name in sorted(restore):
+            yield name, self.base[name]
+
+
+class DeltaWorkerExtension:
+    """Methods vLLM adds to its Worker; call them with ``collective_rpc("deltaserve_...")``."""
+
+    def deltaserve_setup(self, base_dir: str, host_cache_bytes: int) -> dict:
+        self._deltaserve = DeltaState(base_dir, host_cache_bytes)
+        return {"base_params": len(self._deltaserve.base)}
+
+    def deltaserve_apply(self, key: str, recipe: list, method: str = "task_arithmetic",
+                         options: dict | None = None) -> dict:
+        """Make the weights ``base + merge(recipe)``; ``recipe`` = [[expert_dir, cache_token, weight], ...].
+
+        An empty recipe restores the base. Returns what the swap cost.
+        """
+        state: DeltaState = self._deltaserve
+        start = time.perf_counter()
+        hits, misses, evictions = state.cache.hits, state.cache.misses, state.cache.evictions
+        recipe = [(str(d), str(t), float(w)) for d, t, w in recipe]
+        touched = {n for d, t, _ in recipe for n in state.expert(d, t).param_names}
+        missing = sorted(n for n in touched if n not in state.base)
+        if missing:
+            raise KeyError(f"expert parameters not in the base model: {missing[:5]}")
+        targets = state.expand(touched)
+        restore = state.expand(state.applied - targets) - targets
+        items = list(state.weights(recipe, method, options or {}, targets, restore))
+        bytes_touched = sum(t.numel() * t.element_size() for _, t in items)
+        try:
+            self.model_runner.reload_weights(weights_iterator=iter(items))
+        except BaseException:
+            state.applied |= targets   # unknown state: the next apply rewrites all of it from the base
+            state.recipe_key = "?"
+            raise
+        state.applied = targets
+        state.recipe_key = key
+        return {
+            "key": key,
+            "seconds": time.perf_counter() - start,
+            "bytes": bytes_touched,
+            "params": len(items),
+            "host_hits": state.cache.hits - hits,
+            "host_misses": state.cache.misses - misses,
+            "host_evictions": state.cache.evictions - evictions,
+            "host_bytes": state.cache.bytes,
+        }
+
+    def deltaserve_forget(self, token: str) -> dict:
+        """Drop an expert's decoded deltas (it was deleted or replaced)."""
+        state: DeltaState = self._deltaserve
+        state.cache.drop(token)
+        state.experts.pop(token, None)
+        return {"host_bytes": state.cache.bytes}
+
+    def deltaserve_active(self) -> str:
+        return self._deltaserve.recipe_key

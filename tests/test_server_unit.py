@@ -1,0 +1,228 @@
+"""Server parts without the engine: recipes, the dense-path scheduler, merged adapters, the store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+import torch
+
+from experts.store import Compression, ExpertExistsError, ExpertStore, StoreError, UnknownExpertError
+from server.adapters import AdapterCache, write_merged_adapter
+from server.recipes import Recipe, RecipeError, parse_model
+from server.scheduler import WeightScheduler
+from server.worker import HostDeltaCache, fused_siblings
+
+EXPERTS = frozenset({"add", "rev", "code-v2", "m.1"})
+
+
+# ---------------------------------------------------------------------------- recipes
+
+@pytest.mark.parametrize("text,key", [
+    ("base", ""), ("add", "add"), ("0.7*add+0.3*rev", "0.7*add+0.3*rev"), (" 0.3 * rev + 0.7*add ", "0.7*add+0.3*rev"),
+    ("add-0.5*rev", "add-0.5*rev"), ("1e-1*add", "0.1*add"), ("ties:add+rev", "ties:add+rev"),
+    ("ta:add+code-v2", "add+code-v2"), (".5*m.1", "0.5*m.1"), ("0.33333*add", "0.3333*add"),
+])
+def test_parse_model_canonical(text, key):
+    assert parse_model(text, base_name="base", experts=EXPERTS).key == key
+
+
+@pytest.mark.parametrize("text,words", [
+    ("", "non-empty"), ("nope", "unknown expert 'nope'"), ("0.5*add+", "cannot parse"), ("add rev", "cannot parse"),
+    ("add+add", "twice"), ("100*add", "|w| <= 10"), ("0*add", "non-zero"), ("foo:add", "unknown merge method"),
+    ("0.5**add", "unknown expert '0.5'"), ("+".join(f"0.1*{n}" for n in ["add", "rev"] * 5), "twice"),
+])
+def test_parse_model_errors_say_what_is_wrong(text, words):
+    with pytest.raises(RecipeError, match=None) as err:
+        parse_model(text, base_name="base", experts=EXPERTS)
+    assert words in str(err.value)
+
+
+def test_recipe_of_is_canonical_and_hashable():
+    a = Recipe.of({"rev": 0.3, "add": 0.7})
+    b = Recipe.of({"add": 0.70001, "rev": 0.29999, "code-v2": 0.0})
+    assert a == b and hash(a) == hash(b) and a.names == ("add", "rev")
+    assert Recipe().key == "" and Recipe().label("base") == "base"
+
+
+# ---------------------------------------------------------------------------- scheduler
+
+class FakeEngine:
+    def __init__(self, swap_s=0.01):
+        self.swap_s, self.applied, self.active_during = swap_s, [], []
+
+    async def apply(self, state, payload):
+        await asyncio.sleep(self.swap_s)
+        self.applied.append(state)
+
+
+def test_scheduler_batches_one_recipe_and_swaps_between_groups():
+    async def main():
+        eng = FakeEngine()
+        s = WeightScheduler(eng.apply, max_wait_s=10.0)
+        seen = []
+
+        async def request(state, work=0.02):
+            async with s.hold(state):
+                seen.append((state, s.active))
+                await asyncio.sleep(work)
+        await asyncio.gather(*(request(x) for x in ["a", "a", "b", "a", "b", "", "b"]))
+        return eng, s, seen
+    eng, s, seen = asyncio.run(main())
+    assert all(state == active for state, active in seen)   # never served under the wrong weights
+    assert eng.applied.count("a") == 1 and eng.applied.count("b") == 1  # each group swapped in once
+    assert s.inflight == 0 and not s.waiting()
+
+
+def test_scheduler_max_wait_bounds_starvation_under_a_busy_recipe():
+    async def main():
+        eng = FakeEngine(swap_s=0.0)
+        s = WeightScheduler(eng.apply, max_wait_s=0.05, initial_state="hot")
+        stop = asyncio.Event()
+
+        async def hot_stream():
+            while not stop.is_set():
+                async with s.hold("hot"):
+                    await asyncio.sleep(0.01)
+
+        async def rare():
+            t0 = asyncio.get_running_loop().time()
+            async with s.hold("rare"):
+                return asyncio.get_running_loop().time() - t0
+        hot = [asyncio.create_task(hot_stream()) for _ in range(4)]
+        await asyncio.sleep(0.03)
+        waited = await asyncio.wait_for(rare(), timeout=2.0)
+        stop.set()
+        await asyncio.gather(*hot)
+        return waited
+    waited = asyncio.run(main())
+    assert waited < 0.05 + 0.1        # max_wait plus the in-flight requests' drain
+
+
+def test_scheduler_failed_swap_fails_only_its_requests():
+    async def main():
+        async def apply(state, payload):
+            if state == "bad":
+                raise RuntimeError("decode failed")
+        s = WeightScheduler(apply, max_wait_s=0.0)
+
+        async def request(state):
+            async with s.hold(state):
+                return state
+        return await asyncio.gather(request("bad"), request("good"), return_exceptions=True)
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, RuntimeError) and good == "good"
+
+
+def test_scheduler_cancelled_waiter_leaves_no_trace():
+    async def main():
+        eng = FakeEngine(swap_s=0.0)
+        s = WeightScheduler(eng.apply, max_wait_s=10.0, initial_state="a")
+        release = asyncio.Event()
+
+        async def hold_a():
+            async with s.hold("a"):
+                await release.wait()
+        t = asyncio.create_task(hold_a())
+        await asyncio.sleep(0)
+        w = asyncio.create_task(s.hold("b").__aenter__())
+        await asyncio.sleep(0.01)
+        w.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        await t
+        return s
+    s = asyncio.run(main())
+    assert s.inflight == 0 and not s.waiting() and s.active == "a"
+
+
+# ---------------------------------------------------------------------------- worker helpers
+
+def test_fused_siblings_complete_qkv_and_gate_up():
+    known = {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"} | {
+        f"model.layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    assert fused_siblings("model.layers.0.self_attn.k_proj.weight", known) == [
+        f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    assert fused_siblings("model.layers.0.mlp.up_proj.weight", known) == [
+        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    assert fused_siblings("model.layers.0.self_attn.o_proj.weight", known) == ["model.layers.0.self_attn.o_proj.weight"]
+
+
+def test_host_cache_is_lru_by_bytes():
+    class E:
+        def decode(self, name, dtype):
+            return torch.zeros(256, dtype=dtype)   # 1 KiB
+    cache = HostDeltaCache(budget_bytes=2048)
+    for name in ("a", "b", "a", "c", "a", "b"):
+        cache.get("tok", E(), name)
+    assert (cache.hits, cache.misses, cache.evictions) == (2, 4, 2) and cache.bytes == 2048
+    cache.drop("tok")
+    assert cache.bytes == 0
+
+
+# ---------------------------------------------------------------------------- merged adapters and store
+
+def _lora_expert(store, zoo, task, name):
+    store.import_source(name, zoo.layout.lora(task))
+    return store.load(name)
+
+
+def test_merged_adapter_is_exactly_the_weighted_sum(micro_zoo, tmp_path):
+    from safetensors.torch import load_file
+
+    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    e1 = _lora_expert(store, micro_zoo, "upper", "a")
+    e2 = _lora_expert(store, micro_zoo, "length", "b")
+    rank = write_merged_adapter(tmp_path / "ad", [e1, e2], [0.7, -0.2], store.shapes)
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert rank == cfg["r"] == cfg["lora_alpha"] == 16
+    t = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    for name in e1.param_names:
+        stem = "base_model.model." + name.removesuffix(".weight")
+        got = t[f"{stem}.lora_B.weight"] @ t[f"{stem}.lora_A.weight"]
+        want = 0.7 * e1.decode(name, torch.float32) - 0.2 * e2.decode(name, torch.float32)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    cache = AdapterCache(tmp_path / "cache", capacity=1)
+    first, ev = cache.build("k1", [e1], [1.0], store.shapes)
+    second, ev2 = cache.build("k2", [e2], [1.0], store.shapes)
+    assert ev == [] and ev2 == [first] and cache.get("k1") is None and cache.get("k2") == second
+    assert cache.invalidate("b") == [second]
+
+
+def test_store_publish_is_atomic_generational_and_checks_the_base(micro_zoo, tmp_path):
+    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    assert store.generation() == 0 and store.names() == []
+    store.import_source("up", micro_zoo.layout.full("upper"), compression=Compression(method="magnitude", density=0.1),
+                        exemplars=["Uppercase this: a"])
+    assert store.generation() == 1 and store.exemplars("up") == ["Uppercase this: a"]
+    with pytest.raises(ExpertExistsError):
+        store.import_source("up", micro_zoo.layout.lora("upper"))
+    # A write that fails midway leaves nothing behind.
+    def explode(stage):
+        stage.mkdir()
+        (stage / "manifest.json").write_text("{}")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        store.publish("half", explode)
+    assert store.names() == ["up"] and not [p for p in os.listdir(store.root) if p.startswith(".staging")]
+    # An expert made for another base is refused (fingerprint), whatever its name.
+    other = tmp_path / "other-base"
+    import shutil
+    shutil.copytree(micro_zoo.layout.base, other)
+    from safetensors.torch import load_file, save_file
+    w = load_file(other / "model.safetensors")
+    w["model.norm.weight"] = w["model.norm.weight"] + 1
+    save_file(w, other / "model.safetensors")
+    foreign = ExpertStore(tmp_path / "foreign", other)
+    with pytest.raises(ValueError, match="made for base"):
+        foreign.import_source("up", store.path("up"))
+    with pytest.raises(StoreError, match="must match"):
+        store.import_source("../escape", micro_zoo.layout.lora("upper"))
+    store.delete("up")
+    assert store.names() == [] and store.generation() == 2
+    with pytest.raises(UnknownExpertError):
+        store.delete("up")
+    with pytest.raises(StoreError, match="neither"):
+        store.import_source("x", tmp_path)
