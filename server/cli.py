@@ -156,6 +156,66 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from server.serve import serve
+
+    return serve(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from server.serve import demo
+
+    return demo(args)
+
+
+def _store(args: argparse.Namespace):
+    from experts.store import ExpertStore
+
+    _require_dir(args.base, "config.json", "--base")
+    return ExpertStore(args.store, args.base)
+
+
+def _cmd_store_add(args: argparse.Namespace) -> int:
+    from experts.store import Compression, StoreError
+
+    store = _store(args)
+    compression = None
+    if args.method:
+        compression = Compression(method=args.method, density=args.density, rank=args.rank, task=args.task)
+    exemplars = None
+    if args.exemplars:
+        exemplars = json.loads(args.exemplars.read_text())
+    objective = _zoo_objective(args.base, args.task, args.calib_n) if args.method == "nps" else None
+    try:
+        manifest = store.import_source(args.name, args.source, compression=compression, exemplars=exemplars,
+                                       replace=args.replace, objective=objective)
+    except (StoreError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    _print_manifest(manifest, store.path(args.name))
+    print(f"store generation {store.generation()}")
+    return 0
+
+
+def _cmd_store_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    for name in store.names():
+        m = store.load(name).manifest
+        print(f"{name:24s} {m.kind:5s} {m.codec:8s} {m.bits_per_param:7.3f} bits/param  {m.bytes:>10d} B  "
+              f"exemplars={len(store.exemplars(name))}")
+    print(f"generation {store.generation()}, {len(store.names())} experts")
+    return 0
+
+
+def _cmd_store_rm(args: argparse.Namespace) -> int:
+    from experts.store import StoreError
+
+    try:
+        _store(args).delete(args.name)
+    except StoreError as err:
+        raise SystemExit(f"error: {err}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +275,41 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("expert", type=Path)
     ins.add_argument("--verify", action="store_true", help="also check file digests and decode every tensor")
     ins.set_defaults(func=_cmd_inspect)
+
+    from server.serve import add_serve_arguments
+
+    srv = sub.add_parser("serve", help="serve the base and the store's experts over an OpenAI-compatible API")
+    add_serve_arguments(srv)
+    srv.set_defaults(func=_cmd_serve)
+
+    dem = sub.add_parser("demo", help="build the demo zoo, publish its experts into a store and serve them")
+    add_serve_arguments(dem, demo=True)
+    dem.add_argument("--size", choices=sorted(PRESETS), default="demo")
+    dem.add_argument("--no-serve", action="store_true", help="prepare the store and exit")
+    dem.set_defaults(func=_cmd_demo)
+
+    sto = sub.add_parser("store", help="manage an expert store without a server")
+    sto_sub = sto.add_subparsers(dest="store_command", required=True)
+    add = sto_sub.add_parser("add", help="register an expert folder, PEFT adapter or HF fine-tune")
+    rm = sto_sub.add_parser("rm", help="delete an expert")
+    ls = sto_sub.add_parser("list", help="list experts")
+    for p in (add, rm, ls):
+        p.add_argument("--store", type=Path, required=True)
+        p.add_argument("--base", type=Path, required=True)
+    add.add_argument("--name", required=True)
+    add.add_argument("--source", type=Path, required=True)
+    add.add_argument("--method", choices=sorted(COMPRESSORS), help="compress with this method "
+                     "(default: expert folders as is, LoRAs exact, full fine-tunes magnitude 0.05)")
+    add.add_argument("--density", type=float, default=0.05)
+    add.add_argument("--rank", type=int, default=8)
+    add.add_argument("--task", help="zoo task (nps objective)")
+    add.add_argument("--calib-n", type=int, default=64)
+    add.add_argument("--exemplars", type=Path, help="JSON list of example prompts for the routers")
+    add.add_argument("--replace", action="store_true")
+    add.set_defaults(func=_cmd_store_add)
+    rm.add_argument("name")
+    rm.set_defaults(func=_cmd_store_rm)
+    ls.set_defaults(func=_cmd_store_list)
     return parser
 
 
