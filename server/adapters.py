@@ -138,6 +138,27 @@ class AdapterCache:
                 self.evictions += 1
         return item, evicted
 
+    def build_proxy(self, key: str, expert: Expert, rank: int, base_shapes: dict
+                    ) -> tuple[MergedAdapter, list[MergedAdapter]]:
+        """A rank-``rank`` SVD adapter approximating a full-rank expert's projections (scoring only)."""
+        with self._lock:
+            if key in self._items:
+                return self._items[key], []
+            lora_id = self._next_id
+            self._next_id += 1
+        path = self.root / f"adapter-{lora_id}"
+        write_svd_adapter(path, expert, rank, base_shapes)
+        nbytes = sum(p.stat().st_size for p in path.iterdir())
+        item = MergedAdapter(key, lora_id, path, rank, nbytes, (expert.manifest.name,))
+        evicted = []
+        with self._lock:
+            self._items[key] = item
+            while len(self._items) > self.capacity:
+                _, old = self._items.popitem(last=False)
+                evicted.append(old)
+                self.evictions += 1
+        return item, evicted
+
     def invalidate(self, expert: str) -> list[MergedAdapter]:
         """Drop every adapter whose recipe uses ``expert`` (deleted or replaced)."""
         with self._lock:
@@ -155,3 +176,31 @@ class AdapterCache:
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
+
+
+def write_svd_adapter(out: Path, expert: Expert, rank: int, base_shapes: dict) -> None:
+    """Truncated SVD of each adapted projection of ``expert`` as a PEFT LoRA (r = alpha = rank)."""
+    tensors, suffixes = {}, set()
+    for name in expert.param_names:
+        if not name.endswith(".weight") or name.rsplit(".", 2)[-2] not in LORA_MODULE_SUFFIXES:
+            continue   # embeddings, norms: outside what a LoRA can express; the proxy ignores them
+        delta = expert.decode(name, torch.float32)
+        r = min(rank, *delta.shape)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        root = S[:r].sqrt()
+        a, b = root[:, None] * Vh[:r], U[:, :r] * root
+        if r < rank:
+            a = torch.cat([a, torch.zeros(rank - r, a.shape[1])], 0)
+            b = torch.cat([b, torch.zeros(b.shape[0], rank - r)], 1)
+        stem = "base_model.model." + name.removesuffix(".weight")
+        tensors[f"{stem}.lora_A.weight"] = a.contiguous()
+        tensors[f"{stem}.lora_B.weight"] = b.contiguous()
+        suffixes.add(name.rsplit(".", 2)[-2])
+    if not tensors:
+        raise AdapterError(f"expert {expert.manifest.name!r} adapts no linear projection")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+              "target_modules": sorted(suffixes), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "modules_to_save": None, "inference_mode": True}
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

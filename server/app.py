@@ -36,10 +36,23 @@ from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import (ChatCompletionRequest, CompletionRequest, ExpertRegistration, RouteRequest,
                              completion_id, error_body, now)
 from server.recipes import Recipe, RecipeError, parse_model
+from router.text import route_text
 
 log = logging.getLogger("deltaserve")
 RECIPE_HEADER = "x-deltaserve-recipe"
 AUTO = "auto"
+
+
+class RouterSettings(BaseModel):
+    """How `model: auto` is routed (router package); thresholds default to the zoo-calibrated ones."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("none", pattern="^(none|knn|gate|uncertainty)$")
+    top_k: int = Field(1, ge=1, le=8)
+    grid: float = Field(0.25, gt=0.0, le=1.0)
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0)
+    max_distance: float | None = Field(None, ge=0.0)
+    fallback: str = Field("", description="recipe served on fallback ('' = the base)")
 
 
 class ServerSettings(BaseModel):
@@ -51,6 +64,7 @@ class ServerSettings(BaseModel):
     register_roots: list[Path] = Field(default_factory=list, description="registration paths must lie under one")
     auto_recipe: str = Field("", description="what `auto` serves without a router ('' = the base)")
     store_poll_s: float = Field(2.0, gt=0.0)
+    router: RouterSettings = Field(default_factory=RouterSettings)
 
 
 class APIError(Exception):
@@ -71,14 +85,18 @@ class Service:
         self.base_name = settings.engine.served_name
 
     # ------------------------------------------------------------------ recipes
-    def resolve(self, model: str, text: str | None = None) -> tuple[Recipe, dict | None]:
+    async def resolve(self, model: str, text: str | None = None, *, record: bool = True
+                      ) -> tuple[Recipe, dict | None]:
         """A request's `model` -> (recipe, routing decision as JSON or None)."""
         experts = frozenset(self.engine.experts)
         if model == AUTO:
             if self.routing is not None and text is not None:
-                decision = self.routing.route([text])[0]
-                self._record_route(decision)
+                decision = (await asyncio.to_thread(self.routing.route, [text]))[0]
+                if record:   # a dry run (/v1/route) is not a routing decision
+                    self._record_route(decision)
                 recipe = Recipe.of(dict(decision.recipe))
+                if any(n not in experts for n in recipe.names):
+                    raise APIError(503, f"the router chose {recipe.key!r}, which is no longer servable")
                 return recipe, decision.to_json()
             return self._auto_default(experts), {"router": None, "fallback": "no_router"}
         try:
@@ -140,7 +158,48 @@ class Service:
         if self.routing is None:
             return
         exemplars = {n: self.store.exemplars(n) for n in self.engine.experts}
-        await asyncio.to_thread(self.routing.set_exemplars, {n: t for n, t in exemplars.items() if t})
+        if getattr(self.routing.router, "needs_exemplars", True):
+            exemplars = {n: t for n, t in exemplars.items() if t}
+        await asyncio.to_thread(self.routing.set_exemplars, exemplars)
+
+    def build_routing(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """The configured router, or None; the uncertainty router scores through this engine."""
+        rs = self.settings.router
+        if rs.name == "none":
+            return None
+        import torch
+
+        from router import Policy, RoutingService, make_router
+        from router.base import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CONFIDENCE
+
+        # The engine runs in its own processes; here torch only encodes one prompt at a time, and
+        # OpenMP threads competing with the engine made that 100x slower (0.5 s vs 5 ms, measured).
+        torch.set_num_threads(1)
+
+        fallback = dict(parse_model(rs.fallback, base_name=self.base_name,
+                                    experts=frozenset(self.engine.experts)).terms) if rs.fallback else {}
+        if rs.name == "uncertainty":
+            router = make_router("uncertainty", uncertainty_scorer=self._engine_scorer(loop))
+            max_distance = None
+        else:
+            from router import SentenceEncoder
+            # bf16 MiniLM: cosine >= 0.999 to fp32 (same routing), ~40 % faster (results/routing/README.md)
+            router = make_router(rs.name, encoder=SentenceEncoder(precision="bf16"))
+            max_distance = rs.max_distance if rs.max_distance is not None else DEFAULT_MAX_DISTANCE
+        policy = Policy(top_k=rs.top_k, grid=rs.grid, max_distance=max_distance, fallback=fallback,
+                        min_confidence=rs.min_confidence if rs.min_confidence is not None else DEFAULT_MIN_CONFIDENCE)
+        return RoutingService(router, policy)
+
+    def _engine_scorer(self, loop: asyncio.AbstractEventLoop):
+        """(texts, experts) -> NLL matrix via vLLM prompt_logprobs; called from a worker thread."""
+        import numpy as np
+
+        def scorer(texts, experts):
+            tok = self.engine.tokenizer
+            prompts = [_chat_ids(tok, [{"role": "user", "content": t}]) for t in texts]
+            future = asyncio.run_coroutine_threadsafe(self.engine.nll(prompts, list(experts)), loop)
+            return np.asarray(future.result(timeout=300))
+        return scorer
 
 
 def _looks_like_name(model: str) -> bool:
@@ -157,6 +216,8 @@ def create_app(settings: ServerSettings, *, routing: Any = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.engine.start()
+        if service.routing is None:
+            service.routing = await asyncio.to_thread(service.build_routing, asyncio.get_running_loop())
         await service.refresh_routing()
         poller = asyncio.create_task(_poll_store(service))
         try:
@@ -243,7 +304,7 @@ def create_app(settings: ServerSettings, *, routing: Any = None) -> FastAPI:
     async def completions(req: CompletionRequest) -> Response:
         _reject_unsupported(req)
         prompts = req.prompts
-        recipe, route = service.resolve(req.model, prompts[0])
+        recipe, route = await service.resolve(req.model, route_text(prompt=prompts[0]))
         tok = service.engine.tokenizer
         ids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
         max_tokens = req.max_tokens or req.max_completion_tokens or 16
@@ -253,8 +314,7 @@ def create_app(settings: ServerSettings, *, routing: Any = None) -> FastAPI:
     async def chat(req: ChatCompletionRequest) -> Response:
         _reject_unsupported(req)
         messages = req.plain_messages()
-        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        recipe, route = service.resolve(req.model, last_user)
+        recipe, route = await service.resolve(req.model, route_text(messages=messages))
         ids = _chat_ids(service.engine.tokenizer, messages)
         limit = service.settings.engine.max_model_len
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, limit - len(ids))
@@ -263,12 +323,12 @@ def create_app(settings: ServerSettings, *, routing: Any = None) -> FastAPI:
     @app.post("/v1/route", dependencies=[inference])
     async def route(req: RouteRequest) -> dict:
         if req.messages:
-            text = next((m.text() for m in reversed(req.messages) if m.role == "user"), req.messages[-1].text())
+            text = route_text(messages=[{"role": m.role, "content": m.text()} for m in req.messages])
         elif req.prompt is not None:
-            text = req.prompt
+            text = route_text(prompt=req.prompt)
         else:
             raise APIError(400, "give `messages` or `prompt` to route")
-        recipe, decision = service.resolve(req.model, text)
+        recipe, decision = await service.resolve(req.model, text, record=False)
         plan = service.engine.plan(recipe)
         return {"model": req.model, "recipe": recipe.label(service.base_name), "path": plan.path,
                 "weights": dict(recipe.terms), "route": decision}

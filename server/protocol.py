@@ -35,6 +35,7 @@ class _Request(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens even past EOS (benchmarks)")
 
     @field_validator("stop")
     @classmethod
@@ -51,7 +52,7 @@ class _Request(BaseModel):
     def sampling(self, max_tokens: int) -> dict[str, Any]:
         return dict(n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                     seed=self.seed, stop=self.stop or None, presence_penalty=self.presence_penalty,
-                    frequency_penalty=self.frequency_penalty)
+                    frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos)
 
     @property
     def include_usage(self) -> bool:

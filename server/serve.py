@@ -30,6 +30,10 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
                    help="dense path: longest a request waits while another recipe is served")
     p.add_argument("--router", choices=["none", "knn", "gate", "uncertainty"], default="knn" if demo else "none",
                    help="what `model: auto` uses")
+    p.add_argument("--top-k", type=int, default=1, help="experts per routed recipe (weights on a 0.25 grid)")
+    p.add_argument("--min-confidence", type=float, help="route to the fallback below this confidence")
+    p.add_argument("--max-distance", type=float, help="knn/gate: fallback beyond this exemplar distance")
+    p.add_argument("--fallback", default="", help="recipe served on fallback (default: the base)")
     p.add_argument("--auto-recipe", default="", help="recipe for `auto` without a router (default: the base)")
     p.add_argument("--served-name", default="base", help="the base model's name in the API")
     p.add_argument("--max-model-len", type=int, default=256)
@@ -49,7 +53,7 @@ def _keys(flag: list[str] | None, env: str) -> list[str]:
 
 
 def settings_from_args(args: argparse.Namespace, base: Path):
-    from server.app import ServerSettings
+    from server.app import RouterSettings, ServerSettings
     from server.engine import EngineConfig
 
     engine = EngineConfig(
@@ -60,15 +64,9 @@ def settings_from_args(args: argparse.Namespace, base: Path):
     return ServerSettings(
         store_dir=args.store, engine=engine, api_keys=_keys(args.api_key, "DELTASERVE_API_KEY"),
         admin_keys=_keys(args.admin_key, "DELTASERVE_ADMIN_KEY"), register_roots=list(args.register_root or []),
-        auto_recipe=args.auto_recipe, store_poll_s=args.store_poll_s)
-
-
-def make_routing(name: str, base: Path):
-    if name == "none":
-        return None
-    from router import make_routing_service  # the router package builds its own defaults
-
-    return make_routing_service(name, base_dir=base)
+        auto_recipe=args.auto_recipe, store_poll_s=args.store_poll_s,
+        router=RouterSettings(name=args.router, top_k=args.top_k, min_confidence=args.min_confidence,
+                              max_distance=args.max_distance, fallback=args.fallback))
 
 
 def run(settings, routing, host: str, port: int, log_level: str, banner: str = "") -> int:
@@ -89,7 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     if not (args.base / "config.json").is_file():
         raise SystemExit(f"error: --base {args.base} is not an HF model directory (no config.json)")
     settings = settings_from_args(args, args.base)
-    return run(settings, make_routing(args.router, args.base), args.host, args.port, args.log_level)
+    return run(settings, None, args.host, args.port, args.log_level)
 
 
 # ---------------------------------------------------------------------------- demo
@@ -155,4 +153,4 @@ def demo(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, base)
     banner = demo_banner(args.host, args.port, "auto" if args.router != "none" else "upper", "upper-lora")
     print(f"starting the engine (base {base}, store {args.store}) ...", file=sys.stderr, flush=True)
-    return run(settings, make_routing(args.router, base), args.host, args.port, args.log_level, banner)
+    return run(settings, None, args.host, args.port, args.log_level, banner)

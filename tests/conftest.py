@@ -120,6 +120,6 @@ def live_server(micro_zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
     store = root / "store"
     seed_micro_store(micro_zoo, store)
-    server = LiveServer(micro_zoo.layout.base, store, root / "server.log")
+    server = LiveServer(micro_zoo.layout.base, store, root / "server.log", extra=["--router", "knn"])
     yield server
     server.stop()

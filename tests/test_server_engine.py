@@ -183,8 +183,14 @@ def test_register_use_delete_at_runtime_and_survive_restart(live_server, micro_z
                                                  "messages": [{"role": "user", "content": "Uppercase this: abc"}]})
         assert r.status_code == 200 and r.headers["x-deltaserve-recipe"] == model
 
-    # A second server on the same store (a restart, or another replica) serves them without re-registering.
-    other = LiveServer(micro_zoo.layout.base, live_server.store, tmp_path / "second.log")
+    # Registered with exemplars -> routable at once (knn index rebuilt without a restart).
+    route = c.post("/v1/route", json={"messages": [{"role": "user", "content": "Uppercase this: abc"}]}).json()
+    assert route["route"]["recipe"] == {"upper-lora": 1.0} or "upper-lora" in route["route"]["scores"]
+
+    # A second server on the same store (a restart, or another replica) serves them without re-registering;
+    # it routes with the exemplar-free uncertainty router, scored through its own engine.
+    other = LiveServer(micro_zoo.layout.base, live_server.store, tmp_path / "second.log",
+                       extra=["--router", "uncertainty"])
     try:
         c2 = other.client()
         assert {"upper-lora", "min-digit"} <= {m["id"] for m in c2.get("/v1/models").json()["data"]}
@@ -193,6 +199,12 @@ def test_register_use_delete_at_runtime_and_survive_restart(live_server, micro_z
                 c.post("/v1/chat/completions", json={"model": "min-digit", "max_tokens": 6, "temperature": 0,
                                                       "messages": [{"role": "user", "content": QUESTIONS[3]}]})]
         assert same[0].json()["choices"][0]["message"]["content"] == same[1].json()["choices"][0]["message"]["content"]
+        unc = c2.post("/v1/route", json={"prompt": "Q: What is the largest digit in 3917?\nA: "}).json()["route"]
+        assert unc["router"] == "uncertainty" and set(unc["scores"]) >= {"upper-lora", "min-digit", "length"}
+        assert abs(sum(unc["scores"].values()) - 1) < 1e-4 and unc["recipe"]
+        r = c2.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 3,
+                                                  "messages": [{"role": "user", "content": QUESTIONS[2]}]})
+        assert r.status_code == 200 and r.json()["deltaserve"]["route"]["router"] == "uncertainty"
         # Deleting on one replica: the other notices through the store generation.
         assert admin.delete("/v1/experts/min-digit").status_code == 200
         import time
@@ -207,6 +219,8 @@ def test_register_use_delete_at_runtime_and_survive_restart(live_server, micro_z
         other.stop()
     assert admin.delete("/v1/experts/upper-lora").status_code == 200
     assert admin.delete("/v1/experts/upper-lora").status_code == 404
+    route = c.post("/v1/route", json={"messages": [{"role": "user", "content": "Uppercase this: abc"}]}).json()
+    assert "upper-lora" not in route["route"]["scores"]       # deleted -> no longer routable
 
 
 def test_metrics_cover_requests_swaps_adapters_and_cache(live_server):
@@ -228,3 +242,28 @@ def test_metrics_cover_requests_swaps_adapters_and_cache(live_server):
     assert samples["deltaserve_merged_adapter_builds_total"] >= 1
     assert samples['deltaserve_cache_bytes{tier="host"}'] > 0
     assert samples['deltaserve_requests_total{model="expression",recipe="0.7*length+0.3*upper",status="200"}'] == 1
+
+
+ROUTED = {"Uppercase this: quiet river": "upper", "How many characters are in: lantern": "length",
+          "How many vowels are in: umbrella": "count-vowels-lora",
+          "What is the largest digit in 58213?": "max-digit-lora",
+          "What is the smallest digit in 58213?": "min-digit-lora"}
+
+
+def test_auto_routes_each_prompt_to_its_expert_and_prose_falls_back(live_server):
+    client = live_server.openai()
+    for question, expert in ROUTED.items():
+        r = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": question}], max_tokens=4, temperature=0)
+        assert r.headers["x-deltaserve-recipe"] == expert, (question, r.parse().model_extra["deltaserve"])
+        route = r.parse().model_extra["deltaserve"]["route"]
+        assert route["router"] == "knn" and route["fallback"] is None and route["confidence"] >= 0.4
+    for prose in ("The committee will meet again next spring to review the budget.",
+                  "She painted the fence a cheerful shade of yellow before lunch."):
+        dry = live_server.client().post("/v1/route", json={"messages": [{"role": "user", "content": prose}]}).json()
+        assert dry["recipe"] == "base" and dry["route"]["fallback"] == "out_of_distribution", dry
+    client.chat.completions.create(model="auto", max_tokens=2, messages=[{"role": "user", "content": prose}])
+    text = live_server.client().get("/metrics").text
+    assert 'deltaserve_route_decisions_total{expert="upper",router="knn"}' in text
+    assert 'deltaserve_route_fallbacks_total{reason="out_of_distribution",router="knn"} 1.0' in text
+    assert "deltaserve_router_latency_seconds_count" in text and "deltaserve_router_confidence_bucket" in text

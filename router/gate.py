@@ -1,0 +1,103 @@
+"""A learned gate: multinomial logistic regression over exemplar features.
+
+Retrained from scratch on every ``fit``/``add``/``remove`` (seconds at hundreds
+of experts; see results/routing/). Scores are the classifier's probabilities
+(optionally sigmoid-calibrated by cross-validation); ``distance`` is the cosine
+distance to the nearest training exemplar, for the policy's OOD check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import LogisticRegression
+
+from router.base import ScoredText, register_router
+from router.features import Encoder
+from router.index import CosineIndex, ExemplarSet, Snapshot
+
+
+@dataclass(frozen=True)
+class _Trained:
+    snapshot: Snapshot
+    classifier: Any | None  # None with a single expert: it takes every text
+    nearest: CosineIndex
+
+
+def train_gate(snapshot: Snapshot, C: float, max_iter: int, calibrate: bool, seed: int = 0) -> Any | None:
+    """A fitted classifier over the snapshot (labels = expert indices), or None for one expert."""
+    if len(snapshot.names) < 2:
+        return None
+    model = LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced", random_state=seed)
+    smallest = int(np.bincount(snapshot.labels).min())
+    if calibrate and smallest >= 2:
+        model = CalibratedClassifierCV(model, method="sigmoid", cv=min(3, smallest))
+    return model.fit(snapshot.features, snapshot.labels)
+
+
+@register_router("gate")
+class GateRouter:
+    name = "gate"
+    needs_exemplars = True
+
+    def __init__(self, encoder: Encoder, C: float = 10.0, max_iter: int = 1000, calibrate: bool = False):
+        if C <= 0 or max_iter < 1:
+            raise ValueError(f"gate router needs C > 0 and max_iter >= 1, got C={C}, max_iter={max_iter}")
+        self.encoder = encoder
+        self.C = C
+        self.max_iter = max_iter
+        self.calibrate = calibrate
+        self._exemplars = ExemplarSet(encoder)
+        self._trained: _Trained | None = None
+
+    @classmethod
+    def from_options(cls, *, encoder: Encoder | None = None, uncertainty_scorer: Any = None, **options: Any):
+        if encoder is None:
+            from router.features import SentenceEncoder
+
+            encoder = SentenceEncoder()
+        return cls(encoder, **options)
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        trained = self._trained
+        return trained.snapshot.names if trained is not None else ()
+
+    def fit(self, exemplars: Mapping[str, Sequence[str]]) -> None:
+        self._exemplars.replace(exemplars)
+        self._retrain()
+
+    def add(self, expert: str, texts: Sequence[str]) -> None:
+        self._exemplars.add(expert, texts)
+        self._retrain()
+
+    def remove(self, expert: str) -> None:
+        self._exemplars.remove(expert)
+        self._retrain()
+
+    def _retrain(self) -> None:
+        snapshot = self._exemplars.snapshot()
+        if snapshot.empty:
+            self._trained = None
+            return
+        classifier = train_gate(snapshot, self.C, self.max_iter, self.calibrate)
+        self._trained = _Trained(snapshot, classifier, CosineIndex(snapshot, 1))
+
+    def score(self, texts: Sequence[str]) -> list[ScoredText]:
+        trained = self._trained
+        if trained is None:
+            return [({}, None) for _ in texts]
+        features = self.encoder.encode(texts)
+        distances, _ = trained.nearest.query(features)
+        names = trained.snapshot.names
+        if trained.classifier is None:
+            probs = np.ones((len(texts), 1))
+        else:
+            probs = np.zeros((len(texts), len(names)))
+            probs[:, trained.classifier.classes_] = trained.classifier.predict_proba(features)
+        probs = probs / probs.sum(axis=1, keepdims=True)
+        return [({n: float(p) for n, p in zip(names, row)}, float(d)) for row, d in zip(probs, distances[:, 0])]

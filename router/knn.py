@@ -1,0 +1,82 @@
+"""Auto-Switch routing: the k nearest exemplars vote for their experts.
+
+Each of the ``k`` neighbours (cosine distance d) votes with weight
+exp(-(d - d_min) / temperature); an expert's score is its share of the votes.
+Confidence is the top share, ``distance`` the nearest neighbour's distance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from router.base import ScoredText, register_router
+from router.features import Encoder
+from router.index import CosineIndex, ExemplarSet
+
+
+def neighbour_votes(distances: np.ndarray, labels: np.ndarray, n_experts: int, temperature: float) -> np.ndarray:
+    """(n, n_experts) vote shares from (n, k) neighbour distances and expert labels."""
+    weights = np.exp(-(distances - distances[:, :1]) / temperature)
+    votes = np.zeros((len(distances), n_experts))
+    np.add.at(votes, (np.arange(len(distances))[:, None], labels), weights)
+    return votes / votes.sum(axis=1, keepdims=True)
+
+
+@register_router("knn")
+class KnnRouter:
+    name = "knn"
+    needs_exemplars = True
+
+    def __init__(self, encoder: Encoder, k: int = 10, temperature: float = 0.05):
+        if k < 1 or temperature <= 0:
+            raise ValueError(f"knn router needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+        self.encoder = encoder
+        self.k = k
+        self.temperature = temperature
+        self._exemplars = ExemplarSet(encoder)
+        self._index: CosineIndex | None = None
+
+    @classmethod
+    def from_options(cls, *, encoder: Encoder | None = None, uncertainty_scorer: Any = None, **options: Any):
+        if encoder is None:
+            from router.features import SentenceEncoder
+
+            encoder = SentenceEncoder()
+        return cls(encoder, **options)
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        index = self._index
+        return index.snapshot.names if index is not None else ()
+
+    def fit(self, exemplars: Mapping[str, Sequence[str]]) -> None:
+        self._exemplars.replace(exemplars)
+        self._rebuild()
+
+    def add(self, expert: str, texts: Sequence[str]) -> None:
+        self._exemplars.add(expert, texts)
+        self._rebuild()
+
+    def remove(self, expert: str) -> None:
+        self._exemplars.remove(expert)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        snapshot = self._exemplars.snapshot()
+        self._index = None if snapshot.empty else CosineIndex(snapshot, self.k)
+
+    def score(self, texts: Sequence[str]) -> list[ScoredText]:
+        index = self._index  # one snapshot for the whole call
+        if index is None:
+            return [({}, None) for _ in texts]
+        distances, labels = index.query(self.encoder.encode(texts))
+        shares = neighbour_votes(distances, labels, len(index.snapshot.names), self.temperature)
+        names = index.snapshot.names
+        out = []
+        for row, nearest in zip(shares, distances[:, 0]):
+            hit = np.flatnonzero(row)
+            out.append(({names[i]: float(row[i]) for i in hit}, float(nearest)))
+        return out

@@ -1,0 +1,183 @@
+"""Policy, Decision, registry, route_text and the service, with a stub router (no models)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import threading
+from collections.abc import Mapping, Sequence
+
+import pytest
+
+from experts.registry import UnknownNameError
+from router import ROUTERS, Decision, Policy, RoutingService, make_router, quantised_recipe, route_text
+
+
+def reference_grid_recipe(scores: Mapping[str, float], top_k: int, units: int) -> dict[str, float]:
+    """Slow reference: among all ways to split ``units`` parts over the top-k experts,
+    the one closest (L1) to their normalised scores; ties to the higher-scored expert."""
+    ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:top_k]
+    target = [v / sum(v for _, v in ranked) * units for _, v in ranked]
+    best = None
+    for parts in itertools.product(range(units + 1), repeat=len(ranked)):
+        if sum(parts) != units:
+            continue
+        key = (round(sum(abs(p - t) for p, t in zip(parts, target)), 9), [-p for p in parts])
+        if best is None or key < best[0]:
+            best = (key, parts)
+    return {name: p / units for (name, _), p in sorted(zip(ranked, best[1])) if p}
+
+
+@pytest.mark.parametrize("scores", [
+    {"a": 0.5, "b": 0.3, "c": 0.2}, {"a": 0.34, "b": 0.33, "c": 0.33}, {"a": 0.9, "b": 0.06, "c": 0.04},
+    {"a": 0.4, "b": 0.35, "c": 0.25}, {"x": 0.61, "y": 0.39}, {"a": 0.2, "b": 0.2, "c": 0.2, "d": 0.2, "e": 0.2},
+])
+@pytest.mark.parametrize("top_k,grid", [(1, 0.25), (2, 0.25), (3, 0.25), (3, 0.1), (5, 0.5)])
+def test_quantised_recipe_is_on_the_grid_and_matches_reference(scores, top_k, grid):
+    units = round(1 / grid)
+    recipe = quantised_recipe(scores, top_k, units)
+    assert list(recipe) == sorted(recipe) and 0 < len(recipe) <= top_k
+    assert all(abs(w * units - round(w * units)) < 1e-9 and w > 0 for w in recipe.values())
+    assert math.isclose(sum(recipe.values()), 1.0, abs_tol=1e-9)
+    assert recipe == pytest.approx(reference_grid_recipe(scores, top_k, units))
+
+
+def test_quantised_recipe_examples():
+    assert quantised_recipe({"b": 0.7, "a": 0.3}, 2, 4) == {"a": 0.25, "b": 0.75}
+    assert quantised_recipe({"b": 0.55, "a": 0.45}, 2, 4) == {"a": 0.5, "b": 0.5}
+    assert quantised_recipe({"b": 0.9, "a": 0.1}, 2, 4) == {"b": 1.0}  # 0.1 rounds to no part
+    assert quantised_recipe({"b": 0.4, "a": 0.6}, 1, 4) == {"a": 1.0}
+    assert quantised_recipe({"b": 0.0, "a": 0.0}, 2, 4) == {"a": 1.0}
+
+
+def test_policy_fallbacks():
+    policy = Policy(top_k=2, grid=0.5, min_confidence=0.5, max_distance=0.3, fallback={"safe": 1.0})
+    assert policy.decide({"a": 0.8, "b": 0.2}, 0.1) == ({"a": 1.0}, 0.8, None)
+    assert policy.decide({"a": 0.8, "b": 0.2}, 0.31) == ({"safe": 1.0}, 0.8, "out_of_distribution")
+    assert policy.decide({"a": 0.4, "b": 0.35, "c": 0.25}, 0.1) == ({"safe": 1.0}, 0.4, "low_confidence")
+    assert policy.decide({}, None) == ({"safe": 1.0}, 0.0, "no_experts")
+    assert policy.decide({"a": 0.8, "b": 0.2}, None)[2] is None  # no distance: no OOD check
+    assert Policy(max_distance=None).decide({"a": 1.0}, 9.0) == ({"a": 1.0}, 1.0, None)
+    assert Policy().fallback == {} and Policy(fallback={"z": 1, "a": 0}).fallback == {"a": 0.0, "z": 1.0}
+
+
+@pytest.mark.parametrize("bad", [dict(top_k=0), dict(grid=0.3), dict(grid=0), dict(min_confidence=1.5),
+                                 dict(max_distance=-1), dict(fallback={"a": math.nan})])
+def test_policy_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="invalid routing policy"):
+        Policy(**bad)
+
+
+def test_decision_json_round_trips():
+    d = Decision({"a": 0.75, "b": 0.25}, "knn", {"a": 0.7123456789, "b": 0.2876543211}, 0.7123456789, 0.1234567891,
+                 None, 0.0012345678)
+    data = json.loads(json.dumps(d.to_json()))
+    assert data == {"recipe": {"a": 0.75, "b": 0.25}, "router": "knn", "scores": {"a": 0.712346, "b": 0.287654},
+                    "confidence": 0.712346, "distance": 0.123457, "fallback": None, "latency_s": 0.001235}
+    fallback = Decision({}, "uncertainty", {}, 0.0, None, "no_experts", 0.0).to_json()
+    assert fallback["recipe"] == {} and fallback["distance"] is None and fallback["fallback"] == "no_experts"
+
+
+def test_registry_lists_routers_and_misses_name_them():
+    assert set(ROUTERS) == {"knn", "gate", "uncertainty"}
+    known = r"unknown router 'nope'; known routers: \['gate', 'knn', 'uncertainty'\]"
+    with pytest.raises(UnknownNameError, match=known):
+        make_router("nope")
+    with pytest.raises(ValueError, match="needs uncertainty_scorer"):
+        make_router("uncertainty")
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    (dict(prompt="Q: Write abc backwards.\nA: "), "Write abc backwards."),
+    (dict(prompt="Q: Reverse ab\nA: ba\nQ: Count the vowels of xyz.\nA:"), "Count the vowels of xyz."),
+    (dict(prompt="  plain text  "), "plain text"),
+    (dict(prompt="Q: answered\nA: done"), "Q: answered\nA: done"),
+    (dict(prompt=["first", "Q: second\nA: "]), "second"),
+    (dict(messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "one"},
+                    {"role": "assistant", "content": "x"}, {"role": "user", "content": "two"}]), "two"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "Q: parts\nA: "},
+                                                 {"type": "image_url", "image_url": {"url": "u"}}]}]), "parts"),
+    (dict(messages=[{"role": "system", "content": "only system"}]), ""),
+    (dict(), ""),
+])
+def test_route_text(kwargs, expected):
+    assert route_text(**kwargs) == expected
+
+
+class StubRouter:
+    """Scores 1.0 for the expert whose name occurs in the text; distance 0."""
+
+    name = "stub"
+    needs_exemplars = True
+
+    def __init__(self):
+        self._experts: tuple[str, ...] = ()
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return self._experts
+
+    def fit(self, exemplars: Mapping[str, Sequence[str]]) -> None:
+        self._experts = tuple(sorted(n for n, t in exemplars.items() if t))
+
+    def add(self, expert: str, texts: Sequence[str]) -> None:
+        if texts:
+            self._experts = tuple(sorted({*self._experts, expert}))
+
+    def remove(self, expert: str) -> None:
+        self._experts = tuple(n for n in self._experts if n != expert)
+
+    def score(self, texts):
+        names = self._experts
+        out = []
+        for text in texts:
+            hits = [n for n in names if n in text] or list(names)
+            out.append(({n: 1 / len(hits) for n in hits}, 0.0) if names else ({}, None))
+        return out
+
+
+def test_service_routes_and_follows_add_remove():
+    ticks = itertools.count(1.0, 0.5)
+    service = RoutingService(StubRouter(), Policy(min_confidence=0.6), clock=lambda: next(ticks))
+    service.set_exemplars({"math": ["m"], "code": ["c"], "empty": []})
+    assert service.experts == ("code", "math") and service.name == "stub"
+    first, second = service.route(["do math", "hello"])
+    assert (first.recipe, first.fallback, first.latency_s) == ({"math": 1.0}, None, 0.5)
+    assert (second.recipe, second.fallback) == ({}, "low_confidence")
+    service.remove("math")
+    assert service.route_one("do math").recipe == {"code": 1.0}
+    service.add("math", ["m"])
+    assert service.route_one("do math").recipe == {"math": 1.0}
+    with pytest.raises(TypeError):
+        service.route("one string")
+    assert service.route([]) == []
+
+
+def test_service_is_safe_under_concurrent_add_remove():
+    service = RoutingService(StubRouter(), Policy(min_confidence=0.0))
+    service.set_exemplars({"a": ["x"], "b": ["y"]})
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def churn():
+        for i in range(300):
+            service.add(f"e{i % 7}", ["t"])
+            service.remove(f"e{(i + 3) % 7}")
+        stop.set()
+
+    def route():
+        while not stop.is_set():
+            try:
+                for d in service.route(["a", "b", "e1"]):
+                    assert math.isclose(sum(d.recipe.values()), 1.0) and set(d.recipe) <= set(d.scores)
+            except Exception as err:  # collected and re-raised in the main thread
+                errors.append(err)
+                return
+
+    threads = [threading.Thread(target=churn), *(threading.Thread(target=route) for _ in range(3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
