@@ -188,6 +188,12 @@ class Service:
             max_distance = rs.max_distance if rs.max_distance is not None else DEFAULT_MAX_DISTANCE
         policy = Policy(top_k=rs.top_k, grid=rs.grid, max_distance=max_distance, fallback=fallback,
                         min_confidence=rs.min_confidence if rs.min_confidence is not None else DEFAULT_MIN_CONFIDENCE)
+        m = self.metrics   # series exist from the start, so Prometheus' rate() sees their first increment
+        m.route_decisions.labels(rs.name, "fallback")
+        m.router_latency.labels(rs.name)
+        m.route_confidence.labels(rs.name)
+        for reason in ("low_confidence", "out_of_distribution", "no_experts"):
+            m.route_fallbacks.labels(rs.name, reason)
         return RoutingService(router, policy)
 
     def _engine_scorer(self, loop: asyncio.AbstractEventLoop):

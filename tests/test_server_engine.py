@@ -262,8 +262,31 @@ def test_auto_routes_each_prompt_to_its_expert_and_prose_falls_back(live_server)
                   "She painted the fence a cheerful shade of yellow before lunch."):
         dry = live_server.client().post("/v1/route", json={"messages": [{"role": "user", "content": prose}]}).json()
         assert dry["recipe"] == "base" and dry["route"]["fallback"] == "out_of_distribution", dry
+    def fallbacks():
+        key = 'deltaserve_route_fallbacks_total{reason="out_of_distribution",router="knn"} '
+        line = next(x for x in live_server.client().get("/metrics").text.splitlines() if x.startswith(key))
+        return float(line.split()[-1])
+    before = fallbacks()
     client.chat.completions.create(model="auto", max_tokens=2, messages=[{"role": "user", "content": prose}])
+    assert fallbacks() == before + 1
     text = live_server.client().get("/metrics").text
     assert 'deltaserve_route_decisions_total{expert="upper",router="knn"}' in text
-    assert 'deltaserve_route_fallbacks_total{reason="out_of_distribution",router="knn"} 1.0' in text
     assert "deltaserve_router_latency_seconds_count" in text and "deltaserve_router_confidence_bucket" in text
+
+
+def test_gate_router_through_the_engine_with_top2_recipes(live_server, micro_zoo, tmp_path):
+    """The learned gate behind `auto`, on its own server; top-2 recipes stay on the 0.25 grid."""
+    server = LiveServer(micro_zoo.layout.base, live_server.store, tmp_path / "gate.log",
+                        extra=["--router", "gate", "--top-k", "2"])
+    try:
+        c = server.client()
+        for question, expert in ROUTED.items():
+            r = c.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 3,
+                                                     "messages": [{"role": "user", "content": question}]})
+            assert r.status_code == 200, r.text
+            route = r.json()["deltaserve"]["route"]
+            assert route["router"] == "gate" and max(route["recipe"], key=route["recipe"].get) == expert, route
+            assert all((w * 4).is_integer() for w in route["recipe"].values()) and abs(sum(route["recipe"].values()) - 1) < 1e-9
+            assert r.headers["x-deltaserve-recipe"] == r.json()["deltaserve"]["recipe"]
+    finally:
+        server.stop()
