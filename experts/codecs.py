@@ -80,7 +80,7 @@ def pack_bits(mask: Tensor) -> Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) << _BIT_SHIFTS).sum(dim=1, dtype=torch.uint8)
+    return (flat.view(-1, 8) << _BIT_SHIFTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: Tensor, count: int, *, part: str = "mask") -> Tensor:
@@ -89,7 +89,7 @@ def unpack_bits(packed: Tensor, count: int, *, part: str = "mask") -> Tensor:
         raise ValueError(f"part {part!r} must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
     if packed.numel() != math.ceil(count / 8):
         raise ValueError(f"part {part!r} holds {packed.numel() * 8} bits for {count} entries")
-    bits = ((packed.unsqueeze(1) >> _BIT_SHIFTS) & 1).reshape(-1).bool()
+    bits = ((packed.unsqueeze(1) >> _BIT_SHIFTS.to(packed.device)) & 1).reshape(-1).bool()
     if bits[count:].any():
         raise ValueError(f"part {part!r} has non-zero padding bits after entry {count}")
     return bits[:count]
@@ -190,15 +190,21 @@ class SparseCodec:
 
     def decode(self, parts: Parts, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         mask = self._mask(parts, math.prod(shape))
-        out = torch.zeros(mask.numel(), dtype=dtype)
+        out = torch.zeros(mask.numel(), dtype=dtype, device=mask.device)
         out[mask] = parts["values"].to(dtype)
         return out.view(tuple(shape))
 
     @torch.no_grad()
     def add_into(self, target: Tensor, parts: Parts, weight: float) -> None:
         flat = _flat_target(target)
-        index = self._mask(parts, flat.numel()).nonzero().squeeze(1)
-        _add_at_indices(flat, index, weight * parts["values"].to(_compute_dtype(flat.dtype)))
+        _require_parts(parts, self.part_names, "sparse")
+        values = parts["values"]
+        # One pass over the mask (nonzero) instead of _mask's extra count: this is the dense path's hot loop.
+        index = unpack_bits(parts["mask"], flat.numel()).nonzero().squeeze(1)
+        if not values.is_floating_point() or values.dim() != 1 or values.numel() != index.numel():
+            raise ValueError(f"part 'values' is {values.dtype} {list(values.shape)} but the mask keeps "
+                             f"{index.numel()} entries")
+        _add_at_indices(flat, index, values.to(_compute_dtype(flat.dtype)) * weight)
 
     def nbytes(self, parts: Parts) -> int:
         return parts_nbytes(parts)
@@ -256,12 +262,12 @@ class TernaryCodec:
 
     @staticmethod
     def _kept_values(negative: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
-        kept = torch.full(negative.shape, scale, dtype=dtype)
+        kept = torch.full(negative.shape, scale, dtype=dtype, device=negative.device)
         return torch.where(negative, -kept, kept)
 
     def decode(self, parts: Parts, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         mask, negative, scale = self._mask_and_signs(parts, math.prod(shape))
-        out = torch.zeros(mask.numel(), dtype=dtype)
+        out = torch.zeros(mask.numel(), dtype=dtype, device=mask.device)
         out[mask] = self._kept_values(negative, scale, dtype)
         return out.view(tuple(shape))
 

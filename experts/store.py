@@ -67,6 +67,8 @@ class Compression(BaseModel):
     seed: int = 0
     task: str | None = Field(None, description="zoo task whose calibration split NPS optimises")
     value_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
+    generations: int = Field(20, ge=1, le=1000, description="NPS: CMA-ES generations")
+    bands: int = Field(8, ge=1, le=64, description="NPS: magnitude bands")
 
 
 def source_kind(path: Path) -> str:
@@ -229,7 +231,8 @@ class ExpertStore:
             def write(stage: Path) -> None:
                 compress_expert(tv, stage, name=name, method=comp.method, density=comp.density, rank=comp.rank,
                                 seed=comp.seed, objective=objective, task=comp.task,
-                                value_dtype=getattr(torch, comp.value_dtype))
+                                value_dtype=getattr(torch, comp.value_dtype),
+                                **({"generations": comp.generations, "bands": comp.bands} if comp.method == "nps" else {}))
         return self.publish(name, write, exemplars=exemplars, replace=replace)
 
 

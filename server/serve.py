@@ -115,7 +115,8 @@ def seed_demo_store(zoo_root: Path, store_dir: Path, *, nps_generations: int = 6
             evaluator = TaskEvaluator(load_tokenizer(layout.base), [task], "calib", calib_n)
             objective = task_vector_objective(load_llama(layout.base), evaluator, task)
             store.import_source(name, layout.full(task), objective=objective,
-                                compression=Compression(method="nps", density=0.05, task=task))
+                                compression=Compression(method="nps", density=0.05, task=task,
+                                                        generations=nps_generations))
             print(f"published {name} (NPS 5 %)", flush=True)
     return layout.base
 
