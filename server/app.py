@@ -215,7 +215,7 @@ def _looks_like_name(model: str) -> bool:
 # ---------------------------------------------------------------------------- app
 
 
-def create_app(settings: ServerSettings, *, routing: Any = None) -> FastAPI:
+def create_app(settings: ServerSettings, *, routing: Any = None, on_ready: Any = None) -> FastAPI:
     service = Service(settings)
     service.routing = routing
 
@@ -226,6 +226,8 @@ def create_app(settings: ServerSettings, *, routing: Any = None) -> FastAPI:
             service.routing = await asyncio.to_thread(service.build_routing, asyncio.get_running_loop())
         await service.refresh_routing()
         poller = asyncio.create_task(_poll_store(service))
+        if on_ready is not None:
+            on_ready()
         try:
             yield
         finally:

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 DEFAULT_PORT = 8000
+# On the demo zoo NPS keeps ~60 % of the experts' accuracy at density 0.05 and far more at 0.2
+# (results/quality/README.md); the demo serves the denser, still ~3x smaller-than-fp16, experts.
+DEMO_NPS_DENSITY = 0.2
 
 
 def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
@@ -74,11 +77,7 @@ def run(settings, routing, host: str, port: int, log_level: str, banner: str = "
 
     from server.app import create_app
 
-    app = create_app(settings, routing=routing)
-    if banner:
-        @app.on_event("startup")
-        async def _banner() -> None:  # printed once the engine is up
-            print(banner, flush=True)
+    app = create_app(settings, routing=routing, on_ready=(lambda: print(banner, flush=True)) if banner else None)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
 
@@ -93,8 +92,9 @@ def serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- demo
 
 
-def seed_demo_store(zoo_root: Path, store_dir: Path, *, nps_generations: int = 6, calib_n: int = 48) -> Path:
-    """Publish the zoo's experts: full fine-tunes NPS-compressed (5 %), LoRAs kept exact with exemplars."""
+def seed_demo_store(zoo_root: Path, store_dir: Path, *, density: float = DEMO_NPS_DENSITY, nps_generations: int = 6,
+                    calib_n: int = 48) -> Path:
+    """Publish the zoo's experts: full fine-tunes NPS-compressed, LoRAs kept exact with exemplars."""
     from experts.store import Compression, ExpertStore
     from experts.zoo.build import ZooLayout, load_llama, load_tokenizer
     from experts.zoo.evaluate import TaskEvaluator, task_vector_objective
@@ -115,15 +115,15 @@ def seed_demo_store(zoo_root: Path, store_dir: Path, *, nps_generations: int = 6
             evaluator = TaskEvaluator(load_tokenizer(layout.base), [task], "calib", calib_n)
             objective = task_vector_objective(load_llama(layout.base), evaluator, task)
             store.import_source(name, layout.full(task), objective=objective,
-                                compression=Compression(method="nps", density=0.05, task=task,
+                                compression=Compression(method="nps", density=density, task=task,
                                                         generations=nps_generations))
-            print(f"published {name} (NPS 5 %)", flush=True)
+            print(f"published {name} (NPS, density {density})", flush=True)
     return layout.base
 
 
 def demo_banner(host: str, port: int, example_model: str, expert: str) -> str:
     url = f"http://{host}:{port}"
-    body = json.dumps({"model": example_model, "messages": [{"role": "user", "content": "Uppercase this: hello world"}],
+    body = json.dumps({"model": example_model, "messages": [{"role": "user", "content": "Upper-case the text lantern"}],
                        "max_tokens": 20})
     return f"""
 deltaserve demo is up on {url}
@@ -131,7 +131,7 @@ deltaserve demo is up on {url}
   curl {url}/v1/models
   curl {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'
   curl {url}/v1/completions -H 'content-type: application/json' \\
-       -d '{{"model": "0.5*{expert}+0.5*count-vowels-lora", "prompt": "Q: How many vowels are in: banana\\nA: ", "max_tokens": 8}}'
+       -d '{{"model": "0.5*{expert}+0.5*count-vowels-lora", "prompt": "Q: How many vowels are in banana?\\nA: ", "max_tokens": 8}}'
 
   python - <<'EOF'
 from openai import OpenAI
