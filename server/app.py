@@ -343,13 +343,15 @@ def create_app(settings: ServerSettings, *, routing: Any = None, on_ready: Any =
 
     @app.get("/v1/experts", dependencies=[inference])
     async def list_experts() -> dict:
-        await service.engine.refresh()
+        if await service.engine.refresh():   # changed by another replica: the router must follow too
+            await service.refresh_routing()
         return {"object": "list", "data": [service.expert_json(n) for n in sorted(service.engine.experts)],
                 "store_generation": service.engine.generation}
 
     @app.get("/v1/experts/{name}", dependencies=[inference])
     async def get_expert(name: str) -> dict:
-        await service.engine.refresh()
+        if await service.engine.refresh():   # changed by another replica: the router must follow too
+            await service.refresh_routing()
         return service.expert_json(name)
 
     @app.post("/v1/experts", dependencies=[admin], status_code=201)
