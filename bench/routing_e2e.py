@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from servers import start_server, stop_server  # noqa: E402
 
 from bench.serve_bench import scrape  # noqa: E402
 
@@ -115,35 +115,9 @@ def attach_exemplars(store_dir: Path, zoo: Path, exemplars: dict[str, list[str]]
 # ---------------------------------------------------------------------------- server
 
 
-def start_server(base: Path, store: Path, log: Path, router: str) -> tuple[subprocess.Popen, str]:
-    import httpx
+def start_router_server(base: Path, store: Path, log: Path, router: str):
+    return start_server(base, store, log, ["--router", router])
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_CPU_KVCACHE_SPACE": "2", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--base", str(base), "--store", str(store),
-           "--port", str(port), "--router", router, "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("server did not become healthy")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def wait_for_routes(url: str, probes: list[tuple[str, str]], expected: Callable[[str], str],
@@ -307,7 +281,7 @@ def phase_auto(router: str, ctx: dict, args: argparse.Namespace) -> dict:
     """A fresh server with ``router``: auto over the LoRA experts (uncertainty: a LoRA-only store)."""
     store = ctx["stores"]["lora" if router == "uncertainty" else "main"]
     attach_exemplars(store, args.zoo, ctx["exemplars"], to=lora_name)
-    proc, url = start_server(ctx["base"], store, ctx["log"], router)
+    proc, url = start_router_server(ctx["base"], store, ctx["log"], router)
     try:
         items = ctx["test"] if router != "uncertainty" else items_of(ctx["tasks"], "test", args.uncertainty_n, args.seed)
         run_row(url, "warm-up: LoRA adapters", [(i, lora_name(i.task)) for i in items[:: max(1, len(items) // 24)]], args)
@@ -405,7 +379,7 @@ def main() -> int:
     rows: list[dict] = []
     if "knn" in args.routers:
         attach_exemplars(ctx["stores"]["main"], args.zoo, ctx["exemplars"], to=lora_name)
-        proc, url = start_server(base, ctx["stores"]["main"], ctx["log"], "knn")
+        proc, url = start_router_server(base, ctx["stores"]["main"], ctx["log"], "knn")
         try:
             rows += phase_knn(url, ctx, args)
         finally:
