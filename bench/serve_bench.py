@@ -93,10 +93,10 @@ async def drive(url: str, models: list[str], prompts: list[str], concurrency: in
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    q = statistics.quantiles(latencies, n=100)
+    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [latencies[0]] * 99
     out = {"requests": len(latencies), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
            "p50_s": statistics.median(latencies), "p99_s": q[98]}
-    if route_latencies:
+    if len(route_latencies) >= 2:
         rq = statistics.quantiles(route_latencies, n=100)
         out.update(router_p50_ms=1000 * statistics.median(route_latencies), router_p99_ms=1000 * rq[98],
                    router_share_p50=statistics.median(route_latencies) / out["p50_s"])
