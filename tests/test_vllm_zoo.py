@@ -58,7 +58,7 @@ def test_base_greedy_matches_transformers(engine, micro_zoo):
 
     tok = micro_zoo.tokenizer
     prompts = _prompts(micro_zoo.spec.tasks[:3])
-    results = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    results = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
     hf = _hf_greedy(load_llama(micro_zoo.layout.base), tok, prompts)
     for res, ref in zip(results, hf):
         assert list(res.outputs[0].token_ids) == _strip_eos(ref, tok.eos_token_id)
@@ -76,7 +76,7 @@ def test_lora_expert_greedy_matches_peft(engine, micro_zoo):
     path = micro_zoo.layout.lora(task)
     prompts = _prompts(micro_zoo.spec.tasks[:3])
     results = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
-                              lora_request=LoRARequest(task, 1, str(path)))
+                              lora_request=LoRARequest(task, 1, str(path)), use_tqdm=False)
     model = PeftModel.from_pretrained(load_llama(micro_zoo.layout.base), path)
     hf = _hf_greedy(model, tok, prompts)
     base = _hf_greedy(load_llama(micro_zoo.layout.base), tok, prompts)
@@ -89,7 +89,7 @@ def test_chat_uses_the_training_prompt(engine, micro_zoo):
     from vllm import SamplingParams
 
     question = get_task(micro_zoo.spec.tasks[0]).examples("test", 1)[0].question
-    chat = engine.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
-    plain = engine.generate([format_prompt(question)], SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    chat = engine.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    plain = engine.generate([format_prompt(question)], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
     assert chat[0].prompt_token_ids == plain[0].prompt_token_ids
     assert chat[0].outputs[0].text == plain[0].outputs[0].text
