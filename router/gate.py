@@ -8,7 +8,7 @@ distance to the nearest training exemplar, for the policy's OOD check.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 
 from router.base import ScoredText, register_router
 from router.features import Encoder
-from router.index import CosineIndex, ExemplarSet, Snapshot
+from router.index import CosineIndex, ExemplarRouter, Snapshot
 
 
 @dataclass(frozen=True)
@@ -40,46 +40,24 @@ def train_gate(snapshot: Snapshot, C: float, max_iter: int, calibrate: bool, see
 
 
 @register_router("gate")
-class GateRouter:
+class GateRouter(ExemplarRouter):
     name = "gate"
-    needs_exemplars = True
 
     def __init__(self, encoder: Encoder, C: float = 10.0, max_iter: int = 1000, calibrate: bool = False):
         if C <= 0 or max_iter < 1:
             raise ValueError(f"gate router needs C > 0 and max_iter >= 1, got C={C}, max_iter={max_iter}")
-        self.encoder = encoder
+        super().__init__(encoder)
         self.C = C
         self.max_iter = max_iter
         self.calibrate = calibrate
-        self._exemplars = ExemplarSet(encoder)
         self._trained: _Trained | None = None
-
-    @classmethod
-    def from_options(cls, *, encoder: Encoder | None = None, uncertainty_scorer: Any = None, **options: Any):
-        if encoder is None:
-            from router.features import SentenceEncoder
-
-            encoder = SentenceEncoder()
-        return cls(encoder, **options)
 
     @property
     def experts(self) -> tuple[str, ...]:
         trained = self._trained
         return trained.snapshot.names if trained is not None else ()
 
-    def fit(self, exemplars: Mapping[str, Sequence[str]]) -> None:
-        self._exemplars.replace(exemplars)
-        self._retrain()
-
-    def add(self, expert: str, texts: Sequence[str]) -> None:
-        self._exemplars.add(expert, texts)
-        self._retrain()
-
-    def remove(self, expert: str) -> None:
-        self._exemplars.remove(expert)
-        self._retrain()
-
-    def _retrain(self) -> None:
+    def _rebuild(self) -> None:
         snapshot = self._exemplars.snapshot()
         if snapshot.empty:
             self._trained = None

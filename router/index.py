@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -108,3 +109,40 @@ class CosineIndex:
         rows = np.take_along_axis(rows, order, axis=1)
         distances = 1.0 - np.take_along_axis(picked, order, axis=1).astype(np.float64)
         return np.clip(distances, 0.0, 2.0), self.snapshot.labels[rows]
+
+
+class ExemplarRouter:
+    """What knn and gate share: exemplars encoded into an ExemplarSet, rebuilt on every change.
+
+    Subclasses set ``name``, implement ``_rebuild`` (from ``self._exemplars.snapshot()``),
+    ``experts`` and ``score``.
+    """
+
+    needs_exemplars = True
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+        self._exemplars = ExemplarSet(encoder)
+
+    @classmethod
+    def from_options(cls, *, encoder: Any = None, uncertainty_scorer: Any = None, **options: Any):
+        if encoder is None:
+            from router.features import SentenceEncoder
+
+            encoder = SentenceEncoder()
+        return cls(encoder, **options)
+
+    def fit(self, exemplars: Mapping[str, Sequence[str]]) -> None:
+        self._exemplars.replace(exemplars)
+        self._rebuild()
+
+    def add(self, expert: str, texts: Sequence[str]) -> None:
+        self._exemplars.add(expert, texts)
+        self._rebuild()
+
+    def remove(self, expert: str) -> None:
+        self._exemplars.remove(expert)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        raise NotImplementedError

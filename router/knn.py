@@ -7,14 +7,13 @@ Confidence is the top share, ``distance`` the nearest neighbour's distance.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
 from router.base import ScoredText, register_router
 from router.features import Encoder
-from router.index import CosineIndex, ExemplarSet
+from router.index import CosineIndex, ExemplarRouter
 
 
 def neighbour_votes(distances: np.ndarray, labels: np.ndarray, n_experts: int, temperature: float) -> np.ndarray:
@@ -26,43 +25,21 @@ def neighbour_votes(distances: np.ndarray, labels: np.ndarray, n_experts: int, t
 
 
 @register_router("knn")
-class KnnRouter:
+class KnnRouter(ExemplarRouter):
     name = "knn"
-    needs_exemplars = True
 
     def __init__(self, encoder: Encoder, k: int = 10, temperature: float = 0.05):
         if k < 1 or temperature <= 0:
             raise ValueError(f"knn router needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
-        self.encoder = encoder
+        super().__init__(encoder)
         self.k = k
         self.temperature = temperature
-        self._exemplars = ExemplarSet(encoder)
         self._index: CosineIndex | None = None
-
-    @classmethod
-    def from_options(cls, *, encoder: Encoder | None = None, uncertainty_scorer: Any = None, **options: Any):
-        if encoder is None:
-            from router.features import SentenceEncoder
-
-            encoder = SentenceEncoder()
-        return cls(encoder, **options)
 
     @property
     def experts(self) -> tuple[str, ...]:
         index = self._index
         return index.snapshot.names if index is not None else ()
-
-    def fit(self, exemplars: Mapping[str, Sequence[str]]) -> None:
-        self._exemplars.replace(exemplars)
-        self._rebuild()
-
-    def add(self, expert: str, texts: Sequence[str]) -> None:
-        self._exemplars.add(expert, texts)
-        self._rebuild()
-
-    def remove(self, expert: str) -> None:
-        self._exemplars.remove(expert)
-        self._rebuild()
 
     def _rebuild(self) -> None:
         snapshot = self._exemplars.snapshot()

@@ -89,6 +89,10 @@ def write_merged_adapter(out: Path, experts: Sequence[Expert], weights: Sequence
     return rank
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir())
+
+
 def default_adapter_root() -> Path:
     shm = Path("/dev/shm")
     return shm if shm.is_dir() else Path("/tmp")
@@ -126,11 +130,13 @@ class AdapterCache:
             self._next_id += 1
         path = self.root / f"adapter-{lora_id}"
         rank = write_merged_adapter(path, experts, weights, base_shapes, base_model=base_model)
-        nbytes = sum(p.stat().st_size for p in path.iterdir())
-        item = MergedAdapter(key, lora_id, path, rank, nbytes, tuple(e.manifest.name for e in experts))
+        return self._insert(MergedAdapter(key, lora_id, path, rank, _dir_bytes(path),
+                                          tuple(e.manifest.name for e in experts)))
+
+    def _insert(self, item: MergedAdapter) -> tuple[MergedAdapter, list[MergedAdapter]]:
         evicted = []
         with self._lock:
-            self._items[key] = item
+            self._items[item.key] = item
             self.builds += 1
             while len(self._items) > self.capacity:
                 _, old = self._items.popitem(last=False)
@@ -148,16 +154,7 @@ class AdapterCache:
             self._next_id += 1
         path = self.root / f"adapter-{lora_id}"
         write_svd_adapter(path, expert, rank, base_shapes)
-        nbytes = sum(p.stat().st_size for p in path.iterdir())
-        item = MergedAdapter(key, lora_id, path, rank, nbytes, (expert.manifest.name,))
-        evicted = []
-        with self._lock:
-            self._items[key] = item
-            while len(self._items) > self.capacity:
-                _, old = self._items.popitem(last=False)
-                evicted.append(old)
-                self.evictions += 1
-        return item, evicted
+        return self._insert(MergedAdapter(key, lora_id, path, rank, _dir_bytes(path), (expert.manifest.name,)))
 
     def invalidate(self, expert: str) -> list[MergedAdapter]:
         """Drop every adapter whose recipe uses ``expert`` (deleted or replaced)."""
