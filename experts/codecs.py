@@ -181,7 +181,7 @@ class SparseCodec:
     def _mask(self, parts: Parts, numel: int) -> Tensor:
         _require_parts(parts, self.part_names, "sparse")
         mask = unpack_bits(parts["mask"], numel)
-        kept = int(mask.sum())
+        kept = int(torch.count_nonzero(mask))
         if not parts["values"].is_floating_point():
             raise ValueError(f"part 'values' must be floating, got {parts['values'].dtype}")
         if parts["values"].dim() != 1 or parts["values"].numel() != kept:
@@ -254,7 +254,7 @@ class TernaryCodec:
     def _mask_and_signs(self, parts: Parts, numel: int) -> tuple[Tensor, Tensor, float]:
         _require_parts(parts, self.part_names, "ternary")
         mask = unpack_bits(parts["mask"], numel)
-        negative = unpack_bits(parts["sign"], int(mask.sum()), part="sign")
+        negative = unpack_bits(parts["sign"], int(torch.count_nonzero(mask)), part="sign")
         scale = parts["scale"]
         if scale.dtype != torch.float32 or scale.shape != (1,):
             raise ValueError(f"part 'scale' must be float32 [1], got {scale.dtype} {list(scale.shape)}")
@@ -297,7 +297,7 @@ class TernaryCodec:
         return problems
 
     def kept_count(self, parts: Parts) -> int | None:
-        return int(unpack_bits(parts["mask"], parts["mask"].numel() * 8).sum())
+        return int(torch.count_nonzero(unpack_bits(parts["mask"], parts["mask"].numel() * 8)))
 
 
 @codec("lowrank")
