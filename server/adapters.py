@@ -78,15 +78,20 @@ def write_merged_adapter(out: Path, experts: Sequence[Expert], weights: Sequence
         stem = "base_model.model." + name.removesuffix(".weight")
         tensors[f"{stem}.lora_A.weight"] = a_cat.contiguous()
         tensors[f"{stem}.lora_B.weight"] = b_cat.contiguous()
+    _write_peft(out, tensors, rank, suffixes, base_model)
+    return rank
+
+
+def _write_peft(out: Path, tensors: dict, rank: int, target_modules: Sequence[str], base_model: str = "") -> None:
+    """A plain PEFT LoRA folder (r = lora_alpha = rank, so scaling 1), published atomically."""
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-        "target_modules": suffixes, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "target_modules": sorted(target_modules), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
         "base_model_name_or_path": base_model, "modules_to_save": None, "inference_mode": True,
     }
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return rank
 
 
 def _dir_bytes(path: Path) -> int:
@@ -123,38 +128,35 @@ class AdapterCache:
     def build(self, key: str, experts: Sequence[Expert], weights: Sequence[float], base_shapes: dict,
               base_model: str = "") -> tuple[MergedAdapter, list[MergedAdapter]]:
         """Build (or return) the adapter for ``key``; returns it and the adapters evicted to make room."""
+        return self._build(key, lambda path: write_merged_adapter(path, experts, weights, base_shapes,
+                                                                  base_model=base_model),
+                           tuple(e.manifest.name for e in experts))
+
+    def build_proxy(self, key: str, expert: Expert, rank: int, base_shapes: dict
+                    ) -> tuple[MergedAdapter, list[MergedAdapter]]:
+        """A rank-``rank`` SVD adapter approximating a full-rank expert's projections (scoring only)."""
+        return self._build(key, lambda path: write_svd_adapter(path, expert, rank, base_shapes),
+                           (expert.manifest.name,))
+
+    def _build(self, key: str, write, experts: tuple[str, ...]) -> tuple[MergedAdapter, list[MergedAdapter]]:
+        """Return the cached adapter for ``key`` or ``write(path) -> rank`` a new one and insert it (LRU)."""
         with self._lock:
             if key in self._items:
                 return self._items[key], []
             lora_id = self._next_id
             self._next_id += 1
         path = self.root / f"adapter-{lora_id}"
-        rank = write_merged_adapter(path, experts, weights, base_shapes, base_model=base_model)
-        return self._insert(MergedAdapter(key, lora_id, path, rank, _dir_bytes(path),
-                                          tuple(e.manifest.name for e in experts)))
-
-    def _insert(self, item: MergedAdapter) -> tuple[MergedAdapter, list[MergedAdapter]]:
+        rank = write(path)
+        item = MergedAdapter(key, lora_id, path, rank, _dir_bytes(path), experts)
         evicted = []
         with self._lock:
-            self._items[item.key] = item
+            self._items[key] = item
             self.builds += 1
             while len(self._items) > self.capacity:
                 _, old = self._items.popitem(last=False)
                 evicted.append(old)
                 self.evictions += 1
         return item, evicted
-
-    def build_proxy(self, key: str, expert: Expert, rank: int, base_shapes: dict
-                    ) -> tuple[MergedAdapter, list[MergedAdapter]]:
-        """A rank-``rank`` SVD adapter approximating a full-rank expert's projections (scoring only)."""
-        with self._lock:
-            if key in self._items:
-                return self._items[key], []
-            lora_id = self._next_id
-            self._next_id += 1
-        path = self.root / f"adapter-{lora_id}"
-        write_svd_adapter(path, expert, rank, base_shapes)
-        return self._insert(MergedAdapter(key, lora_id, path, rank, _dir_bytes(path), (expert.manifest.name,)))
 
     def invalidate(self, expert: str) -> list[MergedAdapter]:
         """Drop every adapter whose recipe uses ``expert`` (deleted or replaced)."""
@@ -175,7 +177,7 @@ class AdapterCache:
 
 
 
-def write_svd_adapter(out: Path, expert: Expert, rank: int, base_shapes: dict) -> None:
+def write_svd_adapter(out: Path, expert: Expert, rank: int, base_shapes: dict) -> int:
     """Truncated SVD of each adapted projection of ``expert`` as a PEFT LoRA (r = alpha = rank)."""
     tensors, suffixes = {}, set()
     for name in expert.param_names:
@@ -195,9 +197,5 @@ def write_svd_adapter(out: Path, expert: Expert, rank: int, base_shapes: dict) -
         suffixes.add(name.rsplit(".", 2)[-2])
     if not tensors:
         raise AdapterError(f"expert {expert.manifest.name!r} adapts no linear projection")
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-              "target_modules": sorted(suffixes), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-              "modules_to_save": None, "inference_mode": True}
-    with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_peft(out, tensors, rank, suffixes)
+    return rank
