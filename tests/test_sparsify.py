@@ -48,6 +48,23 @@ def test_magnitude_ties_go_to_the_larger_flat_index():
     assert sp.magnitude_mask(tau, 0.5).tolist() == [False, True, True, False]
 
 
+@pytest.mark.parametrize("levels", [3, 50, None])  # heavy ties, some ties, continuous values
+def test_fast_top_mask_equals_the_stable_sort_rule(levels):
+    gen = torch.Generator().manual_seed(levels or 0)
+    for trial in range(20):
+        n = int(torch.randint(1, 400, (1,), generator=gen))
+        key = torch.rand(n, generator=gen)
+        if levels:
+            key = torch.floor(key * levels)
+        k = int(torch.randint(0, n + 1, (1,), generator=gen))
+        expected = torch.zeros(n, dtype=torch.bool)
+        if k:
+            expected[torch.sort(key, stable=True).indices[n - k:]] = True
+        got = sp._top_mask_flat(key, k)
+        assert int(got.count_nonzero()) == k
+        assert torch.equal(got, expected), (levels, trial, n, k)
+
+
 def test_magnitude_global_uses_one_threshold():
     small, large = make_tau(torch.float32, 1), 10 * make_tau(torch.float32, 2)
     out = sp.magnitude_global({"small": small, "large": large}, 0.25)
