@@ -114,7 +114,8 @@ def _lowrank(deltas, *, rank: int, value_dtype: torch.dtype = torch.float16, **_
 def _nps(deltas, *, density: float, seed: int, objective: Objective | None, **options: Any) -> Compressed:
     if objective is None:
         raise ValueError("nps needs a calibration objective (e.g. --task NAME for a zoo task)")
-    search = {k: options[k] for k in ("bands", "generations", "population", "per_tensor") if options.get(k) is not None}
+    known = ("bands", "generations", "population", "per_tensor", "max_weight", "sigma0")
+    search = {k: options[k] for k in known if options.get(k) is not None}
     result = nps_search(deltas, objective, density=density, seed=seed, **search)
     per_tensor = search.get("per_tensor", False)
     pruned = nps_prune(deltas, band_ids(deltas, len(result.weights), per_tensor), result.weights, density, per_tensor)

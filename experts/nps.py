@@ -105,6 +105,11 @@ def nps_search(
     check_density(density)
     if generations < 1:
         raise ValueError(f"generations must be >= 1, got {generations}")
+    if population is not None and population < 2:
+        raise ValueError(f"population must be >= 2 (CMA-ES ranks candidates), got {population}")
+    if not max_weight >= 1.0:
+        raise ValueError(f"max_weight must be >= 1 so the all-ones start (magnitude pruning) is in bounds, "
+                         f"got {max_weight}")
     started = time.perf_counter()
     ids = band_ids(tensors, bands, per_tensor)
 

@@ -69,6 +69,12 @@ class Compression(BaseModel):
     value_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
     generations: int = Field(20, ge=1, le=1000, description="NPS: CMA-ES generations")
     bands: int = Field(8, ge=1, le=64, description="NPS: magnitude bands")
+    population: int | None = Field(None, ge=2, le=1000, description="NPS: CMA-ES population (None: pycma's)")
+    per_tensor: bool = Field(False, description="NPS: band and prune within each tensor instead of globally")
+    max_weight: float = Field(4.0, ge=1.0, le=1000.0, description="NPS: upper bound of every band weight")
+
+
+NPS_OPTIONS = {"generations", "bands", "population", "per_tensor", "max_weight"}
 
 
 def source_kind(path: Path) -> str:
@@ -228,11 +234,12 @@ class ExpertStore:
             if tv.base_fingerprint != self.fingerprint:
                 raise BaseMismatchError(f"{source} was not made from this store's base")
 
+            search = NPS_OPTIONS if comp.method == "nps" else set()
+
             def write(stage: Path) -> None:
                 compress_expert(tv, stage, name=name, method=comp.method, density=comp.density, rank=comp.rank,
                                 seed=comp.seed, objective=objective, task=comp.task,
-                                value_dtype=getattr(torch, comp.value_dtype),
-                                **({"generations": comp.generations, "bands": comp.bands} if comp.method == "nps" else {}))
+                                value_dtype=getattr(torch, comp.value_dtype), **comp.model_dump(include=search))
         return self.publish(name, write, exemplars=exemplars, replace=replace)
 
 

@@ -91,10 +91,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         objective = _zoo_objective(args.base, args.task, args.calib_n)
     tv = extract(args.base, args.finetuned, args.adapter)
     name = args.name or args.out.name
-    manifest = compress_expert(
-        tv, args.out, name=name, method=args.method, density=args.density, rank=args.rank, seed=args.seed,
-        objective=objective, task=args.task, generations=args.generations, bands=args.bands,
-    )
+    try:
+        manifest = compress_expert(
+            tv, args.out, name=name, method=args.method, density=args.density, rank=args.rank, seed=args.seed,
+            objective=objective, task=args.task, generations=args.generations, bands=args.bands,
+            population=args.population, per_tensor=args.banding == "per-tensor", max_weight=args.max_weight,
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     _print_manifest(manifest, args.out)
     return 0
 
@@ -253,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calib-n", type=int, default=100, help="calibration examples (nps)")
     comp.add_argument("--generations", type=int, default=20, help="CMA-ES generations (nps)")
     comp.add_argument("--bands", type=int, default=8, help="magnitude bands (nps)")
+    comp.add_argument("--population", type=int, help="CMA-ES population (nps; default pycma's 4 + 3 ln(bands))")
+    comp.add_argument("--banding", choices=("global", "per-tensor"), default="global",
+                      help="rank and prune over all tensors at once or within each tensor (nps)")
+    comp.add_argument("--max-weight", type=float, default=4.0, help="upper bound of every band weight (nps)")
     comp.add_argument("--seed", type=int, default=0)
     comp.add_argument("--name", help="expert name (default: the --out directory name)")
     comp.add_argument("--out", type=Path, required=True, help="expert directory to write")

@@ -67,6 +67,21 @@ def test_inspect_and_compress_refuse_bad_inputs(micro_zoo, tmp_path):
     res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
                "--density", "1.5", "--out", str(tmp_path / "x"))
     assert res.returncode != 0 and "--density" in res.stderr
+    res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
+               "--task", "upper", "--max-weight", "0.5", "--out", str(tmp_path / "x"))
+    assert res.returncode != 0 and "max_weight" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_compress_nps_per_tensor_records_its_search(micro_zoo, tmp_path):
+    out = tmp_path / "upper-nps"
+    res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
+               "--method", "nps", "--task", "upper", "--calib-n", "8", "--generations", "2", "--population", "4",
+               "--banding", "per-tensor", "--max-weight", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    method = json.loads((out / "manifest.json").read_text())["method"]
+    assert method["per_tensor"] is True and method["max_weight"] == 2 and method["population"] == 4
+    assert 1 <= len(method["history"]) <= 2 and all(0 <= w <= 2 for w in method["weights"])  # pycma may stop early
 
 
 def test_merge_writes_a_loadable_checkpoint_equal_to_the_math(micro_zoo, tmp_path):

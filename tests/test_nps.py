@@ -72,3 +72,14 @@ def test_bad_arguments(taus):
         nps_search(taus, lambda p: 0.0, density=0.0, progress=False)
     with pytest.raises(ValueError, match="generations"):
         nps_search(taus, lambda p: 0.0, generations=0, progress=False)
+    with pytest.raises(ValueError, match="population"):
+        nps_search(taus, lambda p: 0.0, population=1, progress=False)
+    with pytest.raises(ValueError, match="max_weight"):
+        nps_search(taus, lambda p: 0.0, max_weight=0.5, progress=False)
+
+
+def test_max_weight_bounds_the_search(taus):
+    objective = _band_target_objective(taus, target_band=1)
+    result = nps_search(taus, objective, density=0.125, bands=8, generations=5, max_weight=1.5, seed=3,
+                        progress=False)
+    assert all(0.0 <= w <= 1.5 for w in result.weights)
