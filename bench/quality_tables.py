@@ -120,7 +120,8 @@ def _tie_break(accuracy: float, loss: float, n: int) -> float:
     return accuracy + 0.5 / n * math.exp(-loss)
 
 
-def llm_suite(zoo: Path, tasks: Sequence[str], budget: Budget) -> Suite:
+def llm_suite(zoo: Path, tasks: Sequence[str], budget: Budget, tvs: Mapping[str, TaskVector] | None = None) -> Suite:
+    """The zoo's full fine-tunes as task vectors (or ``tvs``, e.g. re-trained ones, over the same base)."""
     from experts.taskvector import extract_full
     from experts.zoo.build import ZooLayout, load_llama, load_tokenizer
     from experts.zoo.evaluate import TaskEvaluator, swapped_weights
@@ -129,7 +130,7 @@ def llm_suite(zoo: Path, tasks: Sequence[str], budget: Budget) -> Suite:
     layout = ZooLayout(Path(zoo))
     tokenizer, model = load_tokenizer(layout.base), load_llama(layout.base)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tvs = {t: extract_full(layout.base, layout.full(t)) for t in tasks}
+    tvs = dict(tvs) if tvs is not None else {t: extract_full(layout.base, layout.full(t)) for t in tasks}
     evaluators = {"calib": TaskEvaluator(tokenizer, tasks, "calib", budget.calib_n, budget.seed),
                   "test": TaskEvaluator(tokenizer, tasks, "test", budget.test_n, budget.seed)}
     answers = {t: collate_supervised(encode_supervised(tokenizer, evaluators["calib"].examples(t)),
@@ -159,26 +160,36 @@ def llm_suite(zoo: Path, tasks: Sequence[str], budget: Budget) -> Suite:
 def vision_suite(zoo: Path, tasks: Sequence[str] | None = None) -> Suite:
     from safetensors.torch import load_file
 
-    from experts.zoo import vision
     from experts.zoo.build import ZooLayout
-    from experts.zoo.evaluate import swapped_weights
     from experts.zoo.spec import ZooSpec
 
     layout = ZooLayout(Path(zoo))
     spec = ZooSpec.model_validate(json.loads((layout.root / "spec.json").read_text())).vision
     tasks = list(tasks or spec.tasks)
-    base = load_file(layout.vision("base") / "model.safetensors")
+    tuned = {t: load_file(layout.vision(t) / "model.safetensors") for t in tasks}
+    sources = {t: str(layout.vision(t)) for t in tasks}
+    return vision_suite_from(load_file(layout.vision("base") / "model.safetensors"), tuned, spec.hidden_size, sources)
+
+
+def vision_suite_from(base: Mapping[str, Tensor], tuned: Mapping[str, Mapping[str, Tensor]], hidden_size: int,
+                      sources: Mapping[str, str] | None = None, name: str = "vision") -> Suite:
+    """The vision suite over in-memory digits-MLP state dicts: tau lives in the body; each task's
+    head is carried alongside (never merged or compressed) and scores that task."""
+    from experts.zoo import vision
+    from experts.zoo.evaluate import swapped_weights
+
+    tasks = list(tuned)
+    base = dict(base)
     fingerprint = hashlib.sha256(b"".join(base[k].numpy().tobytes() for k in sorted(base))).hexdigest()[:32]
-    model = vision.DigitsMLP(spec.hidden_size)
+    model = vision.DigitsMLP(hidden_size)
     model.load_state_dict(base)
     model.eval()
     tvs, heads = {}, {}
-    for task in tasks:
-        tuned = load_file(layout.vision(task) / "model.safetensors")
-        deltas = {k: tuned[k].float() - base[k].float() for k in base if k.startswith("body.")}
-        carried = {k: v for k, v in tuned.items() if k.startswith("head.")}
-        tvs[task] = TaskVector(deltas, fingerprint, "full", str(layout.vision(task)), carried)
-        heads[task] = torch.nn.Linear(spec.hidden_size, vision.N_CLASSES)
+    for task, state in tuned.items():
+        deltas = {k: state[k].float() - base[k].float() for k in base if k.startswith("body.")}
+        carried = {k: v for k, v in state.items() if k.startswith("head.")}
+        tvs[task] = TaskVector(deltas, fingerprint, "full", (sources or {}).get(task, f"{name}/{task}"), carried)
+        heads[task] = torch.nn.Linear(hidden_size, vision.N_CLASSES)
         heads[task].load_state_dict({k.removeprefix("head."): v for k, v in carried.items()})
     calib = {t: vision.digits(t, "calib") for t in tasks}
 
@@ -201,7 +212,7 @@ def vision_suite(zoo: Path, tasks: Sequence[str] | None = None) -> Suite:
 
         return calib_score
 
-    return Suite("vision", tasks, tvs, score, objective, {t: len(calib[t][1]) for t in tasks})
+    return Suite(name, tasks, tvs, score, objective, {t: len(calib[t][1]) for t in tasks})
 
 
 # ------------------------------------------------------------------ compression
@@ -238,9 +249,9 @@ def nps_from_weights(tv: TaskVector, weights: Sequence[float], density: float, p
 
 
 def compression_cell(suite: Suite, task: str, method: str, density: float, budget: Budget,
-                     workdir: Path) -> dict:
+                     workdir: Path, seed: int | None = None) -> dict:
     tv = suite.tvs[task]
-    options: dict = {"density": density, "seed": budget.seed}
+    options: dict = {"density": density, "seed": budget.seed if seed is None else seed}
     if method == "lowrank":
         options["rank"] = lowrank_rank(tv, density)
     if method == "nps":
@@ -258,7 +269,10 @@ def compression_cell(suite: Suite, task: str, method: str, density: float, budge
     }
 
 
-def run_compression(suite: Suite, budget: Budget, cache: CellCache, workdir: Path, log) -> dict:
+def run_compression(suite: Suite, budget: Budget, cache: CellCache, workdir: Path, log,
+                    dare_seeds: Sequence[int] = ()) -> dict:
+    """The compression table. ``dare_seeds``: extra DARE seeds (beyond ``budget.seed``), reported as a
+    spread; each is its own cell, so adding seeds never invalidates the cache."""
     finetuned = {t: cache.get(f"finetuned/{t}", lambda t=t: {"accuracy": suite.score(
         suite.tvs[t].deltas, suite.tasks, "test")}) for t in suite.tasks}
     own = {t: finetuned[t]["accuracy"][t] for t in suite.tasks}
@@ -273,13 +287,27 @@ def run_compression(suite: Suite, budget: Budget, cache: CellCache, workdir: Pat
             bits = _mean(c["bits_per_param"] for c in row.values())
             retained = _mean(_retained(row[t]["accuracy"], own[t]) for t in suite.tasks)
             log(f"{suite.name} compress {method:9s} d={density:<5} bits={bits:.3f} retained={retained:.1f}%")
+    extra = [seed for seed in dare_seeds if seed != budget.seed]
+    dare_spread = {}
+    for density in budget.densities if extra else ():
+        retained = [cells[f"dare/{density}"]]
+        for seed in extra:
+            retained.append({task: cache.get(f"compress/{task}/dare/{density}/seed{seed}", lambda task=task, seed=seed:
+                                             compression_cell(suite, task, "dare", density, budget, workdir, seed))
+                             for task in suite.tasks})
+        per_seed = [_mean(_retained(row[t]["accuracy"], own[t]) for t in suite.tasks) for row in retained]
+        dare_spread[str(density)] = {"seeds": [budget.seed, *extra], "retained_pct": per_seed,
+                                     "mean": _mean(per_seed), "min": min(per_seed), "max": max(per_seed)}
+        log(f"{suite.name} compress DARE d={density:<5} seeds {[budget.seed, *extra]}: retained "
+            f"{min(per_seed):.1f}..{max(per_seed):.1f}%")
     summary = {key: {"bits_per_param": _mean(c["bits_per_param"] for c in row.values()),
                      "accuracy": _mean(c["accuracy"] for c in row.values()),
                      "retained_pct": _mean(_retained(row[t]["accuracy"], own[t]) for t in suite.tasks),
                      "per_task_accuracy": {t: row[t]["accuracy"] for t in suite.tasks},
                      "rank": row[suite.tasks[0]]["rank"]}
                for key, row in cells.items()}
-    return {"finetuned": finetuned, "own_accuracy": own, "summary": summary, "cells": cells}
+    return {"finetuned": finetuned, "own_accuracy": own, "summary": summary, "cells": cells,
+            "dare_seeds": dare_spread}
 
 
 def _retained(accuracy: float, own: float) -> float:
@@ -402,19 +430,20 @@ def diagnostics(suite: Suite, compression: dict, budget: Budget) -> dict:
 # ------------------------------------------------------------------ driver
 
 
-def git_commit(repo: Path) -> str:
-    """HEAD, plus ``+uncommitted-bench`` when this script or its report module differ from HEAD."""
+def git_commit(repo: Path, scripts: Sequence[str] = ("bench/quality_tables.py", "bench/quality_report.py")) -> str:
+    """HEAD, plus ``+uncommitted-bench`` when one of ``scripts`` differs from HEAD."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        changed = git("status", "--porcelain", "--", "bench/quality_tables.py", "bench/quality_report.py")
+        changed = git("status", "--porcelain", "--", *scripts)
         return git("rev-parse", "HEAD") + ("+uncommitted-bench" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def run_suite(suite: Suite, budget: Budget, out: Path, command: str, log=print, commit: str = "") -> dict:
+def run_suite(suite: Suite, budget: Budget, out: Path, command: str, log=print, commit: str = "",
+              dare_seeds: Sequence[int] = ()) -> dict:
     """Every table of one suite; writes <suite>.json, <suite>.md and the PNGs under ``out``."""
     import quality_report
 
@@ -423,7 +452,7 @@ def run_suite(suite: Suite, budget: Budget, out: Path, command: str, log=print, 
     cache = CellCache(out / f"cells-{suite.name}.jsonl", budget.key())
     with tempfile.TemporaryDirectory(prefix="quality-") as scratch:
         workdir = Path(scratch)
-        compression = run_compression(suite, budget, cache, workdir, log)
+        compression = run_compression(suite, budget, cache, workdir, log, dare_seeds)
         experts = {m: sparse_experts(suite, compression, m, budget.interp_density, budget, workdir)
                    for m in ("magnitude", "nps")}
         dense = {t: tv.deltas for t, tv in suite.tvs.items()}
@@ -461,6 +490,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vision-generations", type=int, default=100)
     p.add_argument("--vision-population", type=int, default=16)
     p.add_argument("--densities", type=float, nargs="*", default=list(DENSITIES))
+    p.add_argument("--dare-seeds", type=int, nargs="*", default=[0, 1, 2],
+                   help="DARE seeds for its spread row (the main row uses seed 0)")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
 
@@ -468,18 +499,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = f"{shlex.quote(_relative(sys.executable))} {shlex.join([_relative(sys.argv[0]), *sys.argv[1:]])}"
+    command = command_line()
     commit = git_commit(Path(__file__).resolve().parents[1])  # at start: HEAD may move during a long run
     spec = json.loads((args.zoo / "spec.json").read_text())
     densities = tuple(args.densities)
     if args.suite in ("llm", "all"):
         budget = Budget(calib_n=args.calib_n, test_n=args.test_n, generations=args.generations,
                         population=args.population, densities=densities)
-        run_suite(llm_suite(args.zoo, args.tasks or spec["tasks"], budget), budget, args.out, command, _log, commit)
+        run_suite(llm_suite(args.zoo, args.tasks or spec["tasks"], budget), budget, args.out, command, _log, commit,
+                  args.dare_seeds)
     if args.suite in ("vision", "all"):
         budget = Budget(calib_n=0, test_n=0, generations=args.vision_generations,
                         population=args.vision_population, densities=densities)
-        run_suite(vision_suite(args.zoo), budget, args.out, command, _log, commit)
+        run_suite(vision_suite(args.zoo), budget, args.out, command, _log, commit, args.dare_seeds)
+
+
+def command_line() -> str:
+    """This process's command line, paths relative to the working directory (for results files)."""
+    return f"{shlex.quote(_relative(sys.executable))} {shlex.join([_relative(sys.argv[0]), *sys.argv[1:]])}"
 
 
 def _relative(path: str) -> str:

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY = dict(generations=2, population=4, densities=(0.05,), interp_density=0.05, interp_lambdas=(0.5, 1.0),
             merge_lambdas=(0.5, 1.0), trim_densities=(0.2,))
 
 
 @pytest.fixture(scope="module")
-def qt():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("quality_tables")
-    finally:
-        sys.path.remove(str(BENCH))
+def qt(bench_module):
+    return bench_module("quality_tables")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +49,7 @@ def test_merged_delta_task_arithmetic_is_the_sum(qt, suite):
 
 def test_run_suite_tiny_writes_tables_and_resumes(qt, suite, tmp_path):
     budget = qt.Budget(**TINY)
-    results = qt.run_suite(suite, budget, tmp_path, command="pytest", log=lambda _: None)
+    results = qt.run_suite(suite, budget, tmp_path, command="pytest", log=lambda _: None, dare_seeds=(0, 1))
     for name in ("vision.json", "vision.md", "vision_compression.png", "vision_interpolation.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "vision.json").read_text())
@@ -71,7 +63,10 @@ def test_run_suite_tiny_writes_tables_and_resumes(qt, suite, tmp_path):
     for choice in saved["merging"].values():
         assert choice["lambda"] in budget.merge_lambdas and 0.0 <= choice["test_mean"] <= 1.0
     assert "| NPS |" in (tmp_path / "vision.md").read_text()
+    spread = saved["compression"]["dare_seeds"]["0.05"]
+    assert spread["seeds"] == [0, 1] and spread["retained_pct"][0] == summary["dare/0.05"]["retained_pct"]
+    assert spread["min"] <= spread["max"] and "| DARE, seeds 0, 1: min–max |" in (tmp_path / "vision.md").read_text()
     lines = (tmp_path / "cells-vision.jsonl").read_text().count("\n")
-    again = qt.run_suite(suite, budget, tmp_path, command="pytest", log=lambda _: None)
+    again = qt.run_suite(suite, budget, tmp_path, command="pytest", log=lambda _: None, dare_seeds=(0, 1))
     assert (tmp_path / "cells-vision.jsonl").read_text().count("\n") == lines  # everything came from the cache
     assert again["compression"] == results["compression"] and again["merging"] == results["merging"]
