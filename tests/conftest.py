@@ -13,6 +13,20 @@ MICRO_ZOO = Path(os.environ.get("DELTASERVE_TEST_ZOO", REPO / ".cache" / "zoo" /
 
 
 @pytest.fixture(scope="session")
+def bench_module():
+    """Import a script of bench/ as a module: ``bench_module("quality_tables")``."""
+    import importlib
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(bench)
+
+
+@pytest.fixture(scope="session")
 def micro_zoo():
     from experts.zoo.build import ZooBuilder
     from experts.zoo.spec import preset

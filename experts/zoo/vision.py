@@ -141,13 +141,16 @@ def train_base(spec: VisionSpec, seed: int) -> DigitsMLP:
     return model
 
 
-def train_expert(base: DigitsMLP, task: str, spec: VisionSpec, seed: int) -> DigitsMLP:
-    """Few-shot probe a head for ``task`` on the frozen base body, then fine-tune the body."""
+def train_expert(base: DigitsMLP, task: str, spec: VisionSpec, seed: int,
+                 finetune_lr: float | None = None) -> DigitsMLP:
+    """Few-shot probe a head for ``task`` on the frozen base body, then fine-tune the body
+    (at ``finetune_lr`` when given, else ``spec.lr``; the quality probes vary it)."""
     torch.manual_seed(seed)
     model = DigitsMLP(spec.hidden_size)
     model.body.load_state_dict(base.body.state_dict())
     _fit(model, model.head.parameters(), task, spec.probe_epochs, spec, seed, spec.probe_shots)
-    _fit(model, model.body.parameters(), task, spec.finetune_epochs, spec, seed + 1)
+    body_spec = spec if finetune_lr is None else spec.model_copy(update={"lr": finetune_lr})
+    _fit(model, model.body.parameters(), task, spec.finetune_epochs, body_spec, seed + 1)
     return model
 
 
