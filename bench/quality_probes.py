@@ -48,6 +48,7 @@ import quality_tables as qt  # noqa: E402
 
 from experts import sparsify  # noqa: E402
 
+LEARNED = 0.5  # own test accuracy below which a re-trained LLM expert counts as not learned
 WIDTHS = (128, 512, 2048)
 FINETUNE_LRS = (1e-3, 3e-4)
 WIDTH_DENSITIES = (0.01, 0.05)
@@ -250,8 +251,11 @@ def run_lr(zoo: Path, lrs: Sequence[float], out: Path, cache_dir: Path, log, tas
         top = qt._mean(
             sum(float(sparsify.magnitude(t, 0.05).double().pow(2).sum()) for t in tv.deltas.values())
             / sum(float(t.double().pow(2).sum()) for t in tv.deltas.values()) for tv in suite.tvs.values())
-        rows[f"{lr:g}"] = {"lr": lr, "own_accuracy": comp["own_accuracy"],
-                           "retained_pct": {k: v["retained_pct"] for k, v in comp["summary"].items()},
+        own = comp["own_accuracy"]
+        learned = [t for t in tasks if own[t] >= LEARNED]  # a failed fine-tune has nothing to retain
+        rows[f"{lr:g}"] = {"lr": lr, "own_accuracy": own, "learned_tasks": learned,
+                           "retained_pct": {k: qt._mean(qt._retained(v["per_task_accuracy"][t], own[t]) for t in learned)
+                                            for k, v in comp["summary"].items()} if learned else {},
                            "bits_per_param": {k: v["bits_per_param"] for k, v in comp["summary"].items()},
                            "per_task_accuracy": {k: v["per_task_accuracy"] for k, v in comp["summary"].items()},
                            "energy_top_0.05": top}
@@ -289,6 +293,41 @@ def run_masked(zoo: Path, budget: qt.Budget, densities: Sequence[float], cache: 
         log(f"masked r={density}: retained {rows[str(density)]['retained_pct']:.1f} % "
             f"(magnitude on the same support {rows[str(density)]['magnitude_retained_pct']:.1f} %)")
     return {"own_accuracy": own, "rows": rows}
+
+
+def slim_reference(tables: dict, zoo_lr: float) -> dict:
+    """What lr_table reads from the quality tables' llm.json, and where it came from."""
+    comp = tables["compression"]
+    return {"source": "results/quality/llm.json", "zoo_lr": zoo_lr, "command": tables["command"], "git_commit": tables["git_commit"],
+            "budget": tables["budget"], "diagnostics": tables["diagnostics"],
+            "compression": {"own_accuracy": comp["own_accuracy"], "summary": {
+                k: {"per_task_accuracy": v["per_task_accuracy"]} for k, v in comp["summary"].items() if k.endswith("/0.05")}}}
+
+
+def lr_table(lr: dict, reference: dict | None) -> str:
+    """One row per fine-tune lr: own accuracy, and % retained at r = 0.05 over the tasks that learned.
+    ``reference``: the quality tables' llm.json (the zoo's own lr), scored over the same tasks."""
+    methods = ("magnitude", "dare", "tswitch", "lowrank", "nps")
+    lines = ["| LLM fine-tune lr | fine-tuned (mean, 6 tasks) | tasks that learned (≥ 50 %) | "
+             + " | ".join(f"{qt_label(m)}" for m in methods) + " | top-5 % energy |",
+             "|---|---:|---|" + "---:|" * (len(methods) + 1)]
+    rows = list(lr["rows"].values())
+    learned = rows[0]["learned_tasks"] if rows else []
+    if reference:
+        comp, own = reference["compression"], reference["compression"]["own_accuracy"]
+        cells = [qt._mean(qt._retained(comp["summary"][f"{m}/0.05"]["per_task_accuracy"][t], own[t]) for t in learned)
+                 for m in methods]
+        energy = reference["diagnostics"]["tau_energy_share_top_0.05_per_tensor"]
+        lines.append(f"| {reference['zoo_lr']:g} (the zoo's; quality tables) | "
+                     f"{100 * qt._mean(own.values()):.1f} | same {len(learned)} | "
+                     + " | ".join(f"{c:.1f} %" for c in cells) + f" | {100 * energy:.1f} % (all 6) |")
+    for row in rows:
+        own = row["own_accuracy"]
+        retained = [row["retained_pct"].get(f"{m}/0.05") for m in methods]
+        lines.append(f"| {row['lr']:g} | {100 * qt._mean(own.values()):.1f} | {', '.join(row['learned_tasks']) or 'none'} | "
+                     + " | ".join("–" if r is None else f"{r:.1f} %" for r in retained)
+                     + f" | {100 * row['energy_top_0.05']:.1f} % |")
+    return "\n".join(lines) + "\n"
 
 
 def llm_tables(search: dict | None, masked: dict | None, tasks: Sequence[str]) -> str:
@@ -337,9 +376,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="*", help="LLM tasks (default: the zoo's)")
     p.add_argument("--search-generations", type=int, default=60)
     p.add_argument("--search-max-weight", type=float, default=8.0)
-    p.add_argument("--masked-densities", type=float, nargs="*", default=[0.05])
-    p.add_argument("--llm-lrs", type=float, nargs="*", default=[3e-4],
+    p.add_argument("--masked-densities", type=float, nargs="*", default=[0.05, 0.1, 0.2])
+    p.add_argument("--llm-lrs", type=float, nargs="*", default=[3e-4, 1e-4],
                    help="LLM fine-tune lrs to re-train the experts at (the zoo's is 1e-3)")
+    p.add_argument("--reference", type=Path, default=Path("results/quality/llm.json"),
+                   help="the quality tables' LLM results (the zoo's own lr), for the lr table")
     p.add_argument("--cache", type=Path, default=Path(".cache/probes"), help="re-trained task vectors")
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
@@ -375,7 +416,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             results["masked"] = {"command": command, "git_commit": commit, "budget": asdict(budget), **masked}
         if args.probe in ("lr", "llm", "all"):
             lr = run_lr(args.zoo, args.llm_lrs, args.out, args.cache, qt._log, tasks)
-            results["lr"] = {"command": command, "git_commit": commit, **lr}
+            reference = args.reference if args.reference and args.reference.is_file() else None
+            results["lr"] = {"command": command, "git_commit": commit, **lr,
+                             "reference": slim_reference(json.loads(reference.read_text()), spec["full"]["lr"])
+                             if reference else None}
     results["wall_seconds_last_run"] = time.perf_counter() - started
     (args.out / "probes.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "probes.md").write_text(markdown(results))
@@ -407,6 +451,12 @@ def markdown(results: dict) -> str:
         own = next(results[k]["own_accuracy"] for k in ("search", "masked") if k in results)
         parts.append("Fine-tuned: " + ", ".join(f"{t} {100 * a:.1f}" for t, a in own.items()) + ".\n")
         parts.append(llm_tables(results.get("search"), results.get("masked"), tasks))
+    if "lr" in results:
+        parts.append("## LLM experts re-fine-tuned at smaller lrs (r = 0.05, % retained over the tasks that "
+                     f"learned)\n\nCommand: `{results['lr']['command']}`, commit {results['lr']['git_commit']}. "
+                     "Same recipe as the zoo's full fine-tunes (examples, order, 400 steps) except the lr; "
+                     "the tables' NPS budget.\n")
+        parts.append(lr_table(results["lr"], results["lr"].get("reference")))
     return "\n".join(parts)
 
 

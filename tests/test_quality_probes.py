@@ -69,8 +69,11 @@ def test_lr_probe_retrains_at_the_given_lr_and_compresses(qp, micro_zoo, tmp_pat
     budget = qp.qt.Budget(calib_n=8, test_n=8, generations=1, population=2, densities=(0.05,))
     out = qp.run_lr(micro_zoo.layout.root, [3e-4], tmp_path, tmp_path / "cache", lambda _: None, ["length"], budget)
     row = out["rows"]["0.0003"]
-    assert set(row["retained_pct"]) == {f"{m}/0.05" for m in qp.qt.COMPRESSORS}
+    learned = row["own_accuracy"]["length"] >= qp.LEARNED  # 40 micro steps at a small lr may not learn it
+    assert row["learned_tasks"] == (["length"] if learned else [])
+    assert set(row["retained_pct"]) == ({f"{m}/0.05" for m in qp.qt.COMPRESSORS} if learned else set())
     assert 0.0 < row["energy_top_0.05"] < 1.0
+    assert "| 0.0003 |" in qp.lr_table(out, None)
     cached = tmp_path / "cache" / "lr0.0003-length.safetensors"
     assert cached.is_file()
     tv = qp.lr_task_vectors(micro_zoo.layout.root, 3e-4, ["length"], tmp_path / "cache", lambda _: None)["length"]
