@@ -244,13 +244,18 @@ def run_lr(zoo: Path, lrs: Sequence[float], out: Path, cache_dir: Path, log, tas
     """Compression at r = 0.05 (the tables' LLM budget) of LLM task vectors fine-tuned at other lrs."""
     rows = {}
     for lr in lrs:
-        suite = qt.llm_suite(zoo, tasks, budget, tvs=lr_task_vectors(zoo, lr, tasks, cache_dir, log))
         cache = qt.CellCache(out / f"cells-llm-lr{lr:g}.jsonl", budget.key())
+        needed = ["energy"] + [f"finetuned/{t}" for t in tasks] + [
+            f"compress/{t}/{m}/{d}" for d in budget.densities for m in qt.COMPRESSORS for t in tasks]
+        if all(key in cache.cells for key in needed):  # everything cached: no re-training, no model
+            suite = qt.Suite("llm", list(tasks), {}, score=None, objective=None)
+        else:
+            suite = qt.llm_suite(zoo, tasks, budget, tvs=lr_task_vectors(zoo, lr, tasks, cache_dir, log))
         with tempfile.TemporaryDirectory(prefix="probes-") as scratch:
             comp = qt.run_compression(suite, budget, cache, Path(scratch), log)
-        top = qt._mean(
+        top = cache.get("energy", lambda: {"top_0.05": qt._mean(
             sum(float(sparsify.magnitude(t, 0.05).double().pow(2).sum()) for t in tv.deltas.values())
-            / sum(float(t.double().pow(2).sum()) for t in tv.deltas.values()) for tv in suite.tvs.values())
+            / sum(float(t.double().pow(2).sum()) for t in tv.deltas.values()) for tv in suite.tvs.values())})["top_0.05"]
         own = comp["own_accuracy"]
         learned = [t for t in tasks if own[t] >= LEARNED]  # a failed fine-tune has nothing to retain
         rows[f"{lr:g}"] = {"lr": lr, "own_accuracy": own, "learned_tasks": learned,

@@ -76,6 +76,9 @@ def test_lr_probe_retrains_at_the_given_lr_and_compresses(qp, micro_zoo, tmp_pat
     assert "| 0.0003 |" in qp.lr_table(out, None)
     cached = tmp_path / "cache" / "lr0.0003-length.safetensors"
     assert cached.is_file()
+    again = qp.run_lr(micro_zoo.layout.root, [3e-4], tmp_path, tmp_path / "missing-cache", lambda _: None, ["length"],
+                      budget)  # every cell cached: nothing is re-trained
+    assert again["rows"] == out["rows"] and not (tmp_path / "missing-cache").exists()
     tv = qp.lr_task_vectors(micro_zoo.layout.root, 3e-4, ["length"], tmp_path / "cache", lambda _: None)["length"]
     zoo = extract_full(micro_zoo.layout.base, micro_zoo.layout.full("length"))
     assert tv.deltas.keys() == zoo.deltas.keys() and tv.base_fingerprint == zoo.base_fingerprint
