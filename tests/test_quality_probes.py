@@ -11,6 +11,11 @@ def qp(bench_module):
     return bench_module("quality_probes")
 
 
+@pytest.fixture(scope="module")
+def qpl(bench_module):
+    return bench_module("quality_probes_llm")
+
+
 def test_width_probe_rebuilds_the_zoo_recipe_and_reports_each_width(qp, tmp_path):
     budget = qp.qt.Budget(calib_n=0, test_n=0, generations=2, population=4, densities=(0.05,),
                           interp_lambdas=(1.0,), merge_lambdas=(1.0,), trim_densities=(0.2,))
@@ -32,12 +37,12 @@ def test_width_probe_rebuilds_the_zoo_recipe_and_reports_each_width(qp, tmp_path
     assert all(torch.equal(tuned_a["rot90"][k], tuned_b["rot90"][k]) for k in tuned_a["rot90"])
 
 
-def test_masked_finetune_moves_only_the_support(qp, micro_zoo):
+def test_masked_finetune_moves_only_the_support(qpl, micro_zoo):
     from experts import sparsify
     from experts.taskvector import extract_full
 
     layout = micro_zoo.layout
-    deltas, loss = qp.masked_finetune(layout.root, "length", 0.05)
+    deltas, loss = qpl.masked_finetune(layout.root, "length", 0.05)
     tau = extract_full(layout.base, layout.full("length")).deltas
     assert loss == loss  # finite training loss
     moved = 0
@@ -48,38 +53,38 @@ def test_masked_finetune_moves_only_the_support(qp, micro_zoo):
     assert 0 < moved <= sum(sparsify.top_count(t.numel(), 0.05) for t in tau.values())
 
 
-def test_search_probe_reports_each_config(qp, micro_zoo, tmp_path):
-    budget = qp.qt.Budget(calib_n=8, test_n=8, generations=2, population=4)
-    cache = qp.qt.CellCache(tmp_path / "cells.jsonl", budget.key())
+def test_search_probe_reports_each_config(qpl, micro_zoo, tmp_path):
+    budget = qpl.qs.Budget(calib_n=8, test_n=8, generations=2, population=4)
+    cache = qpl.qs.CellCache(tmp_path / "cells.jsonl", budget.key())
     configs = [{"generations": 1, "max_weight": 4.0}, {"generations": 2, "max_weight": 2.0}]
-    out = qp.run_search(micro_zoo.layout.root, budget, configs, cache, tmp_path, lambda _: None, ["length"])
+    out = qpl.run_search(micro_zoo.layout.root, budget, configs, cache, tmp_path, lambda _: None, ["length"])
     rows = list(out["rows"].values())
     assert [r["config"] for r in rows] == configs
     for row in rows:
         cell = row["cells"]["length"]
         assert cell["calibration"] >= cell["baseline_calibration"]  # the search starts at magnitude pruning
         assert all(0.0 <= w <= row["config"]["max_weight"] for w in cell["weights"])
-    md = qp.llm_tables(out, None, ["length"])
+    md = qpl.llm_tables(out, None, ["length"])
     assert "weights in [0, 2]" in md and "weights in [0, 4]" in md
 
 
-def test_lr_probe_retrains_at_the_given_lr_and_compresses(qp, micro_zoo, tmp_path):
+def test_lr_probe_retrains_at_the_given_lr_and_compresses(qpl, micro_zoo, tmp_path):
     from experts.taskvector import extract_full
 
-    budget = qp.qt.Budget(calib_n=8, test_n=8, generations=1, population=2, densities=(0.05,))
-    out = qp.run_lr(micro_zoo.layout.root, [3e-4], tmp_path, tmp_path / "cache", lambda _: None, ["length"], budget)
+    budget = qpl.qs.Budget(calib_n=8, test_n=8, generations=1, population=2, densities=(0.05,))
+    out = qpl.run_lr(micro_zoo.layout.root, [3e-4], tmp_path, tmp_path / "cache", lambda _: None, ["length"], budget)
     row = out["rows"]["0.0003"]
-    learned = row["own_accuracy"]["length"] >= qp.LEARNED  # 40 micro steps at a small lr may not learn it
+    learned = row["own_accuracy"]["length"] >= qpl.LEARNED  # 40 micro steps at a small lr may not learn it
     assert row["learned_tasks"] == (["length"] if learned else [])
-    assert set(row["retained_pct"]) == ({f"{m}/0.05" for m in qp.qt.COMPRESSORS} if learned else set())
+    assert set(row["retained_pct"]) == ({f"{m}/0.05" for m in qpl.qt.COMPRESSORS} if learned else set())
     assert 0.0 < row["energy_top_0.05"] < 1.0
-    assert "| 0.0003 |" in qp.lr_table(out, None)
+    assert "| 0.0003 |" in qpl.lr_table(out, None)
     cached = tmp_path / "cache" / "lr0.0003-length.safetensors"
     assert cached.is_file()
-    again = qp.run_lr(micro_zoo.layout.root, [3e-4], tmp_path, tmp_path / "missing-cache", lambda _: None, ["length"],
+    again = qpl.run_lr(micro_zoo.layout.root, [3e-4], tmp_path, tmp_path / "missing-cache", lambda _: None, ["length"],
                       budget)  # every cell cached: nothing is re-trained
     assert again["rows"] == out["rows"] and not (tmp_path / "missing-cache").exists()
-    tv = qp.lr_task_vectors(micro_zoo.layout.root, 3e-4, ["length"], tmp_path / "cache", lambda _: None)["length"]
+    tv = qpl.lr_task_vectors(micro_zoo.layout.root, 3e-4, ["length"], tmp_path / "cache", lambda _: None)["length"]
     zoo = extract_full(micro_zoo.layout.base, micro_zoo.layout.full("length"))
     assert tv.deltas.keys() == zoo.deltas.keys() and tv.base_fingerprint == zoo.base_fingerprint
     assert any(not torch.equal(tv.deltas[k], zoo.deltas[k].float()) for k in tv.deltas)  # a different fine-tune
