@@ -176,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     command = qt.command_line()
-    commit = qt.git_commit(Path(__file__).resolve().parents[1], ("bench/quality_probes.py", "bench/quality_tables.py"))
+    scripts = (*qt.QUALITY_SCRIPTS, "bench/quality_probes.py", "bench/quality_probes_llm.py")
+    commit = qt.git_commit(Path(__file__).resolve().parents[1], scripts)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "probes.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

@@ -262,7 +262,10 @@ def diagnostics(suite: Suite, compression: dict, budget: Budget) -> dict:
 # ------------------------------------------------------------------ driver
 
 
-def git_commit(repo: Path, scripts: Sequence[str] = ("bench/quality_tables.py", "bench/quality_report.py")) -> str:
+QUALITY_SCRIPTS = ("bench/quality_tables.py", "bench/quality_report.py", "bench/quality_suites.py")
+
+
+def git_commit(repo: Path, scripts: Sequence[str] = QUALITY_SCRIPTS) -> str:
     """HEAD, plus ``+uncommitted-bench`` when one of ``scripts`` differs from HEAD."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
