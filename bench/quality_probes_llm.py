@@ -72,18 +72,16 @@ def refinetune(zoo: Path, task: str, *, lr: float | None = None, density: float 
     recipe = spec.full if lr is None else spec.full.model_copy(update={"lr": lr})
     model, tokenizer = load_llama(layout.base), load_tokenizer(layout.base)
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    masks = {}
+    masks = None
     if density is not None:
         tau = extract_full(layout.base, layout.full(task)).deltas
-        for name, param in model.named_parameters():
-            mask = (sparsify.magnitude(tau[name], density) != 0).to(param.dtype)
-            masks[name] = mask
-            param.register_hook(lambda grad, mask=mask: grad * mask)
+        masks = {name: sparsify.magnitude_mask(tau[name], density) for name, _ in model.named_parameters()}
     examples = get_task(task).examples("train", spec.full.train_examples, spec.seed)
-    loss = lm.finetune(model, tokenizer, examples, recipe, artifact_seed(spec.seed, "full", task), f"refinetune/{task}")
+    seed = artifact_seed(spec.seed, "full", task)
+    loss = lm.finetune(model, tokenizer, examples, recipe, seed, f"refinetune/{task}", masks)
     state = model.state_dict()
     deltas = {k: (state[k] - base[k]).float() for k in base}
-    outside = sum(int((deltas[k] * (1 - m)).count_nonzero()) for k, m in masks.items())
+    outside = sum(int(deltas[k][~m].count_nonzero()) for k, m in (masks or {}).items())
     if outside:
         raise AssertionError(f"{outside} entries outside the mask moved")  # AdamW with weight_decay 0
     return deltas, loss

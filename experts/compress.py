@@ -39,6 +39,7 @@ class Compressor:
 
 
 COMPRESSORS: Registry[Compressor] = Registry("compression method")
+Trainer = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]  # masks -> re-trained deltas (sparse_ft)
 
 
 def compressor(name: str, codec: str):
@@ -123,6 +124,23 @@ def _nps(deltas, *, density: float, seed: int, objective: Objective | None, **op
               "baseline_score": result.baseline_score, "history": result.history,
               "evaluations": result.evaluations, "search_seconds": round(result.seconds, 2)}
     return Compressed(pruned, method, result.score)
+
+
+@compressor("sparse_ft", codec="sparse")
+def _sparse_ft(deltas, *, density: float, trainer: Trainer | None = None, **_: Any) -> Compressed:
+    """Keep the top-``density`` support of tau per tensor (as ``magnitude``), then let ``trainer``
+    re-fit the values on it: ``trainer(masks) -> deltas`` (fine-tuning from the base with only the
+    masked entries trainable). Values outside the support are dropped whatever the trainer returns."""
+    if trainer is None:
+        raise ValueError("sparse_ft re-trains the kept entries, so it needs the task's training data "
+                         "(e.g. --task NAME for a zoo task)")
+    masks = {name: sparsify.magnitude_mask(t, density) for name, t in deltas.items()}
+    trained = trainer(masks)
+    wrong = sorted(n for n in masks if n not in trained or tuple(trained[n].shape) != tuple(masks[n].shape))
+    if wrong:
+        raise ValueError(f"the sparse_ft trainer returned no delta of the right shape for {wrong[:3]}")
+    out = {name: trained[name].to(deltas[name].dtype) * mask.to(deltas[name].dtype) for name, mask in masks.items()}
+    return Compressed(out, {"name": "sparse_ft", "density": density})
 
 
 def extract(base_dir: Path, finetuned_dir: Path | None = None, adapter_dir: Path | None = None) -> TaskVector:

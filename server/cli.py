@@ -89,6 +89,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         if not args.task:
             raise SystemExit("error: --method nps needs --task (its calibration objective is that task's accuracy)")
         objective = _zoo_objective(args.base, args.task, args.calib_n)
+    trainer = _zoo_trainer(args) if args.method == "sparse_ft" else None
     tv = extract(args.base, args.finetuned, args.adapter)
     name = args.name or args.out.name
     try:
@@ -96,6 +97,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             tv, args.out, name=name, method=args.method, density=args.density, rank=args.rank, seed=args.seed,
             objective=objective, task=args.task, generations=args.generations, bands=args.bands,
             population=args.population, per_tensor=args.banding == "per-tensor", max_weight=args.max_weight,
+            trainer=trainer,
         )
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
@@ -112,6 +114,23 @@ def _zoo_objective(base: Path, task: str, n: int):
         raise SystemExit(f"error: unknown task {task!r}; known tasks: {sorted(TASKS)}")
     evaluator = TaskEvaluator(load_tokenizer(base), [task], "calib", n)
     return task_vector_objective(load_llama(base), evaluator, task)
+
+
+def _zoo_trainer(args: argparse.Namespace):
+    from experts.zoo.build import masked_trainer
+    from experts.zoo.spec import FinetuneSpec
+    from experts.zoo.tasks import TASKS
+
+    if not args.task:
+        raise SystemExit("error: --method sparse_ft needs --task (it re-trains on that task's train split)")
+    if args.task not in TASKS:
+        raise SystemExit(f"error: unknown task {args.task!r}; known tasks: {sorted(TASKS)}")
+    try:
+        spec = FinetuneSpec(steps=args.train_steps, batch_size=args.train_batch_size, lr=args.train_lr,
+                            train_examples=args.train_examples)
+    except ValueError as err:
+        raise SystemExit(f"error: bad training options: {err}") from None
+    return masked_trainer(args.base, args.task, spec, args.seed)
 
 
 def _print_manifest(manifest, path: Path) -> None:
@@ -261,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--banding", choices=("global", "per-tensor"), default="global",
                       help="rank and prune over all tensors at once or within each tensor (nps)")
     comp.add_argument("--max-weight", type=float, default=4.0, help="upper bound of every band weight (nps)")
+    comp.add_argument("--train-steps", type=int, default=400, help="fine-tune steps (sparse_ft)")
+    comp.add_argument("--train-lr", type=float, default=1e-3, help="fine-tune lr (sparse_ft)")
+    comp.add_argument("--train-batch-size", type=int, default=32, help="fine-tune batch size (sparse_ft)")
+    comp.add_argument("--train-examples", type=int, default=8000, help="train-split examples (sparse_ft)")
     comp.add_argument("--seed", type=int, default=0)
     comp.add_argument("--name", help="expert name (default: the --out directory name)")
     comp.add_argument("--out", type=Path, required=True, help="expert directory to write")

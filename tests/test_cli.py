@@ -112,3 +112,19 @@ def test_merge_writes_a_loadable_checkpoint_equal_to_the_math(micro_zoo, tmp_pat
     res = _cli("merge", "--base", str(layout.base), "--experts", str(experts[0]), "--weights", "1", "2",
                "--out", str(tmp_path / "bad"))
     assert res.returncode != 0 and "--weights" in res.stderr
+
+
+def test_compress_sparse_ft_retrains_the_kept_entries(micro_zoo, tmp_path):
+    base, tuned = str(micro_zoo.layout.base), str(micro_zoo.layout.full("length"))
+    res = _cli("compress", "--base", base, "--finetuned", tuned, "--method", "sparse_ft", "--out", str(tmp_path / "x"))
+    assert res.returncode != 0 and "needs --task" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("compress", "--base", base, "--finetuned", tuned, "--method", "sparse_ft", "--task", "length",
+               "--train-lr", "-1", "--out", str(tmp_path / "x"))
+    assert res.returncode != 0 and "training options" in res.stderr and "Traceback" not in res.stderr
+    out = tmp_path / "length-sft"
+    res = _cli("compress", "--base", base, "--finetuned", tuned, "--method", "sparse_ft", "--task", "length",
+               "--density", "0.05", "--train-steps", "5", "--train-examples", "64", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["codec"] == "sparse" and manifest["method"]["name"] == "sparse_ft"
+    assert 0 < manifest["density"] <= 0.051

@@ -81,3 +81,42 @@ def test_nps_on_a_zoo_task_records_its_search(micro_zoo, tmp_path):
     assert manifest.calibration_score >= m["baseline_score"]
     assert m["evaluations"] == 1 + len(m["history"]) * 4
     assert abs(manifest.density - 0.05) < 0.002
+
+
+def test_sparse_ft_keeps_the_magnitude_support_with_the_trainers_values(tv, tmp_path):
+    from experts.sparsify import magnitude_mask
+
+    seen = {}
+
+    def trainer(masks):
+        seen.update(masks)
+        return {name: torch.full(mask.shape, 0.5) for name, mask in masks.items()}
+
+    manifest = compress_expert(tv, tmp_path / "s", name="s", method="sparse_ft", density=0.05, trainer=trainer,
+                               value_dtype=torch.float32)
+    assert manifest.codec == "sparse" and manifest.method == {"name": "sparse_ft", "density": 0.05}
+    expert = load_expert(tmp_path / "s")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    mask = magnitude_mask(tv.deltas[name], 0.05)
+    assert torch.equal(seen[name], mask)
+    assert torch.equal(expert.decode(name), torch.where(mask, 0.5, 0.0))
+    with pytest.raises(ValueError, match="training data"):
+        compress_expert(tv, tmp_path / "t", name="t", method="sparse_ft", density=0.05)
+    with pytest.raises(ValueError, match="right shape"):
+        compress_expert(tv, tmp_path / "u", name="u", method="sparse_ft", density=0.05,
+                        trainer=lambda masks: {n: torch.zeros(1) for n in masks})
+    assert not (tmp_path / "t").exists() and not (tmp_path / "u").exists()
+
+
+def test_zoo_masked_trainer_moves_only_the_masked_entries(micro_zoo):
+    from experts.zoo.build import masked_trainer
+
+    spec = micro_zoo.spec.full.model_copy(update={"steps": 5})
+    masks = {name: torch.zeros_like(t, dtype=torch.bool) for name, t in
+             extract(micro_zoo.layout.base, finetuned_dir=micro_zoo.layout.full("length")).deltas.items()}
+    name = "model.layers.0.mlp.down_proj.weight"
+    masks[name][:2] = True
+    deltas = masked_trainer(micro_zoo.layout.base, "length", spec)(masks)
+    assert set(deltas) == set(masks)
+    assert deltas[name][:2].abs().sum() > 0 and not deltas[name][2:].any()
+    assert all(not d.any() for n, d in deltas.items() if n != name)

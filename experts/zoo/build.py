@@ -13,7 +13,7 @@ import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from experts.zoo import lm, vision
 from experts.zoo.corpus import pretraining_documents, text_fingerprint
 from experts.zoo.evaluate import TaskEvaluator
 from experts.zoo.matrix import AccuracyMatrix
-from experts.zoo.spec import ZooSpec
+from experts.zoo.spec import FinetuneSpec, ZooSpec
 from experts.zoo.tasks import get_task
 from experts.zoo.tokenizer import build_tokenizer
 
@@ -92,6 +92,22 @@ def load_llama(path: Path) -> LlamaForCausalLM:
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def masked_trainer(base_dir: Path, task: str, spec: FinetuneSpec, seed: int = 0):
+    """Callable ``masks -> deltas``: the base LLM fine-tuned on ``task``'s train split with the
+    zoo's full fine-tune loop, only the masked entries trainable (the ``sparse_ft`` compressor's
+    trainer). With the zoo's spec and seed it repeats the zoo's fine-tune, data order included."""
+
+    def train(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model, tokenizer = load_llama(base_dir), load_tokenizer(base_dir)
+        base = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        examples = get_task(task).examples("train", spec.train_examples, seed)
+        lm.finetune(model, tokenizer, examples, spec, artifact_seed(seed, "full", task), f"sparse_ft/{task}", masks)
+        state = model.state_dict()
+        return {name: (state[name] - base[name]).float() for name in masks}
+
+    return train
 
 
 class ZooBuilder:

@@ -8,7 +8,7 @@ answer tokens (and the closing EOS) only, as instruction tuning does.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -122,8 +122,32 @@ def finetune(
     spec: FinetuneSpec,
     seed: int,
     desc: str,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
-    """Supervised fine-tune (all trainable parameters: full model or LoRA only)."""
+    """Supervised fine-tune (all trainable parameters: full model or LoRA only).
+
+    ``masks`` (parameter name -> 0/1 tensor): only the entries where the mask is
+    1 move. Gradients are multiplied by the mask; with AdamW and no weight decay
+    the other entries keep their values exactly. A trainable parameter without a
+    mask is frozen.
+    """
+    handles = []
+    for name, param in model.named_parameters():
+        if masks is None or not param.requires_grad:
+            continue
+        if name not in masks:
+            param.requires_grad_(False)
+            continue
+        mask = masks[name].to(device=param.device, dtype=param.dtype)
+        handles.append(param.register_hook(lambda grad, mask=mask: grad * mask))
+    try:
+        return _finetune(model, tokenizer, examples, spec, seed, desc)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _finetune(model, tokenizer, examples, spec: FinetuneSpec, seed: int, desc: str) -> float:
     encoded = encode_supervised(tokenizer, examples)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(encoded), generator=gen).tolist()
