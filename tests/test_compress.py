@@ -62,7 +62,7 @@ def test_nps_needs_an_objective_and_unknown_methods_list_the_known(tv, tmp_path)
         compress_expert(tv, tmp_path / "n", name="n", method="nps")
     with pytest.raises(KeyError, match="known"):
         compress_expert(tv, tmp_path / "x", name="x", method="zip")
-    assert set(COMPRESSORS) == {"dense", "magnitude", "ties", "dare", "breadcrumbs", "tswitch", "lowrank", "nps"}
+    assert set(COMPRESSORS) == {"dense", "magnitude", "ties", "dare", "breadcrumbs", "tswitch", "lowrank", "nps", "sparse_ft"}
 
 
 def test_nps_on_a_zoo_task_records_its_search(micro_zoo, tmp_path):
