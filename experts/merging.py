@@ -11,8 +11,8 @@ Register with ``@merge_method("name")``; look up with :func:`get_merge_method`
 (a miss lists the known names). Unknown or invalid options raise ``ValueError``
 naming the option.
 
-:func:`lora_concat` (exact LoRA merge) lives here too but takes factors, not
-deltas, so it is not in the registry.
+:func:`experts.lora_merge.lora_concat` (the exact LoRA merge) takes factors,
+not deltas, so it lives apart and is not in the registry.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from experts.sparsify import breadcrumbs as breadcrumbs_sparsify
 from experts.sparsify import check_density, check_tensor, dare, magnitude
 
 __all__ = [
-    "DEFAULT_DENSITY", "MERGE_METHODS", "MergeMethod", "breadcrumbs", "breadcrumbs_ties", "dare_linear",
-    "dare_ties", "elect_and_merge", "get_merge_method", "lora_concat", "merge_method", "pcb", "pcb_scores",
+    "DEFAULT_DENSITY", "MERGE_METHODS", "check_numbers", "MergeMethod", "breadcrumbs", "breadcrumbs_ties", "dare_linear",
+    "dare_ties", "elect_and_merge", "get_merge_method", "merge_method", "pcb", "pcb_scores",
     "task_arithmetic", "ties",
 ]  # fmt: skip
 
@@ -100,13 +100,13 @@ def _stack(deltas: Sequence[Tensor], weights: Sequence[float]) -> tuple[Tensor, 
         if delta.shape != first.shape or delta.dtype != first.dtype:
             expected = f"{first.dtype} {tuple(first.shape)}"
             raise ValueError(f"deltas[{i}] is {delta.dtype} {tuple(delta.shape)}, expected {expected}")
-    values = _check_numbers(weights, "weights", len(deltas))
+    values = check_numbers(weights, "weights", len(deltas))
     stacked = torch.stack(list(deltas), dim=0)
     w = torch.tensor(values, dtype=first.dtype, device=first.device)
     return stacked, w.reshape((-1,) + (1,) * first.dim())
 
 
-def _check_numbers(values: Sequence[float] | Tensor, name: str, count: int) -> list[float]:
+def check_numbers(values: Sequence[float] | Tensor, name: str, count: int) -> list[float]:
     """One finite real number per input; returned as floats."""
     if isinstance(values, Tensor):
         values = values.tolist()
@@ -381,45 +381,3 @@ def pcb(deltas: Sequence[Tensor], weights: Sequence[float], *, ratio: float = 0.
     merged = (w.reshape(-1, 1).to(work.dtype) * kept * work).sum(dim=0)
     merged = merged / torch.where(total > 0, total, torch.ones_like(total))
     return merged.reshape(stacked.shape[1:]).to(stacked.dtype)
-
-
-# ---------------------------------------------------------------------- LoRA concat
-
-
-def lora_concat(
-    loras: Sequence[tuple[Tensor, Tensor]],
-    weights: Sequence[float],
-    scalings: Sequence[float],
-) -> tuple[Tensor, Tensor]:
-    """Exact weighted LoRA merge: ``sum_i w_i * s_i * B_i @ A_i == B_cat @ A_cat``.
-
-    ``loras[i] = (A_i, B_i)`` with A_i [r_i, in], B_i [out, r_i]; ``scalings``
-    are the adapters' s_i = lora_alpha / r (pass them explicitly: forgetting
-    them is the classic bug). Returns ``(A_cat, B_cat)`` of rank sum r_i: the
-    A's scaled by w_i * s_i stacked along the rank dim, the B's concatenated
-    unscaled (PEFT ``add_weighted_adapter(combination_type="cat")``, whose new
-    adapter has scaling 1).
-    """
-    if not isinstance(loras, Sequence) or not loras:
-        raise ValueError(f"loras must be a non-empty sequence of (A, B) pairs, got {type(loras).__name__}")
-    checked_weights = _check_numbers(weights, "weights", len(loras))
-    checked_scalings = _check_numbers(scalings, "scalings", len(loras))
-    _check_lora_pairs(loras)
-    # (A * w) * s in PEFT's operation order, so the factors match it bit for bit.
-    a_cat = torch.cat([a * w * s for (a, _), w, s in zip(loras, checked_weights, checked_scalings)], dim=0)
-    b_cat = torch.cat([b for _, b in loras], dim=1)
-    return a_cat, b_cat
-
-
-def _check_lora_pairs(loras: Sequence[tuple[Tensor, Tensor]]) -> None:
-    """Every pair is A [r_i, in], B [out, r_i] with one in, out and dtype."""
-    a0, b0 = loras[0]
-    for i, (a, b) in enumerate(loras):
-        check_tensor(a, f"loras[{i}][0] (A)")
-        check_tensor(b, f"loras[{i}][1] (B)")
-        shapes = f"A {tuple(a.shape)}, B {tuple(b.shape)}"
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
-            raise ValueError(f"loras[{i}] must be A [r, in], B [out, r], got {shapes}")
-        if (a.shape[1], b.shape[0], a.dtype, b.dtype) != (a0.shape[1], b0.shape[0], a0.dtype, a0.dtype):
-            expected = f"{a0.dtype} with in={a0.shape[1]}, out={b0.shape[0]}"
-            raise ValueError(f"loras[{i}] is {a.dtype}/{b.dtype} {shapes}; expected {expected}")

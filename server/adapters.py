@@ -1,7 +1,7 @@
 """The LoRA path: a recipe of low-rank experts becomes ONE exact merged PEFT adapter.
 
 sum_i w_i * B_i A_i == B_cat @ A_cat with A_cat = [w_1 A_1; ...; w_n A_n] and
-B_cat = [B_1 ... B_n] (experts.merging.lora_concat), rank sum r_i. Modules an
+B_cat = [B_1 ... B_n] (experts.lora_merge.lora_concat), rank sum r_i. Modules an
 expert does not adapt get zero blocks, so every module has the same rank R and
 the adapter is a plain PEFT LoRA (r = lora_alpha = R, scaling 1) that vLLM
 loads per request. Adapters are written once into a RAM-backed directory
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from experts.atomic import atomic_dir
 from experts.expert import Expert
-from experts.merging import lora_concat
+from experts.lora_merge import lora_concat
 
 LORA_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

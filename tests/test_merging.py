@@ -7,6 +7,7 @@ import torch
 from mergekit.merge_methods import merge_tensors
 
 from experts import merging as mg
+from experts.lora_merge import lora_concat
 from experts.sparsify import magnitude
 from oracles import DTYPES, RTOL, SHAPE, assert_rel, make_tau, peft_mu  # noqa: F401
 
@@ -291,7 +292,7 @@ def make_loras(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lora_concat_is_exact(dtype):
     loras, weights, scalings = make_loras(dtype), [0.7, -0.4], [1.5, 2.0]
-    a_cat, b_cat = mg.lora_concat(loras, weights, scalings)
+    a_cat, b_cat = lora_concat(loras, weights, scalings)
     assert a_cat.shape == (5, 24) and b_cat.shape == (16, 5)
     expected = sum(w * s * (b @ a) for (a, b), w, s in zip(loras, weights, scalings))
     assert_rel(b_cat @ a_cat, expected, dtype)
@@ -314,7 +315,7 @@ def test_lora_concat_matches_peft_add_weighted_adapter_cat():
     layer = model.base_model.model.proj
     names = ("math", "code")
     loras = [(layer.lora_A[n].weight.detach(), layer.lora_B[n].weight.detach()) for n in names]
-    a_cat, b_cat = mg.lora_concat(loras, [0.7, -0.4], [layer.scaling[n] for n in names])
+    a_cat, b_cat = lora_concat(loras, [0.7, -0.4], [layer.scaling[n] for n in names])
     with torch.no_grad():
         theirs = layer.get_delta_weight("mix")
         parts = [layer.get_delta_weight(n) for n in names]
@@ -328,12 +329,12 @@ def test_lora_concat_matches_peft_add_weighted_adapter_cat():
 def test_lora_concat_bad_inputs_name_the_parameter():
     loras = make_loras(torch.float32)
     with pytest.raises(ValueError, match="scalings"):
-        mg.lora_concat(loras, [1.0, 1.0], [1.0])
+        lora_concat(loras, [1.0, 1.0], [1.0])
     with pytest.raises(ValueError, match=r"weights\[0\]"):
-        mg.lora_concat(loras, [float("inf"), 1.0], [1.0, 1.0])
+        lora_concat(loras, [float("inf"), 1.0], [1.0, 1.0])
     with pytest.raises(ValueError, match=r"loras\[1\]"):
-        mg.lora_concat([loras[0], (loras[1][0], loras[1][1][:, :2])], [1.0, 1.0], [1.0, 1.0])
+        lora_concat([loras[0], (loras[1][0], loras[1][1][:, :2])], [1.0, 1.0], [1.0, 1.0])
     with pytest.raises(ValueError, match=r"loras\[1\]"):
-        mg.lora_concat([loras[0], (loras[1][0][:, :5], loras[1][1])], [1.0, 1.0], [1.0, 1.0])
+        lora_concat([loras[0], (loras[1][0][:, :5], loras[1][1])], [1.0, 1.0], [1.0, 1.0])
     with pytest.raises(ValueError, match="loras"):
-        mg.lora_concat([], [], [])
+        lora_concat([], [], [])
