@@ -62,25 +62,17 @@ def refinetune(zoo: Path, task: str, *, lr: float | None = None, density: float 
     at ``lr`` instead of the zoo's when given, and with only the top-``density`` entries of the
     zoo's tau (per tensor, by magnitude) trainable when given. Returns (deltas, final loss)."""
     from experts.taskvector import extract_full
-    from experts.zoo import lm
-    from experts.zoo.build import ZooLayout, artifact_seed, load_llama, load_tokenizer
+    from experts.zoo.build import ZooLayout, refinetune as zoo_refinetune
     from experts.zoo.spec import ZooSpec
-    from experts.zoo.tasks import get_task
 
     layout = ZooLayout(Path(zoo))
     spec = ZooSpec.model_validate(json.loads((layout.root / "spec.json").read_text()))
     recipe = spec.full if lr is None else spec.full.model_copy(update={"lr": lr})
-    model, tokenizer = load_llama(layout.base), load_tokenizer(layout.base)
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     masks = None
     if density is not None:
         tau = extract_full(layout.base, layout.full(task)).deltas
-        masks = {name: sparsify.magnitude_mask(tau[name], density) for name, _ in model.named_parameters()}
-    examples = get_task(task).examples("train", spec.full.train_examples, spec.seed)
-    seed = artifact_seed(spec.seed, "full", task)
-    loss = lm.finetune(model, tokenizer, examples, recipe, seed, f"refinetune/{task}", masks)
-    state = model.state_dict()
-    deltas = {k: (state[k] - base[k]).float() for k in base}
+        masks = {name: sparsify.magnitude_mask(t, density) for name, t in tau.items()}
+    deltas, loss = zoo_refinetune(layout.base, task, recipe, spec.seed, masks)
     outside = sum(int(deltas[k][~m].count_nonzero()) for k, m in (masks or {}).items())
     if outside:
         raise AssertionError(f"{outside} entries outside the mask moved")  # AdamW with weight_decay 0

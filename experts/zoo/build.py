@@ -94,18 +94,26 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
+def refinetune(base_dir: Path, task: str, spec: FinetuneSpec, seed: int = 0,
+               masks: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """The base LLM fine-tuned on ``task``'s train split with the zoo's full fine-tune loop
+    (only the ``masks`` entries trainable when given): (fp32 deltas of every weight, final loss).
+    With the zoo's spec and seed it repeats the zoo's fine-tune, data order included."""
+    model, tokenizer = load_llama(base_dir), load_tokenizer(base_dir)
+    base = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    examples = get_task(task).examples("train", spec.train_examples, seed)
+    loss = lm.finetune(model, tokenizer, examples, spec, artifact_seed(seed, "full", task), f"refinetune/{task}", masks)
+    state = model.state_dict()
+    return {name: (state[name] - base[name]).float() for name in base}, loss
+
+
 def masked_trainer(base_dir: Path, task: str, spec: FinetuneSpec, seed: int = 0):
-    """Callable ``masks -> deltas``: the base LLM fine-tuned on ``task``'s train split with the
-    zoo's full fine-tune loop, only the masked entries trainable (the ``sparse_ft`` compressor's
-    trainer). With the zoo's spec and seed it repeats the zoo's fine-tune, data order included."""
+    """Callable ``masks -> deltas``: :func:`refinetune` with only the masked entries trainable
+    (the ``sparse_ft`` compressor's trainer)."""
 
     def train(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        model, tokenizer = load_llama(base_dir), load_tokenizer(base_dir)
-        base = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        examples = get_task(task).examples("train", spec.train_examples, seed)
-        lm.finetune(model, tokenizer, examples, spec, artifact_seed(seed, "full", task), f"sparse_ft/{task}", masks)
-        state = model.state_dict()
-        return {name: (state[name] - base[name]).float() for name in masks}
+        deltas, _ = refinetune(base_dir, task, spec, seed, masks)
+        return {name: deltas[name] for name in masks}
 
     return train
 
