@@ -1,9 +1,9 @@
 import ast
 import re
 
-from experts.zoo.corpus import DOCTESTS, SKILLS, pretraining_documents, stdlib_text
-from experts.zoo.tasks import TASKS
-from experts.zoo.tokenizer import BOS, EOS
+from zoo.corpus import DOCTESTS, SKILLS, pretraining_documents, stdlib_text
+from zoo.tasks import TASKS
+from zoo.tokenizer import BOS, EOS
 
 
 def test_stdlib_text_is_ascii_and_sized():

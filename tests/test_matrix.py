@@ -1,6 +1,6 @@
 import pytest
 
-from experts.zoo.matrix import AccuracyMatrix
+from zoo.matrix import AccuracyMatrix
 
 
 @pytest.fixture

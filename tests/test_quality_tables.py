@@ -1,4 +1,4 @@
-"""bench/quality_tables.py on the micro zoo's vision suite with tiny budgets (seconds)."""
+"""bench.quality.tables on the micro zoo's vision suite with tiny budgets (seconds)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,29 @@ import json
 import pytest
 import torch
 
+from bench.common import provenance
+from bench.quality import suites as qs
+from bench.quality import tables as qt
+
 TINY = dict(generations=2, population=4, densities=(0.05,), interp_density=0.05, interp_lambdas=(0.5, 1.0),
             merge_lambdas=(0.5, 1.0), trim_densities=(0.2,))
 
 
 @pytest.fixture(scope="module")
-def qt(bench_module):
-    return bench_module("quality_tables")
+def suite(micro_zoo):
+    return qs.vision_suite(micro_zoo.layout.root)
 
 
-@pytest.fixture(scope="module")
-def suite(qt, micro_zoo):
-    return qt.vision_suite(micro_zoo.layout.root)
-
-
-def test_cell_cache_resumes_only_under_the_same_budget(qt, tmp_path):
+def test_cell_cache_resumes_only_under_the_same_budget(tmp_path):
     calls = []
-    cache = qt.CellCache(tmp_path / "c.jsonl", "k1")
+    cache = qs.CellCache(tmp_path / "c.jsonl", "k1")
     assert cache.get("a", lambda: calls.append(1) or {"x": 1})["x"] == 1
-    assert qt.CellCache(tmp_path / "c.jsonl", "k1").get("a", lambda: calls.append(2) or {"x": 2})["x"] == 1
-    assert qt.CellCache(tmp_path / "c.jsonl", "k2").get("a", lambda: calls.append(3) or {"x": 3})["x"] == 3
+    assert qs.CellCache(tmp_path / "c.jsonl", "k1").get("a", lambda: calls.append(2) or {"x": 2})["x"] == 1
+    assert qs.CellCache(tmp_path / "c.jsonl", "k2").get("a", lambda: calls.append(3) or {"x": 3})["x"] == 3
     assert calls == [1, 3]
 
 
-def test_nps_with_unit_weights_is_the_stored_magnitude_expert(qt, suite, tmp_path):
+def test_nps_with_unit_weights_is_the_stored_magnitude_expert(suite, tmp_path):
     tv = next(iter(suite.tvs.values()))
     magnitude, manifest = qt.stored(tv, "magnitude", tmp_path, density=0.05, seed=0)
     nps = qt.nps_from_weights(tv, [1.0] * 8, 0.05, True, tmp_path)
@@ -40,20 +39,22 @@ def test_nps_with_unit_weights_is_the_stored_magnitude_expert(qt, suite, tmp_pat
     assert any(not torch.equal(d, tv.deltas[n]) for n, d in magnitude.items())  # it did prune
 
 
-def test_merged_delta_task_arithmetic_is_the_sum(qt, suite):
+def test_merged_delta_task_arithmetic_is_the_sum(suite):
     taus = [tv.deltas for tv in suite.tvs.values()]
     merged = qt.merged_delta(taus, "task_arithmetic", {}, 0)
     for name, value in merged.items():
         torch.testing.assert_close(value, sum(t[name] for t in taus))
 
 
-def test_run_suite_tiny_writes_tables_and_resumes(qt, suite, tmp_path):
-    budget = qt.Budget(**TINY)
-    results = qt.run_suite(suite, budget, tmp_path, command="pytest", log=lambda _: None, dare_seeds=(0, 1))
+def test_run_suite_tiny_writes_tables_and_resumes(suite, tmp_path):
+    budget = qs.Budget(**TINY)
+    record = provenance(command="pytest")
+    results = qt.run_suite(suite, budget, tmp_path, record, log=lambda _: None, dare_seeds=(0, 1))
     for name in ("vision.json", "vision.md", "vision_compression.png", "vision_interpolation.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "vision.json").read_text())
     assert saved["command"] == "pytest" and saved["budget_key"] == budget.key()
+    assert {k: saved[k] for k in record} == record  # the provenance record, as given
     summary = saved["compression"]["summary"]
     assert set(summary) == {f"{m}/0.05" for m in qt.COMPRESSORS}
     assert summary["tswitch/0.05"]["bits_per_param"] < summary["magnitude/0.05"]["bits_per_param"]
@@ -67,6 +68,6 @@ def test_run_suite_tiny_writes_tables_and_resumes(qt, suite, tmp_path):
     assert spread["seeds"] == [0, 1] and spread["retained_pct"][0] == summary["dare/0.05"]["retained_pct"]
     assert spread["min"] <= spread["max"] and "| DARE, seeds 0, 1: min–max |" in (tmp_path / "vision.md").read_text()
     lines = (tmp_path / "cells-vision.jsonl").read_text().count("\n")
-    again = qt.run_suite(suite, budget, tmp_path, command="pytest", log=lambda _: None, dare_seeds=(0, 1))
+    again = qt.run_suite(suite, budget, tmp_path, record, log=lambda _: None, dare_seeds=(0, 1))
     assert (tmp_path / "cells-vision.jsonl").read_text().count("\n") == lines  # everything came from the cache
     assert again["compression"] == results["compression"] and again["merging"] == results["merging"]

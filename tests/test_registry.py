@@ -4,9 +4,9 @@ from experts.codecs import CODECS
 from experts.compress import COMPRESSORS
 from experts.merging import MERGE_METHODS
 from experts.registry import Registry, UnknownNameError
-from experts.zoo.corpus import DOCTESTS, SKILLS
-from experts.zoo.tasks import TASKS
-from experts.zoo.vision import TRANSFORMS
+from zoo.corpus import DOCTESTS, SKILLS
+from zoo.tasks import TASKS
+from zoo.vision import TRANSFORMS
 
 
 def test_add_lookup_and_miss():

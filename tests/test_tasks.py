@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from experts.zoo.tasks import SPLITS, TASKS, exact_match, get_task
+from zoo.tasks import SPLITS, TASKS, exact_match, get_task
 
 
 def _payload(task, question):

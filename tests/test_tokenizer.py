@@ -1,6 +1,6 @@
 import pytest
 
-from experts.zoo.tokenizer import SPECIAL_TOKENS, build_tokenizer, format_prompt
+from zoo.tokenizer import SPECIAL_TOKENS, build_tokenizer, format_prompt
 
 
 @pytest.fixture(scope="module")

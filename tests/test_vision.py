@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from experts.zoo import vision
-from experts.zoo.spec import VisionSpec
+from zoo import vision
+from zoo.spec import VisionSpec
 
 
 def test_splits_partition_the_data():

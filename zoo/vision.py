@@ -21,8 +21,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from experts.registry import Registry
-from experts.zoo.spec import VisionSpec
-from experts.zoo.tasks import Split
+from zoo.spec import VisionSpec
+from zoo.tasks import Split
 
 IMAGE_SIDE = 8
 N_CLASSES = 10

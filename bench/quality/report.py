@@ -1,6 +1,6 @@
-"""Markdown tables, PNG plots and acceptance checks for bench/quality_tables.py results.
+"""Markdown tables, PNG plots and acceptance checks for bench.quality.tables results.
 
-Pure functions of the results dict that ``quality_tables.run_suite`` builds;
+Pure functions of the results dict that ``bench.quality.tables.run_suite`` builds;
 no model code here.
 """
 

@@ -24,13 +24,13 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from experts.atomic import atomic_dir, write_json_atomic
-from experts.zoo import lm, vision
-from experts.zoo.corpus import pretraining_documents, text_fingerprint
-from experts.zoo.evaluate import TaskEvaluator
-from experts.zoo.matrix import AccuracyMatrix
-from experts.zoo.spec import FinetuneSpec, ZooSpec
-from experts.zoo.tasks import get_task
-from experts.zoo.tokenizer import build_tokenizer
+from zoo import lm, vision
+from zoo.corpus import pretraining_documents, text_fingerprint
+from zoo.evaluate import TaskEvaluator
+from zoo.matrix import AccuracyMatrix
+from zoo.spec import FinetuneSpec, ZooSpec
+from zoo.tasks import get_task
+from zoo.tokenizer import build_tokenizer
 
 ARTIFACT_FILE = "zoo-artifact.json"
 
@@ -154,7 +154,7 @@ class ZooBuilder:
         if recorded != current:
             raise RuntimeError(
                 f"cached base {self.layout.base} was pretrained on corpus {recorded}, the code now makes "
-                f"{current}: bump ZOO_FORMAT_VERSION in experts/zoo/spec.py (or delete the zoo directory)"
+                f"{current}: bump ZOO_FORMAT_VERSION in zoo/spec.py (or delete the zoo directory)"
             )
 
     def build_base(self) -> None:

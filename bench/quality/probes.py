@@ -1,13 +1,13 @@
 """Why NPS at r = 0.05 keeps less than the paper's ~100 % on our suites: three probes.
 
-The quality tables (bench/quality_tables.py) measure NPS at r = 0.05 keeping
+The quality tables (bench.quality.tables) measure NPS at r = 0.05 keeping
 59.8 % (LLM) and 89.8 % (vision) of fine-tuned accuracy, against the paper's
 100.4 % on ViT-B/32. Each probe tests one explanation:
 
 ``width`` (vision suite)
     Over-parameterisation. The digits suite is rebuilt with the zoo's own
-    recipe (experts.zoo.vision, demo VisionSpec, seed 0) at wider bodies, and
-    the whole table protocol of quality_tables.run_suite (compression,
+    recipe (zoo.vision, demo VisionSpec, seed 0) at wider bodies, and
+    the whole table protocol of bench.quality.tables.run_suite (compression,
     interpolation, all-task merging, lambda on calib) runs on each width.
     If retention at r = 0.05 rises with width, the gap is model size.
 ``search`` (LLM)
@@ -25,7 +25,7 @@ The quality tables (bench/quality_tables.py) measure NPS at r = 0.05 keeping
 
 Run (single-threaded; each probe resumes from <out>/cells-*.jsonl):
 
-    TQDM_DISABLE=1 .venv/bin/python bench/quality_probes.py --probe all --zoo .cache/zoo/demo \\
+    TQDM_DISABLE=1 .venv/bin/python -m bench.quality.probes --probe all --zoo .cache/zoo/demo \\
         --out results/quality_probes
 """
 
@@ -34,19 +34,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality_suites as qs  # noqa: E402
-import quality_tables as qt  # noqa: E402
-from quality_probes_llm import llm_tables, lr_table, run_lr, run_masked, run_search, slim_reference  # noqa: E402
+from bench.common import log, provenance, zoo_spec
+from bench.quality import suites as qs
+from bench.quality import tables as qt
+from bench.quality.probes_llm import llm_tables, lr_table, run_lr, run_masked, run_search, slim_reference
+from bench.quality.report import METHOD_LABELS
 
 WIDTHS = (128, 512, 2048)
 FINETUNE_LRS = (1e-3, 3e-4)
@@ -60,9 +60,9 @@ def vision_models(hidden_size: int, seed: int = 0, tasks: Sequence[str] | None =
                   finetune_lr: float | None = None):
     """(base state dict, {task: fine-tuned state dict}, spec) built with the zoo's recipe at
     ``hidden_size`` (and the body fine-tuned at ``finetune_lr`` when given)."""
-    from experts.zoo import vision
-    from experts.zoo.build import artifact_seed
-    from experts.zoo.spec import VisionSpec
+    from zoo import vision
+    from zoo.build import artifact_seed
+    from zoo.spec import VisionSpec
 
     spec = VisionSpec(hidden_size=hidden_size)
     base = vision.train_base(spec, seed)
@@ -80,8 +80,8 @@ def width_budget(generations: int, population: int, densities: Sequence[float]) 
                      densities=tuple(densities))
 
 
-def run_width(configs: Sequence[tuple[int, float | None]], budget: qs.Budget, out: Path, command: str,
-              commit: str, log, tasks: Sequence[str] | None = None) -> dict:
+def run_width(configs: Sequence[tuple[int, float | None]], budget: qs.Budget, out: Path, record: Mapping,
+              log, tasks: Sequence[str] | None = None) -> dict:
     """The whole table protocol on the vision suite rebuilt at each (body width, body fine-tune lr)."""
     rows = {}
     for width, lr in configs:
@@ -94,7 +94,7 @@ def run_width(configs: Sequence[tuple[int, float | None]], budget: qs.Budget, ou
         tag = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]
         suite = qs.vision_suite_from(base, tuned, width, name=f"vision-{label}")
         folder = f"width-{width}" + ("" if lr is None else f"-lr{lr:g}") + f"-{tag}"
-        results = qt.run_suite(suite, budget, out / folder, command, log, commit)
+        results = qt.run_suite(suite, budget, out / folder, record, log)
         rows[label] = {"width": width, "finetune_lr": lr if lr is not None else spec.lr,
                        **width_row(results, suite, train_seconds)}
         log(f"{label}: {json.dumps({k: v for k, v in rows[label].items() if k != 'retained_pct'})}")
@@ -124,7 +124,7 @@ def width_row(results: dict, suite: qs.Suite, train_seconds: float) -> dict:
 def width_table(rows: dict, densities: Sequence[float]) -> str:
     methods = ("magnitude", "dare", "tswitch", "lowrank", "nps")
     head = "| body width | fine-tune lr | τ entries | fine-tuned | base | " + " | ".join(
-        f"{qt_label(m)} r={d}" for d in densities for m in methods) + " | top-5 % energy | NPS merge − TA |"
+        f"{METHOD_LABELS[m]} r={d}" for d in densities for m in methods) + " | top-5 % energy | NPS merge − TA |"
     lines = [head, "|---:|---:|---:|---:|---:|" + "---:|" * (len(methods) * len(densities) + 2)]
     for row in rows.values():
         cells = [f"{row['retained_pct'][f'{m}/{d}']:.1f} ({row['gap_closed_pct'][f'{m}/{d}']:.0f})"
@@ -135,12 +135,6 @@ def width_table(rows: dict, densities: Sequence[float]) -> str:
                      + f" | {100 * row['energy_top_0.05']:.1f} % | "
                      f"{100 * (merge['nps_ta'] - merge['task_arithmetic']):+.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def qt_label(method: str) -> str:
-    import quality_report
-
-    return quality_report.METHOD_LABELS[method]
 
 
 # ------------------------------------------------------------------ driver
@@ -175,9 +169,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = qt.command_line()
-    scripts = (*qt.QUALITY_SCRIPTS, "bench/quality_probes.py", "bench/quality_probes_llm.py")
-    commit = qt.git_commit(Path(__file__).resolve().parents[1], scripts)
+    record = provenance(argv=argv)  # at the start: HEAD may move during a long run
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "probes.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -185,37 +177,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.probe in ("width", "all"):
         budget = width_budget(args.width_generations, args.width_population, args.width_densities)
         configs = [(w, None) for w in args.widths] + [(args.lr_width, lr) for lr in args.finetune_lrs]
-        rows = run_width(configs, budget, args.out, command, commit, qt._log, args.vision_tasks)
-        results["width"] = {"command": command, "git_commit": commit, "budget": asdict(budget), "rows": rows}
+        rows = run_width(configs, budget, args.out, record, log, args.vision_tasks)
+        results["width"] = {**record, "budget": asdict(budget), "rows": rows}
     if args.probe in ("search", "masked", "lr", "llm", "all"):
-        spec = json.loads((args.zoo / "spec.json").read_text())
-        tasks = args.tasks or spec["tasks"]
+        spec = zoo_spec(args.zoo)
+        tasks = args.tasks or list(spec.tasks)
         budget = qs.Budget()  # the quality tables' LLM budget (calib n 64, test n 200, seed 0)
         cache = qs.CellCache(args.out / "cells-llm.jsonl", budget.key())
         if args.probe in ("search", "llm", "all"):
             configs = [{"generations": budget.generations, "max_weight": 4.0},
                        {"generations": args.search_generations, "max_weight": args.search_max_weight}]
             with tempfile.TemporaryDirectory(prefix="probes-") as scratch:
-                search = run_search(args.zoo, budget, configs, cache, Path(scratch), qt._log, tasks)
-            results["search"] = {"command": command, "git_commit": commit, "budget": asdict(budget), **search}
+                search = run_search(args.zoo, budget, configs, cache, Path(scratch), log, tasks)
+            results["search"] = {**record, "budget": asdict(budget), **search}
         if args.probe in ("masked", "llm", "all"):
-            masked = run_masked(args.zoo, budget, args.masked_densities, cache, qt._log, tasks)
-            results["masked"] = {"command": command, "git_commit": commit, "budget": asdict(budget), **masked}
+            masked = run_masked(args.zoo, budget, args.masked_densities, cache, log, tasks)
+            results["masked"] = {**record, "budget": asdict(budget), **masked}
         if args.probe in ("lr", "llm", "all"):
-            lr = run_lr(args.zoo, args.llm_lrs, args.out, args.cache, qt._log, tasks)
+            lr = run_lr(args.zoo, args.llm_lrs, args.out, args.cache, log, tasks)
             reference = args.reference if args.reference and args.reference.is_file() else None
-            results["lr"] = {"command": command, "git_commit": commit, **lr,
-                             "reference": slim_reference(json.loads(reference.read_text()), spec["full"]["lr"])
+            results["lr"] = {**record, **lr,
+                             "reference": slim_reference(json.loads(reference.read_text()), spec.full.lr)
                              if reference else None}
     results["wall_seconds_last_run"] = time.perf_counter() - started
     (args.out / "probes.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "probes.md").write_text(markdown(results))
-    qt._log(f"wrote {args.out / 'probes.md'}")
+    log(f"wrote {args.out / 'probes.md'}")
 
 
 def markdown(results: dict) -> str:
     parts = ["# Quality probes: why NPS at r = 0.05 keeps less than the paper's 100 % here\n",
-             "Generated by `bench/quality_probes.py`; discussion in README.md.\n"]
+             "Generated by `python -m bench.quality.probes`; discussion in README.md.\n"]
     if "width" in results:
         w = results["width"]
         densities = w["budget"]["densities"]

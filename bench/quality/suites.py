@@ -3,7 +3,7 @@
 ``llm_suite`` wraps the zoo's LLM full fine-tunes (exact match, teacher-forced
 answer loss); ``vision_suite``/``vision_suite_from`` the digits MLP bodies with
 their carried task heads. ``CellCache`` is the append-only jsonl that lets
-bench/quality_tables.py and bench/quality_probes.py resume.
+bench.quality.tables and bench.quality.probes resume.
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def _tie_break(accuracy: float, loss: float, n: int) -> float:
 def llm_suite(zoo: Path, tasks: Sequence[str], budget: Budget, tvs: Mapping[str, TaskVector] | None = None) -> Suite:
     """The zoo's full fine-tunes as task vectors (or ``tvs``, e.g. re-trained ones, over the same base)."""
     from experts.taskvector import extract_full
-    from experts.zoo.build import ZooLayout, load_llama, load_tokenizer
-    from experts.zoo.evaluate import TaskEvaluator, swapped_weights
-    from experts.zoo.lm import collate_supervised, encode_supervised
+    from zoo.build import ZooLayout, load_llama, load_tokenizer
+    from zoo.evaluate import TaskEvaluator, swapped_weights
+    from zoo.lm import collate_supervised, encode_supervised
 
     layout = ZooLayout(Path(zoo))
     tokenizer, model = load_tokenizer(layout.base), load_llama(layout.base)
@@ -136,8 +136,8 @@ def llm_suite(zoo: Path, tasks: Sequence[str], budget: Budget, tvs: Mapping[str,
 def vision_suite(zoo: Path, tasks: Sequence[str] | None = None) -> Suite:
     from safetensors.torch import load_file
 
-    from experts.zoo.build import ZooLayout
-    from experts.zoo.spec import ZooSpec
+    from zoo.build import ZooLayout
+    from zoo.spec import ZooSpec
 
     layout = ZooLayout(Path(zoo))
     spec = ZooSpec.model_validate(json.loads((layout.root / "spec.json").read_text())).vision
@@ -151,8 +151,8 @@ def vision_suite_from(base: Mapping[str, Tensor], tuned: Mapping[str, Mapping[st
                       sources: Mapping[str, str] | None = None, name: str = "vision") -> Suite:
     """The vision suite over in-memory digits-MLP state dicts: tau lives in the body; each task's
     head is carried alongside (never merged or compressed) and scores that task."""
-    from experts.zoo import vision
-    from experts.zoo.evaluate import swapped_weights
+    from zoo import vision
+    from zoo.evaluate import swapped_weights
 
     tasks = list(tuned)
     base = dict(base)

@@ -8,7 +8,7 @@ in-distribution prompt looks like). The threshold is their ``quantile``
 confidence on the same held-out prompts where they route correctly.
 Then check that plain prose / code / chat (``OOD_TEXTS``) falls back.
 
-    .venv/bin/python -m router.calibrate --out results/routing/calibration.json
+    .venv/bin/python -m bench.routing.calibrate --out results/routing/calibration.json
 
 prints the numbers stored in router/base.py (DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CONFIDENCE).
 """
@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import provenance
 from router.base import Policy, Router, make_router
-from router.exemplars import SEEN_PHRASINGS, ZOO_TASKS, task_questions, zoo_exemplars
 from router.features import Encoder
 from router.service import RoutingService
+from zoo.exemplars import SEEN_PHRASINGS, ZOO_TASKS, task_questions, zoo_exemplars
 
 # Not zoo tasks: prose, questions, code, chat. Tests use a different list.
 OOD_TEXTS: tuple[str, ...] = (
@@ -106,27 +107,6 @@ def calibrate(encoder: Encoder, tasks: Sequence[str] = ZOO_TASKS, n_per_task: in
     )
 
 
-def run_record(program: str, argv: Sequence[str] | None = None) -> dict[str, str]:
-    """Provenance for a results file: the command, the git commit (``+dirty``) and the date."""
-    import datetime
-    import subprocess
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
-    try:
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        commit = head.stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", ""
-    return {
-        "command": " ".join([program, *args]),
-        "git": commit + ("+dirty" if dirty else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def _ceil_to(value: float, step: float) -> float:
     return round(math.ceil(value / step - 1e-9) * step, 6)
 
@@ -143,8 +123,9 @@ def main(argv: Sequence[str] | None = None) -> Calibration:
     parser.add_argument("--out", type=Path, help="write the calibration as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    record = provenance(argv=argv)
     result = calibrate(SentenceEncoder(), n_per_task=args.n_per_task, quantile=args.quantile, margin=args.margin)
-    text = json.dumps({**run_record("python -m router.calibrate", argv), **asdict(result)}, indent=2)
+    text = json.dumps({**record, **asdict(result)}, indent=2)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

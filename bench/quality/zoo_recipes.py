@@ -1,13 +1,15 @@
 """Sweep zoo training recipes: model shape x fine-tune settings x candidate tasks.
 
-This is how the demo preset (experts/zoo/spec.py) was chosen: for each model
+This is how the demo preset (zoo/spec.py) was chosen: for each model
 shape, pretrain a base, then fine-tune one full and one LoRA expert per task
 and recipe, and record exact-match accuracy on the test split. One worker
 process per model shape; runs on a GPU when there is one (the recipe is then
 confirmed by a real CPU build, whose matrix is what README reports).
 
-    python bench/zoo_recipe_sweep.py --out results/zoo_sweep/round2.jsonl [--device cuda]
-    python bench/zoo_recipe_sweep.py --summarize results/zoo_sweep   # markdown table
+    python -m bench.quality.zoo_recipes --out results/zoo_sweep/round2.jsonl [--device cuda]
+    python -m bench.quality.zoo_recipes --summarize results/zoo_sweep   # markdown table
+
+Every file's base row (one per worker) carries the run's provenance (bench.common.provenance).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from experts.zoo import lm
-from experts.zoo.corpus import pretraining_documents
-from experts.zoo.evaluate import TaskEvaluator
-from experts.zoo.spec import FinetuneSpec, LlamaSpec, LoraSpec, PretrainSpec
-from experts.zoo.tasks import TASKS, get_task
-from experts.zoo.tokenizer import build_tokenizer
+from bench.common import provenance
+from zoo import lm
+from zoo.corpus import pretraining_documents
+from zoo.evaluate import TaskEvaluator
+from zoo.spec import FinetuneSpec, LlamaSpec, LoraSpec, PretrainSpec
+from zoo.tasks import TASKS, get_task
+from zoo.tokenizer import build_tokenizer
 
 # Round 1 (all 9 first candidate tasks; see git history of this file) tried
 # h128-L2-hd64/hd32, h256-L2-hd64, h128-L3-hd32, 3000 pretraining steps and no
@@ -53,8 +56,8 @@ def _pretrain(shape: LlamaSpec, steps: int, doctest_share: float, device: str):
     return tok, model, loss, time.perf_counter() - started
 
 
-def _run_shape(name: str, device: str, out: str, tasks: list[str]) -> None:
-    """Pretrain the shape's base, then sweep ``tasks`` (a worker per shape and task)."""
+def _run_shape(name: str, device: str, out: str, tasks: list[str], record: dict) -> None:
+    """Pretrain the shape's base, then sweep ``tasks`` (a worker per shape and task); ``record``: provenance."""
     from peft import LoraConfig, get_peft_model
 
     torch.set_num_threads(2)
@@ -62,7 +65,7 @@ def _run_shape(name: str, device: str, out: str, tasks: list[str]) -> None:
     tok, base, pt_loss, pt_seconds = _pretrain(shape, pt_steps, doctest_share, device)
     evaluator = TaskEvaluator(tok, tasks, "test", 200)
     rows = [{"shape": name, "kind": "base", "pretrain_loss": pt_loss, "seconds": pt_seconds,
-             "accuracy": evaluator.score(base)}]
+             "accuracy": evaluator.score(base), **record}]
     with open(out, "a") as fh:
         fh.write(json.dumps(rows[0]) + "\n")
     for task in tasks:
@@ -115,8 +118,10 @@ def main() -> None:
     if not args.out:
         parser.error("--out is required unless --summarize is given")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = provenance()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_run_shape, args=(s, args.device, str(args.out.with_suffix(f".{s}.jsonl")), [t]))
+    procs = [ctx.Process(target=_run_shape,
+                         args=(s, args.device, str(args.out.with_suffix(f".{s}.jsonl")), [t], record))
              for s in args.shapes for t in args.tasks]
     for p in procs:
         p.start()

@@ -14,9 +14,9 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from experts.zoo.spec import FinetuneSpec, LlamaSpec, PretrainSpec
-from experts.zoo.tasks import Example
-from experts.zoo.tokenizer import format_prompt
+from zoo.spec import FinetuneSpec, LlamaSpec, PretrainSpec
+from zoo.tasks import Example
+from zoo.tokenizer import format_prompt
 
 IGNORE_INDEX = -100
 

@@ -11,7 +11,7 @@
 4. scaling of knn/gate with 10/100/1000 experts (synthetic exemplar features, real
    encoder for the query).
 
-    .venv/bin/python bench/routing_accuracy.py --out results/routing
+    .venv/bin/python -m bench.routing.accuracy --out results/routing
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,17 +28,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experts.zoo.build import ZooLayout  # noqa: E402
-from experts.zoo.tasks import TASKS  # noqa: E402
+from bench.common import REPO, provenance  # noqa: E402
 from router import Policy, RoutingService, make_router  # noqa: E402
-from router.calibrate import run_record  # noqa: E402
-from router.exemplars import ZOO_TASKS, LabelledPrompt, zoo_exemplars, zoo_prompts  # noqa: E402
 from router.features import SentenceEncoder  # noqa: E402
 from router.uncertainty import hf_nll_scorer  # noqa: E402
+from zoo.build import ZooLayout  # noqa: E402
+from zoo.exemplars import ZOO_TASKS, LabelledPrompt, zoo_exemplars, zoo_prompts  # noqa: E402
+from zoo.tasks import TASKS  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 NO_FALLBACK = Policy(min_confidence=0.0, max_distance=None)
 
 
@@ -211,7 +207,7 @@ def latency(encoders: dict[str, SentenceEncoder], n_prompts: int, scales: tuple[
 
 def markdown(record: dict) -> str:
     lines = ["# Routing accuracy and latency", "", f"- command: `{record['command']}`",
-             f"- git: `{record['git']}`", f"- date: {record['date']}", f"- machine: {record['machine']}", "",
+             f"- git: `{record['git_commit']}`", f"- date: {record['date']}", f"- machine: {record['machine']}", "",
              "## knn / gate on held-out zoo test prompts (default calibrated policy)", "",
              "| router | tasks | unseen phrasings | accuracy | seen | unseen | argmax acc | fallback | fit s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -258,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scales", default="10,100,1000")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    record = {**run_record("python bench/routing_accuracy.py", argv),
+    record = {**provenance(argv=argv),
               "machine": f"{os.cpu_count()} CPU cores (shared), 1 thread, torch {torch.__version__}"}
     with threadpool_limits(1):
         encoder = SentenceEncoder()

@@ -16,16 +16,13 @@ For each suite (LLM demo zoo full fine-tunes; digits-MLP vision suite):
 Finished cells are appended to ``<out>/cells-<suite>.jsonl`` (keyed by a hash
 of the budget), so a rerun resumes. Run single-threaded:
 
-    TQDM_DISABLE=1 .venv/bin/python bench/quality_tables.py --suite llm --zoo .cache/zoo/demo --out results/quality
+    TQDM_DISABLE=1 .venv/bin/python -m bench.quality.tables --suite llm --zoo .cache/zoo/demo --out results/quality
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -35,13 +32,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bench import common
+from bench.common import provenance, zoo_spec
+from bench.quality import report
+from bench.quality.suites import DENSITIES, Budget, CellCache, Suite, llm_suite, vision_suite
 from experts import sparsify
+from experts.compress import COMPRESSORS as COMPRESSOR_REGISTRY
 from experts.compress import compress_expert
 from experts.expert import load_expert, save_expert
 from experts.merging import get_merge_method
 from experts.nps import band_ids, nps_prune
 from experts.taskvector import TaskVector
-from quality_suites import DENSITIES, Budget, CellCache, Suite, llm_suite, vision_suite
 
 COMPRESSORS = ("magnitude", "dare", "tswitch", "lowrank", "nps")
 VALUE_BITS = 16  # fp16 values/factors, as stored by compress_expert's default value_dtype
@@ -63,10 +64,18 @@ def _decoded(directory: Path) -> dict[str, Tensor]:
     return dict(load_expert(directory).iter_deltas(torch.float32))
 
 
-def stored(tv: TaskVector, method: str, workdir: Path, **options) -> tuple[dict[str, Tensor], dict]:
-    """Compress with the registered compressor, publish, read back: (decoded deltas, manifest)."""
+def stored(tv: TaskVector, method: str, workdir: Path, objective=None, **candidates) -> tuple[dict[str, Tensor], dict]:
+    """Compress with the registered compressor, publish, read back: (decoded deltas, manifest).
+
+    ``candidates`` may hold options of several methods (a table row passes the same ones to
+    all); only those ``method`` takes are passed on. ``per_tensor`` is NPS's ``banding``."""
+    if "per_tensor" in candidates:
+        candidates["banding"] = "per-tensor" if candidates.pop("per_tensor") else "global"
+    valid = COMPRESSOR_REGISTRY.options_model(method).model_fields
+    options = {k: v for k, v in candidates.items() if k in valid}
     out = Path(tempfile.mkdtemp(dir=workdir))
-    manifest = compress_expert(tv, out / "e", name="e", method=method, **options)
+    manifest = compress_expert(tv, out / "e", name="e", method=method, options=options, objective=objective,
+                               progress=False)
     return _decoded(out / "e"), manifest.model_dump(mode="json")
 
 
@@ -90,7 +99,7 @@ def compression_cell(suite: Suite, task: str, method: str, density: float, budge
         options.update(objective=suite.objective(task), generations=budget.generations,
                        population=budget.population, bands=budget.bands, per_tensor=budget.per_tensor)
     deltas, manifest = stored(tv, method, workdir, **options)
-    keep = ("weights", "baseline_score", "history", "evaluations", "search_seconds", "per_tensor")
+    keep = ("weights", "baseline_score", "history", "evaluations", "search_seconds", "banding")
     return {
         "accuracy": suite.score(deltas, [task], "test")[task],
         "bits_per_param": 8 * manifest["bytes"] / tv.num_params(),  # over every tau entry (lowrank drops 1-D)
@@ -262,26 +271,10 @@ def diagnostics(suite: Suite, compression: dict, budget: Budget) -> dict:
 # ------------------------------------------------------------------ driver
 
 
-QUALITY_SCRIPTS = ("bench/quality_tables.py", "bench/quality_report.py", "bench/quality_suites.py")
-
-
-def git_commit(repo: Path, scripts: Sequence[str] = QUALITY_SCRIPTS) -> str:
-    """HEAD, plus ``+uncommitted-bench`` when one of ``scripts`` differs from HEAD."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        changed = git("status", "--porcelain", "--", *scripts)
-        return git("rev-parse", "HEAD") + ("+uncommitted-bench" if changed else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def run_suite(suite: Suite, budget: Budget, out: Path, command: str, log=print, commit: str = "",
+def run_suite(suite: Suite, budget: Budget, out: Path, record: Mapping | None = None, log=print,
               dare_seeds: Sequence[int] = ()) -> dict:
-    """Every table of one suite; writes <suite>.json, <suite>.md and the PNGs under ``out``."""
-    import quality_report
-
+    """Every table of one suite; writes <suite>.json, <suite>.md and the PNGs under ``out``.
+    ``record``: the run's provenance (default: ``provenance()`` now)."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     cache = CellCache(out / f"cells-{suite.name}.jsonl", budget.key())
@@ -295,8 +288,7 @@ def run_suite(suite: Suite, budget: Budget, out: Path, command: str, log=print, 
         merging = run_merging(suite, budget, cache, experts, log)
     base_test = cache.get("base/test", lambda: {"accuracy": suite.score({}, suite.tasks, "test")})["accuracy"]
     results = {
-        "suite": suite.name, "tasks": suite.tasks, "command": command,
-        "git_commit": commit or git_commit(Path(__file__).resolve().parents[1]),
+        "suite": suite.name, "tasks": suite.tasks, **(record or provenance()),
         "budget": asdict(budget), "budget_key": budget.key(), "calib_examples": suite.calib_sizes,
         "wall_seconds": time.perf_counter() - started,
         "cell_seconds": sum(v.get("seconds", 0.0) for v in cache.cells.values()),
@@ -304,10 +296,10 @@ def run_suite(suite: Suite, budget: Budget, out: Path, command: str, log=print, 
         "compression": compression, "interpolation": interpolation, "merging": merging, "base_test": base_test,
     }
     results["diagnostics"] = diagnostics(suite, compression, budget)
-    results["acceptance"] = quality_report.acceptance(results)
+    results["acceptance"] = report.acceptance(results)
     (out / f"{suite.name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / f"{suite.name}.md").write_text(quality_report.markdown(results))
-    quality_report.plot(results, out)
+    (out / f"{suite.name}.md").write_text(report.markdown(results))
+    report.plot(results, out)
     log(f"{suite.name}: acceptance {json.dumps(results['acceptance'])}")
     return results
 
@@ -334,35 +326,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = command_line()
-    commit = git_commit(Path(__file__).resolve().parents[1])  # at start: HEAD may move during a long run
-    spec = json.loads((args.zoo / "spec.json").read_text())
+    record = provenance(argv=argv)  # at the start: HEAD may move during a long run
     densities = tuple(args.densities)
     if args.suite in ("llm", "all"):
         budget = Budget(calib_n=args.calib_n, test_n=args.test_n, generations=args.generations,
                         population=args.population, densities=densities)
-        run_suite(llm_suite(args.zoo, args.tasks or spec["tasks"], budget), budget, args.out, command, _log, commit,
-                  args.dare_seeds)
+        suite = llm_suite(args.zoo, args.tasks or list(zoo_spec(args.zoo).tasks), budget)
+        run_suite(suite, budget, args.out, record, common.log, args.dare_seeds)
     if args.suite in ("vision", "all"):
         budget = Budget(calib_n=0, test_n=0, generations=args.vision_generations,
                         population=args.vision_population, densities=densities)
-        run_suite(vision_suite(args.zoo), budget, args.out, command, _log, commit, args.dare_seeds)
-
-
-def command_line() -> str:
-    """This process's command line, paths relative to the working directory (for results files)."""
-    return f"{shlex.quote(_relative(sys.executable))} {shlex.join([_relative(sys.argv[0]), *sys.argv[1:]])}"
-
-
-def _relative(path: str) -> str:
-    try:
-        return str(Path(path).absolute().relative_to(Path.cwd()))
-    except ValueError:
-        return path
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+        run_suite(vision_suite(args.zoo), budget, args.out, record, common.log, args.dare_seeds)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from experts.registry import Registry
-from experts.zoo.tokenizer import BOS, EOS, format_prompt
+from zoo.tokenizer import BOS, EOS, format_prompt
 
 Draw = Callable[[random.Random], tuple[str, str]]
 SKILLS: Registry[Draw] = Registry("skill")

@@ -1,4 +1,4 @@
-"""The LLM probes of bench/quality_probes.py: search budget, masked re-training, smaller lrs.
+"""The LLM probes of bench.quality.probes: search budget, masked re-training, smaller lrs.
 
 ``refinetune`` repeats the zoo's full fine-tune of one task from the base (same
 examples, order and steps), at another lr and/or with only a top-r magnitude
@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import quality_suites as qs
-import quality_tables as qt
-from quality_report import METHOD_LABELS
-
+from bench.quality import suites as qs
+from bench.quality import tables as qt
+from bench.quality.report import METHOD_LABELS
 from experts import sparsify
 
 LEARNED = 0.5  # own test accuracy below which a re-trained LLM expert counts as not learned
@@ -62,8 +61,8 @@ def refinetune(zoo: Path, task: str, *, lr: float | None = None, density: float 
     at ``lr`` instead of the zoo's when given, and with only the top-``density`` entries of the
     zoo's tau (per tensor, by magnitude) trainable when given. Returns (deltas, final loss)."""
     from experts.taskvector import extract_full
-    from experts.zoo.build import ZooLayout, refinetune as zoo_refinetune
-    from experts.zoo.spec import ZooSpec
+    from zoo.build import ZooLayout, refinetune as zoo_refinetune
+    from zoo.spec import ZooSpec
 
     layout = ZooLayout(Path(zoo))
     spec = ZooSpec.model_validate(json.loads((layout.root / "spec.json").read_text()))
@@ -90,7 +89,7 @@ def lr_task_vectors(zoo: Path, lr: float, tasks: Sequence[str], cache_dir: Path,
 
     from experts.atomic import write_bytes_atomic
     from experts.taskvector import TaskVector, extract_full
-    from experts.zoo.build import ZooLayout
+    from zoo.build import ZooLayout
 
     layout = ZooLayout(Path(zoo))
     tvs = {}

@@ -1,0 +1,1 @@
+"""Serving: tokens/s and latency of traffic mixes through one server (``traffic``)."""
