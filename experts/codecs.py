@@ -15,6 +15,7 @@ Every codec has the same shape and is registered once with ``@codec(name)``:
   parts' shapes and dtypes alone (no data read), empty when consistent.
 - ``kept_count(parts) -> int | None``: entries kept by the mask (None when the
   codec has no mask: ``dense``, ``lowrank``).
+- ``rank(parts) -> int | None``: the factor rank (``lowrank``), else None.
 
 Bitmasks use ``numpy.packbits`` semantics: 1 bit per entry, row-major, the
 first entry in the most significant bit, zero padding to a whole byte.
@@ -29,14 +30,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from experts.bitpack import (CHUNK_ENTRIES, VALUE_DTYPES, PartMeta, Parts, add_at_indices, add_flat_chunks,
+                             check_input, check_value_dtype, compute_dtype, flat_target, mask_problems,
+                             meta_problems, pack_bits, parts_nbytes, require_parts, unpack_bits)
 from experts.registry import Registry
+from experts.sparsify import lowrank as svd_factors
 
-Parts = Mapping[str, Tensor]
-PartMeta = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-VALUE_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
-# Rows (or flat entries) handled per step when a whole dense tensor is added in.
-_CHUNK_ENTRIES = 1 << 20
-_BIT_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
 
 
 class Codec(Protocol):
@@ -49,6 +48,7 @@ class Codec(Protocol):
     def nbytes(self, parts: Parts) -> int: ...
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]: ...
     def kept_count(self, parts: Parts) -> int | None: ...
+    def rank(self, parts: Parts) -> int | None: ...
 
 
 CODECS: Registry[Codec] = Registry("codec")
@@ -58,8 +58,6 @@ def codec(name: str) -> Callable[[type], type]:
     """Register a codec class under ``name`` (one instance is kept)."""
 
     def register(cls: type) -> type:
-        if name in CODECS:
-            raise ValueError(f"codec {name!r} is already registered")
         cls.name = name
         CODECS.add(name, cls())
         return cls
@@ -69,98 +67,6 @@ def codec(name: str) -> Callable[[type], type]:
 
 def get_codec(name: str) -> Codec:
     return CODECS[name]
-
-
-# --------------------------------------------------------------------------- bits
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """Bool tensor -> uint8 tensor of ceil(numel/8) bytes (numpy.packbits order)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) << _BIT_SHIFTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, count: int, *, part: str = "mask") -> Tensor:
-    """uint8 tensor -> bool tensor of ``count`` entries; padding bits must be zero."""
-    if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise ValueError(f"part {part!r} must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    if packed.numel() != math.ceil(count / 8):
-        raise ValueError(f"part {part!r} holds {packed.numel() * 8} bits for {count} entries")
-    bits = ((packed.unsqueeze(1) >> _BIT_SHIFTS.to(packed.device)) & 1).reshape(-1).bool()
-    if bits[count:].any():
-        raise ValueError(f"part {part!r} has non-zero padding bits after entry {count}")
-    return bits[:count]
-
-
-# ------------------------------------------------------------------- helpers
-
-
-def parts_nbytes(parts: Parts) -> int:
-    return sum(t.numel() * t.element_size() for t in parts.values())
-
-
-def _check_value_dtype(value_dtype: torch.dtype) -> None:
-    if value_dtype not in VALUE_DTYPES:
-        raise ValueError(f"value_dtype must be one of {VALUE_DTYPES}, got {value_dtype}")
-
-
-def _check_input(tensor: Tensor, codec_name: str) -> None:
-    if not tensor.is_floating_point():
-        raise ValueError(f"{codec_name} codec needs a floating tensor, got {tensor.dtype}")
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{codec_name} codec got a tensor with NaN or Inf entries")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _flat_target(target: Tensor) -> Tensor:
-    if not target.is_floating_point():
-        raise ValueError(f"target must be a floating tensor, got {target.dtype}")
-    if not target.is_contiguous():
-        raise ValueError("target must be contiguous to be updated in place")
-    return target.view(-1)
-
-
-def _require_parts(parts: Parts, names: tuple[str, ...], codec_name: str) -> None:
-    missing = [n for n in names if n not in parts]
-    extra = sorted(set(parts) - set(names))
-    if missing or extra:
-        raise ValueError(f"{codec_name} codec expects parts {list(names)}; missing {missing}, unexpected {extra}")
-
-
-def _meta_problems(part_meta: PartMeta, names: tuple[str, ...]) -> list[str]:
-    problems = [f"missing part {n!r}" for n in names if n not in part_meta]
-    problems += [f"unexpected part {n!r}" for n in sorted(set(part_meta) - set(names))]
-    return problems
-
-
-def _mask_problems(part_meta: PartMeta, numel: int) -> list[str]:
-    mask_shape, mask_dtype = part_meta["mask"]
-    if mask_dtype != torch.uint8 or mask_shape != (math.ceil(numel / 8),):
-        return [f"part 'mask' is {mask_dtype} {list(mask_shape)}, expected uint8 [{math.ceil(numel / 8)}] "
-                f"for {numel} entries"]
-    return []
-
-
-def _add_at_indices(flat: Tensor, index: Tensor, delta: Tensor) -> None:
-    """``flat[index] += delta`` in the compute dtype, rounded once into ``flat``."""
-    compute = _compute_dtype(flat.dtype)
-    updated = flat.index_select(0, index).to(compute) + delta.to(compute)
-    flat.index_copy_(0, index, updated.to(flat.dtype))
-
-
-def _add_flat_chunks(flat: Tensor, values: Tensor, weight: float) -> None:
-    """``flat += weight * values`` in chunks, so no target-sized temporary exists."""
-    compute = _compute_dtype(flat.dtype)
-    for start in range(0, flat.numel(), _CHUNK_ENTRIES):
-        seg = flat[start:start + _CHUNK_ENTRIES]
-        src = values[start:start + _CHUNK_ENTRIES].to(compute)
-        seg.copy_(seg.to(compute) + weight * src)
 
 
 # ------------------------------------------------------------------- codecs
@@ -173,13 +79,13 @@ class SparseCodec:
     part_names = ("mask", "values")
 
     def encode(self, tensor: Tensor, *, value_dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
-        _check_value_dtype(value_dtype)
-        _check_input(tensor, "sparse")
+        check_value_dtype(value_dtype)
+        check_input(tensor, "sparse")
         mask = tensor.reshape(-1) != 0
         return {"mask": pack_bits(mask), "values": tensor.reshape(-1)[mask].to(value_dtype).contiguous()}
 
     def _mask(self, parts: Parts, numel: int) -> Tensor:
-        _require_parts(parts, self.part_names, "sparse")
+        require_parts(parts, self.part_names, "sparse")
         mask = unpack_bits(parts["mask"], numel)
         kept = int(torch.count_nonzero(mask))
         if not parts["values"].is_floating_point():
@@ -196,24 +102,24 @@ class SparseCodec:
 
     @torch.no_grad()
     def add_into(self, target: Tensor, parts: Parts, weight: float) -> None:
-        flat = _flat_target(target)
-        _require_parts(parts, self.part_names, "sparse")
+        flat = flat_target(target)
+        require_parts(parts, self.part_names, "sparse")
         values = parts["values"]
         # One pass over the mask (nonzero) instead of _mask's extra count: this is the dense path's hot loop.
         index = unpack_bits(parts["mask"], flat.numel()).nonzero().squeeze(1)
         if not values.is_floating_point() or values.dim() != 1 or values.numel() != index.numel():
             raise ValueError(f"part 'values' is {values.dtype} {list(values.shape)} but the mask keeps "
                              f"{index.numel()} entries")
-        _add_at_indices(flat, index, values.to(_compute_dtype(flat.dtype)) * weight)
+        add_at_indices(flat, index, values.to(compute_dtype(flat.dtype)) * weight)
 
     def nbytes(self, parts: Parts) -> int:
         return parts_nbytes(parts)
 
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]:
-        problems = _meta_problems(part_meta, self.part_names)
+        problems = meta_problems(part_meta, self.part_names)
         if problems:
             return problems
-        problems = _mask_problems(part_meta, math.prod(shape))
+        problems = mask_problems(part_meta, math.prod(shape))
         values_shape, values_dtype = part_meta["values"]
         if len(values_shape) != 1 or values_dtype not in VALUE_DTYPES:
             problems.append(f"part 'values' is {values_dtype} {list(values_shape)}, expected 1-D of {VALUE_DTYPES}")
@@ -223,6 +129,9 @@ class SparseCodec:
 
     def kept_count(self, parts: Parts) -> int | None:
         return parts["values"].numel()
+
+    def rank(self, parts: Parts) -> int | None:
+        return None
 
 
 @codec("ternary")
@@ -237,8 +146,8 @@ class TernaryCodec:
     part_names = ("mask", "sign", "scale")
 
     def encode(self, tensor: Tensor, *, value_dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
-        _check_value_dtype(value_dtype)
-        _check_input(tensor, "ternary")
+        check_value_dtype(value_dtype)
+        check_input(tensor, "ternary")
         flat = tensor.reshape(-1)
         mask = flat != 0
         kept = flat[mask]
@@ -252,7 +161,7 @@ class TernaryCodec:
         return {"mask": pack_bits(mask), "sign": pack_bits(kept < 0), "scale": scale.reshape(1)}
 
     def _mask_and_signs(self, parts: Parts, numel: int) -> tuple[Tensor, Tensor, float]:
-        _require_parts(parts, self.part_names, "ternary")
+        require_parts(parts, self.part_names, "ternary")
         mask = unpack_bits(parts["mask"], numel)
         negative = unpack_bits(parts["sign"], int(torch.count_nonzero(mask)), part="sign")
         scale = parts["scale"]
@@ -273,20 +182,20 @@ class TernaryCodec:
 
     @torch.no_grad()
     def add_into(self, target: Tensor, parts: Parts, weight: float) -> None:
-        flat = _flat_target(target)
+        flat = flat_target(target)
         mask, negative, scale = self._mask_and_signs(parts, flat.numel())
-        values = self._kept_values(negative, scale, _compute_dtype(flat.dtype))
-        _add_at_indices(flat, mask.nonzero().squeeze(1), weight * values)
+        values = self._kept_values(negative, scale, compute_dtype(flat.dtype))
+        add_at_indices(flat, mask.nonzero().squeeze(1), weight * values)
 
     def nbytes(self, parts: Parts) -> int:
         return parts_nbytes(parts)
 
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]:
-        problems = _meta_problems(part_meta, self.part_names)
+        problems = meta_problems(part_meta, self.part_names)
         if problems:
             return problems
         numel = math.prod(shape)
-        problems = _mask_problems(part_meta, numel)
+        problems = mask_problems(part_meta, numel)
         sign_shape, sign_dtype = part_meta["sign"]
         if sign_dtype != torch.uint8 or len(sign_shape) != 1 or sign_shape[0] > math.ceil(numel / 8):
             problems.append(f"part 'sign' is {sign_dtype} {list(sign_shape)}, expected 1-D uint8 of at most "
@@ -298,6 +207,9 @@ class TernaryCodec:
 
     def kept_count(self, parts: Parts) -> int | None:
         return int(torch.count_nonzero(unpack_bits(parts["mask"], parts["mask"].numel() * 8)))
+
+    def rank(self, parts: Parts) -> int | None:
+        return None
 
 
 @codec("lowrank")
@@ -313,9 +225,9 @@ class LowRankCodec:
     part_names = ("A", "B")
 
     def encode_factors(self, A: Tensor, B: Tensor, *, value_dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
-        _check_value_dtype(value_dtype)
-        _check_input(A, "lowrank")
-        _check_input(B, "lowrank")
+        check_value_dtype(value_dtype)
+        check_input(A, "lowrank")
+        check_input(B, "lowrank")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[0] < 1:
             raise ValueError(f"lowrank factors must be A [r, in], B [out, r] with r >= 1; "
                              f"got A {list(A.shape)}, B {list(B.shape)}")
@@ -326,31 +238,34 @@ class LowRankCodec:
         if rank is None:
             raise ValueError("lowrank codec cannot store a dense tensor as is: pass rank=<int> for a truncated "
                              "SVD, or use encode_factors(A, B) with the factors of a low-rank compressor/LoRA")
-        _check_input(tensor, "lowrank")
+        check_input(tensor, "lowrank")
         if tensor.dim() != 2 or not 1 <= rank <= min(tensor.shape):
             raise ValueError(f"rank must be in [1, {min(tensor.shape) if tensor.dim() == 2 else '?'}] "
                              f"for a 2-D tensor; got rank={rank} for shape {list(tensor.shape)}")
-        U, S, Vh = torch.linalg.svd(tensor.to(_compute_dtype(tensor.dtype)), full_matrices=False)
-        root = S[:rank].sqrt()
-        return self.encode_factors(root[:, None] * Vh[:rank], U[:, :rank] * root, value_dtype=value_dtype)
+        A, B = svd_factors(tensor.to(compute_dtype(tensor.dtype)), rank=rank)
+        return self.encode_factors(A, B, value_dtype=value_dtype)
 
     def _factors(self, parts: Parts, shape: Sequence[int], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        _require_parts(parts, self.part_names, "lowrank")
+        require_parts(parts, self.part_names, "lowrank")
         problems = self.check_parts({k: (tuple(v.shape), v.dtype) for k, v in parts.items()}, shape)
         if problems:
             raise ValueError("; ".join(problems))
         return parts["A"].to(dtype), parts["B"].to(dtype)
 
+    def factors(self, parts: Parts, shape: Sequence[int], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(A [r, in], B [out, r])`` in ``dtype``, checked against the parameter's ``shape``."""
+        return self._factors(parts, shape, dtype)
+
     def decode(self, parts: Parts, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-        A, B = self._factors(parts, shape, _compute_dtype(dtype))
+        A, B = self._factors(parts, shape, compute_dtype(dtype))
         return (B @ A).to(dtype)
 
     @torch.no_grad()
     def add_into(self, target: Tensor, parts: Parts, weight: float) -> None:
-        _flat_target(target)
-        compute = _compute_dtype(target.dtype)
+        flat_target(target)
+        compute = compute_dtype(target.dtype)
         A, B = self._factors(parts, tuple(target.shape), compute)
-        rows_per_chunk = max(1, _CHUNK_ENTRIES // max(1, target.shape[1]))
+        rows_per_chunk = max(1, CHUNK_ENTRIES // max(1, target.shape[1]))
         for start in range(0, target.shape[0], rows_per_chunk):
             block = target[start:start + rows_per_chunk]
             block.copy_(block.to(compute) + weight * (B[start:start + rows_per_chunk] @ A))
@@ -359,7 +274,7 @@ class LowRankCodec:
         return parts_nbytes(parts)
 
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]:
-        problems = _meta_problems(part_meta, self.part_names)
+        problems = meta_problems(part_meta, self.part_names)
         if problems:
             return problems
         (a_shape, a_dtype), (b_shape, b_dtype) = part_meta["A"], part_meta["B"]
@@ -375,6 +290,9 @@ class LowRankCodec:
     def kept_count(self, parts: Parts) -> int | None:
         return None
 
+    def rank(self, parts: Parts) -> int | None:
+        return int(parts["A"].shape[0])
+
 
 @codec("dense")
 class DenseCodec:
@@ -383,12 +301,12 @@ class DenseCodec:
     part_names = ("values",)
 
     def encode(self, tensor: Tensor, *, value_dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
-        _check_value_dtype(value_dtype)
-        _check_input(tensor, "dense")
+        check_value_dtype(value_dtype)
+        check_input(tensor, "dense")
         return {"values": tensor.to(value_dtype).contiguous()}
 
     def _values(self, parts: Parts, shape: Sequence[int]) -> Tensor:
-        _require_parts(parts, self.part_names, "dense")
+        require_parts(parts, self.part_names, "dense")
         values = parts["values"]
         if tuple(values.shape) != tuple(shape):
             raise ValueError(f"part 'values' has shape {list(values.shape)}, expected {list(shape)}")
@@ -399,14 +317,14 @@ class DenseCodec:
 
     @torch.no_grad()
     def add_into(self, target: Tensor, parts: Parts, weight: float) -> None:
-        flat = _flat_target(target)
-        _add_flat_chunks(flat, self._values(parts, tuple(target.shape)).reshape(-1), weight)
+        flat = flat_target(target)
+        add_flat_chunks(flat, self._values(parts, tuple(target.shape)).reshape(-1), weight)
 
     def nbytes(self, parts: Parts) -> int:
         return parts_nbytes(parts)
 
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]:
-        problems = _meta_problems(part_meta, self.part_names)
+        problems = meta_problems(part_meta, self.part_names)
         if problems:
             return problems
         values_shape, values_dtype = part_meta["values"]
@@ -417,3 +335,7 @@ class DenseCodec:
 
     def kept_count(self, parts: Parts) -> int | None:
         return None
+
+    def rank(self, parts: Parts) -> int | None:
+        return None
+

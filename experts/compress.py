@@ -1,27 +1,40 @@
 """Compress a task vector into an expert directory: one registered compressor per method.
 
-A compressor maps ``{param: tau}`` to ``{param: compressed delta}`` (dense
-tensors, mostly zeros / ternary / low-rank factors) and names the codec that
-stores its output. ``compress_expert`` wires extraction (experts.taskvector),
-compression, and the on-disk format (experts.expert) together; the CLI and
-the quality benchmarks call it.
+A compressor is ``fn(deltas, options, context) -> Compressed``: it maps
+``{param: tau}`` to ``{param: compressed delta}`` (dense tensors, mostly zeros
+or ternary, or low-rank factors) given its typed options (a pydantic model
+registered with it, with bounds) and a :class:`CompressionContext` carrying what
+some methods need besides tau: NPS a calibration objective, ``sparse_ft`` a
+trainer. Register with ``@compressor(name, codec=..., options=Model)``; the CLI
+flags, the HTTP ``compression`` body and ``deltaserve methods`` come from the
+registry. ``compress_expert`` wires extraction (experts.taskvector),
+compression and the on-disk format (experts.expert) together.
+
+Parameters that the fine-tune did not change (tau all zero, e.g. the
+embeddings of a fine-tune that only trained the projections) are left out of
+the expert, so a swap on the dense path rewrites only what the expert changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from experts import sparsify
 from experts.expert import EncodedDelta, ExpertManifest, save_expert
 from experts.nps import Objective, band_ids, nps_prune, nps_search
-from experts.registry import Registry
+from experts.registry import NoOptions, Options, Registry
 from experts.taskvector import TaskVector, extract_full, extract_lora
+
+Trainer = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]  # masks -> re-trained deltas (sparse_ft)
+Density = Annotated[float, Field(gt=0.0, le=1.0, description="kept fraction of the entries")]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="random seed")]
 
 
 @dataclass(frozen=True)
@@ -32,21 +45,35 @@ class Compressed:
 
 
 @dataclass(frozen=True)
+class CompressionContext:
+    """What a compressor may need besides tau: ``objective`` (NPS), ``trainer`` (sparse_ft)."""
+
+    objective: Objective | None = None
+    trainer: Trainer | None = None
+    value_dtype: torch.dtype = torch.float16
+    progress: bool = True
+
+
+@dataclass(frozen=True)
 class Compressor:
     name: str
     codec: str
-    fn: Callable[..., Compressed]
+    fn: Callable[[Mapping[str, Tensor], Any, CompressionContext], Compressed]
+    needs: tuple[str, ...] = field(default=())
+
+    @property
+    def doc(self) -> str:
+        return self.fn.__doc__ or ""
 
 
 COMPRESSORS: Registry[Compressor] = Registry("compression method")
-Trainer = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]  # masks -> re-trained deltas (sparse_ft)
 
 
-def compressor(name: str, codec: str):
-    """Register ``fn(deltas, *, density, rank, seed, objective, value_dtype) -> Compressed``."""
+def compressor(name: str, codec: str, options: type[Options] = NoOptions, needs: tuple[str, ...] = ()):
+    """Register ``fn(deltas, options, context) -> Compressed`` under ``name``."""
 
-    def register(fn: Callable[..., Compressed]):
-        COMPRESSORS.add(name, Compressor(name, codec, fn))
+    def register(fn):
+        COMPRESSORS.add(name, Compressor(name, codec, fn, needs), options)
         return fn
 
     return register
@@ -56,46 +83,87 @@ def get_compressor(name: str) -> Compressor:
     return COMPRESSORS[name]
 
 
+# ------------------------------------------------------------------------ options
+
+
+class SparseOptions(Options):
+    density: Density = 0.05
+
+
+class DareOptions(SparseOptions):
+    seed: Seed = 0
+
+
+class BreadcrumbsOptions(SparseOptions):
+    gamma: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of the largest magnitudes dropped as outliers")
+
+
+class LowRankOptions(Options):
+    rank: int = Field(8, ge=1, le=4096, description="rank of each matrix's truncated SVD")
+
+
+class NpsOptions(SparseOptions):
+    bands: int = Field(8, ge=1, le=64, description="magnitude bands, one searched weight each")
+    generations: int = Field(20, ge=1, le=1000, description="CMA-ES generations")
+    population: int | None = Field(None, ge=2, le=1000, description="CMA-ES population (None: pycma's 4 + 3 ln M)")
+    banding: Literal["global", "per-tensor"] = Field("global", description="rank and prune over all tensors "
+                                                                          "or within each")
+    max_weight: float = Field(4.0, ge=1.0, le=1000.0, description="upper bound of every band weight")
+    sigma0: float = Field(0.5, gt=0.0, le=10.0, description="CMA-ES initial step size")
+    seed: Seed = 0
+
+
+class SparseFtOptions(SparseOptions):
+    steps: int = Field(400, ge=1, le=100_000, description="re-training steps")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="re-training learning rate")
+    batch_size: int = Field(32, ge=1, le=4096, description="re-training batch size")
+    seed: Seed = 0
+
+
+# --------------------------------------------------------------------- the methods
+
+
 def _per_tensor(deltas: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
     return {name: fn(t) for name, t in deltas.items()}
 
 
 @compressor("dense", codec="dense")
-def _dense(deltas, **_: Any) -> Compressed:
+def _dense(deltas, options: NoOptions, context: CompressionContext) -> Compressed:
+    """The whole task vector (fp16 by default): the reference."""
     return Compressed(dict(deltas), {"name": "dense"})
 
 
-@compressor("magnitude", codec="sparse")
-def _magnitude(deltas, *, density: float, **_: Any) -> Compressed:
-    return Compressed(_per_tensor(deltas, lambda t: sparsify.magnitude(t, density)), {"name": "magnitude", "density": density})
+@compressor("magnitude", codec="sparse", options=SparseOptions)
+def _magnitude(deltas, options: SparseOptions, context: CompressionContext) -> Compressed:
+    """Top-density entries of each tensor by |tau| (= TIES's trim step)."""
+    out = _per_tensor(deltas, lambda t: sparsify.magnitude(t, options.density))
+    return Compressed(out, {"name": "magnitude", "density": options.density})
 
 
-@compressor("ties", codec="sparse")
-def _ties(deltas, *, density: float, **_: Any) -> Compressed:
-    return Compressed(_per_tensor(deltas, lambda t: sparsify.ties_trim(t, density)), {"name": "ties", "density": density})
+@compressor("dare", codec="sparse", options=DareOptions)
+def _dare(deltas, options: DareOptions, context: CompressionContext) -> Compressed:
+    """Random drop with probability 1 - density, kept entries rescaled by 1/density."""
+    gen = torch.Generator().manual_seed(options.seed)
+    out = _per_tensor(deltas, lambda t: sparsify.dare(t, options.density, gen))
+    return Compressed(out, {"name": "dare", **options.model_dump()})
 
 
-@compressor("dare", codec="sparse")
-def _dare(deltas, *, density: float, seed: int, **_: Any) -> Compressed:
-    gen = torch.Generator().manual_seed(seed)
-    out = _per_tensor(deltas, lambda t: sparsify.dare(t, density, gen))
-    return Compressed(out, {"name": "dare", "density": density, "seed": seed})
+@compressor("breadcrumbs", codec="sparse", options=BreadcrumbsOptions)
+def _breadcrumbs(deltas, options: BreadcrumbsOptions, context: CompressionContext) -> Compressed:
+    """Magnitude band without the largest outliers (Model Breadcrumbs)."""
+    out = _per_tensor(deltas, lambda t: sparsify.breadcrumbs(t, options.density, options.gamma))
+    return Compressed(out, {"name": "breadcrumbs", **options.model_dump()})
 
 
-@compressor("breadcrumbs", codec="sparse")
-def _breadcrumbs(deltas, *, density: float, gamma: float = 0.01, **_: Any) -> Compressed:
-    out = _per_tensor(deltas, lambda t: sparsify.breadcrumbs(t, density, gamma))
-    return Compressed(out, {"name": "breadcrumbs", "density": density, "gamma": gamma})
+@compressor("tswitch", codec="ternary", options=SparseOptions)
+def _tswitch(deltas, options: SparseOptions, context: CompressionContext) -> Compressed:
+    """T-Switch: top-density mask, signs, one scale per tensor (ternary)."""
+    out = _per_tensor(deltas, lambda t: sparsify.ternary_dense(sparsify.ternary(t, options.density), dtype=t.dtype))
+    return Compressed(out, {"name": "tswitch", "density": options.density})
 
 
-@compressor("tswitch", codec="ternary")
-def _tswitch(deltas, *, density: float, **_: Any) -> Compressed:
-    out = _per_tensor(deltas, lambda t: sparsify.ternary_dense(sparsify.ternary(t, density), dtype=t.dtype))
-    return Compressed(out, {"name": "tswitch", "density": density})
-
-
-@compressor("lowrank", codec="lowrank")
-def _lowrank(deltas, *, rank: int, value_dtype: torch.dtype = torch.float16, **_: Any) -> Compressed:
+@compressor("lowrank", codec="lowrank", options=LowRankOptions)
+def _lowrank(deltas, options: LowRankOptions, context: CompressionContext) -> Compressed:
     """Truncated SVD of every matrix; 1-D deltas (norm weights) are dropped (recorded)."""
     from experts.codecs import get_codec
 
@@ -106,41 +174,46 @@ def _lowrank(deltas, *, rank: int, value_dtype: torch.dtype = torch.float16, **_
         if t.dim() != 2:
             dropped.append(name)
             continue
-        a, b = sparsify.lowrank(t.float(), rank=min(rank, *t.shape))
-        out[name] = EncodedDelta(codec.encode_factors(a, b, value_dtype=value_dtype), tuple(t.shape), t.dtype)
-    return Compressed(out, {"name": "lowrank", "rank": rank, "dropped_1d": dropped})
+        a, b = sparsify.lowrank(t.float(), rank=min(options.rank, *t.shape))
+        out[name] = EncodedDelta(codec.encode_factors(a, b, value_dtype=context.value_dtype), tuple(t.shape), t.dtype)
+    return Compressed(out, {"name": "lowrank", "rank": options.rank, "dropped_1d": dropped})
 
 
-@compressor("nps", codec="sparse")
-def _nps(deltas, *, density: float, seed: int, objective: Objective | None, **options: Any) -> Compressed:
-    if objective is None:
-        raise ValueError("nps needs a calibration objective (e.g. --task NAME for a zoo task)")
-    known = ("bands", "generations", "population", "per_tensor", "max_weight", "sigma0")
-    search = {k: options[k] for k in known if options.get(k) is not None}
-    result = nps_search(deltas, objective, density=density, seed=seed, **search)
-    per_tensor = search.get("per_tensor", False)
-    pruned = nps_prune(deltas, band_ids(deltas, len(result.weights), per_tensor), result.weights, density, per_tensor)
-    method = {"name": "nps", "density": density, "seed": seed, **search, "weights": list(result.weights),
-              "baseline_score": result.baseline_score, "history": result.history,
-              "evaluations": result.evaluations, "search_seconds": round(result.seconds, 2)}
+@compressor("nps", codec="sparse", options=NpsOptions, needs=("objective",))
+def _nps(deltas, options: NpsOptions, context: CompressionContext) -> Compressed:
+    """Neural Parameter Search: magnitude bands reweighted by CMA-ES on a calibration objective."""
+    if context.objective is None:
+        raise ValueError("nps needs a calibration objective: calibration examples (a JSONL file of chat examples)")
+    per_tensor = options.banding == "per-tensor"
+    search = dict(bands=options.bands, generations=options.generations, population=options.population,
+                  per_tensor=per_tensor, max_weight=options.max_weight, sigma0=options.sigma0)
+    result = nps_search(deltas, context.objective, density=options.density, seed=options.seed,
+                        progress=context.progress, **search)
+    pruned = nps_prune(deltas, band_ids(deltas, len(result.weights), per_tensor), result.weights, options.density,
+                       per_tensor)
+    method = {"name": "nps", **options.model_dump(), "weights": list(result.weights),
+              "objective": getattr(context.objective, "name", "custom"), "baseline_score": result.baseline_score,
+              "history": result.history, "evaluations": result.evaluations, "stop_reason": result.stop_reason,
+              "search_seconds": round(result.seconds, 2)}
     return Compressed(pruned, method, result.score)
 
 
-@compressor("sparse_ft", codec="sparse")
-def _sparse_ft(deltas, *, density: float, trainer: Trainer | None = None, **_: Any) -> Compressed:
-    """Keep the top-``density`` support of tau per tensor (as ``magnitude``), then let ``trainer``
-    re-fit the values on it: ``trainer(masks) -> deltas`` (fine-tuning from the base with only the
-    masked entries trainable). Values outside the support are dropped whatever the trainer returns."""
-    if trainer is None:
+@compressor("sparse_ft", codec="sparse", options=SparseFtOptions, needs=("trainer",))
+def _sparse_ft(deltas, options: SparseFtOptions, context: CompressionContext) -> Compressed:
+    """Magnitude support, values re-trained on the task (fine-tune with only those entries free)."""
+    if context.trainer is None:
         raise ValueError("sparse_ft re-trains the kept entries, so it needs the task's training data "
-                         "(e.g. --task NAME for a zoo task)")
-    masks = {name: sparsify.magnitude_mask(t, density) for name, t in deltas.items()}
-    trained = trainer(masks)
+                         "(a JSONL file of chat examples)")
+    masks = {name: sparsify.magnitude_mask(t, options.density) for name, t in deltas.items()}
+    trained = context.trainer(masks)
     wrong = sorted(n for n in masks if n not in trained or tuple(trained[n].shape) != tuple(masks[n].shape))
     if wrong:
         raise ValueError(f"the sparse_ft trainer returned no delta of the right shape for {wrong[:3]}")
     out = {name: trained[name].to(deltas[name].dtype) * mask.to(deltas[name].dtype) for name, mask in masks.items()}
-    return Compressed(out, {"name": "sparse_ft", "density": density})
+    return Compressed(out, {"name": "sparse_ft", **options.model_dump()})
+
+
+# ------------------------------------------------------------------------ publishing
 
 
 def extract(base_dir: Path, finetuned_dir: Path | None = None, adapter_dir: Path | None = None) -> TaskVector:
@@ -155,18 +228,27 @@ def compress_expert(
     *,
     name: str,
     method: str,
-    density: float = 0.05,
-    rank: int = 8,
-    seed: int = 0,
+    options: Mapping[str, Any] | Options | None = None,
     objective: Objective | None = None,
+    trainer: Trainer | None = None,
     task: str | None = None,
     value_dtype: torch.dtype = torch.float16,
-    **options: Any,
+    progress: bool = True,
+    **option_kwargs: Any,
 ) -> ExpertManifest:
-    """Compress ``tv`` with ``method`` and publish it as expert ``name`` at ``out``."""
+    """Compress ``tv`` with ``method`` and publish it as expert ``name`` at ``out``.
+
+    ``options`` (or keyword arguments) are checked against the method's options
+    model: an unknown option raises with the valid ones listed.
+    """
     comp = get_compressor(method)
-    result = comp.fn(tv.deltas, density=density, rank=rank, seed=seed, objective=objective,
-                     value_dtype=value_dtype, **options)
+    checked = COMPRESSORS.parse_options(method, {**dict(options or {}), **option_kwargs}
+                                        if not isinstance(options, Options) else options)
+    changed = {n: t for n, t in tv.deltas.items() if torch.count_nonzero(t)}
+    if not changed:
+        raise ValueError(f"{tv.source}: the task vector is zero everywhere (the model equals the base)")
+    context = CompressionContext(objective, trainer, value_dtype, progress)
+    result = comp.fn(changed, checked, context)
     return save_expert(
         out, result.deltas, name=name, base_fingerprint=tv.base_fingerprint, codec=comp.codec,
         source=tv.source, method=result.method, kind=tv.kind, value_dtype=value_dtype,

@@ -1,6 +1,6 @@
 """The on-disk expert format: one folder per expert, written atomically.
 
-Layout of ``<store>/<expert>/``::
+Layout of ``<store>/<expert>/`` (the manifest model: experts.manifest)::
 
     manifest.json          ExpertManifest (below), sorted keys
     tensors.safetensors    the task vector: one entry per part, key "<param>::<part>"
@@ -29,101 +29,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from experts.atomic import atomic_dir
-from experts.codecs import CODECS, Codec, get_codec
+from experts.codecs import Codec, get_codec
+from experts.manifest import (CARRIED_FILE, FORMAT_VERSION, MANIFEST_FILE, NAME_PATTERN, PART_SEPARATOR,
+                              TENSORS_FILE, _TORCH_DTYPES, BaseMismatchError, ExpertFormatError, ExpertManifest,
+                              TensorSpec)
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-TENSORS_FILE = "tensors.safetensors"
-CARRIED_FILE = "carried.safetensors"
-PART_SEPARATOR = "::"
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
-DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
-_TORCH_DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in ("float32", "float16", "bfloat16", "float64")}
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _MAX_LISTED_PROBLEMS = 10
-
-
-class ExpertFormatError(ValueError):
-    """An expert folder is missing, malformed or inconsistent (the message names the file)."""
-
-
-class BaseMismatchError(ExpertFormatError):
-    """The expert was made for another base model."""
-
-
-class TensorSpec(BaseModel):
-    """Shape and dtype of the BASE parameter a delta applies to."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    shape: tuple[NonNegativeInt, ...]
-    dtype: DTypeName
-
-
-class ExpertManifest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    format_version: Literal[1] = Field(description="on-disk format version")
-    name: str = Field(pattern=NAME_PATTERN, description="used in URLs and paths")
-    base_fingerprint: str = Field(min_length=1, description="fingerprint of the base model")
-    kind: Literal["full", "lora"] = Field(description="full fine-tune or LoRA origin")
-    codec: str = Field(description="storage codec of every tensor (experts.codecs)")
-    density: float | None = Field(ge=0.0, le=1.0, description="kept fraction; None for lowrank/dense")
-    rank: int | None = Field(ge=1, description="largest factor rank (lowrank codec), else None")
-    bytes: int = Field(ge=0, description="exact bytes of all stored tensor parts")
-    carried_bytes: int = Field(ge=0, description="exact bytes of the carried parameters")
-    base_params: int = Field(ge=1, description="number of base parameters the expert covers")
-    bits_per_param: float = Field(ge=0.0, description="8 * bytes / base_params")
-    source: str = Field(description="where the expert came from (path or description)")
-    method: dict[str, Any] = Field(description="compressor name and options, e.g. {'name': 'nps', ...}")
-    calibration_score: float | None = None
-    task: str | None = None
-    created: str = Field(description="ISO 8601 timestamp")
-    tensors: dict[str, TensorSpec] = Field(min_length=1)
-    carried: list[str] = Field(default_factory=list)
-    sha256: dict[str, str] = Field(default_factory=dict, description="file name -> hex digest")
-
-    @field_validator("codec")
-    @classmethod
-    def _known_codec(cls, value: str) -> str:
-        if value not in CODECS:
-            raise ValueError(f"unknown codec {value!r}; known codecs: {sorted(CODECS)}")
-        return value
-
-    @field_validator("created")
-    @classmethod
-    def _iso_timestamp(cls, value: str) -> str:
-        datetime.fromisoformat(value)  # raises ValueError with the bad value
-        return value
-
-    @field_validator("method")
-    @classmethod
-    def _method_has_name(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(value.get("name"), str):
-            raise ValueError("method must hold the compressor's 'name' (a string)")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ExpertManifest:
-        counted = sum(math.prod(spec.shape) for spec in self.tensors.values())
-        if counted != self.base_params:
-            raise ValueError(f"base_params={self.base_params} but the tensors hold {counted} parameters")
-        if not math.isclose(self.bits_per_param, 8 * self.bytes / self.base_params, rel_tol=1e-9):
-            raise ValueError(f"bits_per_param={self.bits_per_param} != 8*bytes/base_params")
-        if overlap := sorted(set(self.carried) & set(self.tensors)):
-            raise ValueError(f"carried parameters also listed as tensors: {overlap}")
-        if unknown := sorted(set(self.sha256) - {TENSORS_FILE, CARRIED_FILE}):
-            raise ValueError(f"sha256 names unknown files {unknown}")
-        return self
 
 
 @dataclass(frozen=True)
@@ -213,7 +135,7 @@ def _derived_fields(codec: Codec, encoded: Mapping[str, EncodedDelta], carried: 
     base_params = sum(math.prod(d.shape) for d in encoded.values())
     stored_bytes = sum(codec.nbytes(d.parts) for d in encoded.values())
     kept = [codec.kept_count(d.parts) for d in encoded.values()]
-    ranks = [d.parts["A"].shape[0] for d in encoded.values() if "A" in d.parts]
+    ranks = [r for d in encoded.values() if (r := codec.rank(d.parts)) is not None]
     return {
         "format_version": FORMAT_VERSION,
         "density": None if None in kept else sum(kept) / base_params,
@@ -265,6 +187,15 @@ class Expert:
                 return {p: fh.get_tensor(f"{name}{PART_SEPARATOR}{p}") for p in self.codec.part_names}
             except SafetensorError as err:
                 raise ExpertFormatError(f"{path}: cannot read parameter {name!r}: {err}") from err
+
+    def factors(self, name: str, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """``(A [r, in], B [out, r])`` of a low-rank expert's parameter (``delta = B @ A``)."""
+        spec = self._spec(name)
+        factors = getattr(self.codec, "factors", None)
+        if factors is None:
+            raise ExpertFormatError(f"expert {self.manifest.name!r} is not low-rank (codec {self.manifest.codec})")
+        with self._format_errors(name):
+            return factors(self.parts(name), spec.shape, dtype)
 
     def decode(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
         """The dense delta of ``name`` (in the base dtype unless ``dtype`` is given)."""

@@ -8,8 +8,9 @@ base directory's config and tokenizer files plus the merged safetensors.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from experts.atomic import atomic_dir
 from experts.expert import Expert, load_expert
-from experts.merging import get_merge_method
+from experts.merging import MERGE_METHODS, MergeMethod, get_merge_method
 from experts.taskvector import base_fingerprint, load_state_dict
 
 # Short names accepted on the command line.
@@ -52,24 +53,61 @@ def merged_state_dict(
     """Base weights plus ``scale`` times the merged deltas, parameter by parameter."""
     if len(weights) != len(experts):
         raise MergeError(f"{len(weights)} weights for {len(experts)} experts")
-    merge = get_merge_method(METHOD_ALIASES.get(method, method))
-    out = dict(base)
     names = sorted({n for e in experts for n in e.param_names})
+
+    def delta(i: int, name: str) -> Tensor | None:
+        return experts[i].decode(name, dtype=torch.float32) if name in experts[i].param_names else None
+
+    out = dict(base)
+    out.update(merged_params(names, base, delta, len(experts), method, weights, scale, options))
+    return out
+
+
+def merged_params(
+    names: Iterable[str],
+    base: Mapping[str, Tensor],
+    delta: Callable[[int, str], Tensor | None],
+    n_experts: int,
+    method: str | MergeMethod,
+    weights: Sequence[float],
+    scale: float = 1.0,
+    options: Mapping[str, Any] | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """``(name, base + scale * merge(deltas))`` for each name: the one per-parameter merge loop.
+
+    ``delta(i, name)`` is expert i's float32 delta of ``name`` or None when it
+    does not change it (a parameter no expert changes is yielded as the base).
+    ``deltaserve merge`` and the serving engine's dense path both run this, so a
+    served recipe and the written checkpoint are bit-identical. Methods with a
+    ``seed`` option draw from one random stream per parameter (seeded from the
+    seed and the parameter's name), so the result does not depend on the order.
+    """
+    merge = method if isinstance(method, MergeMethod) else get_merge_method(METHOD_ALIASES.get(method, method))
+    checked = MERGE_METHODS.parse_options(merge.name, options or {}).model_dump()
     for name in names:
         if name not in base:
             raise MergeError(f"parameter {name!r} of an expert is not in the base")
-        deltas = [e.decode(name, dtype=torch.float32) if name in e.param_names else torch.zeros_like(base[name], dtype=torch.float32)
-                  for e in experts]
-        out[name] = merged_param(name, base[name], deltas, merge, weights, scale, **options)
-    return out
+        deltas = [delta(i, name) for i in range(n_experts)]
+        if all(d is None for d in deltas):
+            yield name, base[name]
+            continue
+        zeros = torch.zeros(base[name].shape, dtype=torch.float32)
+        runtime = {"generator": torch.Generator().manual_seed(param_seed(checked["seed"], name))} \
+            if "seed" in checked and "generator" in merge.runtime else {}
+        yield name, merged_param(name, base[name], [zeros if d is None else d for d in deltas], merge, weights,
+                                 scale, **checked, **runtime)
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A stable per-parameter seed (the same on every machine and run)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def merged_param(name: str, base: Tensor, deltas: Sequence[Tensor], merge: Any, weights: Sequence[float],
                  scale: float = 1.0, **options: Any) -> Tensor:
     """One parameter: ``base + scale * merge(deltas, weights)`` computed in float32, cast to base's dtype.
 
-    The serving engine's dense path calls this too, so a served recipe and the
-    checkpoint ``deltaserve merge`` writes are bit-identical.
+    The result must be finite (PEFT's ``safe_merge`` rule): nothing is written otherwise.
     """
     if isinstance(merge, str):
         merge = get_merge_method(METHOD_ALIASES.get(merge, merge))

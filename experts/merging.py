@@ -7,9 +7,9 @@ is the merged delta; the caller adds it to the base, optionally times a global
 lambda. Methods work per tensor (density, thresholds and signs are computed
 within the one tensor they are given).
 
-Register with ``@merge_method("name")``; look up with :func:`get_merge_method`
-(a miss lists the known names). Unknown or invalid options raise ``ValueError``
-naming the option.
+Register with ``@merge_method("name", OptionsModel)`` (experts.merge_registry);
+look up with :func:`get_merge_method` (a miss lists the known names). Unknown or
+invalid options raise ``ValueError`` naming the option and the valid ones.
 
 :func:`experts.lora_merge.lora_concat` (the exact LoRA merge) takes factors,
 not deltas, so it lives apart and is not in the registry.
@@ -17,16 +17,15 @@ not deltas, so it lives apart and is not in the registry.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from experts.registry import Registry
+from experts.merge_registry import (DEFAULT_DENSITY, MERGE_METHODS, BreadcrumbsOptions, BreadcrumbsTiesOptions,
+                                    DareOptions, DareTiesOptions, MergeMethod, Normalize, PcbOptions, SignMethod,
+                                    SignSource, TiesOptions, get_merge_method, merge_method)
 from experts.sparsify import breadcrumbs as breadcrumbs_sparsify
 from experts.sparsify import check_density, check_tensor, dare, magnitude
 
@@ -35,56 +34,6 @@ __all__ = [
     "dare_ties", "elect_and_merge", "get_merge_method", "merge_method", "pcb", "pcb_scores",
     "task_arithmetic", "ties",
 ]  # fmt: skip
-
-#: Default kept fraction for the sparsifying methods (TIES paper: top-20 %).
-DEFAULT_DENSITY = 0.2
-SignMethod = Literal["total", "frequency"]
-SignSource = Literal["weighted", "unweighted"]
-Normalize = Literal["weight", "count", "none"]
-
-
-# ------------------------------------------------------------------------ registry
-
-
-class MergeMethod:
-    """A registered merge function plus the names of its keyword-only options."""
-
-    def __init__(self, name: str, fn: Callable[..., Tensor]) -> None:
-        parameters = list(inspect.signature(fn).parameters.values())
-        positional = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-        if positional != ["deltas", "weights"]:
-            raise ValueError(f"merge method {name!r} must take (deltas, weights, *, ...), got {positional}")
-        self.name = name
-        self.fn = fn
-        self.options = tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, deltas: Sequence[Tensor], weights: Sequence[float], **options: object) -> Tensor:
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            known = list(self.options)
-            raise ValueError(f"unknown option(s) {unknown} for merge method {self.name!r}; known: {known}")
-        return self.fn(deltas, weights, **options)
-
-    def __repr__(self) -> str:
-        return f"MergeMethod({self.name!r}, options={self.options})"
-
-
-MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
-
-
-def merge_method(name: str) -> Callable[[Callable[..., Tensor]], MergeMethod]:
-    """Register ``fn(deltas, weights, *, ...)`` under ``name``; duplicates are rejected."""
-
-    def register(fn: Callable[..., Tensor]) -> MergeMethod:
-        return MERGE_METHODS.add(name, MergeMethod(name, fn))
-
-    return register
-
-
-def get_merge_method(name: str) -> MergeMethod:
-    """The method registered as ``name``; a miss lists the known names."""
-    return MERGE_METHODS[name]
 
 
 # -------------------------------------------------------------------------- checks
@@ -173,15 +122,17 @@ def _dare_all(
     generator: torch.Generator | None,
     masks: Sequence[Tensor] | None,
     rescale: bool,
+    seed: int = 0,
 ) -> list[Tensor]:
-    """DARE each delta in order (one generator stream, or the injected masks)."""
+    """DARE each delta in order: one stream from ``generator`` (else a new one seeded with ``seed``),
+    or the injected ``masks``."""
     density = check_density(density)
     if generator is not None and masks is not None:
         raise ValueError("give only one of generator or masks, got both")
     if masks is not None and len(masks) != len(deltas):
         raise ValueError(f"masks must have one entry per delta ({len(deltas)}), got {len(masks)}")
-    if generator is None and masks is None and density < 1.0:
-        raise ValueError(f"generator (or masks) is required when density < 1, got generator={generator!r}")
+    if generator is None and masks is None:
+        generator = torch.Generator(device=deltas[0].device).manual_seed(seed)
     if not isinstance(rescale, bool):
         raise ValueError(f"rescale must be a bool, got {rescale!r}")
     return [
@@ -200,7 +151,7 @@ def task_arithmetic(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tenso
     return (stacked * w).sum(dim=0)
 
 
-@merge_method("ties")
+@merge_method("ties", TiesOptions)
 def ties(
     deltas: Sequence[Tensor],
     weights: Sequence[float],
@@ -227,15 +178,16 @@ def ties(
     return elect_and_merge(trimmed, w, sign_method=sign_method, sign_source=sign_source, normalize=normalize)
 
 
-@merge_method("dare_linear")
+@merge_method("dare_linear", DareOptions)
 def dare_linear(
     deltas: Sequence[Tensor],
     weights: Sequence[float],
     *,
     density: float = DEFAULT_DENSITY,
+    seed: int = 0,
+    rescale: bool = True,
     generator: torch.Generator | None = None,
     masks: Sequence[Tensor] | None = None,
-    rescale: bool = True,
 ) -> Tensor:
     """DARE + linear: ``sum_i w_i * dare(tau_i)``.
 
@@ -247,22 +199,23 @@ def dare_linear(
     of 1/density; with its ``rescale=False`` it equals ``rescale=False`` here.
     """
     stacked, w = _stack(deltas, weights)
-    dropped = torch.stack(_dare_all(list(stacked), density, generator, masks, rescale), dim=0)
+    dropped = torch.stack(_dare_all(list(stacked), density, generator, masks, rescale, seed), dim=0)
     return (dropped * w).sum(dim=0)
 
 
-@merge_method("dare_ties")
+@merge_method("dare_ties", DareTiesOptions)
 def dare_ties(
     deltas: Sequence[Tensor],
     weights: Sequence[float],
     *,
     density: float = DEFAULT_DENSITY,
-    generator: torch.Generator | None = None,
-    masks: Sequence[Tensor] | None = None,
+    seed: int = 0,
     rescale: bool = True,
     sign_method: SignMethod = "total",
     sign_source: SignSource = "weighted",
     normalize: Normalize = "weight",
+    generator: torch.Generator | None = None,
+    masks: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """DARE sparsification (as :func:`dare_linear`) then TIES election + disjoint merge.
 
@@ -271,11 +224,11 @@ def dare_ties(
     (``normalize="none"``) and an L1-norm rescale.
     """
     stacked, w = _stack(deltas, weights)
-    dropped = torch.stack(_dare_all(list(stacked), density, generator, masks, rescale), dim=0)
+    dropped = torch.stack(_dare_all(list(stacked), density, generator, masks, rescale, seed), dim=0)
     return elect_and_merge(dropped, w, sign_method=sign_method, sign_source=sign_source, normalize=normalize)
 
 
-@merge_method("breadcrumbs")
+@merge_method("breadcrumbs", BreadcrumbsOptions)
 def breadcrumbs(
     deltas: Sequence[Tensor],
     weights: Sequence[float],
@@ -294,7 +247,7 @@ def breadcrumbs(
     return (crumbs * w).sum(dim=0)
 
 
-@merge_method("breadcrumbs_ties")
+@merge_method("breadcrumbs_ties", BreadcrumbsTiesOptions)
 def breadcrumbs_ties(
     deltas: Sequence[Tensor],
     weights: Sequence[float],
@@ -350,7 +303,7 @@ def _pcb_keep(scores: Tensor, ratio: float) -> Tensor:
     return keep.scatter_(1, order[:, start:], True)
 
 
-@merge_method("pcb")
+@merge_method("pcb", PcbOptions)
 def pcb(deltas: Sequence[Tensor], weights: Sequence[float], *, ratio: float = 0.1) -> Tensor:
     """PCB-Merging (Parameter Competition Balancing, Du et al., NeurIPS 2024).
 

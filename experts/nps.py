@@ -1,6 +1,6 @@
 """NPS — Neural Parameter Search: band-reweighted magnitude pruning of a task vector.
 
-Method (see shared/DESIGN.md): rank tau's entries by magnitude and split them
+Method: rank tau's entries by magnitude and split them
 into ``bands`` equal-size groups (band 0 = the largest magnitudes); scale band
 m by a weight w_m; keep the top-``density`` fraction of the *reweighted*
 vector by magnitude. The M weights are searched gradient-free with CMA-ES
@@ -17,6 +17,7 @@ of base + pruned deltas on the task's calibration split).
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from experts.sparsify import check_density, magnitude, magnitude_global
 
 Objective = Callable[[dict[str, Tensor]], float]
+log = logging.getLogger("deltaserve.nps")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class NPSResult:
     history: list[float] = field(default_factory=list)  # best score after each generation
     evaluations: int = 0
     seconds: float = 0.0
+    stop_reason: str = ""  # why the search ended: "generations", or pycma's termination criteria
 
 
 def band_ids(tensors: Mapping[str, Tensor], bands: int, per_tensor: bool = False) -> dict[str, Tensor]:
@@ -83,6 +86,17 @@ def nps_prune(
     return magnitude_global(reweighted, density)
 
 
+def _check_search(density: float, generations: int, population: int | None, max_weight: float) -> None:
+    check_density(density)
+    if generations < 1:
+        raise ValueError(f"generations must be >= 1, got {generations}")
+    if population is not None and population < 2:
+        raise ValueError(f"population must be >= 2 (CMA-ES ranks candidates), got {population}")
+    if not max_weight >= 1.0:
+        raise ValueError(f"max_weight must be >= 1 so the all-ones start (magnitude pruning) is in bounds, "
+                         f"got {max_weight}")
+
+
 def nps_search(
     tensors: Mapping[str, Tensor],
     objective: Objective,
@@ -102,14 +116,7 @@ def nps_search(
         warnings.simplefilter("ignore")  # pycma warns when matplotlib is absent
         import cma
 
-    check_density(density)
-    if generations < 1:
-        raise ValueError(f"generations must be >= 1, got {generations}")
-    if population is not None and population < 2:
-        raise ValueError(f"population must be >= 2 (CMA-ES ranks candidates), got {population}")
-    if not max_weight >= 1.0:
-        raise ValueError(f"max_weight must be >= 1 so the all-ones start (magnitude pruning) is in bounds, "
-                         f"got {max_weight}")
+    _check_search(density, generations, population, max_weight)
     started = time.perf_counter()
     ids = band_ids(tensors, bands, per_tensor)
 
@@ -118,22 +125,31 @@ def nps_search(
 
     ones = [1.0] * bands
     best_w, best = tuple(ones), score(ones)
-    baseline, evaluations, history = best, 1, []
+    baseline, evaluations, history, seen = best, 1, [], {best}
     options = {"seed": seed + 1, "maxiter": generations, "bounds": [0.0, max_weight], "verbose": -9}
     if population:
         options["popsize"] = population
+    stop_reason = "generations"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pycma warns about e.g. flat fitness on tiny problems
         es = cma.CMAEvolutionStrategy(ones, sigma0, options)
-        for _ in tqdm(range(generations), desc="nps", disable=not progress, leave=False):
+        for generation in tqdm(range(generations), desc="nps", disable=not progress, leave=False):
             candidates = es.ask()
             scores = [score(c) for c in candidates]
             evaluations += len(candidates)
+            seen.update(scores)
             es.tell(candidates, [-s for s in scores])
             top = max(range(len(scores)), key=scores.__getitem__)
             if scores[top] > best:
                 best, best_w = scores[top], tuple(float(x) for x in candidates[top])
             history.append(best)
+            log.info("nps generation %d/%d: best %.6f (magnitude pruning %.6f), %d evaluations",
+                     generation + 1, generations, best, baseline, evaluations)
             if es.stop():
+                stop_reason = ", ".join(sorted(k for k in es.stop() if k != "maxiter")) or "generations"
                 break
-    return NPSResult(best_w, best, baseline, history, evaluations, time.perf_counter() - started)
+    if len(seen) == 1:
+        stop_reason += "; flat objective: every candidate scored the same, so this is magnitude pruning"
+    log.info("nps stopped after %d generations (%s): best %.6f vs magnitude pruning %.6f",
+             len(history), stop_reason, best, baseline)
+    return NPSResult(best_w, best, baseline, history, evaluations, time.perf_counter() - started, stop_reason)

@@ -26,10 +26,10 @@ import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from experts.atomic import fsync_tree, write_json_atomic
 from experts.codecs import get_codec
@@ -58,23 +58,41 @@ class UnknownExpertError(StoreError, KeyError):
 
 
 class Compression(BaseModel):
-    """How to turn a full fine-tune (or, optionally, a LoRA) into a stored expert."""
+    """How to turn a full fine-tune (or, optionally, a LoRA) into a stored expert.
 
-    model_config = ConfigDict(extra="forbid")
-    method: str = Field("magnitude", description="experts.compress method (nps needs `task`)")
-    density: float = Field(0.05, gt=0.0, le=1.0)
-    rank: int = Field(8, ge=1, le=4096)
-    seed: int = 0
-    task: str | None = Field(None, description="zoo task whose calibration split NPS optimises")
-    value_dtype: str = Field("float16", pattern="^(float16|bfloat16|float32)$")
-    generations: int = Field(20, ge=1, le=1000, description="NPS: CMA-ES generations")
-    bands: int = Field(8, ge=1, le=64, description="NPS: magnitude bands")
-    population: int | None = Field(None, ge=2, le=1000, description="NPS: CMA-ES population (None: pycma's)")
-    per_tensor: bool = Field(False, description="NPS: band and prune within each tensor instead of globally")
-    max_weight: float = Field(4.0, ge=1.0, le=1000.0, description="NPS: upper bound of every band weight")
+    ``method`` is a registered compressor (experts.compress); its options (e.g.
+    ``density``, ``rank``, NPS's ``generations``) sit beside it and are checked
+    against the method's options model. ``calibration`` / ``training`` point at
+    chat examples (experts.examples) for methods that need them (NPS,
+    sparse_ft): the caller turns them into an objective / a trainer.
+    """
 
+    model_config = ConfigDict(extra="allow", frozen=True)
+    method: str = Field("magnitude", description="a compression method (deltaserve methods)")
+    value_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="stored value dtype")
+    task: str | None = Field(None, max_length=200, description="a label recorded in the manifest")
+    calibration: str | list[dict[str, Any]] | None = Field(
+        None, description="chat examples NPS scores candidates on: a JSONL path or a list of {messages}")
+    training: str | list[dict[str, Any]] | None = Field(
+        None, description="chat examples sparse_ft re-trains on: a JSONL path or a list of {messages}")
 
-NPS_OPTIONS = {"generations", "bands", "population", "per_tensor", "max_weight"}
+    @model_validator(mode="after")
+    def _method_and_options(self) -> Compression:
+        from experts.compress import COMPRESSORS
+
+        COMPRESSORS.parse_options(self.method, self.model_extra or {})
+        return self
+
+    @property
+    def options(self) -> Any:
+        """The method's validated options model."""
+        from experts.compress import COMPRESSORS
+
+        return COMPRESSORS.parse_options(self.method, self.model_extra or {})
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.value_dtype)
 
 
 def source_kind(path: Path) -> str:
@@ -208,7 +226,7 @@ class ExpertStore:
     # ------------------------------------------------------------------ importing
     def import_source(self, name: str, source: Path, *, compression: Compression | None = None,
                       exemplars: Sequence[str] | None = None, replace: bool = False,
-                      objective: Any = None) -> ExpertManifest:
+                      objective: Any = None, trainer: Any = None) -> ExpertManifest:
         """Register ``source`` (expert folder, PEFT adapter or HF fine-tune) as expert ``name``."""
         source = Path(source)
         kind = source_kind(source)
@@ -234,12 +252,9 @@ class ExpertStore:
             if tv.base_fingerprint != self.fingerprint:
                 raise BaseMismatchError(f"{source} was not made from this store's base")
 
-            search = NPS_OPTIONS if comp.method == "nps" else set()
-
             def write(stage: Path) -> None:
-                compress_expert(tv, stage, name=name, method=comp.method, density=comp.density, rank=comp.rank,
-                                seed=comp.seed, objective=objective, task=comp.task,
-                                value_dtype=getattr(torch, comp.value_dtype), **comp.model_dump(include=search))
+                compress_expert(tv, stage, name=name, method=comp.method, options=comp.options, objective=objective,
+                                trainer=trainer, task=comp.task, value_dtype=comp.torch_dtype, progress=False)
         return self.publish(name, write, exemplars=exemplars, replace=replace)
 
 

@@ -11,7 +11,7 @@ def tv(micro_zoo):
     return extract(micro_zoo.layout.base, finetuned_dir=micro_zoo.layout.full("upper"))
 
 
-@pytest.mark.parametrize("method", ["magnitude", "ties", "dare", "breadcrumbs", "tswitch"])
+@pytest.mark.parametrize("method", ["magnitude", "dare", "breadcrumbs", "tswitch"])
 def test_sparse_methods_write_loadable_experts_at_the_requested_density(tv, tmp_path, method):
     manifest = compress_expert(tv, tmp_path / method, name=method, method=method, density=0.1, task="upper")
     expert = load_expert(tmp_path / method, verify=True)
@@ -62,12 +62,35 @@ def test_nps_needs_an_objective_and_unknown_methods_list_the_known(tv, tmp_path)
         compress_expert(tv, tmp_path / "n", name="n", method="nps")
     with pytest.raises(KeyError, match="known"):
         compress_expert(tv, tmp_path / "x", name="x", method="zip")
-    assert set(COMPRESSORS) == {"dense", "magnitude", "ties", "dare", "breadcrumbs", "tswitch", "lowrank", "nps", "sparse_ft"}
+    assert set(COMPRESSORS) == {"dense", "magnitude", "dare", "breadcrumbs", "tswitch", "lowrank", "nps", "sparse_ft"}
+
+
+def test_options_are_checked_against_the_methods_model(tv, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['rank'\] for compression method 'magnitude'; "
+                                         r"valid options: \['density'\]"):
+        compress_expert(tv, tmp_path / "m", name="m", method="magnitude", rank=4)
+    with pytest.raises(ValueError, match="density: Input should be less than or equal to 1"):
+        compress_expert(tv, tmp_path / "m", name="m", method="magnitude", density=1.5)
+    assert not (tmp_path / "m").exists()
+
+
+def test_unchanged_parameters_are_left_out(tv, tmp_path):
+    import dataclasses
+
+    deltas = dict(tv.deltas)
+    untouched = "model.layers.0.mlp.down_proj.weight"
+    deltas[untouched] = torch.zeros_like(deltas[untouched])
+    zeroed = dataclasses.replace(tv, deltas=deltas)
+    manifest = compress_expert(zeroed, tmp_path / "m", name="m", method="magnitude", density=0.05)
+    assert untouched not in manifest.tensors and len(manifest.tensors) == len(tv.deltas) - 1
+    empty = dataclasses.replace(tv, deltas={n: torch.zeros_like(t) for n, t in tv.deltas.items()})
+    with pytest.raises(ValueError, match="zero everywhere"):
+        compress_expert(empty, tmp_path / "e", name="e", method="magnitude")
 
 
 def test_nps_on_a_zoo_task_records_its_search(micro_zoo, tmp_path):
-    from experts.zoo.build import load_llama
-    from experts.zoo.evaluate import TaskEvaluator, task_vector_objective
+    from zoo.build import load_llama
+    from zoo.evaluate import TaskEvaluator, task_vector_objective
 
     layout = micro_zoo.layout
     tv = extract(layout.base, finetuned_dir=layout.full("length"))
@@ -94,7 +117,7 @@ def test_sparse_ft_keeps_the_magnitude_support_with_the_trainers_values(tv, tmp_
 
     manifest = compress_expert(tv, tmp_path / "s", name="s", method="sparse_ft", density=0.05, trainer=trainer,
                                value_dtype=torch.float32)
-    assert manifest.codec == "sparse" and manifest.method == {"name": "sparse_ft", "density": 0.05}
+    assert manifest.codec == "sparse" and manifest.method["name"] == "sparse_ft" and manifest.method["density"] == 0.05
     expert = load_expert(tmp_path / "s")
     name = "model.layers.1.self_attn.q_proj.weight"
     mask = magnitude_mask(tv.deltas[name], 0.05)
@@ -109,7 +132,7 @@ def test_sparse_ft_keeps_the_magnitude_support_with_the_trainers_values(tv, tmp_
 
 
 def test_zoo_masked_trainer_moves_only_the_masked_entries(micro_zoo):
-    from experts.zoo.build import masked_trainer
+    from zoo.build import masked_trainer
 
     spec = micro_zoo.spec.full.model_copy(update={"steps": 5})
     masks = {name: torch.zeros_like(t, dtype=torch.bool) for name, t in

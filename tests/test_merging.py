@@ -71,7 +71,6 @@ def test_duplicate_and_malformed_registrations_are_rejected():
         ("ties", {"sign_method": "max"}, "sign_method"),
         ("ties", {"sign_source": "both"}, "sign_source"),
         ("dare_ties", {"normalize": True, "generator": torch.Generator()}, "normalize"),
-        ("dare_linear", {"density": 0.5}, "generator"),
         ("dare_linear", {"generator": torch.Generator(), "masks": []}, "generator or masks"),
         ("dare_linear", {"masks": [torch.ones(SHAPE, dtype=torch.bool)]}, "masks"),
         ("dare_linear", {"generator": torch.Generator(), "rescale": 1}, "rescale"),

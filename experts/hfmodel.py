@@ -1,0 +1,67 @@
+"""HF model helpers the product owns: load a causal LM and its tokenizer, swap weights in and out.
+
+Compression search scores hundreds of candidate task vectors on one resident
+model: ``swapped_weights`` loads a (partial) state dict into it and restores
+the original tensors bit-exactly afterwards, even on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """An HF causal LM from a local directory, in eval mode (no hub access)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+@contextlib.contextmanager
+def swapped_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+    """Temporarily load ``state_dict`` (a subset of names is fine) into ``model``.
+
+    Tied parameters (e.g. input embeddings shared with the output projection)
+    change together, as they do in the served model.
+    """
+    params = dict(model.state_dict())
+    unknown = sorted(set(state_dict) - set(params))
+    if unknown:
+        raise KeyError(f"state dict has {len(unknown)} names the model lacks, e.g. {unknown[:3]}")
+    saved = {name: params[name].detach().clone() for name in state_dict}
+    try:
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if params[name].shape != value.shape:
+                    raise ValueError(f"{name}: shape {tuple(value.shape)} does not match model "
+                                     f"{tuple(params[name].shape)}")
+                params[name].copy_(value)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def added_weights(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{name: W_model + delta}`` in each parameter's dtype, for :func:`swapped_weights`."""
+    params = dict(model.state_dict())
+    unknown = sorted(set(deltas) - set(params))
+    if unknown:
+        raise KeyError(f"deltas name {len(unknown)} parameters the model lacks, e.g. {unknown[:3]}")
+    return {name: (params[name].float() + d.float()).to(params[name].dtype) for name, d in deltas.items()}
