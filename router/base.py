@@ -15,14 +15,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from experts.registry import Registry
+from experts.registry import NoOptions, Options, Registry
 
 FallbackReason = Literal["low_confidence", "out_of_distribution", "no_experts"]
 Scores = dict[str, float]
 ScoredText = tuple[Scores, float | None]
 
 # Calibrated on the zoo with all-MiniLM-L6-v2 features (the SentenceEncoder), by
-#   .venv/bin/python -m router.calibrate --out results/routing/calibration.json
+#   .venv/bin/python bench/routing_calibrate.py --out results/routing/calibration.json
 # -> max_distance 0.68 (99th percentile 0.625 of leave-one-phrasing-out calib
 # distances + 0.05 margin), min_confidence 0.4; 19/20 OOD texts fall back
 # (results/routing/README.md). Cosine distances: these numbers belong to that
@@ -144,18 +144,24 @@ def quantised_recipe(scores: Mapping[str, float], top_k: int, units: int) -> dic
     return {name: round(parts[name] / units, 6) for name in sorted(parts) if parts[name] > 0}
 
 
-RouterFactory = Callable[..., Router]
-ROUTERS: Registry[RouterFactory] = Registry("router")
+ROUTERS: Registry[type] = Registry("router")
+DEPENDENCIES = ("encoder", "uncertainty_scorer")
 
 
-def register_router(name: str) -> Callable[[type], type]:
-    """Class decorator: register a router class under ``name`` (its ``name`` attribute).
-    The class must offer ``from_options(*, encoder, uncertainty_scorer, **options)``."""
+def register_router(name: str, options: type[Options] = NoOptions, needs: tuple[str, ...] = ()) -> Callable[[type], type]:
+    """Class decorator: register a router class under ``name`` with its options model.
+
+    ``needs`` names what the router is built with besides its options: ``encoder``
+    (prompt features) and/or ``uncertainty_scorer`` (texts, experts -> NLL matrix).
+    The class is constructed as ``cls(*needs, **options)``.
+    """
+    if unknown := sorted(set(needs) - set(DEPENDENCIES)):
+        raise ValueError(f"router {name!r} needs unknown dependencies {unknown}; known: {list(DEPENDENCIES)}")
 
     def register(cls: type) -> type:
         cls.name = name
-        ROUTERS.add(name, cls.from_options)
-        return cls
+        cls.needs = tuple(needs)
+        return ROUTERS.add(name, cls, options)
 
     return register
 
@@ -163,6 +169,16 @@ def register_router(name: str) -> Callable[[type], type]:
 def make_router(name: str, *, encoder: Any = None, uncertainty_scorer: Any = None, **options: Any) -> Router:
     """Build a registered router. ``encoder``: features for knn/gate (default: a new
     :class:`router.features.SentenceEncoder`); ``uncertainty_scorer``: the NLL scorer
-    the uncertainty router needs. ``options`` go to the router (k, temperature, C ...)."""
-    return ROUTERS[name](encoder=encoder, uncertainty_scorer=uncertainty_scorer, **options)
+    the uncertainty router needs. ``options`` are checked against the router's options
+    model (k, temperature, C, ...); an unknown one is refused with the valid ones listed."""
+    cls = ROUTERS[name]
+    checked = ROUTERS.parse_options(name, options)
+    given = {"encoder": encoder, "uncertainty_scorer": uncertainty_scorer}
+    if "encoder" in cls.needs and encoder is None:
+        from router.features import SentenceEncoder
 
+        given["encoder"] = SentenceEncoder()
+    missing = [n for n in cls.needs if given[n] is None]
+    if missing:
+        raise ValueError(f"router {name!r} needs {missing[0]}")
+    return cls(*(given[n] for n in cls.needs), **checked.model_dump())

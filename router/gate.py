@@ -16,6 +16,9 @@ import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 
+from pydantic import Field
+
+from experts.registry import Options
 from router.base import ScoredText, register_router
 from router.features import Encoder
 from router.index import CosineIndex, ExemplarRouter, Snapshot
@@ -39,9 +42,16 @@ def train_gate(snapshot: Snapshot, C: float, max_iter: int, calibrate: bool, see
     return model.fit(snapshot.features, snapshot.labels)
 
 
-@register_router("gate")
+class GateOptions(Options):
+    C: float = Field(10.0, gt=0.0, le=1e6, description="inverse regularisation of the logistic regression")
+    max_iter: int = Field(1000, ge=1, le=100_000, description="solver iterations")
+    calibrate: bool = Field(False, description="sigmoid-calibrate probabilities by cross-validation")
+
+
+@register_router("gate", GateOptions, needs=("encoder",))
 class GateRouter(ExemplarRouter):
-    name = "gate"
+    """Twin-Merging style: a logistic-regression gate over exemplar features."""
+
 
     def __init__(self, encoder: Encoder, C: float = 10.0, max_iter: int = 1000, calibrate: bool = False):
         if C <= 0 or max_iter < 1:

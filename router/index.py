@@ -124,14 +124,6 @@ class ExemplarRouter:
         self.encoder = encoder
         self._exemplars = ExemplarSet(encoder)
 
-    @classmethod
-    def from_options(cls, *, encoder: Any = None, uncertainty_scorer: Any = None, **options: Any):
-        if encoder is None:
-            from router.features import SentenceEncoder
-
-            encoder = SentenceEncoder()
-        return cls(encoder, **options)
-
     def fit(self, exemplars: Mapping[str, Sequence[str]]) -> None:
         self._exemplars.replace(exemplars)
         self._rebuild()

@@ -11,6 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pydantic import Field
+
+from experts.registry import Options
 from router.base import ScoredText, register_router
 from router.features import Encoder
 from router.index import CosineIndex, ExemplarRouter
@@ -24,9 +27,15 @@ def neighbour_votes(distances: np.ndarray, labels: np.ndarray, n_experts: int, t
     return votes / votes.sum(axis=1, keepdims=True)
 
 
-@register_router("knn")
+class KnnOptions(Options):
+    k: int = Field(10, ge=1, le=1000, description="neighbours that vote")
+    temperature: float = Field(0.05, gt=0.0, le=10.0, description="vote weight exp(-(d - d_min) / temperature)")
+
+
+@register_router("knn", KnnOptions, needs=("encoder",))
 class KnnRouter(ExemplarRouter):
-    name = "knn"
+    """Auto-Switch style: the k nearest exemplars vote, weighted by distance."""
+
 
     def __init__(self, encoder: Encoder, k: int = 10, temperature: float = 0.05):
         if k < 1 or temperature <= 0:

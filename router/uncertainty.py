@@ -21,7 +21,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from experts.registry import UnknownNameError
+from pydantic import Field
+
+from experts.registry import Options, UnknownNameError
 from router.base import ScoredText, register_router
 
 NllScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -36,9 +38,14 @@ def softmax_scores(nll: np.ndarray, temperature: float) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
-@register_router("uncertainty")
+class UncertaintyOptions(Options):
+    temperature: float = Field(0.1, gt=0.0, le=100.0, description="scores are softmax(-nll / temperature)")
+
+
+@register_router("uncertainty", UncertaintyOptions, needs=("uncertainty_scorer",))
 class UncertaintyRouter:
-    name = "uncertainty"
+    """Exemplar-free: each expert's own confidence (mean token NLL) on the text."""
+
     needs_exemplars = False
 
     def __init__(self, scorer: NllScorer, temperature: float = 0.1):
@@ -49,12 +56,6 @@ class UncertaintyRouter:
         self.scorer = scorer
         self.temperature = temperature
         self._experts: tuple[str, ...] = ()
-
-    @classmethod
-    def from_options(cls, *, encoder: Any = None, uncertainty_scorer: NllScorer | None = None, **options: Any):
-        if uncertainty_scorer is None:
-            raise ValueError("router 'uncertainty' needs uncertainty_scorer=(texts, experts) -> NLL matrix")
-        return cls(uncertainty_scorer, **options)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -104,11 +105,10 @@ class HFNllScorer:
             raise ValueError("hf_nll_scorer needs at least one adapter")
         if target not in ("prompt", "answer"):
             raise ValueError(f"target must be 'prompt' or 'answer', got {target!r}")
-        if prompt_format is None:
-            from experts.zoo.tokenizer import format_prompt as prompt_format
         self.target, self.max_new_tokens, self.batch_size = target, max_new_tokens, batch_size
-        self.prompt_format = prompt_format
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.prompt_format = prompt_format or self._chat_prompt
+        self._add_special_tokens = prompt_format is not None   # a rendered chat prompt holds its own BOS
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
         names = sorted(adapters)
         self.model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
@@ -134,9 +134,15 @@ class HFNllScorer:
                     out[start : start + len(chunk), j] = nll.cpu().numpy()
         return out
 
+    def _chat_prompt(self, text: str) -> str:
+        """``text`` as a user turn in the model's chat template, ready for the answer."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  tokenize=False)
+
     def _encode(self, prompts: list[str], side: str) -> dict[str, torch.Tensor]:
         self.tokenizer.padding_side = side
-        return self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        return self.tokenizer(prompts, return_tensors="pt", padding=True,
+                              add_special_tokens=self._add_special_tokens).to(self.device)
 
     def _prompt_nll(self, prompts: list[str]) -> torch.Tensor:
         enc = self._encode(prompts, "right")

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from router import Policy, RoutingService, make_router
-from router.exemplars import SEEN_PHRASINGS, UNSEEN_PHRASINGS, ZOO_TASKS, zoo_exemplars, zoo_prompts
+from zoo.exemplars import SEEN_PHRASINGS, UNSEEN_PHRASINGS, ZOO_TASKS, zoo_exemplars, zoo_prompts
 from router.features import SentenceEncoder
 from router.knn import neighbour_votes
 
-# Not the calibration texts (router/calibrate.py OOD_TEXTS): fresh prose for the OOD check.
+# Not the calibration texts (bench/routing_calibrate.py OOD_TEXTS): fresh prose for the OOD check.
 PROSE = [
     "Our flight to Lisbon was delayed by three hours because of fog.",
     "Why do cats purr when they are happy?",

@@ -1,4 +1,4 @@
-"""Policy, Decision, registry, route_text and the service, with a stub router (no models)."""
+"""Policy, Decision, registry and the service, with a stub router (no models)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import pytest
 
 from experts.registry import UnknownNameError
-from router import ROUTERS, Decision, Policy, RoutingService, make_router, quantised_recipe, route_text
+from router import ROUTERS, Decision, Policy, RoutingService, make_router, quantised_recipe
 
 
 def reference_grid_recipe(scores: Mapping[str, float], top_k: int, units: int) -> dict[str, float]:
@@ -86,23 +86,6 @@ def test_registry_lists_routers_and_misses_name_them():
         make_router("nope")
     with pytest.raises(ValueError, match="needs uncertainty_scorer"):
         make_router("uncertainty")
-
-
-@pytest.mark.parametrize("kwargs,expected", [
-    (dict(prompt="Q: Write abc backwards.\nA: "), "Write abc backwards."),
-    (dict(prompt="Q: Reverse ab\nA: ba\nQ: Count the vowels of xyz.\nA:"), "Count the vowels of xyz."),
-    (dict(prompt="  plain text  "), "plain text"),
-    (dict(prompt="Q: answered\nA: done"), "Q: answered\nA: done"),
-    (dict(prompt=["first", "Q: second\nA: "]), "second"),
-    (dict(messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "one"},
-                    {"role": "assistant", "content": "x"}, {"role": "user", "content": "two"}]), "two"),
-    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "Q: parts\nA: "},
-                                                 {"type": "image_url", "image_url": {"url": "u"}}]}]), "parts"),
-    (dict(messages=[{"role": "system", "content": "only system"}]), ""),
-    (dict(), ""),
-])
-def test_route_text(kwargs, expected):
-    assert route_text(**kwargs) == expected
 
 
 class StubRouter:

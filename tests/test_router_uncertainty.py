@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from experts.registry import UnknownNameError
-from experts.zoo.tokenizer import format_prompt
+from zoo.tokenizer import format_prompt
 from router import Policy, RoutingService, make_router
 from router.uncertainty import hf_nll_scorer, softmax_scores
 
