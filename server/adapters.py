@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from experts.atomic import atomic_dir
 from experts.expert import Expert
 from experts.lora_merge import lora_concat
+from experts.sparsify import lowrank as svd_factors
 
 LORA_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -50,7 +51,7 @@ def write_merged_adapter(out: Path, experts: Sequence[Expert], weights: Sequence
     for e in experts:
         if e.manifest.codec != "lowrank":
             raise AdapterError(f"expert {e.manifest.name!r} is not low-rank (codec {e.manifest.codec})")
-        ranks.append(max(e.parts(n)["A"].shape[0] for n in e.param_names))
+        ranks.append(e.manifest.rank or 0)
     rank = sum(ranks)
     names = sorted({n for e in experts for n in e.param_names})
     for name in names:
@@ -65,8 +66,7 @@ def write_merged_adapter(out: Path, experts: Sequence[Expert], weights: Sequence
         pairs = []
         for e, r in zip(experts, ranks):
             if name in e.param_names:
-                parts = e.parts(name)
-                a, b = parts["A"].float(), parts["B"].float()
+                a, b = e.factors(name, torch.float32)
                 pad = r - a.shape[0]
                 if pad:
                     a = torch.cat([a, torch.zeros(pad, in_f)], 0)
@@ -113,16 +113,12 @@ class AdapterCache:
         self._items: OrderedDict[str, MergedAdapter] = OrderedDict()
         self._next_id = 1
         self._lock = threading.Lock()
-        self.hits = self.misses = self.evictions = self.builds = 0
 
     def get(self, key: str) -> MergedAdapter | None:
         with self._lock:
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
-                self.hits += 1
-            else:
-                self.misses += 1
             return item
 
     def build(self, key: str, experts: Sequence[Expert], weights: Sequence[float], base_shapes: dict,
@@ -151,11 +147,9 @@ class AdapterCache:
         evicted = []
         with self._lock:
             self._items[key] = item
-            self.builds += 1
             while len(self._items) > self.capacity:
                 _, old = self._items.popitem(last=False)
                 evicted.append(old)
-                self.evictions += 1
         return item, evicted
 
     def invalidate(self, expert: str) -> list[MergedAdapter]:
@@ -176,7 +170,6 @@ class AdapterCache:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-
 def write_svd_adapter(out: Path, expert: Expert, rank: int, base_shapes: dict) -> int:
     """Truncated SVD of each adapted projection of ``expert`` as a PEFT LoRA (r = alpha = rank)."""
     tensors, suffixes = {}, set()
@@ -185,9 +178,7 @@ def write_svd_adapter(out: Path, expert: Expert, rank: int, base_shapes: dict) -
             continue   # embeddings, norms: outside what a LoRA can express; the proxy ignores them
         delta = expert.decode(name, torch.float32)
         r = min(rank, *delta.shape)
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        root = S[:r].sqrt()
-        a, b = root[:, None] * Vh[:r], U[:, :r] * root
+        a, b = svd_factors(delta, rank=r)
         if r < rank:
             a = torch.cat([a, torch.zeros(rank - r, a.shape[1])], 0)
             b = torch.cat([b, torch.zeros(b.shape[0], rank - r)], 1)

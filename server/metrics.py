@@ -45,7 +45,7 @@ class Metrics:
         self.swaps = Counter(
             "deltaserve_weight_swaps", "Dense-path weight swaps (recipe changes applied in place)", registry=r)
         self.swap_seconds = Histogram(
-            "deltaserve_weight_swap_seconds", "Time to drain nothing more and apply one dense recipe",
+            "deltaserve_weight_swap_seconds", "Time to drain the engine and apply one dense recipe (dense-path swap)",
             buckets=LATENCY_BUCKETS, registry=r)
         self.swap_bytes = Counter(
             "deltaserve_weight_swap_bytes", "Bytes of base weights rewritten by dense swaps", registry=r)
@@ -58,7 +58,7 @@ class Metrics:
         self.engine_up = Gauge("deltaserve_engine_up", "1 while the vLLM engine is alive, else 0", registry=r)
         self.registered_experts = Gauge("deltaserve_registered_experts", "Experts in the store", registry=r)
         self.store_generation = Gauge("deltaserve_store_generation", "Store generation counter", registry=r)
-        # Routing (router issue): decisions, confidence, fallbacks, latency.
+        # Routing: decisions, confidence, fallbacks, latency.
         self.route_decisions = Counter(
             "deltaserve_route_decisions", "Routing decisions by router and chosen expert (fallback recipes as 'fallback')",
             ["router", "expert"], registry=r)

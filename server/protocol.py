@@ -1,4 +1,4 @@
-"""OpenAI-compatible wire format (the subset deltaserve serves), as pydantic models.
+"""OpenAI-compatible wire format (the subset deltaserve serves), as pydantic models: requests and responses.
 
 Field names, defaults and response shapes follow the OpenAI API (and vLLM's
 own protocol models), so the official ``openai`` SDK works unchanged. Unknown
@@ -14,6 +14,8 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from experts.store import Compression
 
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools", "tool_choice",
                "functions", "function_call", "response_format", "prompt_logprobs")
@@ -99,12 +101,6 @@ class ChatCompletionRequest(_Request):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ExpertRegistration(BaseModel):
     """POST /v1/experts body."""
 
@@ -112,7 +108,7 @@ class ExpertRegistration(BaseModel):
     name: str = Field(description="the expert's name in `model` and in URLs")
     path: str = Field(description="server-side directory under an allowed root: an expert folder, a PEFT "
                                   "adapter or an HF fine-tuned model")
-    compression: dict[str, Any] | None = Field(None, description="experts.store.Compression fields")
+    compression: Compression | None = Field(None, description="how to compress a fine-tune: a method and its options")
     exemplars: list[str] | None = Field(None, description="example prompts for the routers")
     replace: bool = False
 
@@ -124,16 +120,155 @@ class RouteRequest(BaseModel):
     prompt: str | None = None
 
 
+# ---------------------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ServedAs(BaseModel):
+    """The ``deltaserve`` field of a non-streaming response: what the request was served with."""
+
+    recipe: str
+    path: Literal["base", "lora", "dense"]
+    weights: dict[str, float]
+    method: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    route: dict[str, Any] | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    deltaserve: ServedAs | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    deltaserve: ServedAs | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "deltaserve"
+    root: str | None = None
+    parent: str | None = None
+    deltaserve: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ExpertCard(BaseModel):
+    id: str
+    object: Literal["expert"] = "expert"
+    kind: str
+    codec: str
+    density: float | None
+    rank: int | None
+    bytes: int
+    bits_per_param: float
+    base_params: int
+    base_fingerprint: str
+    source: str
+    method: dict[str, Any]
+    task: str | None
+    calibration_score: float | None
+    created: str
+    path: Literal["base", "lora", "dense"]
+    exemplars: int
+
+
+class ExpertList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ExpertCard]
+    store_generation: int
+
+
+class DeletedExpert(BaseModel):
+    id: str
+    object: Literal["expert"] = "expert"
+    deleted: bool = True
+
+
+class RouteResponse(BaseModel):
+    model: str
+    recipe: str
+    path: Literal["base", "lora", "dense"]
+    weights: dict[str, float]
+    route: dict[str, Any] | None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
 def completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def now() -> int:
     return int(time.time())
-
-
-def error_body(message: str, code: int, param: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-            503: "service_unavailable"}.get(code, "server_error" if code >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,7 +1,8 @@
 """Recipe-aware admission for the one set of weights the engine holds.
 
-Every request needs a *weight state*: the dense path's recipe key, or ``""``
-(the base weights) for base-model and LoRA-path requests. Requests that need
+Every request needs a *weight state* (any hashable; server.engine uses
+``WeightState``): the dense path's recipe, or the base weights for base-model
+and LoRA-path requests. Requests that need
 the active state are admitted at once and batch together in vLLM. Requests for
 another state wait. The policy:
 
@@ -25,36 +26,33 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass
 class _Waiter:
-    state: str
+    state: Hashable
     payload: Any
     since: float
     future: asyncio.Future = field(repr=False)
 
 
 class WeightScheduler:
-    def __init__(self, apply: Callable[[str, Any], Awaitable[None]], *, max_wait_s: float = 0.5,
-                 initial_state: str = "", on_depth: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, apply: Callable[[Hashable, Any], Awaitable[None]], *, max_wait_s: float = 0.5,
+                 initial_state: Hashable = "") -> None:
         self._apply = apply
         self.max_wait_s = max_wait_s
         self.active = initial_state
         self.inflight = 0
-        self.swaps = 0
         self._waiting: deque[_Waiter] = deque()
         self._switching = False
         self._timer: asyncio.TimerHandle | None = None
-        self._on_depth = on_depth or (lambda state, depth: None)
-        self.last_error: BaseException | None = None
 
     # ------------------------------------------------------------------ public
     @contextlib.asynccontextmanager
-    async def hold(self, state: str, payload: Any = None) -> AsyncIterator[None]:
+    async def hold(self, state: Hashable, payload: Any = None) -> AsyncIterator[None]:
         """Run the body while the engine's weights are in ``state`` (``payload`` is passed to apply)."""
         await self._acquire(state, payload)
         try:
@@ -63,8 +61,8 @@ class WeightScheduler:
             self.inflight -= 1
             self._kick()
 
-    def waiting(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+    def waiting(self) -> dict[Hashable, int]:
+        counts: dict[Hashable, int] = {}
         for w in self._waiting:
             counts[w.state] = counts.get(w.state, 0) + 1
         return counts
@@ -73,21 +71,19 @@ class WeightScheduler:
     def _draining(self, now: float) -> bool:
         return any(w.state != self.active and now - w.since >= self.max_wait_s for w in self._waiting)
 
-    async def _acquire(self, state: str, payload: Any) -> None:
+    async def _acquire(self, state: Hashable, payload: Any) -> None:
         now = time.monotonic()
         if state == self.active and not self._switching and not self._draining(now):
             self.inflight += 1
             return
         waiter = _Waiter(state, payload, now, asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
-        self._on_depth(state, 1)
         self._kick()
         try:
             await waiter.future
         except asyncio.CancelledError:
             if waiter in self._waiting:
                 self._waiting.remove(waiter)
-                self._on_depth(state, -1)
             elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
                 self.inflight -= 1   # admitted just as the client went away
                 self._kick()
@@ -122,17 +118,13 @@ class WeightScheduler:
             self._kick()
         self._timer = asyncio.get_running_loop().call_later(delay, fire)
 
-    async def _switch(self, state: str, payload: Any) -> None:
+    async def _switch(self, state: Hashable, payload: Any) -> None:
         try:
             await self._apply(state, payload)
             self.active = state
-            self.swaps += 1
-            self.last_error = None
-        except BaseException as err:  # a failed swap fails the requests that wanted it, not the server
-            self.last_error = err
+        except (Exception, asyncio.CancelledError) as err:  # fails the requests that wanted it, not the server
             for w in [w for w in self._waiting if w.state == state]:
                 self._waiting.remove(w)
-                self._on_depth(state, -1)
                 if not w.future.done():
                     w.future.set_exception(err)
         finally:
@@ -140,10 +132,9 @@ class WeightScheduler:
         self._admit(self.active)
         self._kick()
 
-    def _admit(self, state: str) -> None:
+    def _admit(self, state: Hashable) -> None:
         for w in [w for w in self._waiting if w.state == state]:
             self._waiting.remove(w)
-            self._on_depth(state, -1)
             if not w.future.done():
                 self.inflight += 1
                 w.future.set_result(None)

@@ -1,4 +1,4 @@
-"""``deltaserve serve`` and ``deltaserve demo``: settings from flags/env, then uvicorn."""
+"""``deltaserve serve``: settings from flags/env, then uvicorn (``demo`` reuses it, server.zoo_commands)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import sys
 from pathlib import Path
 
 DEFAULT_PORT = 8000
-# On the demo zoo NPS keeps ~60 % of the experts' accuracy at density 0.05 and far more at 0.2
-# (results/quality/README.md); the demo serves the denser, still ~3x smaller-than-fp16, experts.
-DEMO_NPS_DENSITY = 0.2
 
 
 def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
@@ -31,8 +28,12 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
     p.add_argument("--cache-bytes", type=int, default=1 << 30, help="host RAM for decoded deltas")
     p.add_argument("--max-wait-ms", type=float, default=200.0,
                    help="dense path: longest a request waits while another recipe is served")
-    p.add_argument("--router", choices=["none", "knn", "gate", "uncertainty"], default="knn" if demo else "none",
+    from router import ROUTERS
+
+    p.add_argument("--router", choices=["none", *sorted(ROUTERS)], default="knn" if demo else "none",
                    help="what `model: auto` uses")
+    p.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a router option, e.g. k=5 for knn (repeatable; `deltaserve methods` lists them)")
     p.add_argument("--top-k", type=int, default=1, help="experts per routed recipe (weights on a 0.25 grid)")
     p.add_argument("--min-confidence", type=float, help="route to the fallback below this confidence")
     p.add_argument("--max-distance", type=float, help="knn/gate: fallback beyond this exemplar distance")
@@ -55,29 +56,44 @@ def _keys(flag: list[str] | None, env: str) -> list[str]:
     return keys
 
 
+def _router_options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: --router-option {item!r} must be KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def settings_from_args(args: argparse.Namespace, base: Path):
-    from server.app import RouterSettings, ServerSettings
-    from server.engine import EngineConfig
+    from pydantic import ValidationError
+
+    from server.settings import EngineConfig, RouterSettings, ServerSettings
 
     engine = EngineConfig(
         base_dir=base, served_name=args.served_name, max_model_len=args.max_model_len, dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
         max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, host_cache_bytes=args.cache_bytes,
         max_wait_ms=args.max_wait_ms)
-    return ServerSettings(
-        store_dir=args.store, engine=engine, api_keys=_keys(args.api_key, "DELTASERVE_API_KEY"),
-        admin_keys=_keys(args.admin_key, "DELTASERVE_ADMIN_KEY"), register_roots=list(args.register_root or []),
-        auto_recipe=args.auto_recipe, store_poll_s=args.store_poll_s,
-        router=RouterSettings(name=args.router, top_k=args.top_k, min_confidence=args.min_confidence,
-                              max_distance=args.max_distance, fallback=args.fallback))
+    try:
+        return ServerSettings(
+            store_dir=args.store, engine=engine, api_keys=_keys(args.api_key, "DELTASERVE_API_KEY"),
+            admin_keys=_keys(args.admin_key, "DELTASERVE_ADMIN_KEY"), register_roots=list(args.register_root or []),
+            auto_recipe=args.auto_recipe, store_poll_s=args.store_poll_s,
+            router=RouterSettings(name=args.router, options=_router_options(args.router_option), top_k=args.top_k,
+                                  min_confidence=args.min_confidence, max_distance=args.max_distance,
+                                  fallback=args.fallback))
+    except ValidationError as err:
+        raise SystemExit(f"error: {err.errors()[0]['msg']}") from None
 
 
-def run(settings, routing, host: str, port: int, log_level: str, banner: str = "") -> int:
+def run(settings, host: str, port: int, log_level: str, banner: str = "") -> int:
     import uvicorn
 
     from server.app import create_app
 
-    app = create_app(settings, routing=routing, on_ready=(lambda: print(banner, flush=True)) if banner else None)
+    app = create_app(settings, on_ready=(lambda: print(banner, flush=True)) if banner else None)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
 
@@ -86,39 +102,7 @@ def serve(args: argparse.Namespace) -> int:
     if not (args.base / "config.json").is_file():
         raise SystemExit(f"error: --base {args.base} is not an HF model directory (no config.json)")
     settings = settings_from_args(args, args.base)
-    return run(settings, None, args.host, args.port, args.log_level)
-
-
-# ---------------------------------------------------------------------------- demo
-
-
-def seed_demo_store(zoo_root: Path, store_dir: Path, *, density: float = DEMO_NPS_DENSITY, nps_generations: int = 6,
-                    calib_n: int = 48) -> Path:
-    """Publish the zoo's experts: full fine-tunes NPS-compressed, LoRAs kept exact with exemplars."""
-    from experts.store import Compression, ExpertStore
-    from experts.zoo.build import ZooLayout, load_llama, load_tokenizer
-    from experts.zoo.evaluate import TaskEvaluator, task_vector_objective
-    from experts.zoo.spec import ZooSpec
-    from experts.zoo.tasks import get_task
-
-    spec = ZooSpec.model_validate_json((zoo_root / "spec.json").read_text())
-    layout = ZooLayout(zoo_root)
-    store = ExpertStore(store_dir, layout.base)
-    have = set(store.names())
-    for task in spec.tasks:
-        name = task.replace("_", "-")
-        exemplars = [e.question for e in get_task(task).examples("calib", 64, seed=1)]
-        if f"{name}-lora" not in have:
-            store.import_source(f"{name}-lora", layout.lora(task), exemplars=exemplars)
-            print(f"published {name}-lora (LoRA, exact)", flush=True)
-        if name not in have:
-            evaluator = TaskEvaluator(load_tokenizer(layout.base), [task], "calib", calib_n)
-            objective = task_vector_objective(load_llama(layout.base), evaluator, task)
-            store.import_source(name, layout.full(task), objective=objective,
-                                compression=Compression(method="nps", density=density, task=task,
-                                                        generations=nps_generations))
-            print(f"published {name} (NPS, density {density})", flush=True)
-    return layout.base
+    return run(settings, args.host, args.port, args.log_level)
 
 
 def demo_banner(host: str, port: int, example_model: str, expert: str) -> str:
@@ -140,18 +124,3 @@ r = client.chat.completions.create(model="auto", messages=[{{"role": "user", "co
 print(r.choices[0].message.content, r.model_extra["deltaserve"]["recipe"])
 EOF
 """
-
-
-def demo(args: argparse.Namespace) -> int:
-    from experts.zoo.build import ZooBuilder
-    from experts.zoo.spec import preset
-
-    zoo_root = Path(".cache/zoo") / args.size
-    ZooBuilder(preset(args.size), zoo_root).build(workers=2)
-    base = seed_demo_store(zoo_root, args.store)
-    if args.no_serve:
-        return 0
-    settings = settings_from_args(args, base)
-    banner = demo_banner(args.host, args.port, "auto" if args.router != "none" else "upper", "upper-lora")
-    print(f"starting the engine (base {base}, store {args.store}) ...", file=sys.stderr, flush=True)
-    return run(settings, None, args.host, args.port, args.log_level, banner)

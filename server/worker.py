@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,8 +28,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from experts.expert import Expert, load_expert
-from experts.merge_model import merged_param
-from experts.merging import get_merge_method
+from experts.merge_model import merged_params
+from server.contracts import MergeRequest, SwapStats
 
 # Siblings that vLLM fuses into one module and that must be reloaded together.
 _FUSED = (
@@ -99,7 +99,6 @@ class DeltaState:
         self.cache = HostDeltaCache(host_cache_bytes)
         self.experts: dict[str, Expert] = {}
         self.applied: set[str] = set()   # parameters that currently differ from the base
-        self.recipe_key = ""
 
     def expert(self, directory: str, token: str) -> Expert:
         cached = self.experts.get(token)
@@ -110,19 +109,16 @@ class DeltaState:
     def expand(self, names: set[str]) -> set[str]:
         return {s for n in names for s in fused_siblings(n, self.base)}
 
-    def weights(self, recipe: Sequence[tuple[str, str, float]], method: str, options: dict,
-                targets: set[str], restore: set[str]) -> Iterator[tuple[str, Tensor]]:
-        merge = get_merge_method(method)
-        experts = [(self.expert(d, token), token, w) for d, token, w in recipe]
-        for name in sorted(targets):
-            using = [(e, token, w) for e, token, w in experts if name in e.param_names]
-            if not using:
-                yield name, self.base[name]
-                continue
-            base = self.base[name]
-            deltas = [self.cache.get(token, e, name) if name in e.param_names
-                      else torch.zeros(base.shape, dtype=torch.float32) for e, token, _ in experts]
-            yield name, merged_param(name, base, deltas, merge, [w for *_, w in experts], 1.0, **options)
+    def weights(self, request: MergeRequest, targets: set[str], restore: set[str]) -> Iterator[tuple[str, Tensor]]:
+        """The tensors to load: ``targets`` merged from the base (experts.merge_model), ``restore`` as the base."""
+        experts = [(self.expert(item.path, item.token), item.token) for item in request.items]
+
+        def delta(i: int, name: str) -> Tensor | None:
+            expert, token = experts[i]
+            return self.cache.get(token, expert, name) if name in expert.param_names else None
+
+        yield from merged_params(sorted(targets), self.base, delta, len(experts), request.method,
+                                 [item.weight for item in request.items], 1.0, request.options)
         for name in sorted(restore):
             yield name, self.base[name]
 
@@ -134,42 +130,33 @@ class DeltaWorkerExtension:
         self._deltaserve = DeltaState(base_dir, host_cache_bytes)
         return {"base_params": len(self._deltaserve.base)}
 
-    def deltaserve_apply(self, key: str, recipe: list, method: str = "task_arithmetic",
-                         options: dict | None = None) -> dict:
-        """Make the weights ``base + merge(recipe)``; ``recipe`` = [[expert_dir, cache_token, weight], ...].
+    def deltaserve_apply(self, request: dict) -> dict:
+        """Make the weights ``base + merge(request)`` (a ``MergeRequest`` dump); no items restores the base.
 
-        An empty recipe restores the base. Returns what the swap cost.
+        Returns the swap's ``SwapStats`` dump.
         """
         state: DeltaState = self._deltaserve
+        req = MergeRequest.model_validate(request)
         start = time.perf_counter()
         hits, misses, evictions = state.cache.hits, state.cache.misses, state.cache.evictions
-        recipe = [(str(d), str(t), float(w)) for d, t, w in recipe]
-        touched = {n for d, t, _ in recipe for n in state.expert(d, t).param_names}
+        touched = {n for item in req.items for n in state.expert(item.path, item.token).param_names}
         missing = sorted(n for n in touched if n not in state.base)
         if missing:
             raise KeyError(f"expert parameters not in the base model: {missing[:5]}")
         targets = state.expand(touched)
         restore = state.expand(state.applied - targets) - targets
-        items = list(state.weights(recipe, method, options or {}, targets, restore))
+        items = list(state.weights(req, targets, restore))
         bytes_touched = sum(t.numel() * t.element_size() for _, t in items)
         try:
             self.model_runner.reload_weights(weights_iterator=iter(items))
-        except BaseException:
+        except Exception:
             state.applied |= targets   # unknown state: the next apply rewrites all of it from the base
-            state.recipe_key = "?"
             raise
         state.applied = targets
-        state.recipe_key = key
-        return {
-            "key": key,
-            "seconds": time.perf_counter() - start,
-            "bytes": bytes_touched,
-            "params": len(items),
-            "host_hits": state.cache.hits - hits,
-            "host_misses": state.cache.misses - misses,
-            "host_evictions": state.cache.evictions - evictions,
-            "host_bytes": state.cache.bytes,
-        }
+        return SwapStats(key=req.key, seconds=time.perf_counter() - start, bytes=bytes_touched, params=len(items),
+                         host_hits=state.cache.hits - hits, host_misses=state.cache.misses - misses,
+                         host_evictions=state.cache.evictions - evictions,
+                         host_bytes=state.cache.bytes).model_dump()
 
     def deltaserve_forget(self, token: str) -> dict:
         """Drop an expert's decoded deltas (it was deleted or replaced)."""
@@ -177,6 +164,3 @@ class DeltaWorkerExtension:
         state.cache.drop(token)
         state.experts.pop(token, None)
         return {"host_bytes": state.cache.bytes}
-
-    def deltaserve_active(self) -> str:
-        return self._deltaserve.recipe_key

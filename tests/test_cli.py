@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from experts.zoo.matrix import AccuracyMatrix
+from zoo.matrix import AccuracyMatrix
 
 
 def _cli(*args):
@@ -32,7 +32,11 @@ def test_eval_cli_matches_the_zoo_matrix(micro_zoo, tmp_path):
         (["eval", "--model", "{base}", "--tasks", "nope"], "unknown task"),
         (["eval", "--model", "{base}", "--adapter", "{base}"], "has no adapter_config.json"),
         (["eval", "--model", "{base}", "--n", "0"], "--n must be >= 1"),
-        (["zoo", "build", "--size", "huge"], "invalid choice"),
+        (["zoo", "build", "--size", "huge"], "unknown zoo size 'huge'"),
+        (["compress", "--base", "{base}", "--finetuned", "{base}", "--method", "magnitude", "--rank", "4",
+          "--out", "/tmp/x"], "--rank does not apply to compression method 'magnitude' (it takes --density)"),
+        (["merge", "--base", "{base}", "--experts", "{base}", "--method", "ties", "--density", "2",
+          "--out", "/tmp/x"], "--density: invalid options for merge method 'ties'"),
     ],
 )
 def test_bad_arguments_give_a_clear_error(micro_zoo, args, message):
@@ -63,24 +67,30 @@ def test_inspect_and_compress_refuse_bad_inputs(micro_zoo, tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr and "manifest" in res.stderr
     res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
                "--method", "nps", "--out", str(tmp_path / "x"))
-    assert res.returncode != 0 and "needs --task" in res.stderr
+    assert res.returncode != 0 and "needs --calibration" in res.stderr
     res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
                "--density", "1.5", "--out", str(tmp_path / "x"))
     assert res.returncode != 0 and "--density" in res.stderr
     res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
-               "--task", "upper", "--max-weight", "0.5", "--out", str(tmp_path / "x"))
+               "--max-weight", "0.5", "--out", str(tmp_path / "x"))
     assert res.returncode != 0 and "max_weight" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "x").exists()
 
 
 def test_compress_nps_per_tensor_records_its_search(micro_zoo, tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    res = _cli("zoo", "data", "--task", "upper", "--split", "calib", "--n", "8", "--out", str(calib))
+    assert res.returncode == 0, res.stderr
+    assert len(calib.read_text().splitlines()) == 8
     out = tmp_path / "upper-nps"
     res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
-               "--method", "nps", "--task", "upper", "--calib-n", "8", "--generations", "2", "--population", "4",
-               "--banding", "per-tensor", "--max-weight", "2", "--out", str(out))
+               "--method", "nps", "--calibration", str(calib), "--task", "upper", "--generations", "2",
+               "--population", "4", "--banding", "per-tensor", "--max-weight", "2", "--out", str(out))
     assert res.returncode == 0, res.stderr
-    method = json.loads((out / "manifest.json").read_text())["method"]
-    assert method["per_tensor"] is True and method["max_weight"] == 2 and method["population"] == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    method = manifest["method"]
+    assert method["banding"] == "per-tensor" and method["max_weight"] == 2 and method["population"] == 4
+    assert method["objective"] == "teacher_forced_exact_match" and manifest["task"] == "upper"
     assert 1 <= len(method["history"]) <= 2 and all(0 <= w <= 2 for w in method["weights"])  # pycma may stop early
 
 
@@ -88,7 +98,7 @@ def test_merge_writes_a_loadable_checkpoint_equal_to_the_math(micro_zoo, tmp_pat
     import torch
 
     from experts.taskvector import load_state_dict
-    from experts.zoo.build import load_llama
+    from zoo.build import load_llama
 
     layout = micro_zoo.layout
     experts = []
@@ -117,14 +127,16 @@ def test_merge_writes_a_loadable_checkpoint_equal_to_the_math(micro_zoo, tmp_pat
 def test_compress_sparse_ft_retrains_the_kept_entries(micro_zoo, tmp_path):
     base, tuned = str(micro_zoo.layout.base), str(micro_zoo.layout.full("length"))
     res = _cli("compress", "--base", base, "--finetuned", tuned, "--method", "sparse_ft", "--out", str(tmp_path / "x"))
-    assert res.returncode != 0 and "needs --task" in res.stderr and "Traceback" not in res.stderr
-    res = _cli("compress", "--base", base, "--finetuned", tuned, "--method", "sparse_ft", "--task", "length",
-               "--train-lr", "-1", "--out", str(tmp_path / "x"))
-    assert res.returncode != 0 and "training options" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode != 0 and "needs --training" in res.stderr and "Traceback" not in res.stderr
+    train = tmp_path / "train.jsonl"
+    assert _cli("zoo", "data", "--task", "length", "--split", "train", "--n", "64", "--out", str(train)).returncode == 0
+    res = _cli("compress", "--base", base, "--finetuned", tuned, "--method", "sparse_ft", "--training", str(train),
+               "--lr", "-1", "--out", str(tmp_path / "x"))
+    assert res.returncode != 0 and "--lr" in res.stderr and "Traceback" not in res.stderr
     out = tmp_path / "length-sft"
-    res = _cli("compress", "--base", base, "--finetuned", tuned, "--method", "sparse_ft", "--task", "length",
-               "--density", "0.05", "--train-steps", "5", "--train-examples", "64", "--out", str(out))
+    res = _cli("compress", "--base", base, "--finetuned", tuned, "--method", "sparse_ft", "--training", str(train),
+               "--density", "0.05", "--steps", "5", "--batch-size", "8", "--out", str(out))
     assert res.returncode == 0, res.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["codec"] == "sparse" and manifest["method"]["name"] == "sparse_ft"
-    assert 0 < manifest["density"] <= 0.051
+    assert manifest["method"]["steps"] == 5 and 0 < manifest["density"] <= 0.051

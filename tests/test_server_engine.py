@@ -16,7 +16,7 @@ QUESTIONS = ["Uppercase this: hello world", "How many vowels are in: banana spli
 
 
 def _hf_greedy_texts(model_dir, tokenizer, questions, max_tokens=MAX_TOKENS):
-    from experts.zoo.build import load_llama
+    from zoo.build import load_llama
 
     model = load_llama(model_dir)
     texts = []
@@ -40,19 +40,26 @@ def _server_texts(server, model, questions, max_tokens=MAX_TOKENS):
     return out, r
 
 
-@pytest.mark.parametrize("model,weights,path", [
-    ("0.7*upper+0.3*length", {"upper": 0.7, "length": 0.3}, "dense"),
-    ("0.6*count-vowels-lora+0.4*max-digit-lora", {"count-vowels-lora": 0.6, "max-digit-lora": 0.4}, "lora"),
+@pytest.mark.parametrize("model,weights,path,method,options", [
+    ("0.7*upper+0.3*length", {"upper": 0.7, "length": 0.3}, "dense", "task_arithmetic", {}),
+    ("0.6*count-vowels-lora+0.4*max-digit-lora", {"count-vowels-lora": 0.6, "max-digit-lora": 0.4}, "lora",
+     "task_arithmetic", {}),
+    ("ties(density=0.05):upper+length", {"length": 1.0, "upper": 1.0}, "dense", "ties", {"density": 0.05}),
 ])
 def test_served_recipe_equals_transformers_on_the_merged_checkpoint(live_server, micro_zoo, tmp_path, model,
-                                                                    weights, path):
+                                                                    weights, path, method, options):
     """Oracle: greedy server output == HF greedy on `deltaserve merge`'s checkpoint of the same recipe."""
     from experts.merge_model import merge_into_checkpoint
 
     merged = tmp_path / "merged"
     merge_into_checkpoint(micro_zoo.layout.base, [live_server.store / n for n in weights], merged,
-                          method="task_arithmetic", weights=list(weights.values()))
+                          method=method, weights=list(weights.values()), **options)
     expected = _hf_greedy_texts(merged, micro_zoo.tokenizer, QUESTIONS)
+    if options:   # the options must reach the engine: the default-option merge answers differently
+        default = tmp_path / "default"
+        merge_into_checkpoint(micro_zoo.layout.base, [live_server.store / n for n in weights], default,
+                              method=method, weights=list(weights.values()))
+        assert _hf_greedy_texts(default, micro_zoo.tokenizer, QUESTIONS) != expected
     got, last = _server_texts(live_server, model, QUESTIONS)
     assert got == expected
     assert sum(len(t) for t in got) >= len(QUESTIONS)  # real generations, not empty strings compared

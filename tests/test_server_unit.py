@@ -195,11 +195,11 @@ def test_store_passes_the_nps_search_options_through(micro_zoo, tmp_path):
     with pytest.raises(ValueError, match="max_weight"):
         Compression(method="nps", max_weight=0.5)
     store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
-    comp = Compression(method="nps", density=0.1, generations=1, population=2, per_tensor=True, max_weight=2.0)
+    comp = Compression(method="nps", density=0.1, generations=1, population=2, banding="per-tensor", max_weight=2.0)
     manifest = store.import_source("up", micro_zoo.layout.full("upper"), compression=comp,
                                    objective=lambda deltas: float(sum(d.abs().sum() for d in deltas.values())))
     method = manifest.method
-    assert method["per_tensor"] is True and method["population"] == 2 and method["max_weight"] == 2.0
+    assert method["banding"] == "per-tensor" and method["population"] == 2 and method["max_weight"] == 2.0
     assert all(0.0 <= w <= 2.0 for w in method["weights"])
 
 

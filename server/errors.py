@@ -1,0 +1,146 @@
+"""Errors at the HTTP edge: one table maps exceptions to statuses, one place renders them.
+
+Handlers raise domain exceptions (``UnknownExpertError``, ``RecipeError``,
+``StoreError``, ...) or :class:`APIError` for conditions that only exist in the
+HTTP layer; :data:`ERROR_STATUS` decides the status by the exception's class
+(the most specific entry wins). Every error body has OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``. An unexpected exception is
+logged with its request id and answered with a 500 that names only that id —
+never the exception's text.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from experts.examples import ExampleError
+from experts.expert import ExpertFormatError
+from experts.merge_model import MergeError
+from experts.registry import OptionsError, UnknownNameError
+from experts.store import ExpertExistsError, StoreError, UnknownExpertError
+from server.recipes import RecipeError, UnknownModelError
+
+log = logging.getLogger("deltaserve")
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class APIError(Exception):
+    """An error the HTTP layer itself detects (auth, paths, limits); carries its status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is not running (starting, restarting or dead): a 503."""
+
+
+# Domain exception -> HTTP status. Subclasses come before their bases; the first match wins.
+ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (UnknownModelError, 404),
+    (UnknownExpertError, 404),
+    (ExpertExistsError, 409),
+    (RecipeError, 400),
+    (OptionsError, 400),
+    (UnknownNameError, 400),
+    (ExampleError, 400),
+    (ExpertFormatError, 400),
+    (StoreError, 400),
+    (MergeError, 400),
+    (ValidationError, 400),
+    (EngineUnavailable, 503),
+)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 503: "service_unavailable"}
+
+
+def error_body(message: str, code: int, param: str | None = None) -> dict:
+    kind = _TYPES.get(code, "server_error" if code >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def status_of(err: BaseException) -> int | None:
+    """The table's status for ``err``, or None when it is unexpected (a 500)."""
+    for cls, status in ERROR_STATUS:
+        if isinstance(err, cls):
+            return status
+    return None
+
+
+def describe(err: BaseException) -> tuple[str, str | None]:
+    """(message, param) safe to send to a client for an expected error."""
+    if isinstance(err, APIError):
+        return err.message, err.param
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or None
+        return "invalid request: " + "; ".join(_problem(e) for e in err.errors()[:5]), where
+    return str(err), getattr(err, "param", None)
+
+
+def request_id(request: Request) -> str:
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request.state.request_id = rid
+    return rid
+
+
+def install(app: FastAPI, on_error: Callable[[Request, int], None] = lambda request, status: None) -> None:
+    """Register the handlers and the request-id middleware on ``app``."""
+
+    @app.middleware("http")
+    async def _request_id_and_crashes(request: Request, call_next):
+        rid = request_id(request)
+        try:
+            response = await call_next(request)
+        except Exception as err:  # noqa: BLE001 - the one place an unexpected error becomes a 500
+            log.error("unhandled error on %s %s (request id %s)", request.method, request.url.path, rid, exc_info=err)
+            return respond(request, 500, f"internal server error (request id {rid})", None)
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
+
+    def respond(request: Request, status: int, message: str, param: str | None) -> JSONResponse:
+        on_error(request, status)
+        return JSONResponse(error_body(message, status, param), status_code=status,
+                            headers={REQUEST_ID_HEADER: request_id(request)})
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return respond(request, err.status, err.message, err.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = [_problem(e) for e in err.errors()]
+        first = err.errors()[0] if err.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return respond(request, 400, "invalid request: " + "; ".join(problems[:5]), param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(err.status_code,
+                                                                                          str(err.detail))
+        return respond(request, err.status_code, message, None)
+
+    async def _domain(request: Request, err: Exception) -> JSONResponse:
+        return respond(request, status_of(err) or 500, *describe(err))
+
+    for cls, _status in ERROR_STATUS:
+        app.add_exception_handler(cls, _domain)
+
+
+def _problem(e: dict) -> str:
+    where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+    return f"{where}: {e.get('msg')}"

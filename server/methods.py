@@ -1,0 +1,37 @@
+"""Every registered family and its options, as the tables README's "Methods" section shows.
+
+``deltaserve methods`` prints this; a test checks that README.md contains it
+verbatim, so the README cannot drift from the registries.
+"""
+
+from __future__ import annotations
+
+from experts.registry import Registry
+
+
+def families() -> list[tuple[str, Registry]]:
+    from experts.codecs import CODECS
+    from experts.compress import COMPRESSORS
+    from experts.merging import MERGE_METHODS
+    from router import ROUTERS
+
+    return [("Compression methods (`compress --method`, `compression.method`)", COMPRESSORS),
+            ("Codecs (how an expert's tensors are stored)", CODECS),
+            ("Merge methods (`merge --method`, recipes `method(options):a+b`)", MERGE_METHODS),
+            ("Routers (`serve --router`, `--router-option`)", ROUTERS)]
+
+
+def families_markdown() -> str:
+    out = []
+    for title, registry in families():
+        out += [f"#### {title}", "", "| name | what | options (default) |", "| --- | --- | --- |"]
+        for row in registry.describe():
+            options = "; ".join(f"`{o['name']}` ({_default(o['default'])})" for o in row["options"]) or "-"
+            doc = row["doc"].replace("|", "\\|")
+            out.append(f"| `{row['name']}` | {doc} | {options} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _default(value: object) -> str:
+    return "none" if value is None else str(value)

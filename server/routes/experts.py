@@ -1,0 +1,55 @@
+"""Expert admin: list, inspect, register, delete; and the routing dry run."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from router.text import route_text
+from server.errors import APIError
+from server.protocol import (DeletedExpert, ErrorResponse, ExpertCard, ExpertList, ExpertRegistration, RouteRequest,
+                             RouteResponse)
+from server.routes import ADMIN, INFERENCE, SERVICE
+from server.service import Service
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
+router = APIRouter(responses=ERRORS)
+
+
+@router.get("/v1/experts", response_model=ExpertList, dependencies=[INFERENCE])
+async def list_experts(service: Service = SERVICE) -> ExpertList:
+    if await service.engine.refresh():   # changed by another replica: the router must follow too
+        await service.refresh_routing()
+    return ExpertList(data=[service.expert_card(n) for n in sorted(service.engine.experts)],
+                      store_generation=service.engine.generation)
+
+
+@router.get("/v1/experts/{name}", response_model=ExpertCard, dependencies=[INFERENCE])
+async def get_expert(name: str, service: Service = SERVICE) -> ExpertCard:
+    if await service.engine.refresh():
+        await service.refresh_routing()
+    return service.expert_card(name)
+
+
+@router.post("/v1/experts", response_model=ExpertCard, status_code=201, dependencies=[ADMIN])
+async def register(body: ExpertRegistration, service: Service = SERVICE) -> ExpertCard:
+    return await service.register(body)
+
+
+@router.delete("/v1/experts/{name}", response_model=DeletedExpert, dependencies=[ADMIN])
+async def delete(name: str, service: Service = SERVICE) -> DeletedExpert:
+    await service.delete(name)
+    return DeletedExpert(id=name)
+
+
+@router.post("/v1/route", response_model=RouteResponse, dependencies=[INFERENCE])
+async def route(req: RouteRequest, service: Service = SERVICE) -> RouteResponse:
+    if req.messages:
+        text = route_text(messages=[{"role": m.role, "content": m.text()} for m in req.messages])
+    elif req.prompt is not None:
+        text = route_text(prompt=req.prompt, markup=service.markup)
+    else:
+        raise APIError(400, "give `messages` or `prompt` to route", "messages")
+    recipe, decision = await service.resolve(req.model, text, record=False)
+    plan = service.engine.plan(recipe)
+    return RouteResponse(model=req.model, recipe=recipe.label(service.base_name), path=plan.path,
+                         weights=dict(recipe.terms), route=decision)

@@ -1,0 +1,28 @@
+"""Operations: health and Prometheus metrics (no key needed)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from server.metrics import CONTENT_TYPE
+from server.routes import SERVICE
+from server.service import Service
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(service: Service = SERVICE) -> Response:
+    try:
+        await service.engine.check_health()
+    except Exception:  # noqa: BLE001 - any engine failure is "unhealthy"; details stay in the logs
+        return JSONResponse({"status": "unhealthy"}, status_code=503)
+    return JSONResponse({"status": "ok", "experts": len(service.engine.experts),
+                         "store_generation": service.engine.generation})
+
+
+@router.get("/metrics")
+async def metrics(service: Service = SERVICE) -> Response:
+    service.metrics.engine_up.set(1 if service.engine.alive else 0)
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,181 @@
+"""What the request handlers share: settings, store, engine, metrics, router — and the
+operations on them that are not about building a response (server.serving does that).
+
+* ``resolve``: a request's ``model`` -> the recipe to serve (and the routing decision);
+* ``expert_card`` / ``register`` / ``delete``: the expert admin operations;
+* ``refresh_routing``: keep the router's experts and exemplars in step with the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from experts.store import Compression, ExpertStore
+from router.text import ChatMarkup
+from server.engine import Engine, EngineProtocol
+from server.errors import APIError
+from server.metrics import Metrics
+from server.protocol import ExpertCard, ExpertRegistration
+from server.recipes import Recipe, RecipeError, parse_model
+from server.settings import ServerSettings
+
+log = logging.getLogger("deltaserve")
+AUTO = "auto"
+MAX_INLINE_EXAMPLES = 2000
+
+
+class Service:
+    def __init__(self, settings: ServerSettings, *, engine: EngineProtocol | None = None,
+                 routing: Any = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store = ExpertStore(settings.store_dir, settings.engine.base_dir)
+        self.engine: EngineProtocol = engine if engine is not None else Engine(settings.engine, self.store,
+                                                                               self.metrics)
+        self.routing: Any = routing   # router.RoutingService, or None when `auto` serves a fixed recipe
+        self.base_name = settings.engine.served_name
+        self.markup = ChatMarkup()    # the served model's chat markup, set once the tokenizer is loaded
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self.markup = ChatMarkup.from_tokenizer(self.engine.tokenizer)
+        if self.routing is None and self.settings.router.name != "none":
+            from server.routing import build_routing
+
+            self.routing = await asyncio.to_thread(build_routing, self, asyncio.get_running_loop())
+        await self.refresh_routing()
+
+    # ------------------------------------------------------------------ recipes
+    async def resolve(self, model: str, text: str | None = None, *, record: bool = True
+                      ) -> tuple[Recipe, dict | None]:
+        """A request's `model` -> (recipe, routing decision as JSON or None)."""
+        experts = frozenset(self.engine.experts)
+        if model == AUTO:
+            if self.routing is not None and text is not None:
+                decision = (await asyncio.to_thread(self.routing.route, [text]))[0]
+                if record:   # a dry run (/v1/route) is not a routing decision
+                    self._record_route(decision)
+                recipe = Recipe.of(dict(decision.recipe))
+                if any(n not in experts for n in recipe.names):
+                    raise APIError(503, f"the router chose {recipe.key!r}, which is no longer servable")
+                return recipe, decision.to_json()
+            return self._auto_default(experts), {"router": None, "fallback": "no_router"}
+        return parse_model(model, base_name=self.base_name, experts=experts), None
+
+    def _auto_default(self, experts: frozenset[str]) -> Recipe:
+        text = self.settings.auto_recipe
+        if not text:
+            return Recipe()
+        try:
+            return parse_model(text, base_name=self.base_name, experts=experts)
+        except RecipeError as err:
+            raise APIError(503, f"the configured auto recipe is not servable: {err}") from None
+
+    def _record_route(self, decision: Any) -> None:
+        m = self.metrics
+        m.router_latency.labels(decision.router).observe(decision.latency_s)
+        m.route_confidence.labels(decision.router).observe(decision.confidence)
+        if decision.fallback:
+            m.route_fallbacks.labels(decision.router, decision.fallback).inc()
+            m.route_decisions.labels(decision.router, "fallback").inc()
+        for name in decision.recipe:
+            m.route_decisions.labels(decision.router, name).inc()
+
+    def model_label(self, model: str) -> str:
+        return model if model in (AUTO, self.base_name) or model in self.engine.experts else "expression"
+
+    # ------------------------------------------------------------------ experts
+    def expert_card(self, name: str) -> ExpertCard:
+        info = self.engine.experts.get(name)
+        if info is None:
+            raise APIError(404, f"unknown expert {name!r}; known experts: {sorted(self.engine.experts)}")
+        m = info.manifest
+        return ExpertCard(
+            id=name, kind=m.kind, codec=m.codec, density=m.density, rank=m.rank, bytes=m.bytes,
+            bits_per_param=m.bits_per_param, base_params=m.base_params, base_fingerprint=m.base_fingerprint,
+            source=m.source, method=m.method, task=m.task, calibration_score=m.calibration_score, created=m.created,
+            path=self.engine.plan(Recipe(((name, 1.0),))).path, exemplars=len(self.store.exemplars(name)))
+
+    def allowed_path(self, raw: str, param: str = "path") -> Path:
+        """``raw`` resolved (symlinks followed) and checked to lie under a ``--register-root``."""
+        roots = [Path(os.path.realpath(r)) for r in self.settings.register_roots]
+        if not roots:
+            raise APIError(403, "registration from server paths is disabled: start the server with --register-root DIR")
+        path = Path(os.path.realpath(raw))
+        if not any(path == r or r in path.parents for r in roots):
+            raise APIError(403, f"{param} {raw!r} is outside the allowed registration roots "
+                                f"{[str(r) for r in roots]}", param)
+        return path
+
+    async def register(self, body: ExpertRegistration) -> ExpertCard:
+        if body.name in (self.base_name, AUTO):
+            raise APIError(400, f"{body.name!r} is reserved", "name")
+        path = self.allowed_path(body.path)
+        if not path.is_dir():
+            raise APIError(400, f"path {body.path!r} is not a directory on the server", "path")
+        objective, trainer = await asyncio.to_thread(self._compression_helpers, body.compression)
+        await asyncio.to_thread(self.store.import_source, body.name, path, compression=body.compression,
+                                exemplars=body.exemplars, replace=body.replace, objective=objective,
+                                trainer=trainer)
+        await self.engine.refresh(force=True)
+        await self.refresh_routing()
+        return self.expert_card(body.name)
+
+    def _compression_helpers(self, compression: Compression | None) -> tuple[Any, Any]:
+        """NPS's calibration objective / sparse_ft's trainer from the examples the request names."""
+        from experts.compress import get_compressor
+
+        if compression is None:
+            return None, None
+        needs = get_compressor(compression.method).needs
+        objective = trainer = None
+        if "objective" in needs:
+            from experts.calibration import delta_objective
+
+            examples = self._examples(compression.calibration, "compression.calibration")
+            objective = delta_objective(self.settings.engine.base_dir, examples)
+        if "trainer" in needs:
+            from experts.finetune import masked_trainer
+
+            examples = self._examples(compression.training, "compression.training")
+            trainer = masked_trainer(self.settings.engine.base_dir, examples, compression.options)
+        return objective, trainer
+
+    def _examples(self, source: str | list | None, param: str) -> list:
+        from experts.examples import ChatExample, read_examples
+
+        if source is None:
+            raise APIError(400, f"this compression method needs `{param}`: chat examples as a JSONL path under a "
+                                "registration root, or a list of {\"messages\": [...]} objects", param)
+        if isinstance(source, str):
+            return read_examples(self.allowed_path(source, param))
+        if len(source) > MAX_INLINE_EXAMPLES:
+            raise APIError(400, f"at most {MAX_INLINE_EXAMPLES} inline examples, got {len(source)}", param)
+        return [ChatExample.from_json(obj, f"{param}[{i}]") for i, obj in enumerate(source)]
+
+    async def delete(self, name: str) -> None:
+        await asyncio.to_thread(self.store.delete, name)
+        await self.engine.refresh(force=True)
+        await self.refresh_routing()
+
+    async def refresh_routing(self) -> None:
+        if self.routing is None:
+            return
+        exemplars = {n: self.store.exemplars(n) for n in self.engine.experts}
+        if getattr(self.routing.router, "needs_exemplars", True):
+            exemplars = {n: t for n, t in exemplars.items() if t}
+        await asyncio.to_thread(self.routing.set_exemplars, exemplars)
+
+    async def poll_store(self) -> None:
+        """Notice experts published or deleted by other replicas (shared store)."""
+        while True:
+            await asyncio.sleep(self.settings.store_poll_s)
+            try:
+                if await self.engine.refresh():
+                    await self.refresh_routing()
+            except Exception:  # noqa: BLE001 - keep polling; the next round may succeed
+                log.exception("store poll failed")

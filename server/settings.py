@@ -1,0 +1,70 @@
+"""Server settings: the engine, the router and the HTTP layer, each a validated pydantic model.
+
+``deltaserve serve`` builds them from flags and environment (server.serve);
+tests and embedders build them directly and pass them to ``create_app``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base_dir: Path
+    served_name: str = Field("base", description="the base model's name in the API")
+    max_model_len: int = Field(256, ge=16)
+    dtype: str = "auto"
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    kv_cache_gib: int = Field(1, ge=1, description="vLLM-CPU KV cache GiB (VLLM_CPU_KVCACHE_SPACE) when unset")
+    max_lora_rank: int = Field(64, ge=1)
+    max_loras: int = Field(4, ge=1, description="different LoRA recipes in one batch")
+    adapter_cache_size: int = Field(32, ge=1, description="merged adapters kept (files + vLLM slots)")
+    adapter_root: Path | None = None
+    host_cache_bytes: int = Field(1 << 30, ge=0, description="decoded deltas kept in host RAM")
+    max_wait_ms: float = Field(200.0, ge=0.0, description="dense path: longest a request waits for its recipe")
+    enforce_eager: bool = True
+    seed: int = 0
+
+
+class RouterSettings(BaseModel):
+    """How `model: auto` is routed (router package); thresholds default to the calibrated ones."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("none", description="'none' or a registered router (router.ROUTERS)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the router's options (e.g. k for knn)")
+    top_k: int = Field(1, ge=1, le=8)
+    grid: float = Field(0.25, gt=0.0, le=1.0)
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0)
+    max_distance: float | None = Field(None, ge=0.0)
+    fallback: str = Field("", description="recipe served on fallback ('' = the base)")
+
+    @model_validator(mode="after")
+    def _known_router(self) -> RouterSettings:
+        if self.name != "none":
+            from router import ROUTERS
+
+            ROUTERS.parse_options(self.name, self.options)   # a miss lists the known routers
+        return self
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    store_dir: Path
+    engine: EngineConfig
+    api_keys: list[str] = Field(default_factory=list)
+    admin_keys: list[str] = Field(default_factory=list)
+    register_roots: list[Path] = Field(default_factory=list, description="registration paths must lie under one")
+    auto_recipe: str = Field("", description="what `auto` serves without a router ('' = the base)")
+    store_poll_s: float = Field(2.0, gt=0.0)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _non_empty_keys(cls, keys: list[str]) -> list[str]:
+        if any(not k.strip() for k in keys):
+            raise ValueError("API keys must be non-empty")
+        return keys
