@@ -10,6 +10,8 @@ flags, the HTTP ``compression`` body and ``deltaserve methods`` come from the
 registry. ``compress_expert`` wires extraction (experts.taskvector),
 compression and the on-disk format (experts.expert) together.
 
+A sparse method's output is stored with the smaller sparse codec at the density
+it kept (``storage_codec``: Elias-Fano positions below ~25 %, a bitmask above).
 Parameters that the fine-tune did not change (tau all zero, e.g. the
 embeddings of a fine-tune that only trained the projections) are left out of
 the expert, so a swap on the dense path rewrites only what the expert changes.
@@ -216,6 +218,20 @@ def _sparse_ft(deltas, options: SparseFtOptions, context: CompressionContext) ->
 # ------------------------------------------------------------------------ publishing
 
 
+def storage_codec(comp: Compressor, result: Compressed) -> str:
+    """The codec an expert is stored with. The sparse methods' output goes to whichever sparse codec
+    is smaller at the density they actually kept: Elias-Fano coded positions (``sparse_ef``, bytes
+    falling with density) below about 25 %, the bitmask (``sparse``) above."""
+    if comp.codec != "sparse":
+        return comp.codec
+    from experts.codec_index import sparse_codec_for
+
+    tensors = [d for d in result.deltas.values() if isinstance(d, Tensor)]
+    total = sum(t.numel() for t in tensors)
+    kept = sum(int(torch.count_nonzero(t)) for t in tensors)
+    return sparse_codec_for(kept / total) if total else comp.codec
+
+
 def extract(base_dir: Path, finetuned_dir: Path | None = None, adapter_dir: Path | None = None) -> TaskVector:
     if (finetuned_dir is None) == (adapter_dir is None):
         raise ValueError("give exactly one of a fine-tuned model directory or a PEFT adapter directory")
@@ -250,7 +266,7 @@ def compress_expert(
     context = CompressionContext(objective, trainer, value_dtype, progress)
     result = comp.fn(changed, checked, context)
     return save_expert(
-        out, result.deltas, name=name, base_fingerprint=tv.base_fingerprint, codec=comp.codec,
+        out, result.deltas, name=name, base_fingerprint=tv.base_fingerprint, codec=storage_codec(comp, result),
         source=tv.source, method=result.method, kind=tv.kind, value_dtype=value_dtype,
         carried=tv.carried, calibration_score=result.calibration_score, task=task,
     )

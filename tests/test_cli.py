@@ -138,5 +138,5 @@ def test_compress_sparse_ft_retrains_the_kept_entries(micro_zoo, tmp_path):
                "--density", "0.05", "--steps", "5", "--batch-size", "8", "--out", str(out))
     assert res.returncode == 0, res.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["codec"] == "sparse" and manifest["method"]["name"] == "sparse_ft"
+    assert manifest["codec"] == "sparse_ef" and manifest["method"]["name"] == "sparse_ft"
     assert manifest["method"]["steps"] == 5 and 0 < manifest["density"] <= 0.051

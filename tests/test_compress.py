@@ -16,7 +16,8 @@ def test_sparse_methods_write_loadable_experts_at_the_requested_density(tv, tmp_
     manifest = compress_expert(tv, tmp_path / method, name=method, method=method, density=0.1, task="upper")
     expert = load_expert(tmp_path / method, verify=True)
     assert expert.manifest == manifest
-    assert manifest.codec == get_compressor(method).codec
+    expected = get_compressor(method).codec
+    assert manifest.codec == ("sparse_ef" if expected == "sparse" else expected)   # positions coded at 10 %
     assert manifest.kind == "full" and manifest.task == "upper"
     tolerance = 0.03 if method in ("dare", "breadcrumbs") else 0.002  # random / outlier-dropping methods
     assert abs(manifest.density - 0.1) < tolerance
@@ -24,6 +25,13 @@ def test_sparse_methods_write_loadable_experts_at_the_requested_density(tv, tmp_
     name = "model.layers.0.mlp.down_proj.weight"
     decoded = expert.decode(name)
     assert decoded.shape == tv.deltas[name].shape and decoded.abs().sum() > 0
+
+
+def test_sparse_experts_take_the_smaller_sparse_codec_at_their_density(tv, tmp_path):
+    dense = compress_expert(tv, tmp_path / "d", name="d", method="magnitude", density=0.5)
+    thin = compress_expert(tv, tmp_path / "t", name="t", method="magnitude", density=0.01)
+    assert dense.codec == "sparse" and thin.codec == "sparse_ef"
+    assert thin.bits_per_param < 0.3 * 1.16      # the bitmask alone would cost 1 bit/param
 
 
 def test_magnitude_expert_keeps_the_largest_entries(tv, tmp_path):
@@ -117,7 +125,7 @@ def test_sparse_ft_keeps_the_magnitude_support_with_the_trainers_values(tv, tmp_
 
     manifest = compress_expert(tv, tmp_path / "s", name="s", method="sparse_ft", density=0.05, trainer=trainer,
                                value_dtype=torch.float32)
-    assert manifest.codec == "sparse" and manifest.method["name"] == "sparse_ft" and manifest.method["density"] == 0.05
+    assert manifest.codec == "sparse_ef" and manifest.method["name"] == "sparse_ft" and manifest.method["density"] == 0.05
     expert = load_expert(tmp_path / "s")
     name = "model.layers.1.self_attn.q_proj.weight"
     mask = magnitude_mask(tv.deltas[name], 0.05)
