@@ -168,6 +168,7 @@ class Expert:
         self.directory = Path(directory)
         self.manifest = manifest
         self.codec = get_codec(manifest.codec)
+        self._checked: dict[str, tuple[int, int, int]] = {}   # file -> (size, mtime_ns, inode) when its digest held
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -181,6 +182,8 @@ class Expert:
 
     def parts(self, name: str) -> dict[str, Tensor]:
         self._spec(name)
+        if self._checked:
+            self.check_digests()   # once checked, every read re-checks cheaply (a stat) that nothing changed
         path = self.directory / TENSORS_FILE
         with _open_safetensors(path) as fh:
             try:
@@ -238,14 +241,31 @@ class Expert:
         if problems:
             raise BaseMismatchError(f"expert {self.manifest.name!r}: " + _join(problems))
 
-    def verify(self) -> None:
-        """Full check: file digests, every parameter decodes, density as recorded."""
+    def check_digests(self) -> None:
+        """Every file's sha256 equals the manifest's. A file is hashed again only when its size,
+        mtime or inode changed since it last matched, so calling this before every read is cheap."""
         for file_name, expected in self.manifest.sha256.items():
-            if _sha256(self.directory / file_name) != expected:
-                raise ExpertFormatError(f"{self.directory / file_name}: sha256 differs from the manifest")
+            path = self.directory / file_name
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise ExpertFormatError(f"expert {self.manifest.name!r}: {file_name} is missing") from None
+            state = (st.st_size, st.st_mtime_ns, st.st_ino)
+            if self._checked.get(file_name) == state:
+                continue
+            if _sha256(path) != expected:
+                self._checked.pop(file_name, None)
+                raise ExpertFormatError(f"expert {self.manifest.name!r}: {file_name} does not match its sha256 "
+                                        "digest (corrupted or changed on disk)")
+            self._checked[file_name] = state
+
+    def verify(self) -> None:
+        """Full check: file digests, every parameter decodes to finite values, density as recorded."""
+        self.check_digests()
         kept = [self.codec.kept_count(self.parts(n)) for n in self.param_names]
         for name in self.param_names:
-            self.decode(name, torch.float32)
+            if not torch.isfinite(self.decode(name, torch.float32)).all():
+                raise ExpertFormatError(f"{self.directory / TENSORS_FILE}: parameter {name!r} holds NaN or Inf")
         density = None if None in kept else sum(kept) / self.manifest.base_params
         if density != self.manifest.density and not (
                 density is not None and self.manifest.density is not None

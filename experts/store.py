@@ -5,11 +5,16 @@ Layout of ``<store>/``::
     GENERATION             {"generation": n}; bumped on every publish/delete (replicas poll it)
     <name>/                an expert folder (experts.expert) plus, optionally,
     <name>/exemplars.json  ["example prompt", ...] for the routers
-    .staging-*/ .trash-*   in-flight publishes/deletes (ignored; cleaned on open)
+    .retired/<name>@<digest>/  a replaced or deleted version, kept RETIRE_GRACE_S so that
+                           requests admitted before the change finish on it
+    .staging-<pid>-*/      in-flight publishes (removed on open once their process is gone)
 
 Publishing is atomic: the expert is written into a staging folder, fsynced and
-renamed into place, so a reader sees a whole expert or none. Every expert must
-have been made for this store's base (fingerprint and shapes); others are refused.
+renamed into place (a replacement is swapped in with one atomic exchange), so a
+reader sees a whole expert, old or new, never none. Every expert must have been
+made for this store's base (fingerprint and shapes); others are refused.
+``load_version(name, digest)`` finds the version a request was planned with,
+current or retired, and checks its digests.
 Registration sources (``import_source``): an already-compressed expert folder,
 a PEFT LoRA adapter (kept exactly as its factors, lowrank codec) or a full
 fine-tuned HF model (task vector compressed with the given method).
@@ -23,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,15 +37,19 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from experts.atomic import fsync_tree, write_json_atomic
+from experts.atomic import exchange, fsync_tree, pid_alive, write_json_atomic
 from experts.codecs import get_codec
-from experts.expert import (MANIFEST_FILE, NAME_PATTERN, BaseMismatchError, EncodedDelta, Expert,
+from experts.expert import (MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE, BaseMismatchError, EncodedDelta, Expert,
                             ExpertFormatError, ExpertManifest, load_expert, save_expert)
 from experts.taskvector import _shapes, base_fingerprint, lora_factors
 
 GENERATION_FILE = "GENERATION"
 EXEMPLARS_FILE = "exemplars.json"
 LOCK_FILE = ".lock"
+RETIRED_DIR = ".retired"
+RETIRE_GRACE_S = 600.0
+STAGING_PREFIX = ".staging-"
+ORPHAN_STAGING_S = 3600.0   # staging of an unknown process (another host) is removed after this long
 MAX_EXEMPLARS = 10_000
 MAX_EXEMPLAR_CHARS = 4_000
 
@@ -117,8 +127,23 @@ class ExpertStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.fingerprint = base_fingerprint(self.base_dir)
         self.shapes = _shapes(self.base_dir)
-        for leftover in list(self.root.glob(".staging-*")) + list(self.root.glob(".trash-*")):
-            shutil.rmtree(leftover, ignore_errors=True)
+        self.collect_garbage()
+
+    def collect_garbage(self, grace_s: float = RETIRE_GRACE_S) -> list[Path]:
+        """Remove leftovers: staging folders whose process is gone (or, for another host's, older than
+        ORPHAN_STAGING_S), trash, and retired versions older than ``grace_s``. Live staging of other
+        processes on this host is left alone."""
+        now, removed = time.time(), []
+        for path in self.root.glob(f"{STAGING_PREFIX}*"):
+            pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
+            alive = pid_alive(int(pid)) if pid.isdigit() else False
+            if not alive and (pid.isdigit() or now - _mtime(path) > ORPHAN_STAGING_S):
+                removed.append(path)
+        removed += list(self.root.glob(".trash-*"))
+        removed += [p for p in (self.root / RETIRED_DIR).glob("*@*") if now - _mtime(p) > grace_s]
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed
 
     # ------------------------------------------------------------------ reading
     def generation(self) -> int:
@@ -137,13 +162,51 @@ class ExpertStore:
         check_name(name)
         return self.root / name
 
-    def load(self, name: str, *, verify: bool = False) -> Expert:
+    def load(self, name: str, *, verify: bool = False, digests: bool = False) -> Expert:
+        """The current version of ``name``; ``digests`` checks the files' sha256, ``verify`` all data."""
         path = self.path(name)
         if not (path / MANIFEST_FILE).is_file():
             raise UnknownExpertError(f"unknown expert {name!r}; known experts: {self.names()}")
         expert = load_expert(path, verify=verify)
         expert.check_base(self.fingerprint, self.shapes)
+        if digests and not verify:
+            expert.check_digests()
         return expert
+
+    def version_dir(self, name: str, digest: str) -> Path:
+        """The folder holding the version of ``name`` whose tensors have sha256 ``digest``: the current
+        one, or a retired one still within its grace period."""
+        for path in (self.path(name), self._retired_path(name, digest)):
+            try:
+                if json.loads((path / MANIFEST_FILE).read_text())["sha256"][TENSORS_FILE] == digest:
+                    return path
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        raise UnknownExpertError(f"expert {name!r} version {digest[:12]} is no longer in the store")
+
+    def load_version(self, name: str, digest: str) -> Expert:
+        """That version loaded, checked against this store's base and its digests."""
+        expert = load_expert(self.version_dir(name, digest))
+        expert.check_base(self.fingerprint, self.shapes)
+        expert.check_digests()
+        return expert
+
+    def _retired_path(self, name: str, digest: str) -> Path:
+        return self.root / RETIRED_DIR / f"{check_name(name)}@{digest[:16]}"
+
+    def _retire(self, path: Path, name: str) -> None:
+        """Move a replaced or deleted version aside (kept RETIRE_GRACE_S for requests still using it)."""
+        try:
+            digest = load_expert(path).manifest.sha256.get(TENSORS_FILE, uuid.uuid4().hex)
+        except ExpertFormatError:
+            digest = uuid.uuid4().hex
+        target = self._retired_path(name, digest)
+        target.parent.mkdir(exist_ok=True)
+        if target.exists():
+            shutil.rmtree(path, ignore_errors=True)   # the same version is already retired
+            return
+        os.replace(path, target)
+        os.utime(target)   # the grace period counts from retirement
 
     def exemplars(self, name: str) -> list[str]:
         path = self.path(name) / EXEMPLARS_FILE
@@ -184,7 +247,7 @@ class ExpertStore:
         target = self.root / name
         if target.exists() and not replace:
             raise ExpertExistsError(f"expert {name!r} already exists; delete it first or publish with replace")
-        stage = self.root / f".staging-{uuid.uuid4().hex[:12]}"
+        stage = self.root / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             write(stage)
             expert = load_expert(stage, verify=True)
@@ -195,27 +258,32 @@ class ExpertStore:
                 write_json_atomic(stage / EXEMPLARS_FILE, texts, sort_keys=False)
             fsync_tree(stage)
             with self._locked():
-                if target.exists():
-                    if not replace:
-                        raise ExpertExistsError(f"expert {name!r} already exists")
-                    trash = self.root / f".trash-{uuid.uuid4().hex[:12]}"
-                    os.replace(target, trash)
-                    shutil.rmtree(trash, ignore_errors=True)
-                os.replace(stage, target)
+                self._install(stage, target, name, replace)
                 self._bump()
             return expert.manifest
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+
+    def _install(self, stage: Path, target: Path, name: str, replace: bool) -> None:
+        """Put ``stage`` at ``target`` (with the lock held); a replaced version is swapped out atomically."""
+        if not target.exists():
+            os.rename(stage, target)
+            return
+        if not replace:
+            raise ExpertExistsError(f"expert {name!r} already exists")
+        if not exchange(stage, target):
+            os.replace(target, stage.with_name(stage.name + "-old"))
+            os.rename(stage, target)
+            stage = stage.with_name(stage.name + "-old")
+        self._retire(stage, name)
 
     def delete(self, name: str) -> None:
         target = self.path(name)
         with self._locked():
             if not (target / MANIFEST_FILE).is_file():
                 raise UnknownExpertError(f"unknown expert {name!r}; known experts: {self.names()}")
-            trash = self.root / f".trash-{uuid.uuid4().hex[:12]}"
-            os.replace(target, trash)
+            self._retire(target, name)
             self._bump()
-        shutil.rmtree(trash, ignore_errors=True)
 
     def set_exemplars(self, name: str, texts: Sequence[str]) -> None:
         self.load(name)
@@ -295,3 +363,10 @@ def check_exemplars(texts: Sequence[str] | None) -> list[str]:
 
 __all__ = ["Compression", "ExpertExistsError", "ExpertStore", "StoreError", "UnknownExpertError",
            "ExpertFormatError", "BaseMismatchError", "save_lora_expert", "source_kind", "check_name"]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()

@@ -12,6 +12,7 @@ adapter's folder is removed and vLLM is told to drop it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from collections import OrderedDict
@@ -104,63 +105,104 @@ def default_adapter_root() -> Path:
 
 
 class AdapterCache:
-    """Merged adapters by recipe key; LRU over ``capacity`` adapters (the device tier's LoRA slots)."""
+    """Merged adapters by recipe key; LRU over ``capacity`` adapters (the device tier's LoRA slots).
+
+    An adapter in use is never removed: ``acquire``/``build`` pin it for one request and
+    ``release`` unpins it. Eviction skips pinned adapters (the cache may then hold more than
+    ``capacity`` until they are released), and an invalidated adapter that is pinned is
+    *retired*: unreachable by key, its files kept until its last release. Methods that end an
+    adapter's life return it in a list; the caller removes it from vLLM and deletes its files
+    (``remove_files``), so no queued request ever points at a deleted folder.
+    """
 
     def __init__(self, root: Path, capacity: int = 32) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.capacity = max(1, capacity)
         self._items: OrderedDict[str, MergedAdapter] = OrderedDict()
+        self._pins: dict[int, int] = {}
+        self._retired: dict[int, MergedAdapter] = {}
         self._next_id = 1
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> MergedAdapter | None:
+    def acquire(self, key: str) -> MergedAdapter | None:
+        """The adapter for ``key``, pinned for one user, or None."""
         with self._lock:
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
+                self._pins[item.lora_id] = self._pins.get(item.lora_id, 0) + 1
             return item
+
+    def release(self, adapter: MergedAdapter) -> list[MergedAdapter]:
+        """Unpin one use of ``adapter``; returns the adapters whose life ends now."""
+        with self._lock:
+            left = self._pins.get(adapter.lora_id, 0) - 1
+            if left > 0:
+                self._pins[adapter.lora_id] = left
+                return []
+            self._pins.pop(adapter.lora_id, None)
+            ended = [self._retired.pop(adapter.lora_id)] if adapter.lora_id in self._retired else []
+            return ended + self._trim()
 
     def build(self, key: str, experts: Sequence[Expert], weights: Sequence[float], base_shapes: dict,
               base_model: str = "") -> tuple[MergedAdapter, list[MergedAdapter]]:
-        """Build (or return) the adapter for ``key``; returns it and the adapters evicted to make room."""
+        """Build (or return) the adapter for ``key``, pinned; returns it and the adapters evicted to make room."""
         return self._build(key, lambda path: write_merged_adapter(path, experts, weights, base_shapes,
                                                                   base_model=base_model),
                            tuple(e.manifest.name for e in experts))
 
     def build_proxy(self, key: str, expert: Expert, rank: int, base_shapes: dict
                     ) -> tuple[MergedAdapter, list[MergedAdapter]]:
-        """A rank-``rank`` SVD adapter approximating a full-rank expert's projections (scoring only)."""
+        """A rank-``rank`` SVD adapter approximating a full-rank expert's projections (scoring only), pinned."""
         return self._build(key, lambda path: write_svd_adapter(path, expert, rank, base_shapes),
                            (expert.manifest.name,))
 
     def _build(self, key: str, write, experts: tuple[str, ...]) -> tuple[MergedAdapter, list[MergedAdapter]]:
-        """Return the cached adapter for ``key`` or ``write(path) -> rank`` a new one and insert it (LRU)."""
+        """The cached adapter for ``key``, or ``write(path) -> rank`` a new one and insert it (LRU); pinned."""
+        existing = self.acquire(key)
+        if existing is not None:
+            return existing, []
         with self._lock:
-            if key in self._items:
-                return self._items[key], []
             lora_id = self._next_id
             self._next_id += 1
         path = self.root / f"adapter-{lora_id}"
         rank = write(path)
         item = MergedAdapter(key, lora_id, path, rank, _dir_bytes(path), experts)
-        evicted = []
         with self._lock:
-            self._items[key] = item
-            while len(self._items) > self.capacity:
-                _, old = self._items.popitem(last=False)
-                evicted.append(old)
-        return item, evicted
+            raced = self._items.get(key)
+            if raced is None:
+                self._items[key] = item
+                self._pins[lora_id] = 1
+                return item, self._trim()
+        self.remove_files([item])          # built twice concurrently: keep the first
+        return (self.acquire(key) or self._build(key, write, experts)[0]), []
+
+    def _trim(self) -> list[MergedAdapter]:
+        """Evict least recently used unpinned adapters beyond capacity (call with the lock held)."""
+        evicted = []
+        for key in list(self._items):
+            if len(self._items) <= self.capacity:
+                break
+            if self._items[key].lora_id not in self._pins:
+                evicted.append(self._items.pop(key))
+        return evicted
 
     def invalidate(self, expert: str) -> list[MergedAdapter]:
-        """Drop every adapter whose recipe uses ``expert`` (deleted or replaced)."""
+        """Drop every adapter whose recipe uses ``expert`` (deleted or replaced); returns those free now."""
         with self._lock:
-            stale = [k for k, a in self._items.items() if expert in a.experts]
-            return [self._items.pop(k) for k in stale]
+            stale = [self._items.pop(k) for k, a in list(self._items.items()) if expert in a.experts]
+            free = [a for a in stale if a.lora_id not in self._pins]
+            self._retired.update({a.lora_id: a for a in stale if a.lora_id in self._pins})
+            return free
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._items.values())
+        return sum(a.nbytes for a in [*self._items.values(), *self._retired.values()])
+
+    @property
+    def pinned(self) -> int:
+        return len(self._pins)
 
     def remove_files(self, adapters: Sequence[MergedAdapter]) -> None:
         for a in adapters:
@@ -168,6 +210,27 @@ class AdapterCache:
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def clean_stale_roots(parent: Path, prefix: str = "deltaserve-adapters-") -> list[Path]:
+    """Remove adapter roots left by processes that no longer run (``<prefix><pid>-<tag>``)."""
+    removed = []
+    for path in Path(parent).glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_svd_adapter(out: Path, expert: Expert, rank: int, base_shapes: dict) -> int:

@@ -18,12 +18,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from server import errors
-from server.engine import EngineProtocol
+from server.engine_types import EngineProtocol
 from server.routes import experts, openai, ops
 from server.service import Service
 from server.settings import ServerSettings
+from server.supervisor import EngineSupervisor
 
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -35,13 +37,15 @@ def create_app(settings: ServerSettings, *, engine: EngineProtocol | None = None
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
-        poller = asyncio.create_task(service.poll_store())
+        supervisor = EngineSupervisor(service.engine, service.metrics, on_restart=service.refresh_routing)
+        tasks = [asyncio.create_task(service.poll_store()), asyncio.create_task(supervisor.run())]
         if on_ready is not None:
             on_ready()
         try:
             yield
         finally:
-            poller.cancel()
+            for task in tasks:
+                task.cancel()
             await service.engine.shutdown()
 
     app = FastAPI(title="deltaserve", version="0.1.0", lifespan=lifespan)
@@ -52,6 +56,46 @@ def create_app(settings: ServerSettings, *, engine: EngineProtocol | None = None
             service.metrics.requests.labels("other", "none", str(status)).inc()
 
     errors.install(app, count_failure)
+    app.add_middleware(errors.BodyLimit, max_bytes=settings.max_request_bytes)
+    if settings.ops_need_key:
+        app.add_middleware(OpsKey, keys=settings.api_keys + settings.admin_keys)
     for module in (openai, experts, ops):
         app.include_router(module.router)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+class OpsKey:
+    """ASGI middleware for ``--ops-need-key``: /metrics, /docs and /openapi.json need a key too."""
+
+    PATHS = ("/metrics", "/docs", "/openapi.json", "/redoc")
+
+    def __init__(self, app, keys: list[str]) -> None:
+        self.app, self.keys = app, set(keys)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.keys and scope["path"] in self.PATHS:
+            header = dict(scope.get("headers", ())).get(b"authorization", b"").decode("latin-1")
+            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if token not in self.keys:
+                response = JSONResponse(errors.error_body("this endpoint needs an API key", 401), status_code=401)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, with the 400 this server answers instead of the 422 FastAPI assumes."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.get("responses", {})
+                invalid = responses.pop("422", None)
+                if invalid is not None and "400" not in responses:
+                    responses["400"] = {"description": "Invalid request",
+                                        "content": {"application/json": {"schema": {
+                                            "$ref": "#/components/schemas/ErrorResponse"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -10,111 +10,55 @@
              W_base + merge(tau) through the worker extension (server.worker),
              one recipe at a time, admitted by server.scheduler.
 
-Every request needs a :class:`WeightState`. Base and LoRA requests share the
-base weights (``WeightState()``); each dense recipe is its own state; uncertainty
-scoring runs on the base weights but *exclusively* (nothing else in the batch).
-The HTTP layer talks to this class only through :class:`EngineProtocol`, so it
-can be tested in-process with a fake engine.
+Weight states, plans and the protocol the HTTP layer uses live in
+server.engine_types; a fake engine in the tests implements the same protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from experts.expert import ExpertManifest
+from experts.expert import ExpertFormatError
 from experts.store import ExpertStore
 from experts.taskvector import _shapes
-from server.adapters import AdapterCache, MergedAdapter, default_adapter_root
-from server.contracts import MergeItem, MergeRequest, SwapStats
-from server.errors import EngineUnavailable
+from server.adapters import AdapterCache, MergedAdapter, clean_stale_roots, default_adapter_root
+from server.contracts import MergeRequest, SwapStats
+from server.engine_types import ExpertInfo, Plan, WeightState
+from server.errors import EngineUnavailable, ExpertUnavailable, InvalidSampling
 from server.metrics import Metrics
 from server.recipes import Recipe
 from server.scheduler import WeightScheduler
 from server.settings import EngineConfig
 
+log = logging.getLogger("deltaserve")
 WORKER_EXTENSION = "server.worker.DeltaWorkerExtension"
 PROXY_RANK = 16
 ANSWER_TOKENS = 4
 
 
-@dataclass(frozen=True)
-class ExpertInfo:
-    name: str
-    manifest: ExpertManifest
-    path: Path
-
-    @property
-    def token(self) -> str:
-        """Changes whenever the expert's content does (a replaced expert is a different token)."""
-        return f"{self.name}@{self.manifest.sha256.get('tensors.safetensors', '')[:16]}"
-
-    @property
-    def lowrank(self) -> bool:
-        return self.manifest.codec == "lowrank"
-
-
-@dataclass(frozen=True)
-class WeightState:
-    """What the engine's weights must hold while a request runs.
-
-    ``weights``: ``""`` for the base, else the dense recipe's key and expert tokens.
-    ``exclusive``: non-empty for work that must not share a batch with anything else.
-    """
-
-    weights: str = ""
-    exclusive: str = ""
-
-
-@dataclass(frozen=True)
-class Plan:
-    path: str                     # "base" | "lora" | "dense"
-    recipe: Recipe
-    state: WeightState
-    experts: tuple[ExpertInfo, ...] = ()
-
-    def merge_request(self) -> MergeRequest:
-        if self.path != "dense":
-            return MergeRequest()
-        items = tuple(MergeItem(path=str(i.path), token=i.token, weight=w)
-                      for i, w in zip(self.experts, self.recipe.weights))
-        return MergeRequest(key=self.recipe.key, items=items, method=self.recipe.method,
-                            options=self.recipe.option_dict)
-
-
-class EngineProtocol(Protocol):
-    """What the HTTP layer needs from an engine (server.engine.Engine, or a fake in tests)."""
-
-    config: EngineConfig
-    tokenizer: Any
-    experts: dict[str, ExpertInfo]
-    generation: int
-
-    async def start(self) -> None: ...
-    async def shutdown(self) -> None: ...
-    @property
-    def alive(self) -> bool: ...
-    async def check_health(self) -> None: ...
-    async def refresh(self, force: bool = False) -> bool: ...
-    def plan(self, recipe: Recipe) -> Plan: ...
-    def generate(self, prompt_ids: list[int], sampling: dict[str, Any], plan: Plan, request_id: str,
-                 stream: bool = False) -> AsyncIterator[Any]: ...
-    async def score_answers(self, texts: list[str], experts: list[str]) -> list[list[float]]: ...
-
-
 def sampling_params(sampling: dict[str, Any], stream: bool) -> Any:
-    """vLLM ``SamplingParams`` from the serving layer's sampling dict."""
+    """vLLM ``SamplingParams`` from the serving layer's sampling dict; vLLM's own checks become a 400."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-    return SamplingParams(**sampling, output_kind=kind)
+    try:
+        return SamplingParams(**sampling, output_kind=kind)
+    except (ValueError, TypeError) as err:
+        raise InvalidSampling(f"invalid sampling parameters: {err}") from None
+
+
+def _lora_request(adapter: MergedAdapter, kind: str = "recipe") -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(f"{kind}-{adapter.lora_id}", adapter.lora_id, str(adapter.path))
 
 
 class Engine:
@@ -125,9 +69,13 @@ class Engine:
         self.llm: Any = None
         self.tokenizer: Any = None
         self.experts: dict[str, ExpertInfo] = {}
+        self.unavailable: dict[str, str] = {}   # expert -> why it cannot be served (corrupt, foreign, ...)
         self.generation = -1
+        self.restarting = False
+        self.restarts = 0
         self.base_shapes = _shapes(config.base_dir)
         root = config.adapter_root or default_adapter_root()
+        clean_stale_roots(Path(root))
         self.adapters = AdapterCache(Path(root) / f"deltaserve-adapters-{os.getpid()}-{uuid.uuid4().hex[:6]}",
                                      config.adapter_cache_size)
         self.scheduler = WeightScheduler(self._apply, max_wait_s=config.max_wait_ms / 1000.0,
@@ -151,8 +99,27 @@ class Engine:
             max_cpu_loras=max(c.max_loras, c.adapter_cache_size), worker_extension_cls=WORKER_EXTENSION,
         )
         self.llm = AsyncLLM.from_engine_args(args)
-        await self.llm.collective_rpc("deltaserve_setup", args=(str(c.base_dir), c.host_cache_bytes))
+        await self.llm.collective_rpc("deltaserve_setup", args=(str(c.base_dir), c.host_cache_bytes, os.getpid()))
         await self.refresh()
+
+    async def restart(self) -> None:
+        """Replace a dead engine with a new one: waiting requests fail fast (503), the weights start
+        from the base again, the store is re-read. Merged adapters stay valid (vLLM reloads them)."""
+        self.restarting = True
+        try:
+            old, self.llm = self.llm, None
+            if old is not None:
+                try:
+                    old.shutdown(timeout=10)
+                except Exception:  # noqa: BLE001 - a dead engine may fail to shut down cleanly; it is gone anyway
+                    log.warning("shutting down the dead engine failed", exc_info=True)
+            self.scheduler.reset(EngineUnavailable("the engine restarted; retry"), WeightState())
+            self._weights = ""
+            self.generation = -1
+            await self.start()
+            self.restarts += 1
+        finally:
+            self.restarting = False
 
     async def shutdown(self) -> None:
         if self.llm is not None:
@@ -162,7 +129,7 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self.llm is not None and not self.llm.errored
+        return self.llm is not None and not self.llm.errored and not self.restarting
 
     async def check_health(self) -> None:
         if self.llm is None:
@@ -176,13 +143,11 @@ class Engine:
             generation = self.store.generation()
             if generation == self.generation and not force:
                 return False
-            fresh: dict[str, ExpertInfo] = {}
-            for name in self.store.names():
-                try:
-                    expert = self.store.load(name)
-                except ValueError:
-                    continue   # a broken/foreign expert stays unservable; registration reports why
-                fresh[name] = ExpertInfo(name, expert.manifest, expert.directory)
+            fresh, broken = await asyncio.to_thread(self._scan_store)
+            for name, reason in broken.items():
+                if self.unavailable.get(name) != reason:
+                    log.error("expert %r is not servable: %s", name, reason)
+            self.unavailable = broken
             for name, old in self.experts.items():
                 if name not in fresh or fresh[name].token != old.token:
                     await self._forget(old)
@@ -193,10 +158,26 @@ class Engine:
             self.metrics.cache_bytes.labels("disk").set(sum(e.manifest.bytes for e in fresh.values()))
             return True
 
+    def _scan_store(self) -> tuple[dict[str, ExpertInfo], dict[str, str]]:
+        """Every expert's current version; a version seen for the first time has its digests checked."""
+        fresh: dict[str, ExpertInfo] = {}
+        broken: dict[str, str] = {}
+        for name in self.store.names():
+            known = self.experts.get(name)
+            try:
+                expert = self.store.load(name)
+                if known is None or known.digest != expert.manifest.sha256.get("tensors.safetensors"):
+                    expert.check_digests()
+            except (ValueError, OSError) as err:
+                broken[name] = str(err)
+                continue
+            fresh[name] = ExpertInfo(name, expert.manifest, expert.directory)
+        return fresh, broken
+
     async def _forget(self, info: ExpertInfo) -> None:
         stale = self.adapters.invalidate(info.name)
         await self._drop_adapters(stale)
-        if self.llm is not None:
+        if self.alive:
             await self.llm.collective_rpc("deltaserve_forget", args=(info.token,))
 
     async def _drop_adapters(self, adapters: list[MergedAdapter]) -> None:
@@ -220,15 +201,13 @@ class Engine:
         state = WeightState(recipe.key + "|" + ",".join(i.token for i in infos))
         return Plan("dense", recipe, state, infos)
 
-    async def _adapter(self, plan: Plan, key: str | None = None):
-        """The vLLM ``LoRARequest`` of a LoRA-path plan (built once per recipe and expert versions)."""
-        from vllm.lora.request import LoRARequest
-
-        key = key or plan.recipe.key + "|" + ",".join(i.token for i in plan.experts)
-        adapter = self.adapters.get(key)
+    async def _adapter(self, plan: Plan) -> tuple[Any, MergedAdapter]:
+        """The vLLM ``LoRARequest`` of a LoRA-path plan and its adapter, pinned until ``_release``."""
+        key = plan.recipe.key + "|" + ",".join(i.token for i in plan.experts)
+        adapter = self.adapters.acquire(key)
         if adapter is None:
             self.metrics.cache_misses.labels("device").inc()
-            experts = [self.store.load(i.name) for i in plan.experts]
+            experts = [self._load(i) for i in plan.experts]
             adapter, evicted = await asyncio.to_thread(
                 self.adapters.build, key, experts, list(plan.recipe.weights), self.base_shapes,
                 str(self.config.base_dir))
@@ -238,25 +217,37 @@ class Engine:
         else:
             self.metrics.cache_hits.labels("device").inc()
         self.metrics.cache_bytes.labels("device").set(self.adapters.nbytes)
-        return LoRARequest(f"recipe-{adapter.lora_id}", adapter.lora_id, str(adapter.path))
+        return _lora_request(adapter), adapter
+
+    async def _release(self, adapter: MergedAdapter | None) -> None:
+        if adapter is not None:
+            await self._drop_adapters(self.adapters.release(adapter))
+
+    def _load(self, info: ExpertInfo):
+        """The expert version ``info`` names (its content token), wherever the store keeps it now."""
+        try:
+            return self.store.load_version(info.name, info.digest)
+        except ExpertFormatError as err:
+            self.unavailable[info.name] = str(err)
+            log.error("expert %r cannot be served: %s", info.name, err)
+            raise ExpertUnavailable(f"expert {info.name!r} cannot be served: its stored data failed its checks "
+                                    "(see the server log)") from None
 
     # ------------------------------------------------------------------ uncertainty scoring
-    async def _scoring_adapter(self, name: str):
-        """A LoRA of ``name`` to score it with: its own adapter if low-rank, else a rank-PROXY_RANK SVD proxy."""
-        from vllm.lora.request import LoRARequest
-
+    async def _scoring_adapter(self, name: str) -> tuple[Any, MergedAdapter]:
+        """A pinned LoRA of ``name`` to score it with: its own adapter if low-rank, else a rank-PROXY_RANK
+        SVD proxy."""
         plan = self.plan(Recipe(((name, 1.0),)))
         if plan.path == "lora":
             return await self._adapter(plan)
         info = self.experts[name]
         key = f"proxy|{info.token}"
-        adapter = self.adapters.get(key)
+        adapter = self.adapters.acquire(key)
         if adapter is None:
-            expert = self.store.load(info.name)
-            adapter, evicted = await asyncio.to_thread(self.adapters.build_proxy, key, expert, PROXY_RANK,
+            adapter, evicted = await asyncio.to_thread(self.adapters.build_proxy, key, self._load(info), PROXY_RANK,
                                                        self.base_shapes)
             await self._drop_adapters(evicted)
-        return LoRARequest(f"proxy-{adapter.lora_id}", adapter.lora_id, str(adapter.path))
+        return _lora_request(adapter, "proxy"), adapter
 
     async def score_answers(self, texts: list[str], experts: list[str]) -> list[list[float]]:
         """Mean NLL of each expert's own greedy answer (first ANSWER_TOKENS tokens) to each user text.
@@ -274,7 +265,7 @@ class Engine:
         params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, logprobs=0)
         table = [[0.0] * len(experts) for _ in texts]
         for j, name in enumerate(experts):
-            lora = await self._scoring_adapter(name)
+            lora, adapter = await self._scoring_adapter(name)
 
             async def one(ids: list[int], i: int) -> None:
                 last = None
@@ -284,8 +275,11 @@ class Engine:
                 out = last.outputs[0]
                 values = [lp[tok].logprob for lp, tok in zip(out.logprobs or [], out.token_ids) if lp and tok in lp]
                 table[i][j] = -sum(values) / max(1, len(values))
-            async with self.scheduler.hold(WeightState(exclusive=f"score:{name}"), None):
-                await asyncio.gather(*(one(ids, i) for i, ids in enumerate(prompts)))
+            try:
+                async with self.scheduler.hold(WeightState(exclusive=f"score:{name}"), None):
+                    await asyncio.gather(*(one(ids, i) for i, ids in enumerate(prompts)))
+            finally:
+                await self._release(adapter)
         return table
 
     def _chat_ids(self, text: str) -> list[int]:
@@ -298,38 +292,62 @@ class Engine:
                        stream: bool = False) -> AsyncIterator[Any]:
         """Stream vLLM RequestOutputs for ``prompt_ids`` under ``plan``."""
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
-        if self.llm is None:
-            raise EngineUnavailable("engine not started")
+        self._require_running()
         params = sampling_params(sampling, stream)
         depth = self.metrics.queue_depth.labels(plan.path)
         depth.inc()
+        adapter = None
         try:
-            lora = await self._adapter(plan) if plan.path == "lora" else None
+            lora, adapter = await self._adapter(plan) if plan.path == "lora" else (None, None)
             if plan.path == "dense" or self.scheduler.active != plan.state:
                 hit = self.scheduler.active == plan.state
                 (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels("device").inc()
             async with self.scheduler.hold(plan.state, plan):
+                self._require_running()
                 async for output in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
                                                       request_id, lora_request=lora):
                     yield output
+        except EngineDeadError as err:
+            raise EngineUnavailable("the engine stopped; it is being restarted, retry shortly") from err
         finally:
             depth.dec()
+            await self._release(adapter)
+
+    def _require_running(self) -> None:
+        if self.llm is None or self.restarting:
+            raise EngineUnavailable("the engine is not running (starting or restarting); retry shortly")
 
     async def _apply(self, state: WeightState, plan: Plan | None) -> None:
         """Scheduler callback: make the weights match ``state`` (drain, rewrite, reset prefix cache)."""
         if state.weights == self._weights:
             return
         start = time.perf_counter()
-        request = plan.merge_request() if plan is not None and state.weights else MergeRequest()
+        request = self._merge_request(plan) if plan is not None and state.weights else MergeRequest()
         await self.llm.pause_generation(mode="wait", clear_cache=True)
         try:
             (raw,) = await self.llm.collective_rpc("deltaserve_apply", args=(request.model_dump(),))
             await self.llm.reset_prefix_cache()
+        except Exception as err:
+            self._weights = "?"   # unknown: the next apply rewrites from the base whatever it targets
+            if not self.alive:
+                raise EngineUnavailable("the engine stopped while applying a recipe; retry shortly") from err
+            log.error("applying recipe %r failed", request.key, exc_info=err)
+            raise ExpertUnavailable(f"recipe {request.key!r} could not be applied: one of its experts failed "
+                                    "its checks (see the server log)") from err
         finally:
-            await self.llm.resume_generation()
+            if self.alive:
+                await self.llm.resume_generation()
         self._weights = state.weights
         self._record_swap(SwapStats.model_validate(raw), time.perf_counter() - start, len(request.items))
+
+    def _merge_request(self, plan: Plan) -> MergeRequest:
+        """The plan's merge with each expert at the folder of the exact version it was planned with."""
+        request = plan.merge_request()
+        items = tuple(item.model_copy(update={"path": str(self.store.version_dir(info.name, info.digest))})
+                      for item, info in zip(request.items, plan.experts))
+        return request.model_copy(update={"items": items})
 
     def _record_swap(self, stats: SwapStats, seconds: float, n_items: int) -> None:
         m = self.metrics

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +45,21 @@ class EngineUnavailable(RuntimeError):
     """The engine is not running (starting, restarting or dead): a 503."""
 
 
+class ExpertUnavailable(RuntimeError):
+    """An expert the request needs is in the store but cannot be read or applied (corrupt data, a
+    failed swap): a 503 that names the expert."""
+
+
+class BodyTooLarge(ValueError):
+    """The request body is larger than the server accepts: a 413."""
+
+
+class InvalidSampling(ValueError):
+    """vLLM refused the request's sampling parameters: a 400."""
+
+    param = "sampling"
+
+
 # Domain exception -> HTTP status. Subclasses come before their bases; the first match wins.
 ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (UnknownModelError, 404),
@@ -57,7 +73,11 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (StoreError, 400),
     (MergeError, 400),
     (ValidationError, 400),
+    (InvalidSampling, 400),
+    (BodyTooLarge, 413),
     (EngineUnavailable, 503),
+    (ExpertUnavailable, 503),
+    (RecursionError, 400),     # JSON nested too deeply to parse
 )
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -82,6 +102,8 @@ def describe(err: BaseException) -> tuple[str, str | None]:
     """(message, param) safe to send to a client for an expected error."""
     if isinstance(err, APIError):
         return err.message, err.param
+    if isinstance(err, RecursionError):
+        return "the request body is nested too deeply", None
     if isinstance(err, ValidationError):
         first = err.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or None
@@ -95,6 +117,36 @@ def request_id(request: Request) -> str:
         rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         request.state.request_id = rid
     return rid
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` (declared or streamed) with a 413,
+    before any of it is parsed or tokenised."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            response = JSONResponse(error_body(self._message(), 413), status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if seen > self.max_bytes:
+                raise BodyTooLarge(self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than this server's limit of {self.max_bytes} bytes"
 
 
 def install(app: FastAPI, on_error: Callable[[Request, int], None] = lambda request, status: None) -> None:

@@ -56,6 +56,8 @@ class Metrics:
         self.cache_evictions = Counter("deltaserve_cache_evictions", "Cache evictions by tier", ["tier"], registry=r)
         self.cache_bytes = Gauge("deltaserve_cache_bytes", "Bytes held by tier", ["tier"], registry=r)
         self.engine_up = Gauge("deltaserve_engine_up", "1 while the vLLM engine is alive, else 0", registry=r)
+        self.engine_restarts = Counter("deltaserve_engine_restarts", "Engine restarts after the engine died",
+                                       registry=r)
         self.registered_experts = Gauge("deltaserve_registered_experts", "Experts in the store", registry=r)
         self.store_generation = Gauge("deltaserve_store_generation", "Store generation counter", registry=r)
         # Routing: decisions, confidence, fallbacks, latency.

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from experts.store import Compression
 
@@ -21,16 +21,48 @@ UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_b
                "functions", "function_call", "response_format", "prompt_logprobs")
 
 
-class _Request(BaseModel):
+MAX_TEXT_DEPTH = 64
+INT64 = 2**63
+
+
+def _check_utf8(value: Any, depth: int = 0) -> None:
+    """Every string in a request must be encodable as UTF-8 (no lone surrogates from ``\\udXXX`` escapes)."""
+    if depth > MAX_TEXT_DEPTH:
+        raise ValueError(f"the request is nested deeper than {MAX_TEXT_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_utf8(key, depth + 1)
+            _check_utf8(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_utf8(item, depth + 1)
+
+
+class _Body(BaseModel):
+    """Base of every request body: strings must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        _check_utf8(data)
+        return data
+
+
+class _Request(_Body):
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: str = Field(max_length=1000)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -101,19 +133,20 @@ class ChatCompletionRequest(_Request):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
-class ExpertRegistration(BaseModel):
+class ExpertRegistration(_Body):
     """POST /v1/experts body."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="the expert's name in `model` and in URLs")
-    path: str = Field(description="server-side directory under an allowed root: an expert folder, a PEFT "
+    name: str = Field(max_length=64, description="the expert's name in `model` and in URLs")
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$",
+                      description="server-side directory under an allowed root: an expert folder, a PEFT "
                                   "adapter or an HF fine-tuned model")
     compression: Compression | None = Field(None, description="how to compress a fine-tune: a method and its options")
     exemplars: list[str] | None = Field(None, description="example prompts for the routers")
     replace: bool = False
 
 
-class RouteRequest(BaseModel):
+class RouteRequest(_Body):
     model_config = ConfigDict(extra="allow")
     model: str = "auto"
     messages: list[ChatMessage] | None = None
@@ -239,6 +272,8 @@ class ExpertList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ExpertCard]
     store_generation: int
+    unavailable: dict[str, str] = Field(default_factory=dict,
+                                        description="experts in the store that cannot be served, and why")
 
 
 class DeletedExpert(BaseModel):

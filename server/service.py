@@ -16,7 +16,8 @@ from typing import Any
 
 from experts.store import Compression, ExpertStore
 from router.text import ChatMarkup
-from server.engine import Engine, EngineProtocol
+from server.engine import Engine
+from server.engine_types import EngineProtocol
 from server.errors import APIError
 from server.metrics import Metrics
 from server.protocol import ExpertCard, ExpertRegistration
@@ -26,6 +27,7 @@ from server.settings import ServerSettings
 log = logging.getLogger("deltaserve")
 AUTO = "auto"
 MAX_INLINE_EXAMPLES = 2000
+GC_EVERY_POLLS = 30
 
 
 class Service:
@@ -111,12 +113,21 @@ class Service:
                                 f"{[str(r) for r in roots]}", param)
         return path
 
+    def _check_links(self, path: Path, raw: str) -> None:
+        """Every file and folder under ``path`` must resolve inside a registration root, links included."""
+        for root, dirs, files in os.walk(path):
+            for entry in [*dirs, *files]:
+                inner = Path(root) / entry
+                if inner.is_symlink():
+                    self.allowed_path(str(inner), "path")
+
     async def register(self, body: ExpertRegistration) -> ExpertCard:
         if body.name in (self.base_name, AUTO):
             raise APIError(400, f"{body.name!r} is reserved", "name")
         path = self.allowed_path(body.path)
         if not path.is_dir():
             raise APIError(400, f"path {body.path!r} is not a directory on the server", "path")
+        self._check_links(path, body.path)
         objective, trainer = await asyncio.to_thread(self._compression_helpers, body.compression)
         await asyncio.to_thread(self.store.import_source, body.name, path, compression=body.compression,
                                 exemplars=body.exemplars, replace=body.replace, objective=objective,
@@ -171,11 +182,16 @@ class Service:
         await asyncio.to_thread(self.routing.set_exemplars, exemplars)
 
     async def poll_store(self) -> None:
-        """Notice experts published or deleted by other replicas (shared store)."""
+        """Notice experts published or deleted by other replicas (shared store); now and then remove
+        retired versions past their grace period and dead processes' staging folders."""
+        rounds = 0
         while True:
             await asyncio.sleep(self.settings.store_poll_s)
+            rounds += 1
             try:
                 if await self.engine.refresh():
                     await self.refresh_routing()
+                if rounds % GC_EVERY_POLLS == 0:
+                    await asyncio.to_thread(self.store.collect_garbage)
             except Exception:  # noqa: BLE001 - keep polling; the next round may succeed
                 log.exception("store poll failed")

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.text import route_text
-from server.engine import Plan
+from server.engine_types import Plan
 from server.errors import APIError, describe, error_body, status_of
 from server.protocol import ChatCompletionRequest, CompletionRequest, ServedAs, completion_id, now
 from server.recipes import Recipe

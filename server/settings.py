@@ -61,6 +61,8 @@ class ServerSettings(BaseModel):
     auto_recipe: str = Field("", description="what `auto` serves without a router ('' = the base)")
     store_poll_s: float = Field(2.0, gt=0.0)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get a 413")
+    ops_need_key: bool = Field(False, description="/metrics, /docs and /openapi.json need an inference key too")
 
     @field_validator("api_keys", "admin_keys")
     @classmethod

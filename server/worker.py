@@ -17,7 +17,12 @@ Decoded deltas are cached in host RAM (LRU by bytes): the "host" cache tier.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import re
+import signal
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -27,6 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from experts.atomic import pid_alive
 from experts.expert import Expert, load_expert
 from experts.merge_model import merged_params
 from server.contracts import MergeRequest, SwapStats
@@ -101,9 +107,16 @@ class DeltaState:
         self.applied: set[str] = set()   # parameters that currently differ from the base
 
     def expert(self, directory: str, token: str) -> Expert:
+        """The expert version ``token`` names, loaded once; its digests are checked before its data is
+        first used and re-checked (by a stat) on every read after that."""
         cached = self.experts.get(token)
         if cached is None:
-            cached = self.experts[token] = load_expert(Path(directory))
+            expert = load_expert(Path(directory))
+            digest = expert.manifest.sha256.get("tensors.safetensors", "")
+            if not token.endswith("@" + digest[:16]):
+                raise ValueError(f"expert {expert.manifest.name!r} at {directory} is not version {token}")
+            expert.check_digests()
+            cached = self.experts[token] = expert
         return cached
 
     def expand(self, names: set[str]) -> set[str]:
@@ -123,11 +136,35 @@ class DeltaState:
             yield name, self.base[name]
 
 
+def watch_parent(pid: int, interval_s: float = 0.25) -> None:
+    """Exit this engine process soon after the server process ``pid`` dies, even by kill -9.
+
+    The worker runs under vLLM's EngineCore, which runs under the server. The kernel's
+    parent-death signal kills this worker when EngineCore dies; a polling thread notices the
+    server's death and takes EngineCore (recorded now, while it is our parent) down with it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    engine_core = os.getppid()
+
+    def poll() -> None:
+        while pid_alive(pid):
+            time.sleep(interval_s)
+        if engine_core not in (pid, 0, 1):
+            with contextlib.suppress(OSError):
+                os.kill(engine_core, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=poll, name="deltaserve-parent-watch", daemon=True).start()
+
+
 class DeltaWorkerExtension:
     """Methods vLLM adds to its Worker; call them with ``collective_rpc("deltaserve_...")``."""
 
-    def deltaserve_setup(self, base_dir: str, host_cache_bytes: int) -> dict:
+    def deltaserve_setup(self, base_dir: str, host_cache_bytes: int, server_pid: int | None = None) -> dict:
+        """Load the host copy of the base; with ``server_pid``, exit when that process is gone."""
         self._deltaserve = DeltaState(base_dir, host_cache_bytes)
+        if server_pid:
+            watch_parent(server_pid)
         return {"base_params": len(self._deltaserve.base)}
 
     def deltaserve_apply(self, request: dict) -> dict:

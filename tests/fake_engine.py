@@ -10,7 +10,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from server.engine import Engine, ExpertInfo, Plan
+from server.engine import Engine
+from server.engine_types import ExpertInfo, Plan
 from server.errors import EngineUnavailable
 from server.recipes import Recipe
 
@@ -21,8 +22,11 @@ class FakeEngine:
     def __init__(self, config: Any, store: Any, tokenizer: Any) -> None:
         self.config, self.store, self.tokenizer = config, store, tokenizer
         self.experts: dict[str, ExpertInfo] = {}
+        self.unavailable: dict[str, str] = {}
         self.generation = -1
         self.started = False
+        self.restarting = False
+        self.restarts = 0
         self.fail_with: Exception | None = None
         self.calls: list[dict] = []
 
@@ -32,6 +36,10 @@ class FakeEngine:
 
     async def shutdown(self) -> None:
         self.started = False
+
+    async def restart(self) -> None:
+        self.restarts += 1
+        await self.start()
 
     @property
     def alive(self) -> bool:

@@ -159,7 +159,7 @@ def test_flipped_data_byte_caught_by_verify(tmp_path):
     data[-1] ^= 0x40
     path.write_bytes(bytes(data))
     load_expert(tmp_path / "e")  # headers are fine
-    with pytest.raises(ExpertFormatError, match="sha256 differs"):
+    with pytest.raises(ExpertFormatError, match="does not match its sha256 digest"):
         load_expert(tmp_path / "e", verify=True)
 
 

@@ -182,7 +182,7 @@ def test_register_use_delete_at_runtime_and_survive_restart(live_server, micro_z
     assert r.json()["path"] == "lora" and r.json()["exemplars"] == 1
     r = admin.post("/v1/experts", json={"name": "min-digit", "path": str(micro_zoo.layout.full("min_digit")),
                                         "compression": {"method": "magnitude", "density": 0.1}})
-    assert r.status_code == 201 and r.json()["codec"] == "sparse" and r.json()["path"] == "dense"
+    assert r.status_code == 201 and r.json()["codec"] == "sparse_ef" and r.json()["path"] == "dense"
     assert admin.post("/v1/experts", json={"name": "upper-lora", "path": str(micro_zoo.layout.lora("upper"))}).status_code == 409
     assert c.get("/v1/experts").json()["store_generation"] == gen0 + 2
     for model in ("upper-lora", "min-digit", "0.5*min-digit+0.5*upper-lora"):

@@ -147,3 +147,43 @@ def test_openapi_documents_the_error_shape(server):
     spec = c.get("/openapi.json").json()
     post = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert "400" in post and "ErrorResponse" in json.dumps(post["400"])
+
+
+def test_hostile_inputs_get_4xx_never_500(server):
+    c, engine = server
+    app_settings = c.app.state.service.settings
+    big = "x" * (app_settings.max_request_bytes + 10)
+    _error(c.post("/v1/completions", json={"model": "upper", "prompt": big}), 413, "larger than")
+    raw = b'{"model": "upper", "max_tokens": 2, "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    _error(c.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}), 400,
+           "lone surrogate")
+    _error(c.post("/v1/completions", json={"model": "upper", "prompt": "x", "seed": 2**64}), 400, "seed", "seed")
+    deep = '{"model": "upper", "prompt": "x", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = c.post("/v1/completions", content=deep.encode(), headers={"content-type": "application/json"})
+    assert r.status_code in (400, 413), r.text
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    _error(c.post("/v1/experts", json={"name": "x", "path": "a\x00b"}, headers=admin), 400, "path", "path")
+    _error(c.post("/v1/experts", json={"name": "x", "path": "a" * 10_000}, headers=admin), 400, "path", "path")
+    for model in ("dare_ties:upper+vowels-lora", "dare_linear(density=0.5,seed=7):upper"):
+        r = c.post("/v1/chat/completions", json={"model": model, **CHAT})
+        assert r.status_code == 200 and r.json()["deltaserve"]["path"] == "dense", r.text
+    spec = c.get("/openapi.json").json()
+    assert '"422"' not in json.dumps(spec["paths"])
+
+
+def test_links_out_of_the_register_root_are_refused(server, micro_zoo, tmp_path):
+    c, _ = server
+    inside = micro_zoo.layout.root / "linked-lora-for-http-test"
+    shutil.rmtree(inside, ignore_errors=True)
+    inside.mkdir()
+    outside = tmp_path / "outside"
+    shutil.copytree(micro_zoo.layout.lora("upper"), outside)
+    try:
+        for f in outside.iterdir():
+            (inside / f.name).symlink_to(f)
+        r = c.post("/v1/experts", json={"name": "linked", "path": str(inside)},
+                   headers={"authorization": f"Bearer {ADMIN}"})
+        _error(r, 403, "outside the allowed registration roots", "path")
+    finally:
+        shutil.rmtree(inside)
+    assert "linked" not in c.app.state.service.store.names()

@@ -184,11 +184,25 @@ def test_merged_adapter_is_exactly_the_weighted_sum(micro_zoo, tmp_path):
         got = t[f"{stem}.lora_B.weight"] @ t[f"{stem}.lora_A.weight"]
         want = 0.7 * e1.decode(name, torch.float32) - 0.2 * e2.decode(name, torch.float32)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_cache_never_removes_an_adapter_in_use(micro_zoo, tmp_path):
+    """Step through pin, evict, retire and release; the slots after each step (vLLM LoRA manager style)."""
+    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    e1 = _lora_expert(store, micro_zoo, "upper", "a")
+    e2 = _lora_expert(store, micro_zoo, "length", "b")
     cache = AdapterCache(tmp_path / "cache", capacity=1)
-    first, ev = cache.build("k1", [e1], [1.0], store.shapes)
-    second, ev2 = cache.build("k2", [e2], [1.0], store.shapes)
-    assert ev == [] and ev2 == [first] and cache.get("k1") is None and cache.get("k2") == second
-    assert cache.invalidate("b") == [second]
+    first, ev = cache.build("k1", [e1], [1.0], store.shapes)          # built pinned
+    second, ev2 = cache.build("k2", [e2], [1.0], store.shapes)        # k1 is in use: over capacity, no eviction
+    assert ev == ev2 == [] and cache.pinned == 2 and first.path.is_dir()
+    assert cache.release(first) == [first]                             # unpinned -> the LRU trims it now
+    assert cache.acquire("k1") is None and cache.acquire("k2") == second   # k2 now pinned twice
+    assert cache.invalidate("b") == [] and second.path.is_dir()        # in use: retired, files kept
+    assert cache.acquire("k2") is None                                 # unreachable for new requests
+    assert cache.release(second) == [] and cache.release(second) == [second]   # freed at the last release
+    assert cache.pinned == 0
+    again, _ = cache.build("k1", [e1], [1.0], store.shapes)
+    assert again.lora_id != first.lora_id and cache.release(again) == []   # within capacity: kept
 
 
 def test_store_passes_the_nps_search_options_through(micro_zoo, tmp_path):

@@ -20,13 +20,16 @@ async def list_experts(service: Service = SERVICE) -> ExpertList:
     if await service.engine.refresh():   # changed by another replica: the router must follow too
         await service.refresh_routing()
     return ExpertList(data=[service.expert_card(n) for n in sorted(service.engine.experts)],
-                      store_generation=service.engine.generation)
+                      store_generation=service.engine.generation, unavailable=service.engine.unavailable)
 
 
 @router.get("/v1/experts/{name}", response_model=ExpertCard, dependencies=[INFERENCE])
 async def get_expert(name: str, service: Service = SERVICE) -> ExpertCard:
     if await service.engine.refresh():
         await service.refresh_routing()
+    if name in service.engine.unavailable:
+        raise APIError(503, f"expert {name!r} is in the store but cannot be served: "
+                            f"{service.engine.unavailable[name]}")
     return service.expert_card(name)
 
 

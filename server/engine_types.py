@@ -1,0 +1,90 @@
+"""What the engine and the HTTP layer agree on: expert versions, weight states, plans, the engine protocol.
+
+Every request needs a :class:`WeightState`. Base and LoRA requests share the
+base weights (``WeightState()``); each dense recipe is its own state; uncertainty
+scoring runs on the base weights but *exclusively* (nothing else in the batch).
+The HTTP layer talks to an engine only through :class:`EngineProtocol`
+(server.engine.Engine, or a fake in tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from experts.expert import ExpertManifest
+from server.contracts import MergeItem, MergeRequest
+from server.recipes import Recipe
+from server.settings import EngineConfig
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    name: str
+    manifest: ExpertManifest
+    path: Path
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the expert's tensors: which version of it this is."""
+        return self.manifest.sha256.get("tensors.safetensors", "")
+
+    @property
+    def token(self) -> str:
+        """Changes whenever the expert's content does (a replaced expert is a different token)."""
+        return f"{self.name}@{self.digest[:16]}"
+
+    @property
+    def lowrank(self) -> bool:
+        return self.manifest.codec == "lowrank"
+
+
+@dataclass(frozen=True)
+class WeightState:
+    """What the engine's weights must hold while a request runs.
+
+    ``weights``: ``""`` for the base, else the dense recipe's key and expert tokens.
+    ``exclusive``: non-empty for work that must not share a batch with anything else.
+    """
+
+    weights: str = ""
+    exclusive: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: str                     # "base" | "lora" | "dense"
+    recipe: Recipe
+    state: WeightState
+    experts: tuple[ExpertInfo, ...] = ()
+
+    def merge_request(self) -> MergeRequest:
+        if self.path != "dense":
+            return MergeRequest()
+        items = tuple(MergeItem(path=str(i.path), token=i.token, weight=w)
+                      for i, w in zip(self.experts, self.recipe.weights))
+        return MergeRequest(key=self.recipe.key, items=items, method=self.recipe.method,
+                            options=self.recipe.option_dict)
+
+
+class EngineProtocol(Protocol):
+    """What the HTTP layer needs from an engine (server.engine.Engine, or a fake in tests)."""
+
+    config: EngineConfig
+    tokenizer: Any
+    experts: dict[str, ExpertInfo]
+    unavailable: dict[str, str]
+    generation: int
+
+    async def start(self) -> None: ...
+    async def shutdown(self) -> None: ...
+    @property
+    def alive(self) -> bool: ...
+    async def check_health(self) -> None: ...
+    async def refresh(self, force: bool = False) -> bool: ...
+    def plan(self, recipe: Recipe) -> Plan: ...
+    def generate(self, prompt_ids: list[int], sampling: dict[str, Any], plan: Plan, request_id: str,
+                 stream: bool = False) -> AsyncIterator[Any]: ...
+    async def score_answers(self, texts: list[str], experts: list[str]) -> list[list[float]]: ...

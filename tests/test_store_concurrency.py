@@ -1,0 +1,73 @@
+"""The shared store under concurrent writers: other processes' staging survives, replacements are atomic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+from experts.store import RETIRED_DIR, ExpertStore
+
+
+def test_opening_a_store_keeps_live_staging_and_removes_dead_staging(micro_zoo, tmp_path):
+    root = tmp_path / "store"
+    ExpertStore(root, micro_zoo.layout.base)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        live = root / f".staging-{sleeper.pid}-abc"
+        gone = root / f".staging-{dead.pid}-def"
+        for path in (live, gone):
+            path.mkdir()
+            (path / "partial").write_bytes(b"x")
+        ExpertStore(root, micro_zoo.layout.base)          # another replica opening the store
+        assert live.is_dir() and not gone.exists()
+    finally:
+        sleeper.kill()
+
+
+def test_two_processes_register_into_one_store_at_once(micro_zoo, tmp_path):
+    store = tmp_path / "store"
+    ExpertStore(store, micro_zoo.layout.base)
+    cmds = [[sys.executable, "-m", "server.cli", "store", "add", "--store", str(store), "--base",
+             str(micro_zoo.layout.base), "--name", f"{task.replace('_', '-')}-lora", "--source",
+             str(micro_zoo.layout.lora(task))] for task in ("upper", "length", "count_vowels", "max_digit")]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    results = [(p.wait(120), p.stderr.read()) for p in procs]
+    assert [code for code, _ in results] == [0] * len(cmds), results
+    s = ExpertStore(store, micro_zoo.layout.base)
+    assert s.names() == ["count-vowels-lora", "length-lora", "max-digit-lora", "upper-lora"]
+    assert s.generation() == len(cmds)
+
+
+def test_concurrent_replacements_never_leave_the_name_missing(micro_zoo, tmp_path):
+    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    sources = [micro_zoo.layout.lora("upper"), micro_zoo.layout.lora("length")]
+    store.import_source("hot", sources[0])
+    missing, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            if "hot" not in store.names():
+                missing.append(1)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    writers = [threading.Thread(target=store.import_source, args=("hot", sources[i % 2]), kwargs={"replace": True})
+               for i in range(8)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not missing
+    retired = list((store.root / RETIRED_DIR).iterdir())
+    assert retired and all(p.name.startswith("hot@") for p in retired)
+    for path in retired:      # a replaced version is still found by its digest (for requests in flight)
+        digest = json.loads((path / "manifest.json").read_text())["sha256"]["tensors.safetensors"]
+        assert store.version_dir("hot", digest) in (path, store.path("hot"))
