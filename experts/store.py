@@ -236,7 +236,7 @@ class ExpertStore:
         return generation
 
     def publish(self, name: str, write: Any, *, exemplars: Sequence[str] | None = None,
-                replace: bool = False) -> ExpertManifest:
+                replace: bool = False, objective: Any = None) -> ExpertManifest:
         """Publish expert ``name``: ``write(stage_dir)`` writes the expert folder into ``stage_dir``.
 
         The staged expert is validated (data digests, base fingerprint, shapes)
@@ -250,6 +250,8 @@ class ExpertStore:
         stage = self.root / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             write(stage)
+            if objective is not None:
+                score_stage(stage, objective)
             expert = load_expert(stage, verify=True)
             if expert.manifest.name != name:
                 raise StoreError(f"the expert's manifest names it {expert.manifest.name!r}, not {name!r}")
@@ -323,7 +325,19 @@ class ExpertStore:
             def write(stage: Path) -> None:
                 compress_expert(tv, stage, name=name, method=comp.method, options=comp.options, objective=objective,
                                 trainer=trainer, task=comp.task, value_dtype=comp.torch_dtype, progress=False)
-        return self.publish(name, write, exemplars=exemplars, replace=replace)
+        return self.publish(name, write, exemplars=exemplars, replace=replace, objective=objective)
+
+
+def score_stage(stage: Path, objective: Any) -> None:
+    """Give a staged expert without a calibration score one: ``objective(decoded deltas)``, i.e. its
+    measured quality on the calibration examples (kept as is when the compressor already scored it)."""
+    manifest_path = stage / MANIFEST_FILE
+    raw = json.loads(manifest_path.read_text())
+    if raw.get("calibration_score") is not None:
+        return
+    expert = load_expert(stage)
+    raw["calibration_score"] = float(objective(dict(expert.iter_deltas(torch.float32))))
+    manifest_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
 def save_lora_expert(base_dir: Path, adapter_dir: Path, out: Path, *, name: str, fingerprint: str) -> ExpertManifest:

@@ -45,6 +45,7 @@ class Decision:
     distance: float | None
     fallback: FallbackReason | None
     latency_s: float
+    quality: dict[str, float] = field(default_factory=dict)   # the quality factors applied to the scores
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +56,7 @@ class Decision:
             "distance": None if self.distance is None else round(self.distance, 6),
             "fallback": self.fallback,
             "latency_s": round(self.latency_s, 6),
+            "quality": {name: round(value, 6) for name, value in self.quality.items()},
         }
 
 

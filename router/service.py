@@ -3,6 +3,14 @@
 Mutations (``set_exemplars``/``add``/``remove``) are serialised by a lock; each
 builds a fresh immutable snapshot inside the router, so ``route`` runs without
 the lock and sees either the old or the new expert set, never a mix.
+
+Quality weighting: when several experts cover one skill (a LoRA and a compressed
+full fine-tune, two versions of an expert), their exemplars look alike and the
+router splits its votes between them. ``set_quality`` gives each expert a
+measured quality (its calibration score); every score is multiplied by it and
+renormalised before the policy decides, so the better-measured expert wins the
+skill, as vLLM Semantic Router's KNN weights votes by quality. An expert without
+a measured quality counts as 1.0. The decision records the factors it used.
 """
 
 from __future__ import annotations
@@ -21,6 +29,11 @@ class RoutingService:
         self.policy = policy if policy is not None else Policy()
         self._clock = clock
         self._lock = threading.Lock()
+        self._quality: dict[str, float] = {}
+
+    def set_quality(self, quality: Mapping[str, float | None]) -> None:
+        """``{expert: measured quality}`` (e.g. calibration scores); None or absent counts as 1.0."""
+        self._quality = {n: float(q) for n, q in quality.items() if q is not None and q >= 0}
 
     @property
     def name(self) -> str:
@@ -51,15 +64,27 @@ class RoutingService:
         if isinstance(texts, str):
             raise TypeError("route() takes a sequence of texts, not one string")
         started = self._clock()
+        quality = self._quality
         scored = self.router.score(list(texts)) if texts else []
+        weighted = [(quality_weighted(scores, quality), distance) for scores, distance in scored]
         policy = self.policy
-        decided = [policy.decide(scores, distance) for scores, distance in scored]
+        decided = [policy.decide(scores, distance) for scores, distance in weighted]
         latency_s = self._clock() - started
         return [
             Decision(recipe=recipe, router=self.router.name, scores=scores, confidence=confidence,
-                     distance=distance, fallback=reason, latency_s=latency_s)
-            for (scores, distance), (recipe, confidence, reason) in zip(scored, decided)
+                     distance=distance, fallback=reason, latency_s=latency_s,
+                     quality={n: quality[n] for n in scores if n in quality})
+            for (scores, distance), (recipe, confidence, reason) in zip(weighted, decided)
         ]
 
     def route_one(self, text: str) -> Decision:
         return self.route([text])[0]
+
+
+def quality_weighted(scores: Mapping[str, float], quality: Mapping[str, float]) -> dict[str, float]:
+    """``scores`` times each expert's quality (1.0 when unknown), renormalised to sum to 1."""
+    if not quality or not scores:
+        return dict(scores)
+    raw = {n: s * quality.get(n, 1.0) for n, s in scores.items()}
+    total = sum(raw.values())
+    return {n: v / total for n, v in raw.items()} if total > 0 else dict(scores)

@@ -128,7 +128,7 @@ class Service:
         if not path.is_dir():
             raise APIError(400, f"path {body.path!r} is not a directory on the server", "path")
         self._check_links(path, body.path)
-        objective, trainer = await asyncio.to_thread(self._compression_helpers, body.compression)
+        objective, trainer = await asyncio.to_thread(self._compression_helpers, body.compression, body.calibration)
         await asyncio.to_thread(self.store.import_source, body.name, path, compression=body.compression,
                                 exemplars=body.exemplars, replace=body.replace, objective=objective,
                                 trainer=trainer)
@@ -136,18 +136,22 @@ class Service:
         await self.refresh_routing()
         return self.expert_card(body.name)
 
-    def _compression_helpers(self, compression: Compression | None) -> tuple[Any, Any]:
-        """NPS's calibration objective / sparse_ft's trainer from the examples the request names."""
+    def _compression_helpers(self, compression: Compression | None, calibration: Any = None) -> tuple[Any, Any]:
+        """The calibration objective (NPS's search, and every expert's measured quality) and sparse_ft's
+        trainer, from the examples the request names."""
         from experts.compress import get_compressor
 
-        if compression is None:
-            return None, None
-        needs = get_compressor(compression.method).needs
+        needs = get_compressor(compression.method).needs if compression is not None else ()
         objective = trainer = None
-        if "objective" in needs:
+        source, param = calibration, "calibration"
+        if compression is not None and compression.calibration is not None:
+            source, param = compression.calibration, "compression.calibration"
+        if source is not None or "objective" in needs:
             from experts.calibration import delta_objective
 
-            examples = self._examples(compression.calibration, "compression.calibration")
+            if source is None:
+                param = "compression.calibration"
+            examples = self._examples(source, param)
             objective = delta_objective(self.settings.engine.base_dir, examples)
         if "trainer" in needs:
             from experts.finetune import masked_trainer
@@ -174,12 +178,15 @@ class Service:
         await self.refresh_routing()
 
     async def refresh_routing(self) -> None:
+        """The router's experts, exemplars and quality (each expert's calibration score) from the store."""
         if self.routing is None:
             return
-        exemplars = {n: self.store.exemplars(n) for n in self.engine.experts}
+        experts = dict(self.engine.experts)
+        exemplars = {n: self.store.exemplars(n) for n in experts}
         if getattr(self.routing.router, "needs_exemplars", True):
             exemplars = {n: t for n, t in exemplars.items() if t}
         await asyncio.to_thread(self.routing.set_exemplars, exemplars)
+        self.routing.set_quality({n: info.manifest.calibration_score for n, info in experts.items()})
 
     async def poll_store(self) -> None:
         """Notice experts published or deleted by other replicas (shared store); now and then remove

@@ -74,7 +74,8 @@ def test_decision_json_round_trips():
                  None, 0.0012345678)
     data = json.loads(json.dumps(d.to_json()))
     assert data == {"recipe": {"a": 0.75, "b": 0.25}, "router": "knn", "scores": {"a": 0.712346, "b": 0.287654},
-                    "confidence": 0.712346, "distance": 0.123457, "fallback": None, "latency_s": 0.001235}
+                    "confidence": 0.712346, "distance": 0.123457, "fallback": None, "latency_s": 0.001235,
+                    "quality": {}}
     fallback = Decision({}, "uncertainty", {}, 0.0, None, "no_experts", 0.0).to_json()
     assert fallback["recipe"] == {} and fallback["distance"] is None and fallback["fallback"] == "no_experts"
 
@@ -164,3 +165,27 @@ def test_service_is_safe_under_concurrent_add_remove():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_quality_weighting_prefers_the_better_measured_expert_of_one_skill():
+    """Two experts with the same exemplars split the votes 0.5/0.5; their measured quality decides."""
+    from router.service import quality_weighted
+
+    class Tie:
+        name, needs_exemplars, experts = "tie", True, ("dense-v", "lora-v")
+
+        def fit(self, exemplars):
+            pass
+
+        def score(self, texts):
+            return [({"dense-v": 0.5, "lora-v": 0.5}, 0.1) for _ in texts]
+
+    service = RoutingService(Tie(), Policy(min_confidence=0.3))
+    assert service.route_one("x").recipe == {"dense-v": 1.0}          # a tie goes to the first name
+    service.set_quality({"dense-v": 0.2, "lora-v": 0.9})
+    decision = service.route_one("x")
+    assert decision.recipe == {"lora-v": 1.0} and decision.quality == {"dense-v": 0.2, "lora-v": 0.9}
+    assert abs(decision.scores["lora-v"] - 0.9 / 1.1) < 1e-9 and decision.to_json()["quality"]["lora-v"] == 0.9
+    assert quality_weighted({"a": 0.6, "b": 0.4}, {"a": 1.0}) == {"a": 0.6, "b": 0.4}   # unknown counts as 1.0
+    service.set_quality({"dense-v": None, "lora-v": 0.9})
+    assert service.route_one("x").recipe == {"dense-v": 1.0}
