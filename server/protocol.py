@@ -143,6 +143,10 @@ class ExpertRegistration(_Body):
                                   "adapter or an HF fine-tuned model")
     compression: Compression | None = Field(None, description="how to compress a fine-tune: a method and its options")
     exemplars: list[str] | None = Field(None, description="example prompts for the routers")
+    calibration: str | list[dict[str, Any]] | None = Field(
+        None, description="chat examples ({messages} objects, or a JSONL path under a register root) to measure "
+                          "the expert on: stored as its calibration score, which `auto` uses to prefer the "
+                          "better expert of a skill; also NPS's objective unless compression.calibration is set")
     replace: bool = False
 
 
