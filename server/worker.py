@@ -136,6 +136,27 @@ class DeltaState:
             yield name, self.base[name]
 
 
+def retie_output_embeddings(model: torch.nn.Module) -> bool:
+    """With tied embeddings, a delta on ``embed_tokens`` is also one on the output projection.
+
+    vLLM ties ``lm_head`` to ``embed_tokens`` when it loads the model, but an in-place reload only
+    re-processes the layers it loaded weights into: on the CPU backend the head's GEMM keeps a copy
+    packed from the *old* embedding (and the reload may even put the old tensor back on the head).
+    So after a reload that touched the embeddings, tie the head to the current embedding weight
+    again and re-run its post-load processing. Returns whether the model ties them."""
+    config = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    modules = dict(model.named_modules())
+    head = modules.get("lm_head")
+    embed = next((m for n, m in modules.items() if n.endswith("embed_tokens")), None)
+    if not config or head is None or embed is None:
+        return False
+    head.weight = embed.weight
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+    return True
+
+
 def watch_parent(pid: int, interval_s: float = 0.25) -> None:
     """Exit this engine process soon after the server process ``pid`` dies, even by kill -9.
 
@@ -186,6 +207,8 @@ class DeltaWorkerExtension:
         bytes_touched = sum(t.numel() * t.element_size() for _, t in items)
         try:
             self.model_runner.reload_weights(weights_iterator=iter(items))
+            if any(name.endswith("embed_tokens.weight") for name, _ in items):
+                retie_output_embeddings(self.model_runner.get_model())
         except Exception:
             state.applied |= targets   # unknown state: the next apply rewrites all of it from the base
             raise

