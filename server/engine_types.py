@@ -2,7 +2,9 @@
 
 Every request needs a :class:`WeightState`. Base and LoRA requests share the
 base weights (``WeightState()``); each dense recipe is its own state; uncertainty
-scoring runs on the base weights but *exclusively* (nothing else in the batch).
+scoring runs on the base weights but *exclusively* (nothing else in the batch),
+and so does each request with prompt logprobs, on its plan's weights (vLLM-CPU
+computes prompt logprobs only for a request alone in its batch).
 The HTTP layer talks to an engine only through :class:`EngineProtocol`
 (server.engine.Engine, or a fake in tests).
 """
@@ -85,6 +87,7 @@ class EngineProtocol(Protocol):
     async def check_health(self) -> None: ...
     async def refresh(self, force: bool = False) -> bool: ...
     def plan(self, recipe: Recipe) -> Plan: ...
-    def generate(self, prompt_ids: list[int], sampling: dict[str, Any], plan: Plan, request_id: str,
-                 stream: bool = False) -> AsyncIterator[Any]: ...
+    def generate(self, prompt_ids: list[int], params: Any, plan: Plan, request_id: str,
+                 stream: bool = False) -> AsyncIterator[Any]:
+        """vLLM ``RequestOutput``s for ``prompt_ids`` with vLLM ``SamplingParams`` ``params``."""
     async def score_answers(self, texts: list[str], experts: list[str]) -> list[list[float]]: ...

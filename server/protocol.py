@@ -1,10 +1,16 @@
-"""OpenAI-compatible wire format (the subset deltaserve serves), as pydantic models: requests and responses.
+"""OpenAI-compatible wire format, as pydantic models: vLLM's own request and response models, extended.
 
-Field names, defaults and response shapes follow the OpenAI API (and vLLM's
-own protocol models), so the official ``openai`` SDK works unchanged. Unknown
-request fields are accepted and ignored, as OpenAI-compatible servers do,
-except the ones that would change the output and that we do not implement:
-those are rejected with a 400 instead of being silently dropped.
+Completions and chat completions *are* vLLM's protocol models
+(``vllm.entrypoints.openai.{completion,chat_completion}.protocol``): every field
+vLLM accepts is parsed and validated by vLLM's code, and its
+``to_sampling_params`` builds the engine's ``SamplingParams`` — so a new vLLM
+field arrives with the next vLLM. deltaserve extends them (``model`` is a
+recipe, bounds on ``n`` and prompt lists, valid Unicode) and decides once, in
+four tables, what happens to each field: applied by the engine (``SAMPLING``),
+applied by the serving layer (``SERVED``), accepted without effect as in vLLM
+(``NO_EFFECT``), or refused with a 400 when set to anything but its default
+(``REFUSED``). ``tests/test_server_http.py`` fails when a vLLM upgrade brings a
+field no table names.
 """
 
 from __future__ import annotations
@@ -13,16 +19,90 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChatCompletionRequest
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse as VllmChatCompletionResponse
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionResponse as VllmCompletionResponse
+from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeResponse, TokenizeResponse  # noqa: F401 - re-exported
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from vllm.exceptions import VLLMValidationError
+from vllm.renderers.chat_utils import ChatCompletionMessageParam
 
 from experts.store import Compression
-
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools", "tool_choice",
-               "functions", "function_call", "response_format", "prompt_logprobs")
-
+from server.errors import APIError
 
 MAX_TEXT_DEPTH = 64
-INT64 = 2**63
+MAX_PROMPTS = 64
+MAX_CHOICES = 16
+
+# ---------------------------------------------------------------------------- what happens to each field
+
+# Applied by the engine through vLLM's ``to_sampling_params``.
+SAMPLING = frozenset({
+    "allowed_token_ids", "bad_words", "frequency_penalty", "ignore_eos", "include_stop_str_in_output",
+    "logit_bias", "logprob_token_ids", "logprobs", "max_completion_tokens", "max_tokens", "min_p", "min_tokens",
+    "n", "presence_penalty", "prompt_logprobs", "repetition_detection", "repetition_penalty", "response_format",
+    "seed", "skip_special_tokens", "spaces_between_special_tokens", "stop", "stop_token_ids", "stream_interval",
+    "structured_outputs", "temperature", "top_k", "top_logprobs", "top_p",
+})
+# Applied by deltaserve's serving layer (prompt building, response shape).
+SERVED = frozenset({
+    "model", "prompt", "messages", "stream", "stream_options", "echo", "add_special_tokens",
+    "truncate_prompt_tokens", "truncation_side", "return_token_ids", "return_tokens_as_token_ids", "request_id",
+    "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents", "return_prompt_text",
+})
+# Accepted and without effect here, as in vLLM without the matching server feature.
+NO_EFFECT = {
+    "user": "end-user id for abuse monitoring",
+    "session_id": "affinity hint for routers in front of the server",
+    "mm_payload": "render endpoints only",
+    "return_mm_kwargs": "render endpoints only",
+    "return_token_offsets": "render endpoints only",
+    "routed_experts_prompt_start": "mixture-of-experts routing data, not returned by this server",
+    "include_reasoning": "no reasoning parser: there is no reasoning to include",
+    "parallel_tool_calls": "tools are refused",
+}
+# Refused with a 400 unless left at one of the listed values.
+REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "suffix": ("insertion (suffix) is not served", (None,)),
+    "prompt_embeds": ("prompt embeddings are not served; send text or token ids", (None,)),
+    "use_beam_search": ("beam search is not served", (False,)),
+    "length_penalty": ("length_penalty applies to beam search, which is not served", (1.0,)),
+    "watermarking": ("no watermark is configured on this server", (None, False)),
+    "priority": ("priority scheduling is not enabled; deltaserve schedules by recipe", (0,)),
+    "cache_salt": ("per-request prefix-cache salts are not served", (None,)),
+    "kv_transfer_params": ("disaggregated serving is not configured", (None,)),
+    "ec_transfer_params": ("disaggregated serving is not configured", (None,)),
+    "vllm_xargs": ("no custom logits processors are installed to read vllm_xargs", (None,)),
+    "thinking_token_budget": ("no reasoning parser is configured", (None,)),
+    "reasoning_effort": ("no reasoning parser is configured", (None,)),
+    "chat_template": ("request chat templates are not trusted; the model's own template is used", (None,)),
+    "media_io_kwargs": ("the served models are text-only", (None,)),
+    "mm_processor_kwargs": ("the served models are text-only", (None,)),
+    "tools": (("tool calling needs a tool-call parser, which this server does not run; for structured output "
+               "use response_format {\"type\": \"json_schema\"}"), (None,)),
+    "tool_choice": ("tool calling needs a tool-call parser, which this server does not run", ("none", None)),
+}
+# OpenAI fields that are not in vLLM's models (vLLM drops them silently): refused when truthy.
+LEGACY_REFUSED = {
+    "best_of": "best_of is not served; use n",
+    "functions": "function calling needs a tool-call parser, which this server does not run",
+    "function_call": "function calling needs a tool-call parser, which this server does not run",
+}
+
+
+def field_policy(name: str) -> str:
+    """``sampling`` / ``served`` / ``no_effect`` / ``refused`` for a request field, ``unknown`` otherwise."""
+    for policy, names in (("sampling", SAMPLING), ("served", SERVED), ("no_effect", NO_EFFECT),
+                          ("refused", REFUSED)):
+        if name in names:
+            return policy
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------- request bases
 
 
 def _check_utf8(value: Any, depth: int = 0) -> None:
@@ -53,60 +133,119 @@ class _Body(BaseModel):
         return data
 
 
-class _Request(_Body):
-    model_config = ConfigDict(extra="allow")
+# Fields vLLM's own "before" validators read as containers: a wrong shape must be a 400, not their TypeError.
+CONTAINER_FIELDS = {"messages": list, "tools": list, "structured_outputs": dict, "response_format": dict,
+                    "stream_options": dict, "kv_transfer_params": dict, "ec_transfer_params": dict,
+                    "chat_template_kwargs": dict, "tool_choice": (str, dict)}
 
-    model: str = Field(max_length=1000)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
-    seed: int | None = Field(None, ge=-INT64, lt=INT64)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    user: str | None = None
-    ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens even past EOS (benchmarks)")
 
-    @field_validator("stop")
+class _VllmBody(_Body):
+    """A body parsed by a vLLM model: vLLM's validation errors become 400s that name their parameter."""
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _stops(cls, value):
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
+    def _vllm_errors(cls, data: Any, handler: Any) -> Any:
+        if isinstance(data, dict):
+            for name, kind in CONTAINER_FIELDS.items():
+                value = data.get(name)
+                nullable = value is None and name != "messages"
+                if name in data and not nullable and name in cls.model_fields and not isinstance(value, kind):
+                    shape = "a list" if kind is list else "an object" if kind is dict else "a string or an object"
+                    raise APIError(400, f"invalid request: `{name}` must be {shape}", name)
+        try:
+            return handler(data)
+        except VLLMValidationError as err:
+            raise APIError(400, str(err.args[0]) if err.args else str(err), err.parameter) from None
+        except (TypeError, AttributeError, KeyError, IndexError) as err:   # vLLM's validators on odd shapes
+            raise APIError(400, f"invalid request: {err}") from None
 
-    def unsupported(self) -> list[str]:
+
+class _Generation(_VllmBody):
+    """What deltaserve adds to vLLM's completion and chat requests."""
+
+    model_config = ConfigDict(extra="allow")   # OpenAI-compatible servers accept unknown fields (as vLLM)
+    model: str = Field(max_length=1000, description="the base, an expert, a recipe expression, or `auto`")
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+
+    def refused(self) -> list[tuple[str, str]]:
+        """(field, why) for every field set to something this server does not serve."""
+        out = [(name, why) for name, (why, allowed) in REFUSED.items()
+               if name in type(self).model_fields and not any(_same(getattr(self, name), a) for a in allowed)]
         extra = self.model_extra or {}
-        return sorted(k for k in UNSUPPORTED if extra.get(k) not in (None, False, 0, [], {}))
-
-    def sampling(self, max_tokens: int) -> dict[str, Any]:
-        return dict(n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    seed=self.seed, stop=self.stop or None, presence_penalty=self.presence_penalty,
-                    frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos)
+        out += [(name, why) for name, why in LEGACY_REFUSED.items() if extra.get(name) not in (None, False, 0, 1, [])]
+        return out
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, value):
-        prompts = [value] if isinstance(value, str) else value
-        if not prompts or len(prompts) > 64:
-            raise ValueError("prompt must be a string or a list of 1-64 strings")
-        return value
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def sampling(self, max_tokens: int, defaults: dict[str, Any]) -> Any:
+        """vLLM's ``SamplingParams`` for this request; vLLM's checks become 400s naming the parameter."""
+        try:
+            return self.to_sampling_params(max_tokens, defaults)
+        except VLLMValidationError as err:
+            raise APIError(400, str(err.args[0]) if err.args else str(err), err.parameter) from None
+        except (ValueError, TypeError) as err:
+            raise APIError(400, f"invalid sampling parameters: {err}", "sampling") from None
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    return value is allowed if allowed is None or isinstance(allowed, bool) else value == allowed
+
+
+class CompletionRequest(_Generation, VllmCompletionRequest):
+    """vLLM's ``CompletionRequest``: ``prompt`` is a string, a list of strings, token ids or lists of them."""
+
+    @model_validator(mode="after")
+    def _bounded_prompts(self) -> CompletionRequest:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if not prompt:
+                raise APIError(400, "prompt must not be empty", "prompt")
+            if not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+                raise APIError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}", "prompt")
+            if isinstance(prompt[0], list) and any(not p for p in prompt):
+                raise APIError(400, "a token-id prompt must not be empty", "prompt")
+        return self
+
+
+class ChatCompletionRequest(_Generation, VllmChatCompletionRequest):
+    """vLLM's ``ChatCompletionRequest`` with at least one message."""
+
+    messages: list[ChatCompletionMessageParam] = Field(min_length=1)
+
+
+class TokenizeCompletion(_VllmBody, TokenizeCompletionRequest):
+    """POST /tokenize with a ``prompt`` (vLLM's shape)."""
+
+
+class TokenizeChat(_VllmBody, TokenizeChatRequest):
+    """POST /tokenize with ``messages`` (vLLM's shape)."""
+
+    messages: list[ChatCompletionMessageParam] = Field(min_length=1)
+
+
+class Detokenize(_VllmBody, DetokenizeRequest):
+    """POST /detokenize (vLLM's shape)."""
+
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
+class LoadLoRAAdapter(_VllmBody, LoadLoRAAdapterRequest):
+    """POST /v1/load_lora_adapter (vLLM's shape): registers ``lora_path`` as the expert ``lora_name``."""
+
+    lora_name: str = Field(min_length=1, max_length=64)
+    lora_path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$")
+
+
+class UnloadLoRAAdapter(_VllmBody, UnloadLoRAAdapterRequest):
+    """POST /v1/unload_lora_adapter (vLLM's shape): deletes the expert ``lora_name``."""
+
+    lora_name: str = Field(min_length=1, max_length=64)
 
 
 class ContentPart(BaseModel):
@@ -124,13 +263,6 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
-
-
-class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
-
-    def plain_messages(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
 class ExpertRegistration(_Body):
@@ -160,12 +292,6 @@ class RouteRequest(_Body):
 # ---------------------------------------------------------------------------- responses
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ServedAs(BaseModel):
     """The ``deltaserve`` field of a non-streaming response: what the request was served with."""
 
@@ -177,64 +303,12 @@ class ServedAs(BaseModel):
     route: dict[str, Any] | None = None
 
 
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: str | None
-    logprobs: None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: str | None
-    logprobs: None = None
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: Delta
-    finish_reason: str | None
-    logprobs: None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
+class CompletionResponse(VllmCompletionResponse):
     deltaserve: ServedAs | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
+class ChatCompletionResponse(VllmChatCompletionResponse):
     deltaserve: ServedAs | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
@@ -244,6 +318,7 @@ class ModelCard(BaseModel):
     owned_by: str = "deltaserve"
     root: str | None = None
     parent: str | None = None
+    max_model_len: int | None = None
     deltaserve: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -1,8 +1,9 @@
 """A fake engine for in-process HTTP tests: the store's experts, the engine's planning, canned outputs.
 
-It implements server.engine.EngineProtocol without vLLM: ``generate`` answers
-every prompt with the same few tokens (one per step when streaming), or raises
-``fail_with`` to exercise the error paths.
+It implements server.engine.EngineProtocol without running vLLM: ``generate``
+answers every prompt with the same few tokens (one per step when streaming),
+with made-up logprobs and prompt logprobs when the ``SamplingParams`` ask for
+them, or raises ``fail_with`` to exercise the error paths.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ from server.errors import EngineUnavailable
 from server.recipes import Recipe
 
 ANSWER = ["fa", "ke"]
+ANSWER_IDS = [7, 8]
+LOGPROB = -0.5
+
+
+def _step(token_id: int, top: int | None) -> dict:
+    """One position's logprobs: the token itself, then ``top`` made-up alternatives."""
+    from vllm.logprobs import Logprob
+
+    step = {token_id: Logprob(LOGPROB, 1, None)}
+    others = [t for t in range(40, 40 + (top or 0) + 1) if t != token_id][:top or 0]
+    for k, other in enumerate(others):
+        step[other] = Logprob(LOGPROB - 1 - k, 2 + k, None)
+    return step
 
 
 class FakeEngine:
@@ -63,18 +77,22 @@ class FakeEngine:
     def plan(self, recipe: Recipe) -> Plan:
         return Engine.plan(self, recipe)   # the real planning rules
 
-    async def generate(self, prompt_ids: list[int], sampling: dict, plan: Plan, request_id: str,
+    async def generate(self, prompt_ids: list[int], params: Any, plan: Plan, request_id: str,
                        stream: bool = False):
-        self.calls.append({"prompt_ids": prompt_ids, "sampling": sampling, "plan": plan, "stream": stream})
+        self.calls.append({"prompt_ids": prompt_ids, "params": params, "plan": plan, "stream": stream})
         if self.fail_with is not None:
             raise self.fail_with
-        n = sampling.get("n", 1)
-        steps = ANSWER if stream else ["".join(ANSWER)]
-        for i, text in enumerate(steps):
-            done = i == len(steps) - 1
-            outputs = [SimpleNamespace(index=j, text=text, token_ids=[7] * (len(ANSWER) if not stream else 1),
-                                       finish_reason="length" if done else None) for j in range(n)]
-            yield SimpleNamespace(outputs=outputs, prompt_token_ids=prompt_ids)
+        pieces = list(zip(ANSWER, ([i] for i in ANSWER_IDS))) if stream else [("".join(ANSWER), ANSWER_IDS)]
+        prompt_lp = None
+        if params.prompt_logprobs is not None:
+            prompt_lp = [None] + [_step(t, params.prompt_logprobs) for t in prompt_ids[1:]]
+        for i, (text, ids) in enumerate(pieces):
+            done = i == len(pieces) - 1
+            lps = [_step(t, params.logprobs) for t in ids] if params.logprobs is not None else None
+            outputs = [SimpleNamespace(index=j, text=text, token_ids=list(ids), logprobs=lps, stop_reason=None,
+                                       finish_reason="length" if done else None) for j in range(params.n)]
+            yield SimpleNamespace(outputs=outputs, prompt_token_ids=prompt_ids,
+                                  prompt_logprobs=prompt_lp if i == 0 or not stream else None)
 
     async def score_answers(self, texts: list[str], experts: list[str]) -> list[list[float]]:
         return [[1.0] * len(experts) for _ in texts]

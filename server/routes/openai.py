@@ -15,16 +15,37 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 503)}
 router = APIRouter(dependencies=[INFERENCE], responses=ERRORS)
 
 
+def _cards(service: Service, created: int) -> dict[str, ModelCard]:
+    limit = service.settings.engine.max_model_len
+    base = service.base_name
+    rows = {base: ModelCard(id=base, created=created, root=base, max_model_len=limit, deltaserve={"kind": "base"}),
+            AUTO: ModelCard(id=AUTO, created=created, root=base, parent=base, max_model_len=limit,
+                            deltaserve={"kind": "router", "router": getattr(service.routing, "name", None)})}
+    for name in sorted(service.engine.experts):
+        rows[name] = ModelCard(id=name, created=created, root=base, parent=base, max_model_len=limit,
+                               deltaserve=service.expert_card(name).model_dump())
+    return rows
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def models(service: Service = SERVICE) -> ModelList:
+    return ModelList(data=list(_cards(service, now()).values()))
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def model(model_id: str, service: Service = SERVICE) -> ModelCard:
+    """One model: the base, `auto`, an expert, or any servable recipe expression."""
     created = now()
-    rows = [ModelCard(id=service.base_name, created=created, deltaserve={"kind": "base"}),
-            ModelCard(id=AUTO, created=created,
-                      deltaserve={"kind": "router", "router": getattr(service.routing, "name", None)})]
-    for name in sorted(service.engine.experts):
-        rows.append(ModelCard(id=name, created=created, root=service.base_name, parent=service.base_name,
-                              deltaserve=service.expert_card(name).model_dump()))
-    return ModelList(data=rows)
+    card = _cards(service, created).get(model_id)
+    if card is not None:
+        return card
+    recipe, _ = await service.resolve(model_id, None, record=False)    # 404 / 400 for what is not servable
+    plan = service.engine.plan(recipe)
+    return ModelCard(id=model_id, created=created, root=service.base_name, parent=service.base_name,
+                     max_model_len=service.settings.engine.max_model_len,
+                     deltaserve={"kind": "recipe", "recipe": recipe.label(service.base_name), "path": plan.path,
+                                 "weights": dict(recipe.terms), "method": recipe.method,
+                                 "options": recipe.option_dict})
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,

@@ -1,0 +1,105 @@
+"""Write lm-eval task configs for the zoo's tasks: local JSONL data, no hub (``evals/lm_eval``).
+
+    .venv/bin/python -m bench.compat.lmeval_tasks            # all tasks, 200 test examples each, seed 0
+
+For every zoo task, ``deltaserve_<task>`` is a ``generate_until`` task on the
+same examples ``deltaserve eval --split test --n N --seed S`` scores: the prompt
+is the question rendered by the zoo's chat template (what the experts were
+trained on, ``<s>Q: …\\nA: ``), decoding is greedy up to the evaluator's token
+budget (longest answer + 3) with no stop string but EOS, and the metric is the
+zoo's own exact match (``evals/lm_eval/utils.py``) — so lm-eval through the
+HTTP API scores what ``deltaserve eval`` scores. Tasks with a closed set of
+answers (digits, counts) also get ``deltaserve_mc_<task>``, a multiple-choice
+(loglikelihood) task over that set. Groups: ``deltaserve_gen``, ``deltaserve_mc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from zoo.evaluate import _ANSWER_SLACK_TOKENS
+from zoo.tasks import TASKS, get_task
+from zoo.tokenizer import build_tokenizer
+
+OUT = Path("evals/lm_eval")
+MC_TASKS = ("max_digit", "min_digit", "count_vowels", "count_consonants", "length", "count_letter")
+CHOICE_SAMPLE = 2000
+
+
+def _yaml(fields: dict) -> str:
+    """The few YAML shapes these configs need (scalars, one-level lists and dicts, lm-eval's !function)."""
+    lines = []
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            for k, v in value.items():
+                if isinstance(v, dict):
+                    lines.append(f"  {k}:")
+                    lines += [f"    {kk}: {json.dumps(vv)}" for kk, vv in v.items()]
+                else:
+                    lines.append(f"  {k}: {json.dumps(v)}")
+        elif isinstance(value, list):
+            lines.append(f"{key}:")
+            for item in value:
+                inner = [f"{k}: {json.dumps(v)}" for k, v in item.items()]
+                lines.append("  - " + "\n    ".join(inner))
+        elif isinstance(value, str) and value.startswith("!function"):
+            lines.append(f"{key}: {value}")
+        else:
+            lines.append(f"{key}: {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _common(name: str, data: Path, group: str) -> dict:
+    return {"task": name, "tag": group, "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test",
+            "doc_to_text": "{{prompt}}", "metadata": {"version": 1}}
+
+
+def write_task(task: str, out: Path, n: int, seed: int, tokenizer) -> list[str]:
+    examples = get_task(task).examples("test", n, seed)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": e.question}], tokenize=False,
+                                             add_generation_prompt=True) for e in examples]
+    budget = max(len(a) for a in tokenizer([e.answer for e in examples], add_special_tokens=False).input_ids)
+    data = out / "data" / f"{task}.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": e.question, "answer": e.answer, "prompt": p} for e, p in zip(examples, prompts)]
+    written = [f"deltaserve_{task}"]
+    gen = {**_common(f"deltaserve_{task}", data, "deltaserve_gen"), "output_type": "generate_until",
+           "doc_to_target": "{{answer}}",
+           "generation_kwargs": {"until": [], "max_gen_toks": budget + _ANSWER_SLACK_TOKENS, "do_sample": False,
+                                 "temperature": 0.0},
+           "process_results": "!function utils.process_results",
+           "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    (out / f"deltaserve_{task}.yaml").write_text(_yaml(gen))
+    if task in MC_TASKS:
+        drawn = get_task(task).examples("train", CHOICE_SAMPLE, seed) + examples
+        choices = sorted({e.answer for e in drawn}, key=lambda a: (len(a), a))
+        for row in rows:
+            row["choices"], row["target"] = choices, choices.index(row["answer"])
+        mc = {**_common(f"deltaserve_mc_{task}", data, "deltaserve_mc"), "output_type": "multiple_choice",
+              "doc_to_choice": "choices", "doc_to_target": "target", "target_delimiter": "",
+              "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+        (out / f"deltaserve_mc_{task}.yaml").write_text(_yaml(mc))
+        written.append(f"deltaserve_mc_{task}")
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=sorted(TASKS), help="zoo tasks (default: all)")
+    ap.add_argument("--n", type=int, default=200, help="test examples per task (deltaserve eval --n)")
+    ap.add_argument("--seed", type=int, default=0, help="deltaserve eval --seed")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    tokenizer = build_tokenizer()
+    names = [name for task in args.tasks for name in write_task(task, args.out, args.n, args.seed, tokenizer)]
+    print(f"wrote {len(names)} lm-eval tasks to {args.out}: {' '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
