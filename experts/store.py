@@ -30,6 +30,7 @@ import re
 import shutil
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -185,11 +186,24 @@ class ExpertStore:
         raise UnknownExpertError(f"expert {name!r} version {digest[:12]} is no longer in the store")
 
     def load_version(self, name: str, digest: str) -> Expert:
-        """That version loaded, checked against this store's base and its digests."""
-        expert = load_expert(self.version_dir(name, digest))
-        expert.check_base(self.fingerprint, self.shapes)
-        expert.check_digests()
-        return expert
+        """That version loaded, checked against this store's base and its digests, and *pinned*: it reads
+        its files through an open handle on its folder (``/proc/self/fd``), so a replacement swapped in
+        at ``<name>/`` or its retirement to ``.retired/`` while it is in use does not change what it reads."""
+        for _attempt in range(3):   # a replacement may land between finding the folder and opening it
+            fd = os.open(self.version_dir(name, digest), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                expert = load_expert(Path(f"/proc/self/fd/{fd}"))
+                if expert.manifest.sha256.get(TENSORS_FILE) != digest:
+                    os.close(fd)
+                    continue
+                expert.check_base(self.fingerprint, self.shapes)
+                expert.check_digests()
+            except BaseException:
+                os.close(fd)
+                raise
+            weakref.finalize(expert, os.close, fd)
+            return expert
+        raise UnknownExpertError(f"expert {name!r} version {digest[:12]} kept changing while it was loaded")
 
     def _retired_path(self, name: str, digest: str) -> Path:
         return self.root / RETIRED_DIR / f"{check_name(name)}@{digest[:16]}"

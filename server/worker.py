@@ -24,6 +24,7 @@ import re
 import signal
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,11 +112,19 @@ class DeltaState:
         first used and re-checked (by a stat) on every read after that."""
         cached = self.experts.get(token)
         if cached is None:
-            expert = load_expert(Path(directory))
-            digest = expert.manifest.sha256.get("tensors.safetensors", "")
-            if not token.endswith("@" + digest[:16]):
-                raise ValueError(f"expert {expert.manifest.name!r} at {directory} is not version {token}")
-            expert.check_digests()
+            # Read through an open handle on the folder: a replacement swapped in at the expert's path,
+            # or this version's retirement, does not change what later (cache-miss) reads see.
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                expert = load_expert(Path(f"/proc/self/fd/{fd}"))
+                digest = expert.manifest.sha256.get("tensors.safetensors", "")
+                if not token.endswith("@" + digest[:16]):
+                    raise ValueError(f"expert {expert.manifest.name!r} at {directory} is not version {token}")
+                expert.check_digests()
+            except BaseException:
+                os.close(fd)
+                raise
+            weakref.finalize(expert, os.close, fd)
             cached = self.experts[token] = expert
         return cached
 
