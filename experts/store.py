@@ -177,7 +177,7 @@ class ExpertStore:
     def version_dir(self, name: str, digest: str) -> Path:
         """The folder holding the version of ``name`` whose tensors have sha256 ``digest``: the current
         one, or a retired one still within its grace period."""
-        for path in (self.path(name), self._retired_path(name, digest)):
+        for path in (self.path(name), *self._retired_paths(name, digest)):
             try:
                 if json.loads((path / MANIFEST_FILE).read_text())["sha256"][TENSORS_FILE] == digest:
                     return path
@@ -205,8 +205,11 @@ class ExpertStore:
             return expert
         raise UnknownExpertError(f"expert {name!r} version {digest[:12]} kept changing while it was loaded")
 
-    def _retired_path(self, name: str, digest: str) -> Path:
-        return self.root / RETIRED_DIR / f"{check_name(name)}@{digest[:16]}"
+    def _retired_paths(self, name: str, digest: str) -> list[Path]:
+        """The retired copies of that version, newest first (a version retired twice has two: each
+        retirement gets its own folder, since a reader may hold either open)."""
+        found = (self.root / RETIRED_DIR).glob(f"{check_name(name)}@{digest[:16]}.*")
+        return sorted(found, key=_mtime, reverse=True)
 
     def _retire(self, path: Path, name: str) -> None:
         """Move a replaced or deleted version aside (kept RETIRE_GRACE_S for requests still using it)."""
@@ -214,11 +217,8 @@ class ExpertStore:
             digest = load_expert(path).manifest.sha256.get(TENSORS_FILE, uuid.uuid4().hex)
         except ExpertFormatError:
             digest = uuid.uuid4().hex
-        target = self._retired_path(name, digest)
+        target = self.root / RETIRED_DIR / f"{check_name(name)}@{digest[:16]}.{uuid.uuid4().hex[:8]}"
         target.parent.mkdir(exist_ok=True)
-        if target.exists():
-            shutil.rmtree(path, ignore_errors=True)   # the same version is already retired
-            return
         os.replace(path, target)
         os.utime(target)   # the grace period counts from retirement
 
