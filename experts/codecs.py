@@ -346,4 +346,4 @@ class DenseCodec:
 
 
 # Codecs kept in their own module (this file's size); importing registers them.
-from experts import codec_index  # noqa: F401  (it imports `codec` from this module: keep it last)
+from experts import codec_index, codec_sign  # noqa: F401,E402  (they import `codec` from here: keep this last)

@@ -164,6 +164,12 @@ def _tswitch(deltas, options: SparseOptions, context: CompressionContext) -> Com
     return Compressed(out, {"name": "tswitch", "density": options.density})
 
 
+@compressor("bitdelta", codec="sign")
+def _bitdelta(deltas, options: NoOptions, context: CompressionContext) -> Compressed:
+    """BitDelta: sign(tau) times one scale per tensor (mean |tau|), ~1 bit per changed parameter."""
+    return Compressed(_per_tensor(deltas, sparsify.bitdelta), {"name": "bitdelta"})
+
+
 @compressor("lowrank", codec="lowrank", options=LowRankOptions)
 def _lowrank(deltas, options: LowRankOptions, context: CompressionContext) -> Compressed:
     """Truncated SVD of every matrix; 1-D deltas (norm weights) are dropped (recorded)."""

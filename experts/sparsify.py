@@ -347,3 +347,18 @@ def lowrank(matrix: Tensor, rank: int | None = None, energy: float | None = None
     b = u[:, :r] * root
     a = root[:, None] * vh[:r]
     return a.to(matrix.dtype), b.to(matrix.dtype)
+
+
+def bitdelta(tensor: Tensor) -> Tensor:
+    """BitDelta (Liu et al., 2024): ``scale * sign(tau)`` with ``scale = mean |tau|``, the scale that
+    minimises the squared error for fixed signs. Rows (first dimension) that are all zero stay zero
+    (e.g. embedding rows a fine-tune never touched); in the other rows a zero entry gets ``+scale``."""
+    if tensor.dim() == 0:
+        return tensor.clone()
+    grid = tensor.reshape(tensor.shape[0] if tensor.dim() > 1 else 1, -1)
+    kept = (grid != 0).any(dim=1)
+    if not bool(kept.any()):
+        return torch.zeros_like(tensor)
+    scale = grid[kept].abs().double().mean().to(tensor.dtype)
+    signs = torch.where(grid < 0, -1.0, 1.0).to(tensor.dtype)
+    return (signs * scale * kept.unsqueeze(1).to(tensor.dtype)).reshape(tensor.shape)

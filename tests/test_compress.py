@@ -70,7 +70,7 @@ def test_nps_needs_an_objective_and_unknown_methods_list_the_known(tv, tmp_path)
         compress_expert(tv, tmp_path / "n", name="n", method="nps")
     with pytest.raises(KeyError, match="known"):
         compress_expert(tv, tmp_path / "x", name="x", method="zip")
-    assert set(COMPRESSORS) == {"dense", "magnitude", "dare", "breadcrumbs", "tswitch", "lowrank", "nps", "sparse_ft"}
+    assert set(COMPRESSORS) == {"dense", "magnitude", "dare", "breadcrumbs", "tswitch", "bitdelta", "lowrank", "nps", "sparse_ft"}
 
 
 def test_options_are_checked_against_the_methods_model(tv, tmp_path):
