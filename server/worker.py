@@ -37,6 +37,9 @@ from experts.atomic import pid_alive
 from experts.expert import Expert, load_expert
 from experts.merge_model import merged_params
 from server.contracts import MergeRequest, SwapStats
+from server.vllm_patches import patch_cpu_lora_ops
+
+patch_cpu_lora_ops()   # this module is imported in vLLM's worker process: fix its CPU LoRA ops there
 
 # Siblings that vLLM fuses into one module and that must be reloaded together.
 _FUSED = (

