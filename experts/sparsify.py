@@ -95,23 +95,21 @@ def _top_mask_flat(key: Tensor, k: int) -> Tensor:
     """Flat bool mask of the ``k`` largest entries of ``key``; ties go to the larger index.
 
     Equal to marking the last ``k`` of a stable ascending sort, in O(n): the k-th
-    largest value is found with ``kthvalue``; everything above it is kept, and
-    so are the entries equal to it when all of them fit. Only when a tie
-    straddles the cut does it fall back to the sort (9x slower at 4M entries:
-    505 vs 58 ms on one CPU thread), so the result never differs.
+    largest value is found with ``kthvalue``; everything above it is kept, and of
+    the entries equal to it, the ``k - above`` with the largest indices (what the
+    stable sort would rank last). No sort: fine-tuning deltas have many equal
+    values, and a tie at the cut used to cost a full sort (67 % of an NPS search
+    on SmolLM2-135M, 135 M entries per candidate).
     """
     n = key.numel()
     if k <= 0 or k >= n:
         return torch.full((n,), k > 0, dtype=torch.bool, device=key.device)
     threshold = torch.kthvalue(key, n - k + 1).values
     mask = key > threshold
-    above = int(mask.count_nonzero())
-    at = key == threshold
-    if above + int(at.count_nonzero()) == k:
-        return mask | at
-    order = _ascending_order(key)
-    mask = torch.zeros(n, dtype=torch.bool, device=key.device)
-    mask[order[n - k :]] = True
+    missing = k - int(mask.count_nonzero())
+    if missing > 0:
+        tied = (key == threshold).nonzero().squeeze(1)
+        mask[tied[tied.numel() - missing:]] = True
     return mask
 
 
