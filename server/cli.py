@@ -2,7 +2,7 @@
 
 Compression and merge options come from the registries (experts.registry):
 every option of every method is one flag, checked against the chosen method.
-The zoo-using commands (``zoo``, ``eval``, ``demo``) live in server.zoo_commands.
+The zoo-using commands live in server.zoo_commands (``zoo``, ``eval``) and server.demo (``demo``).
 """
 
 from __future__ import annotations
@@ -146,6 +146,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from server.demo import demo
+
+    return demo(args)
+
+
 def _zoo_command(name: str):
     def run(args: argparse.Namespace) -> int:
         from server import zoo_commands
@@ -209,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     handlers = {"zoo_build": _zoo_command("zoo_build"), "zoo_data": _zoo_command("zoo_data"),
-                "eval": _zoo_command("evaluate"), "demo": _zoo_command("demo"), "compress": _cmd_compress,
+                "eval": _zoo_command("evaluate"), "demo": _cmd_demo, "compress": _cmd_compress,
                 "merge": _cmd_merge, "inspect": _cmd_inspect, "methods": _cmd_methods, "serve": _cmd_serve,
                 "store_add": _cmd_store_add, "store_list": _cmd_store_list, "store_rm": _cmd_store_rm}
     cli_parsers.add_all(sub, handlers, add_option_flags)

@@ -42,9 +42,12 @@ def add_all(sub, handlers: dict[str, Callable], add_option_flags: Callable) -> N
     add_serve_arguments(srv)
     srv.set_defaults(func=handlers["serve"])
 
-    dem = sub.add_parser("demo", help="build the demo zoo, publish its experts into a store and serve them")
+    dem = sub.add_parser("demo", help="build the real suite (SmolLM2-135M-Instruct + skill experts), publish its "
+                                      "experts into a store and serve them with routing")
     add_serve_arguments(dem, demo=True)
-    dem.add_argument("--size", default="demo", help="zoo size")
+    dem.add_argument("--suite", choices=["real", "toy"], default="real",
+                     help="real: SmolLM2-135M-Instruct and its skills; toy: the tests' tiny zoo")
+    dem.add_argument("--size", default="demo", help="toy zoo size (with --suite toy)")
     dem.add_argument("--no-serve", action="store_true", help="prepare the store and exit")
     dem.set_defaults(func=handlers["demo"])
     _store(sub, COMPRESSORS, add_option_flags, handlers)
@@ -54,7 +57,7 @@ def _zoo(sub, handlers: dict[str, Callable]) -> None:
     zoo = sub.add_parser("zoo", help="build the model zoo, export its task data")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     build = zoo_sub.add_parser("build", help="build (or reuse cached) base, experts, vision suite and matrix")
-    build.add_argument("--size", default="demo", help="zoo size (micro, demo)")
+    build.add_argument("--size", default="demo", help="real (SmolLM2-135M-Instruct suite), or a toy size: micro, demo")
     build.add_argument("--out", type=Path, help=f"output directory (default {DEFAULT_ZOO_ROOT}/SIZE)")
     build.add_argument("--workers", type=int, default=2,
                        help="processes training experts in parallel (each single-threaded)")

@@ -1,4 +1,5 @@
-"""The CLI commands that use the model zoo (``zoo``, ``eval``, ``demo``): the only product code that imports it.
+"""The CLI commands that use the model zoo (``zoo``, ``eval``, the toy ``demo``); with server.demo, the only
+product code that imports it.
 
 The zoo (top-level package ``zoo``) provides models and tasks for the demo,
 the benchmarks and the tests; a user serving their own model never goes
@@ -22,6 +23,8 @@ def zoo_build(args: argparse.Namespace) -> int:
     from zoo.build import ZooBuilder
     from zoo.spec import preset
 
+    if args.size == "real":
+        return _real_build(args)
     try:
         spec = preset(args.size)
     except ValueError as err:
@@ -36,16 +39,37 @@ def zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _real_build(args: argparse.Namespace) -> int:
+    from zoo.real.build import RealSuiteBuilder
+
+    out = args.out or DEFAULT_ZOO_ROOT / "real"
+    builder = RealSuiteBuilder(out)
+    for matrix in builder.build(workers=args.workers):
+        matrix.print(title="real suite — test split accuracy through vLLM")
+        print("  " + ", ".join(f"{k} {v:.1%}" for k, v in matrix.summary().items()))
+    print(f"real suite ready in {out} (matrix: {builder.layout.matrix})")
+    return 0
+
+
 def zoo_data(args: argparse.Namespace) -> int:
-    """A zoo task's examples as chat-example JSONL (what `compress --calibration/--training` reads)."""
-    from experts.examples import ChatExample, write_examples
+    """A zoo task's or real-suite skill's examples as chat-example JSONL (what `compress
+    --calibration/--training` reads)."""
+    from experts.examples import write_examples
+    from zoo.real.skills import all_skills, get_skill
     from zoo.tasks import TASKS
 
-    if args.task not in TASKS:
-        raise SystemExit(f"error: unknown task {args.task!r}; known tasks: {sorted(TASKS)}")
     if args.n < 1:
         raise SystemExit(f"error: --n must be >= 1, got {args.n}")
-    examples = [ChatExample.of(e.question, e.answer) for e in TASKS[args.task].examples(args.split, args.n, args.seed)]
+    if args.task in all_skills():
+        examples = get_skill(args.task).examples(args.split, args.n, args.seed)
+    elif args.task in TASKS:
+        from experts.examples import ChatExample
+
+        examples = [ChatExample.of(e.question, e.answer) for e in TASKS[args.task].examples(args.split, args.n,
+                                                                                             args.seed)]
+    else:
+        raise SystemExit(f"error: unknown task {args.task!r}; real-suite skills: {all_skills()}; "
+                         f"toy tasks: {sorted(TASKS)}")
     write_examples(args.out, examples)
     print(f"wrote {len(examples)} {args.split} examples of {args.task} to {args.out}")
     return 0
@@ -129,7 +153,8 @@ def seed_demo_store(zoo_root: Path, store_dir: Path, *, density: float = DEMO_NP
     return layout.base
 
 
-def demo(args: argparse.Namespace) -> int:
+def toy_demo(args: argparse.Namespace) -> int:
+    """``deltaserve demo --suite toy``: the toy zoo (the tests' fixture) served with its experts."""
     from server.serve import demo_banner, run, settings_from_args
     from zoo.build import ZooBuilder
     from zoo.spec import preset

@@ -1,8 +1,9 @@
 """Serving benchmark: one deltaserve build, four traffic mixes, ratios to base-only traffic.
 
-Starts ONE ``deltaserve serve`` on a zoo (demo size by default) with a store of
-LoRA experts (exact) and sparse full-rank experts (magnitude 5 %: the same codec
-and bytes as NPS 5 %, so the serving cost is the same), then drives, in turn:
+Starts ONE ``deltaserve serve`` — on the real suite (SmolLM2-135M-Instruct and the
+demo's store: LoRA experts exact, full fine-tunes compressed) by default, or on a
+toy zoo with ``--suite toy`` (LoRA experts exact, full fine-tunes magnitude 5 %) —
+then drives, in turn:
 
   a  base only
   b1 one expert on the dense path (sparse)       b2 one expert on the LoRA path
@@ -15,7 +16,8 @@ p50/p99 latency, each as a ratio to (a). For the dense path it also reports the
 swaps, their latency, the bytes each rewrites, and that against this machine's
 memory copy bandwidth (torch copy of a buffer the size of the touched bytes).
 
-    .venv/bin/python -m bench.serving.traffic --zoo .cache/zoo/demo --out results/serve_bench/cpu.json
+    .venv/bin/python -m bench.serving.traffic --out results/serve_bench/real_cpu.json
+    .venv/bin/python -m bench.serving.traffic --suite toy --zoo .cache/zoo/demo --out results/serve_bench/cpu.json
 """
 
 from __future__ import annotations
@@ -59,11 +61,9 @@ async def drive(url: str, models: list[str], prompts: list[str], concurrency: in
     return out
 
 
-def traffic_mixes(tasks: list[str], n: int, seed: int) -> dict[str, list[str]]:
+def traffic_mixes(names: list[str], loras: list[str], n: int, seed: int) -> dict[str, list[str]]:
     """The model of each request, per traffic mix (a .. e of the docstring)."""
     rng = random.Random(seed)
-    names = [expert_name(t) for t in tasks]
-    loras = [lora_name(t) for t in tasks]
     dense_recipes = [names[0], f"0.5*{names[0]}+0.5*{names[1]}", names[2], f"0.3*{names[1]}+0.7*{names[3]}"]
     return {
         "a: base only": ["base"] * n,
@@ -130,6 +130,8 @@ def swap_summary(rows: list[dict], copy_gbs: float) -> dict | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["real", "toy"], default="real",
+                    help="real: SmolLM2-135M-Instruct and the demo's store; toy: a toy zoo (--zoo)")
     ap.add_argument("--zoo", type=Path, default=REPO / ".cache/zoo/demo")
     ap.add_argument("--store", type=Path, help="store to use/fill (default: a temporary one)")
     ap.add_argument("--requests", type=int, default=64, help="requests per traffic mix")
@@ -141,23 +143,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def toy_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[str], list[str]]:
+    """(base, dense expert names, LoRA names, prompts, server flags) of a toy zoo."""
     from experts.store import Compression
     from zoo.build import ZooLayout
     from zoo.tasks import get_task
 
-    record = provenance(argv=argv)  # at the start: HEAD may move during the run
     tasks = list(zoo_spec(args.zoo).tasks)[:4]
-    tmp = tempfile.TemporaryDirectory(prefix="deltaserve-bench-")
-    store = args.store or Path(tmp.name) / "store"
     seed_store(args.zoo, store, tasks, full={"": Compression(method="magnitude", density=0.05)},
                lora_exemplars=calib_questions)
     prompts = [e.question for t in tasks for e in get_task(t).examples("test", 16, seed=args.seed)]
+    return ZooLayout(args.zoo).base, [expert_name(t) for t in tasks], [lora_name(t) for t in tasks], prompts, []
+
+
+def real_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[str], list[str]]:
+    """The same for the real suite: the demo's store (LoRAs exact, full fine-tunes compressed)."""
+    from server.demo import REAL_ROOT, expert_names, seed_real_store
+    from zoo.real.build import RealSuiteBuilder
+    from zoo.real.skills import get_skill
+
+    builder = RealSuiteBuilder(REPO / REAL_ROOT)
+    builder.build(workers=2)
+    skills = list(builder.spec.skills)[:4]
+    base = seed_real_store(builder, store)
+    prompts = [e.question for s in skills for e in get_skill(s).examples("test", 16, seed=args.seed)]
+    return (base, [expert_names(s)[1] for s in skills], [expert_names(s)[0] for s in skills], prompts,
+            ["--max-model-len", "512"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    record = provenance(argv=argv)  # at the start: HEAD may move during the run
+    tmp = tempfile.TemporaryDirectory(prefix="deltaserve-bench-")
+    store = args.store or Path(tmp.name) / "store"
+    base, names, loras, prompts, flags = (real_setup if args.suite == "real" else toy_setup)(args, store)
     random.Random(args.seed).shuffle(prompts)
-    mixes = traffic_mixes(tasks, args.requests, args.seed)
-    proc, url = start_server(ZooLayout(args.zoo).base, store, Path(tmp.name) / "server.log",
-                             ["--max-wait-ms", str(args.max_wait_ms), "--router", "knn"])
+    mixes = traffic_mixes(names, loras, args.requests, args.seed)
+    proc, url = start_server(base, store, Path(tmp.name) / "server.log",
+                             ["--max-wait-ms", str(args.max_wait_ms), "--router", "knn", *flags])
     try:
         rows = run_mixes(url, mixes, prompts, args)
     finally:
@@ -168,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
-            **record, "zoo": str(args.zoo), "requests": args.requests, "concurrency": args.concurrency,
-            "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms, "copy_gb_per_s": copy_gbs,
-            "swap": swap, "rows": rows}, indent=2) + "\n")
+            **record, "suite": args.suite, "base": str(base), "requests": args.requests,
+            "concurrency": args.concurrency, "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms,
+            "copy_gb_per_s": copy_gbs, "swap": swap, "rows": rows}, indent=2) + "\n")
     return 0
 
 

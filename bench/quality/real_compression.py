@@ -1,0 +1,198 @@
+"""Compression on the real suite: accuracy retained vs bits per base parameter, every compressor.
+
+    .venv/bin/python -m bench.quality.real_compression --out results/real_quality
+
+For each skill of the real suite (SmolLM2-135M-Instruct, zoo.real) the full
+fine-tune's task vector is compressed by every method at every setting, stored
+as a real expert (its exact bytes are what the table counts), added back to the
+base and scored by teacher-forced exact match (experts.calibration: equal to
+greedy exact match, one forward pass) on the skill's *test* split. NPS searches
+on the *calibration* split only. Cells are appended to ``cells.jsonl`` as they
+finish, so an interrupted run resumes; the tables (markdown, JSON, PNG) are
+written from all cells at the end.
+
+"Retained" is the mean over skills of (compressed accuracy / full fine-tune
+accuracy), as in the NPS paper's normalised accuracy. "bits/param" is 8 x the
+stored expert's tensor bytes / the base's parameter count (134.5 M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from bench.common import log, provenance
+
+DENSITIES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+DARE_SEEDS = (0, 1, 2)
+LOWRANK_RANKS = (1, 4, 16)
+NPS_DENSITIES = (0.01, 0.05)
+TEST_EXAMPLES = 64
+CALIB_EXAMPLES = 64
+
+
+def settings(nps_generations: int) -> list[tuple[str, dict]]:
+    out: list[tuple[str, dict]] = [("dense", {}), ("bitdelta", {})]
+    for d in DENSITIES:
+        out += [("magnitude", {"density": d}), ("tswitch", {"density": d})]
+        out += [("dare", {"density": d, "seed": s}) for s in DARE_SEEDS]
+    out += [("lowrank", {"rank": r}) for r in LOWRANK_RANKS]
+    out += [("nps", {"density": d, "generations": nps_generations}) for d in NPS_DENSITIES]
+    return out
+
+
+def cell_key(skill: str, method: str, options: dict) -> str:
+    return json.dumps([skill, method, options], sort_keys=True)
+
+
+def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | None) -> None:
+    from experts.calibration import DeltaObjective, TeacherForcedScorer
+    from experts.compress import compress_expert, extract
+    from experts.expert import load_expert
+    from experts.hfmodel import load_causal_lm, load_tokenizer
+    from zoo.real.build import RealSuiteBuilder
+    from zoo.real.skills import get_skill
+
+    builder = RealSuiteBuilder(root)
+    if builder.missing():
+        raise SystemExit(f"the real suite is not built under {root} (missing {builder.missing()[:3]}); "
+                         "run `deltaserve zoo build --size real`")
+    cells_path = out / "cells.jsonl"
+    done = {json.loads(line)["key"] for line in cells_path.read_text().splitlines()} if cells_path.exists() else set()
+    base = builder.layout.base
+    model, tokenizer = load_causal_lm(base), load_tokenizer(base)
+    base_params = sum(p.numel() for p in model.parameters())
+    for skill_name in skills or builder.spec.skills:
+        skill = get_skill(skill_name)
+        test = DeltaObjective(model, TeacherForcedScorer(tokenizer, skill.examples("test", TEST_EXAMPLES)))
+        calib = DeltaObjective(model, TeacherForcedScorer(tokenizer, skill.examples("calib", CALIB_EXAMPLES)))
+        tv = extract(base, builder.layout.full(skill_name))
+        base_key = cell_key(skill_name, "base", {})
+        if base_key not in done:
+            _append(cells_path, {"key": base_key, "skill": skill_name, "method": "base", "options": {},
+                                 "test_exact": test.evaluate({}).exact, "bits_per_param": 0.0})
+        for method, options in settings(nps_generations):
+            key = cell_key(skill_name, method, options)
+            if key in done:
+                continue
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                manifest = compress_expert(tv, Path(tmp) / "e", name="e", method=method, progress=False,
+                                           objective=calib if method == "nps" else None, **options)
+                compress_s = time.perf_counter() - started
+                deltas = dict(load_expert(Path(tmp) / "e").iter_deltas(torch.float32))
+            score = test.evaluate(deltas)
+            cell = {"key": key, "skill": skill_name, "method": method, "options": options,
+                    "test_exact": score.exact, "test_token_accuracy": score.token_accuracy,
+                    "bytes": manifest.bytes, "bits_per_param": 8 * manifest.bytes / base_params,
+                    "compress_seconds": round(compress_s, 2)}
+            if method == "nps":
+                cell["nps"] = {k: manifest.method.get(k) for k in ("weights", "evaluations", "stop_reason",
+                                                                  "search_seconds", "baseline_score")}
+                cell["calib_score"] = manifest.calibration_score
+            _append(cells_path, cell)
+            log(f"{skill_name:13s} {method:9s} {json.dumps(options):40s} test {score.exact:6.1%} "
+                f"{cell['bits_per_param']:.3f} bits/param ({compress_s:.0f} s)")
+
+
+def _append(path: Path, cell: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(cell) + "\n")
+
+
+def summarise(out: Path) -> dict:
+    cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    full = {c["skill"]: c["test_exact"] for c in cells if c["method"] == "dense"}
+    base = {c["skill"]: c["test_exact"] for c in cells if c["method"] == "base"}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        if c["skill"] in full and c["method"] != "base":
+            opts = {k: v for k, v in c["options"].items() if k not in ("seed", "generations")}
+            groups[(c["method"], json.dumps(opts, sort_keys=True))].append(c)
+    rows = []
+    for (method, opts), group in groups.items():
+        per_skill: dict[str, list[float]] = defaultdict(list)
+        for c in group:
+            per_skill[c["skill"]].append(c["test_exact"])
+        seeds = max(len(v) for v in per_skill.values())
+        # DARE: mean and best-of-seeds per skill
+        mean_acc = {s: sum(v) / len(v) for s, v in per_skill.items()}
+        best_acc = {s: max(v) for s, v in per_skill.items()}
+        retained = sum(mean_acc[s] / full[s] for s in mean_acc if full[s]) / len(mean_acc)
+        rows.append({"method": method, "options": json.loads(opts), "skills": len(per_skill), "seeds": seeds,
+                     "accuracy": sum(mean_acc.values()) / len(mean_acc), "retained": retained,
+                     "retained_best_seed": sum(best_acc[s] / full[s] for s in best_acc if full[s]) / len(best_acc),
+                     "bits_per_param": sum(c["bits_per_param"] for c in group) / len(group),
+                     "per_skill": mean_acc})
+    rows.sort(key=lambda r: (r["method"], r["bits_per_param"]))
+    return {"full_accuracy": full, "base_accuracy": base, "rows": rows}
+
+
+def write_tables(out: Path, summary: dict, meta: dict) -> None:
+    lines = [f"# Compression on the real suite (SmolLM2-135M-Instruct, {len(summary['full_accuracy'])} skills)", "",
+             f"Command: `{meta['command']}`  ", f"Commit: `{meta['git_commit']}`, date {meta['date']}", "",
+             "Teacher-forced exact match on each skill's test split (64 prompts); retained = mean over skills of "
+             "compressed / full fine-tune accuracy; bits/param = 8 x stored tensor bytes / 134.5 M base params. "
+             "DARE: mean of 3 seeds (best seed in brackets). NPS searched on the calibration split.", "",
+             "| method | setting | bits/param | accuracy | retained |", "|---|---|---:|---:|---:|"]
+    full = summary["full_accuracy"]
+    lines.insert(5, "Full fine-tunes: " + ", ".join(f"{s} {a:.1%}" for s, a in full.items()) + "; base: "
+                 + ", ".join(f"{s} {a:.1%}" for s, a in summary["base_accuracy"].items()) + "  ")
+    for r in summary["rows"]:
+        setting = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        best = f" ({r['retained_best_seed']:.1%})" if r["seeds"] > 1 else ""
+        lines.append(f"| {r['method']} | {setting} | {r['bits_per_param']:.3f} | {r['accuracy']:.1%} | "
+                     f"{r['retained']:.1%}{best} |")
+    (out / "compression.md").write_text("\n".join(lines) + "\n")
+    (out / "compression.json").write_text(json.dumps({**meta, **summary}, indent=1) + "\n")
+    _plot(out / "compression.png", summary["rows"])
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_method[r["method"]].append(r)
+    for method, group in sorted(by_method.items()):
+        group.sort(key=lambda r: r["bits_per_param"])
+        ax.plot([r["bits_per_param"] for r in group], [100 * r["retained"] for r in group], "o-", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("bits per base parameter (stored bytes)")
+    ax.set_ylabel("% of full fine-tune accuracy retained")
+    ax.set_title("Real suite (SmolLM2-135M-Instruct): compression")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path(".cache/zoo/real"))
+    parser.add_argument("--out", type=Path, default=Path("results/real_quality"))
+    parser.add_argument("--skills", nargs="*", help="default: every skill of the suite")
+    parser.add_argument("--nps-generations", type=int, default=20)
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from cells.jsonl")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = provenance(argv=argv)
+    if not args.tables_only:
+        run_cells(args.root, args.out, args.nps_generations, args.skills)
+    summary = summarise(args.out)
+    write_tables(args.out, summary, meta)
+    print((args.out / "compression.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

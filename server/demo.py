@@ -1,0 +1,119 @@
+"""``deltaserve demo``: the real suite served as a chat model with routed experts.
+
+Builds (or reuses) the real suite — SmolLM2-135M-Instruct from the GGUF on
+PyPI, a full fine-tune and a PEFT LoRA per skill (zoo.real) — publishes every
+expert into a store with exemplars for the router and a measured quality
+(teacher-forced score on the skill's calibration split), and serves it with the
+knn router. LoRAs are kept exact; full fine-tunes are compressed with
+``DEMO_COMPRESSION``. ``--suite toy`` serves the toy test zoo instead.
+Like server.zoo_commands, this is product code that uses the zoo: only the
+demo and the zoo commands do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REAL_ROOT = Path(".cache/zoo/real")
+EXEMPLARS_PER_SKILL = 48
+CALIBRATION_PER_SKILL = 64
+DEMO_MAX_MODEL_LEN = 512
+# The compressor and density the real-suite quality tables justify (README "Quality"; results/real_quality).
+DEMO_COMPRESSION = {"method": "dare", "density": 0.01}
+# Questions whose answers differ between the base, the expert and `auto` (checked when the demo starts).
+BANNER_QUESTIONS = {"iso_date": "Convert 14 July 2019 to ISO 8601 format.",
+                    "sql": "Write a SQL query that selects the name of every user whose age is over 30."}
+
+
+def expert_names(skill: str) -> tuple[str, str]:
+    """(LoRA expert, compressed full fine-tune) store names of a skill."""
+    name = skill.replace("_", "-")
+    return f"{name}-lora", name
+
+
+def seed_real_store(builder, store_dir: Path, log=print) -> Path:
+    """Publish the suite's experts (skipping those already in the store); returns the base directory."""
+    from experts.calibration import DeltaObjective, TeacherForcedScorer
+    from experts.hfmodel import load_causal_lm, load_tokenizer
+    from experts.store import Compression, ExpertStore
+    from zoo.real.skills import get_skill
+
+    layout = builder.layout
+    store = ExpertStore(store_dir, layout.base)
+    have = set(store.names())
+    model, tokenizer = None, load_tokenizer(layout.base)
+    for skill_name in builder.spec.skills:
+        skill = get_skill(skill_name)
+        lora, full = expert_names(skill_name)
+        if {lora, full} <= have:
+            continue
+        model = model if model is not None else load_causal_lm(layout.base)
+        exemplars = [e.question for e in skill.examples("calib", EXEMPLARS_PER_SKILL, seed=1)]
+        objective = DeltaObjective(model, TeacherForcedScorer(tokenizer, skill.examples("calib",
+                                                                                        CALIBRATION_PER_SKILL)))
+        if lora not in have:
+            m = store.import_source(lora, layout.lora(skill_name), exemplars=exemplars, objective=objective)
+            log(f"published {lora} (LoRA, exact; calibration {m.calibration_score:.3f})")
+        if full not in have:
+            m = store.import_source(full, layout.full(skill_name), exemplars=exemplars, objective=objective,
+                                    compression=Compression(task=skill_name, **DEMO_COMPRESSION))
+            log(f"published {full} ({m.codec}, {m.bits_per_param:.2f} bits/param; "
+                f"calibration {m.calibration_score:.3f})")
+    return layout.base
+
+
+def demo(args: argparse.Namespace) -> int:
+    if getattr(args, "suite", "real") == "toy":
+        from server.zoo_commands import toy_demo
+
+        return toy_demo(args)
+    from server.serve import run, settings_from_args
+    from zoo.real.build import RealSuiteBuilder
+
+    started = time.perf_counter()
+    builder = RealSuiteBuilder(REAL_ROOT)
+    for matrix in builder.build(workers=2):
+        matrix.print(title="real suite: test-split accuracy through vLLM")
+    base = seed_real_store(builder, args.store)
+    print(f"real suite and store ready in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.no_serve:
+        return 0
+    args.max_model_len = max(args.max_model_len, DEMO_MAX_MODEL_LEN)
+    settings = settings_from_args(args, base)
+    print(f"starting the engine (base {base}, store {args.store}) ...", file=sys.stderr, flush=True)
+    return run(settings, args.host, args.port, args.log_level, banner(args.host, args.port))
+
+
+def banner(host: str, port: int) -> str:
+    url = f"http://{host}:{port}"
+    question = BANNER_QUESTIONS["iso_date"]
+    lora, full = expert_names("iso_date")
+
+    def chat(model: str, text: str) -> str:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 40,
+                           "temperature": 0})
+        return f"  curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'"
+
+    return f"""
+deltaserve demo is up on {url}: SmolLM2-135M-Instruct with routed experts
+
+  curl {url}/v1/models
+{chat("base", question)}
+{chat(lora, question)}
+{chat("auto", question)}
+{chat("auto", BANNER_QUESTIONS["sql"])}
+{chat(f"ties(density=0.3):{full}+sql", question)}
+
+  python - <<'EOF'
+from openai import OpenAI
+client = OpenAI(base_url="{url}/v1", api_key="unused")
+for model in ("base", "auto"):
+    r = client.chat.completions.create(model=model, temperature=0,
+        messages=[{{"role": "user", "content": "{question}"}}])
+    print(model, "->", r.choices[0].message.content, r.model_extra["deltaserve"]["recipe"])
+EOF
+"""
