@@ -1,6 +1,13 @@
 """Write lm-eval task configs for the zoo's tasks: local JSONL data, no hub (``evals/lm_eval``).
 
     .venv/bin/python -m bench.compat.lmeval_tasks            # all tasks, 200 test examples each, seed 0
+    .venv/bin/python -m bench.compat.lmeval_tasks --suite real --n 64   # the real suite's skills
+
+The real suite's skills (SmolLM2-135M-Instruct, ``zoo.real``) get ``deltaserve_real_<skill>``:
+the test split (exemplar phrasings, the matrix's seed) rendered with the base's ChatML template,
+greedy up to the longest answer + 4 tokens (the matrix's budget), scored with the skill's own
+normalised exact match — the accuracy matrix's cells; ``deltaserve_real_mc_sentiment`` is a
+multiple-choice task over its three labels. Group: ``deltaserve_real``.
 
 For every zoo task, ``deltaserve_<task>`` is a ``generate_until`` task on the
 same examples ``deltaserve eval --split test --n N --seed S`` scores: the prompt
@@ -88,15 +95,61 @@ def write_task(task: str, out: Path, n: int, seed: int, tokenizer) -> list[str]:
     return written
 
 
+def write_real_skill(skill_name: str, out: Path, n: int, seed: int, tokenizer) -> list[str]:
+    from zoo.real.evaluate import ANSWER_SLACK_TOKENS
+    from zoo.real.skills import get_skill
+
+    skill = get_skill(skill_name)
+    examples = skill.examples("test", n, seed)
+    prompts = [tokenizer.apply_chat_template(e.chat(), tokenize=False, add_generation_prompt=True) for e in examples]
+    budget = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
+    data = out / "data" / f"real_{skill_name}.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": e.question, "answer": e.answer, "prompt": p, "skill": skill_name}
+            for e, p in zip(examples, prompts)]
+    name = f"deltaserve_real_{skill_name}"
+    gen = {**_common(name, data, "deltaserve_real"), "output_type": "generate_until", "doc_to_target": "{{answer}}",
+           "generation_kwargs": {"until": [], "max_gen_toks": budget + ANSWER_SLACK_TOKENS, "do_sample": False,
+                                 "temperature": 0.0},
+           "process_results": "!function utils.process_real_results",
+           "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    (out / f"{name}.yaml").write_text(_yaml(gen))
+    written = [name]
+    if skill_name == "sentiment":
+        choices = ["positive", "negative", "mixed"]
+        for row in rows:
+            row["choices"], row["target"] = choices, choices.index(row["answer"])
+        mc = {**_common(f"deltaserve_real_mc_{skill_name}", data, "deltaserve_real"), "output_type": "multiple_choice",
+              "doc_to_choice": "choices", "doc_to_target": "target", "target_delimiter": "",
+              "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+        (out / f"deltaserve_real_mc_{skill_name}.yaml").write_text(_yaml(mc))
+        written.append(f"deltaserve_real_mc_{skill_name}")
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", nargs="+", default=sorted(TASKS), help="zoo tasks (default: all)")
+    ap.add_argument("--suite", choices=["toy", "real"], default="toy")
+    ap.add_argument("--tasks", nargs="+", help="zoo tasks or real skills (default: all of the suite)")
     ap.add_argument("--n", type=int, default=200, help="test examples per task (deltaserve eval --n)")
     ap.add_argument("--seed", type=int, default=0, help="deltaserve eval --seed")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    tokenizer = build_tokenizer()
-    names = [name for task in args.tasks for name in write_task(task, args.out, args.n, args.seed, tokenizer)]
+    if args.suite == "real":
+        from experts.hfmodel import load_tokenizer
+        from zoo.real.build import DEFAULT_ROOT, RealSuiteBuilder
+        from zoo.real.spec import RealSuiteSpec
+
+        builder = RealSuiteBuilder(DEFAULT_ROOT)
+        builder.build_base()
+        tokenizer = load_tokenizer(builder.layout.base)
+        names = [name for skill in args.tasks or RealSuiteSpec().skills
+                 for name in write_real_skill(skill, args.out, args.n, args.seed, tokenizer)]
+    else:
+        tokenizer = build_tokenizer()
+        names = [name for task in args.tasks or sorted(TASKS)
+                 for name in write_task(task, args.out, args.n, args.seed, tokenizer)]
     print(f"wrote {len(names)} lm-eval tasks to {args.out}: {' '.join(names)}")
     return 0
 

@@ -37,13 +37,15 @@ TEST_EXAMPLES = 64
 CALIB_EXAMPLES = 64
 
 
-def settings(nps_generations: int) -> list[tuple[str, dict]]:
+def settings(nps_generations: int, nps: bool = True, dare_seeds: tuple[int, ...] = DARE_SEEDS
+             ) -> list[tuple[str, dict]]:
     out: list[tuple[str, dict]] = [("dense", {}), ("bitdelta", {})]
     for d in DENSITIES:
         out += [("magnitude", {"density": d}), ("tswitch", {"density": d})]
-        out += [("dare", {"density": d, "seed": s}) for s in DARE_SEEDS]
+        out += [("dare", {"density": d, "seed": s}) for s in dare_seeds]
     out += [("lowrank", {"rank": r}) for r in LOWRANK_RANKS]
-    out += [("nps", {"density": d, "generations": nps_generations}) for d in NPS_DENSITIES]
+    if nps:
+        out += [("nps", {"density": d, "generations": nps_generations}) for d in NPS_DENSITIES]
     return out
 
 
@@ -51,7 +53,8 @@ def cell_key(skill: str, method: str, options: dict) -> str:
     return json.dumps([skill, method, options], sort_keys=True)
 
 
-def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | None) -> None:
+def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | None,
+              nps_skills: list[str] | None = None, dare_seeds: tuple[int, ...] = DARE_SEEDS) -> None:
     from experts.calibration import DeltaObjective, TeacherForcedScorer
     from experts.compress import compress_expert, extract
     from experts.expert import load_expert
@@ -77,7 +80,8 @@ def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | N
         if base_key not in done:
             _append(cells_path, {"key": base_key, "skill": skill_name, "method": "base", "options": {},
                                  "test_exact": test.evaluate({}).exact, "bits_per_param": 0.0})
-        for method, options in settings(nps_generations):
+        for method, options in settings(nps_generations, nps_skills is None or skill_name in nps_skills,
+                                          dare_seeds):
             key = cell_key(skill_name, method, options)
             if key in done:
                 continue
@@ -99,6 +103,31 @@ def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | N
             _append(cells_path, cell)
             log(f"{skill_name:13s} {method:9s} {json.dumps(options):40s} test {score.exact:6.1%} "
                 f"{cell['bits_per_param']:.3f} bits/param ({compress_s:.0f} s)")
+
+
+def tau_stats(root: Path, out: Path) -> dict:
+    """Why magnitude pruning fails here: how flat |tau| is, and the share of its mass the top r keeps
+    (per skill; cached in tau_stats.json)."""
+    from experts.compress import extract
+    from zoo.real.build import RealSuiteBuilder
+
+    path = out / "tau_stats.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    builder = RealSuiteBuilder(root)
+    stats = {}
+    for skill in builder.spec.skills:
+        x = torch.cat([t.abs().reshape(-1).float() for t in extract(builder.layout.base,
+                                                                    builder.layout.full(skill)).deltas.values()])
+        sample = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:5_000_000]]
+        q = torch.quantile(sample, torch.tensor([0.5, 0.99, 0.999])).tolist()
+        row = {"median": q[0], "p99": q[1], "p99.9": q[2], "zero_share": float((x == 0).float().mean())}
+        for r in (0.01, 0.05):
+            top = torch.topk(x, int(r * x.numel())).values
+            row[f"top{r}_l1_share"] = float(top.sum() / x.sum())
+        stats[skill] = row
+    path.write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
 
 
 def _append(path: Path, cell: dict) -> None:
@@ -139,16 +168,26 @@ def write_tables(out: Path, summary: dict, meta: dict) -> None:
              f"Command: `{meta['command']}`  ", f"Commit: `{meta['git_commit']}`, date {meta['date']}", "",
              "Teacher-forced exact match on each skill's test split (64 prompts); retained = mean over skills of "
              "compressed / full fine-tune accuracy; bits/param = 8 x stored tensor bytes / 134.5 M base params. "
-             "DARE: mean of 3 seeds (best seed in brackets). NPS searched on the calibration split.", "",
-             "| method | setting | bits/param | accuracy | retained |", "|---|---|---:|---:|---:|"]
+             "DARE: mean over its seeds (best seed in brackets; the seeds column). NPS searched on the calibration split.", "",
+             "| method | setting | skills | seeds | bits/param | accuracy | retained |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     full = summary["full_accuracy"]
     lines.insert(5, "Full fine-tunes: " + ", ".join(f"{s} {a:.1%}" for s, a in full.items()) + "; base: "
                  + ", ".join(f"{s} {a:.1%}" for s, a in summary["base_accuracy"].items()) + "  ")
     for r in summary["rows"]:
         setting = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
         best = f" ({r['retained_best_seed']:.1%})" if r["seeds"] > 1 else ""
-        lines.append(f"| {r['method']} | {setting} | {r['bits_per_param']:.3f} | {r['accuracy']:.1%} | "
+        lines.append(f"| {r['method']} | {setting} | {r['skills']} | {r['seeds']} | {r['bits_per_param']:.3f} | "
+                     f"{r['accuracy']:.1%} | "
                      f"{r['retained']:.1%}{best} |")
+    stats = summary.get("tau_stats") or {}
+    if stats:
+        lines += ["", "Why magnitude-based pruning fails on these task vectors: |tau| is flat (30 Adam steps "
+                  "move almost every weight by a similar amount), so the largest entries hold little of it:", "",
+                  "| skill | median abs(tau) | 99.9th pct / median | L1 share of the top 1 % | of the top 5 % |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {v['median']:.2e} | {v['p99.9'] / v['median']:.1f}x | {v['top0.01_l1_share']:.1%} | "
+                  f"{v['top0.05_l1_share']:.1%} |" for k, v in stats.items()]
     (out / "compression.md").write_text("\n".join(lines) + "\n")
     (out / "compression.json").write_text(json.dumps({**meta, **summary}, indent=1) + "\n")
     _plot(out / "compression.png", summary["rows"])
@@ -183,13 +222,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("results/real_quality"))
     parser.add_argument("--skills", nargs="*", help="default: every skill of the suite")
     parser.add_argument("--nps-generations", type=int, default=20)
+    parser.add_argument("--nps-skills", nargs="*", help="skills that get NPS cells (default: all)")
+    parser.add_argument("--dare-seeds", type=int, nargs="+", default=list(DARE_SEEDS))
     parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from cells.jsonl")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = provenance(argv=argv)
     if not args.tables_only:
-        run_cells(args.root, args.out, args.nps_generations, args.skills)
+        run_cells(args.root, args.out, args.nps_generations, args.skills, args.nps_skills, tuple(args.dare_seeds))
     summary = summarise(args.out)
+    summary["tau_stats"] = tau_stats(args.root, args.out)
     write_tables(args.out, summary, meta)
     print((args.out / "compression.md").read_text())
 

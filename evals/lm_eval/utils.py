@@ -5,3 +5,10 @@ from zoo.tasks import exact_match
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     return {"exact_match": float(exact_match(results[0], doc["answer"]))}
+
+
+def process_real_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """The real suite's skills: the skill's own normalised exact match (the accuracy matrix's scorer)."""
+    from zoo.real.skills import get_skill
+
+    return {"exact_match": float(get_skill(doc["skill"]).correct(results[0], doc["answer"]))}
