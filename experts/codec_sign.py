@@ -43,6 +43,8 @@ def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
 
 @codec(NAME)
 class SignCodec:
+    """Packed bitmask of the changed rows + one sign bit per entry of those rows + one float32 scale (BitDelta)."""
+
     part_names = ("rows", "sign", "scale")
 
     def encode(self, tensor: Tensor, *, value_dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:

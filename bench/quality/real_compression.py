@@ -135,8 +135,10 @@ def _append(path: Path, cell: dict) -> None:
         fh.write(json.dumps(cell) + "\n")
 
 
-def summarise(out: Path) -> dict:
+def summarise(out: Path, skills: list[str] | None = None) -> dict:
+    """Rows averaged over ``skills`` (default: every skill with cells)."""
     cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    cells = [c for c in cells if skills is None or c["skill"] in skills]
     full = {c["skill"]: c["test_exact"] for c in cells if c["method"] == "dense"}
     base = {c["skill"]: c["test_exact"] for c in cells if c["method"] == "base"}
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = provenance(argv=argv)
     if not args.tables_only:
         run_cells(args.root, args.out, args.nps_generations, args.skills, args.nps_skills, tuple(args.dare_seeds))
-    summary = summarise(args.out)
+    summary = summarise(args.out, args.skills)
     summary["tau_stats"] = tau_stats(args.root, args.out)
     write_tables(args.out, summary, meta)
     print((args.out / "compression.md").read_text())
