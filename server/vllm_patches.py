@@ -26,9 +26,14 @@ def _zero_no_lora_rows(shrink):
     @functools.wraps(shrink)
     def patched(inputs, lora_a_weights, output_tensor, lora_indices_tensor, *args, **kwargs):
         shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, *args, **kwargs)
-        no_lora = lora_indices_tensor < 0
-        if bool(no_lora.any()):
-            output_tensor[no_lora[: output_tensor.shape[0]]] = 0
+        no_lora = lora_indices_tensor.reshape(-1) < 0
+        if not bool(no_lora.any()):
+            return
+        rows = output_tensor.shape[0]
+        if no_lora.numel() == 1:          # one index broadcast over every row (vLLM's prompt-logits path)
+            output_tensor.zero_()
+        else:
+            output_tensor[: min(rows, no_lora.numel())][no_lora[:rows]] = 0
 
     setattr(patched, _MARK, True)
     return patched

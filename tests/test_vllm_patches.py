@@ -26,6 +26,17 @@ def test_shrink_keeps_slot_minus_one_rows_adapter_less():
     assert torch.count_nonzero(out[:4]) == 0 and torch.count_nonzero(out[4:]) > 0
 
 
+def test_a_single_broadcast_index_is_handled():
+    patch_cpu_lora_ops()
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    weights = torch.randn(2, 1, 4, 16)
+    for slot, zero in ((-1, True), (1, False)):
+        out = torch.full((6, 4), 7.0)
+        punica_cpu.bgmv_shrink(torch.randn(6, 16), weights, out, torch.tensor([slot]), 1.0)
+        assert bool((out == 0).all()) is zero
+
+
 def test_patch_is_applied_once():
     patch_cpu_lora_ops()
     assert patch_cpu_lora_ops() is False
