@@ -58,7 +58,11 @@ class Service:
         experts = frozenset(self.engine.experts)
         if model == AUTO:
             if self.routing is not None and text is not None:
-                decision = (await asyncio.to_thread(self.routing.route, [text]))[0]
+                try:
+                    decision = (await asyncio.to_thread(self.routing.route, [text]))[0]
+                except TimeoutError:   # the uncertainty router's scoring queue is longer than its timeout
+                    raise APIError(503, "routing timed out: the router's scoring is overloaded; retry later or "
+                                        "name a model instead of `auto`") from None
                 if record:   # a dry run (/v1/route) is not a routing decision
                     self._record_route(decision)
                 recipe = Recipe.of(dict(decision.recipe))

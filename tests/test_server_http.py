@@ -381,3 +381,23 @@ def test_links_out_of_the_register_root_are_refused(server, micro_zoo, tmp_path)
     finally:
         shutil.rmtree(inside)
     assert "linked" not in c.app.state.service.store.names()
+
+
+def test_a_router_that_times_out_is_a_503_not_a_500(micro_zoo, store_dir, tokenizer):
+    class SlowRouting:
+        """What the uncertainty router raises when its scoring queue outlasts SCORE_TIMEOUT_S."""
+
+        def route(self, texts):
+            raise TimeoutError
+
+        def set_experts(self, *args, **kwargs):
+            pass
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    settings = ServerSettings(store_dir=store_dir, engine=EngineConfig(base_dir=micro_zoo.layout.base))
+    engine = FakeEngine(settings.engine, ExpertStore(store_dir, micro_zoo.layout.base), tokenizer)
+    with TestClient(create_app(settings, engine=engine, routing=SlowRouting()), raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    _error(r, 503, "routing timed out")

@@ -118,16 +118,32 @@ def main_server_rows(url: str, skills: list[str], ctx: dict) -> dict:
     return rows
 
 
-def router_rows(router: str, store: Path, ctx: dict, scratch: Path) -> dict:
+def router_rows(router: str, store: Path, ctx: dict, scratch: Path, n: int | None = None,
+                concurrency: int = 16) -> dict:
+    """``auto`` with ``router``; ``n`` test prompts per skill (default: all of ctx's)."""
     server, url = start_server(ctx["base"], store, scratch / f"{router}.log",
                                ["--router", router, "--max-model-len", "512", "--max-lora-rank", "64"])
+
+    def first(items: list[dict]) -> list[dict]:
+        return items if n is None else [i for s in ctx["skills"] for i in [x for x in items if x["skill"] == s][:n]]
+
     try:
-        return {f"auto/{router}, exemplar phrasings": run(url, router, [(i, "auto") for i in ctx["test"]],
-                                                          ctx["tokens"], 16),
+        return {f"auto/{router}, exemplar phrasings": run(url, router, [(i, "auto") for i in first(ctx["test"])],
+                                                          ctx["tokens"], concurrency),
                 f"auto/{router}, held-out phrasings": run(url, f"{router} held-out",
-                                                          [(i, "auto") for i in ctx["heldout"]], ctx["tokens"], 16)}
+                                                          [(i, "auto") for i in first(ctx["heldout"])],
+                                                          ctx["tokens"], concurrency)}
     finally:
         stop_server(server)
+
+
+def save(out: Path, record: dict, skills: list[str], n: int, rows: dict) -> dict:
+    """Write what is measured so far (a long run that dies keeps its finished rows)."""
+    result = {**record, "skills": skills, "n_per_skill": n, "rows": {k: summary(v, skills) for k, v in rows.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "records.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -135,6 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=24, help="test prompts per skill and phrasing set")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--routers", nargs="+", default=["knn", "gate", "uncertainty"])
+    parser.add_argument("--uncertainty-n", type=int, default=4,
+                        help="test prompts per skill for the uncertainty router (it scores every expert per "
+                             "request, one at a time: minutes per request under load on 2 cores)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     record = provenance(argv=argv)
@@ -148,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = seed_real_store(builder, scratch / "store")
     ctx = {"base": base, "tokens": args.max_tokens, "test": items(skills, "test", args.n, "exemplar"),
            "heldout": items(skills, "test", args.n, "heldout"), "calib": items(skills, "calib", args.n // 2,
-                                                                                "exemplar")}
+                                                                                "exemplar"), "skills": skills}
     rows = {}
     if "knn" in args.routers:
         server, url = start_server(base, scratch / "store", scratch / "knn.log",
@@ -157,8 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
             rows.update(main_server_rows(url, skills, ctx))
         finally:
             stop_server(server)
+        save(args.out, record, skills, args.n, rows)
     if "gate" in args.routers:
         rows.update(router_rows("gate", scratch / "store", ctx, scratch))
+        save(args.out, record, skills, args.n, rows)
     if "uncertainty" in args.routers:
         from experts.store import ExpertStore
 
@@ -166,11 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         source = ExpertStore(scratch / "store", base)
         for name in [n for n in source.names() if n.endswith("-lora")]:
             lora_store.import_source(name, source.path(name))
-        rows.update(router_rows("uncertainty", lora_store.root, ctx, scratch))
-    result = {**record, "skills": skills, "n_per_skill": args.n, "rows": {k: summary(v, skills) for k, v in rows.items()}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "records.json").write_text(json.dumps({k: v for k, v in rows.items()}, indent=1) + "\n")
+        rows.update(router_rows("uncertainty", lora_store.root, ctx, scratch, n=args.uncertainty_n, concurrency=2))
+    result = save(args.out, record, skills, args.n, rows)
     log(json.dumps(result["rows"], indent=1))
     return result
 
