@@ -280,6 +280,27 @@ def test_answer_matches_agrees_with_greedy_generation(tokenizer):
     assert any(matches) and not all(matches)
 
 
+def test_teacher_forced_calibration_score_agrees_with_greedy_generation(tokenizer):
+    """NPS's objective (experts.calibration): per example, exact == greedy reproduces the answer + EOS."""
+    from experts.calibration import TeacherForcedScorer
+
+    model = _tiny_llama(tokenizer)
+    train = _examples(4)
+    finetune(model, tokenizer, train, steps=80, batch_size=4, lr=1e-2, seed=1, progress=False)
+    probe = train + get_skill("time_24h").examples("test", 4)
+    greedy = []
+    for example in probe:
+        prompt, answer = encode(tokenizer, example)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=len(answer), do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        greedy.append(out[0, len(prompt):].tolist() == answer)
+    per_example = [TeacherForcedScorer(tokenizer, [e]).score(model).exact == 1.0 for e in probe]
+    assert per_example == greedy and any(greedy) and not all(greedy)
+    together = TeacherForcedScorer(tokenizer, probe, batch_size=3).score(model)
+    assert together.exact == sum(greedy) / len(probe) and 0 < together.token_accuracy <= 1
+
+
 def test_finetune_module_does_not_import_the_zoo():
     code = "import sys, experts.finetune; print([m for m in sys.modules if m == 'zoo' or m.startswith('zoo.')])"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
