@@ -55,7 +55,7 @@ def run(url: str, label: str, jobs: list[tuple[dict, str]], max_tokens: int, con
     for (item, model), body, _latency in done:
         text = body["choices"][0]["message"]["content"]
         info = body.get("deltaserve", {})
-        records.append({**item, "row": label, "model": model, "recipe": info.get("recipe"),
+        records.append({**item, "row": label, "model": model, "recipe": info.get("recipe"), "prediction": text,
                         "route": info.get("route"), "correct": get_skill(item["skill"]).correct(text, item["answer"])})
     log(f"{label}: {len(records)} requests in {wall:.0f} s")
     return records
