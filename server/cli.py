@@ -2,7 +2,7 @@
 
 Compression and merge options come from the registries (experts.registry):
 every option of every method is one flag, checked against the chosen method.
-The zoo-using commands live in server.zoo_commands (``zoo``, ``eval``) and server.demo (``demo``).
+The zoo-using commands live in server.commands (``zoo``, ``eval``, ``demo``).
 """
 
 from __future__ import annotations
@@ -147,16 +147,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from server.demo import demo
+    from server.commands.demo import demo
 
     return demo(args)
 
 
-def _zoo_command(name: str):
+def _zoo_command(module: str, name: str):
     def run(args: argparse.Namespace) -> int:
-        from server import zoo_commands
+        import importlib
 
-        return getattr(zoo_commands, name)(args)
+        return getattr(importlib.import_module(f"server.commands.{module}"), name)(args)
     return run
 
 
@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="deltaserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    handlers = {"zoo_build": _zoo_command("zoo_build"), "zoo_data": _zoo_command("zoo_data"),
-                "eval": _zoo_command("evaluate"), "demo": _cmd_demo, "compress": _cmd_compress,
+    handlers = {"zoo_build": _zoo_command("zoo", "zoo_build"), "zoo_data": _zoo_command("zoo", "zoo_data"),
+                "eval": _zoo_command("eval", "evaluate"), "demo": _cmd_demo, "compress": _cmd_compress,
                 "merge": _cmd_merge, "inspect": _cmd_inspect, "methods": _cmd_methods, "serve": _cmd_serve,
                 "store_add": _cmd_store_add, "store_list": _cmd_store_list, "store_rm": _cmd_store_rm}
     cli_parsers.add_all(sub, handlers, add_option_flags)

@@ -1,4 +1,4 @@
-"""``deltaserve serve``: settings from flags/env, then uvicorn (``demo`` reuses it, server.zoo_commands)."""
+"""``deltaserve serve``: settings from flags/env, then uvicorn (``demo`` reuses it, server.commands.demo)."""
 
 from __future__ import annotations
 

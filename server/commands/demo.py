@@ -6,8 +6,8 @@ expert into a store with exemplars for the router and a measured quality
 (teacher-forced score on the skill's calibration split), and serves it with the
 knn router. LoRAs are kept exact; full fine-tunes are compressed with
 ``DEMO_COMPRESSION``. ``--suite toy`` serves the toy test zoo instead.
-Like server.zoo_commands, this is product code that uses the zoo: only the
-demo and the zoo commands do.
+Like the other server.commands, this is product code that uses the zoo: only the
+zoo, eval and demo commands do.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from server.cli_parsers import DEFAULT_ZOO_ROOT
 
 REAL_ROOT = Path(".cache/zoo/real")
 EXEMPLARS_PER_SKILL = 48
@@ -68,8 +70,6 @@ def seed_real_store(builder, store_dir: Path, log=print) -> Path:
 
 def demo(args: argparse.Namespace) -> int:
     if getattr(args, "suite", "real") == "toy":
-        from server.zoo_commands import toy_demo
-
         return toy_demo(args)
     from server.serve import run, settings_from_args
     from zoo.real.build import RealSuiteBuilder
@@ -117,3 +117,54 @@ for model in ("base", "auto"):
     print(model, "->", r.choices[0].message.content, r.model_extra["deltaserve"]["recipe"])
 EOF
 """
+
+
+# On the demo zoo NPS keeps ~60 % of the experts' accuracy at density 0.05 and far more at 0.2
+# (results/quality/README.md); the demo serves the denser, still ~3x smaller-than-fp16, experts.
+DEMO_NPS_DENSITY = 0.2
+
+
+def seed_demo_store(zoo_root: Path, store_dir: Path, *, density: float = DEMO_NPS_DENSITY, nps_generations: int = 6,
+                    calib_n: int = 48) -> Path:
+    """Publish the zoo's experts: full fine-tunes NPS-compressed, LoRAs kept exact with exemplars."""
+    from experts.calibration import delta_objective
+    from experts.examples import ChatExample
+    from experts.store import Compression, ExpertStore
+    from zoo.build import ZooLayout
+    from zoo.spec import ZooSpec
+    from zoo.tasks import get_task
+
+    spec = ZooSpec.model_validate_json((zoo_root / "spec.json").read_text())
+    layout = ZooLayout(zoo_root)
+    store = ExpertStore(store_dir, layout.base)
+    have = set(store.names())
+    for task in spec.tasks:
+        name = task.replace("_", "-")
+        exemplars = [e.question for e in get_task(task).examples("calib", 64, seed=1)]
+        if f"{name}-lora" not in have:
+            store.import_source(f"{name}-lora", layout.lora(task), exemplars=exemplars)
+            print(f"published {name}-lora (LoRA, exact)", flush=True)
+        if name not in have:
+            calib = [ChatExample.of(e.question, e.answer) for e in get_task(task).examples("calib", calib_n)]
+            store.import_source(name, layout.full(task), objective=delta_objective(layout.base, calib),
+                                compression=Compression(method="nps", density=density, task=task,
+                                                        generations=nps_generations))
+            print(f"published {name} (NPS, density {density})", flush=True)
+    return layout.base
+
+
+def toy_demo(args: argparse.Namespace) -> int:
+    """``deltaserve demo --suite toy``: the toy zoo (the tests' fixture) served with its experts."""
+    from server.serve import demo_banner, run, settings_from_args
+    from zoo.build import ZooBuilder
+    from zoo.spec import preset
+
+    zoo_root = DEFAULT_ZOO_ROOT / args.size
+    ZooBuilder(preset(args.size), zoo_root).build(workers=2)
+    base = seed_demo_store(zoo_root, args.store)
+    if args.no_serve:
+        return 0
+    settings = settings_from_args(args, base)
+    banner = demo_banner(args.host, args.port, "auto" if args.router != "none" else "upper", "upper-lora")
+    print(f"starting the engine (base {base}, store {args.store}) ...", file=sys.stderr, flush=True)
+    return run(settings, args.host, args.port, args.log_level, banner)

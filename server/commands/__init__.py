@@ -1,0 +1,1 @@
+"""The CLI commands that use the zoo: ``zoo`` (build, data), ``eval`` and ``demo``."""

@@ -1,0 +1,50 @@
+"""``deltaserve eval``: score a zoo model (base, fine-tune or LoRA) on the zoo's tasks with transformers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from server.cli import _require_dir
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from peft import PeftModel
+
+    from experts.hfmodel import load_causal_lm, load_tokenizer
+    from zoo.evaluate import TaskEvaluator
+    from zoo.matrix import AccuracyMatrix
+    from zoo.tasks import TASKS
+
+    tasks = args.tasks or sorted(TASKS)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise SystemExit(f"error: unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
+    if args.n < 1:
+        raise SystemExit(f"error: --n must be >= 1, got {args.n}")
+    _require_dir(args.model, "config.json", "--model")
+    if args.adapter:
+        _require_dir(args.adapter, "adapter_config.json", "--adapter")
+    model = load_causal_lm(args.model)
+    label = str(args.model)
+    if args.adapter:
+        model = PeftModel.from_pretrained(model, args.adapter)
+        label = f"{args.model} + {args.adapter}"
+    evaluator = TaskEvaluator(load_tokenizer(args.model), tasks, args.split, args.n, args.seed)
+    scores = evaluator.score(model)
+    AccuracyMatrix("eval", tasks, {label: scores}).print(title=f"{args.split} split, {args.n} examples per task, "
+                                                              "exact match")
+    result = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
+              "split": args.split, "n": args.n, "seed": args.seed, "accuracy": scores}
+    if args.json:
+        from experts.atomic import write_json_atomic
+
+        write_json_atomic(args.json, result)
+    else:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
