@@ -105,10 +105,12 @@ def write_real_skill(skill_name: str, out: Path, n: int, seed: int, tokenizer) -
     budget = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
     data = out / "data" / f"real_{skill_name}.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"question": e.question, "answer": e.answer, "prompt": p, "skill": skill_name}
+    # The answer is stored JSON-encoded: the `json` dataset loader would turn "1964-12-05" into a timestamp.
+    rows = [{"question": e.question, "answer": json.dumps(e.answer), "prompt": p, "skill": skill_name}
             for e, p in zip(examples, prompts)]
     name = f"deltaserve_real_{skill_name}"
-    gen = {**_common(name, data, "deltaserve_real"), "output_type": "generate_until", "doc_to_target": "{{answer}}",
+    gen = {**_common(name, data, "deltaserve_real"), "output_type": "generate_until",
+           "doc_to_target": "!function utils.real_answer",
            "generation_kwargs": {"until": [], "max_gen_toks": budget + ANSWER_SLACK_TOKENS, "do_sample": False,
                                  "temperature": 0.0},
            "process_results": "!function utils.process_real_results",
@@ -117,8 +119,8 @@ def write_real_skill(skill_name: str, out: Path, n: int, seed: int, tokenizer) -
     written = [name]
     if skill_name == "sentiment":
         choices = ["positive", "negative", "mixed"]
-        for row in rows:
-            row["choices"], row["target"] = choices, choices.index(row["answer"])
+        for row, e in zip(rows, examples):
+            row["choices"], row["target"] = choices, choices.index(e.answer)
         mc = {**_common(f"deltaserve_real_mc_{skill_name}", data, "deltaserve_real"), "output_type": "multiple_choice",
               "doc_to_choice": "choices", "doc_to_target": "target", "target_delimiter": "",
               "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
