@@ -11,6 +11,18 @@ measured quality (its calibration score); every score is multiplied by it and
 renormalised before the policy decides, so the better-measured expert wins the
 skill, as vLLM Semantic Router's KNN weights votes by quality. An expert without
 a measured quality counts as 1.0. The decision records the factors it used.
+
+Twins: experts registered with the same exemplar texts (a LoRA and a
+compressed full fine-tune of one skill) are one skill to the router, which
+splits its votes between them. The policy therefore decides on each twin
+group's total score, represented by its best (quality-weighted) member: the
+confidence is the skill's, not half of it, and ``top_k > 1`` never merges an
+expert with its own twin. ``Decision.scores`` keeps every expert's own score.
+
+Ties: when two experts still score exactly alike (same exemplars, same or no
+quality), ``set_preferred`` names the ones to win (the server prefers experts it
+serves without a weight swap: the LoRA path); their scores are raised by one
+part in 1e9, so only exact ties change.
 """
 
 from __future__ import annotations
@@ -30,10 +42,16 @@ class RoutingService:
         self._clock = clock
         self._lock = threading.Lock()
         self._quality: dict[str, float] = {}
+        self._preferred: frozenset[str] = frozenset()
+        self._texts: dict[str, frozenset[str]] = {}   # expert -> its exemplar texts (twins share them)
 
     def set_quality(self, quality: Mapping[str, float | None]) -> None:
         """``{expert: measured quality}`` (e.g. calibration scores); None or absent counts as 1.0."""
         self._quality = {n: float(q) for n, q in quality.items() if q is not None and q >= 0}
+
+    def set_preferred(self, names) -> None:
+        """Experts that win exact ties (see the module docstring)."""
+        self._preferred = frozenset(names)
 
     @property
     def name(self) -> str:
@@ -49,15 +67,19 @@ class RoutingService:
         by the exemplar routers (such experts are not routable)."""
         with self._lock:
             self.router.fit({name: list(texts) for name, texts in exemplars.items()})
+            self._texts = {name: frozenset(texts) for name, texts in exemplars.items() if texts}
 
     def add(self, expert: str, texts: Sequence[str] = ()) -> None:
         """Add exemplars to one expert (or, for exemplar-free routers, the expert itself)."""
         with self._lock:
             self.router.add(expert, list(texts))
+            if texts:
+                self._texts = {**self._texts, expert: self._texts.get(expert, frozenset()) | frozenset(texts)}
 
     def remove(self, expert: str) -> None:
         with self._lock:
             self.router.remove(expert)
+            self._texts = {n: t for n, t in self._texts.items() if n != expert}
 
     def route(self, texts: Sequence[str]) -> list[Decision]:
         """One decision per text, in order."""
@@ -66,9 +88,11 @@ class RoutingService:
         started = self._clock()
         quality = self._quality
         scored = self.router.score(list(texts)) if texts else []
-        weighted = [(quality_weighted(scores, quality), distance) for scores, distance in scored]
+        preferred = self._preferred
+        weighted = [(tie_broken(quality_weighted(scores, quality), preferred), distance) for scores, distance in scored]
         policy = self.policy
-        decided = [policy.decide(scores, distance) for scores, distance in weighted]
+        texts_of = self._texts
+        decided = [policy.decide(twins_collapsed(scores, texts_of), distance) for scores, distance in weighted]
         latency_s = self._clock() - started
         return [
             Decision(recipe=recipe, router=self.router.name, scores=scores, confidence=confidence,
@@ -88,3 +112,27 @@ def quality_weighted(scores: Mapping[str, float], quality: Mapping[str, float]) 
     raw = {n: s * quality.get(n, 1.0) for n, s in scores.items()}
     total = sum(raw.values())
     return {n: v / total for n, v in raw.items()} if total > 0 else dict(scores)
+
+
+TIE_BREAK = 1e-9
+
+
+def tie_broken(scores: dict[str, float], preferred: frozenset[str]) -> dict[str, float]:
+    """``scores`` with the preferred experts' raised by one part in 1e9 (decides exact ties only)."""
+    if not preferred or not scores:
+        return scores
+    return {n: s * (1 + TIE_BREAK) if n in preferred else s for n, s in scores.items()}
+
+
+def twins_collapsed(scores: dict[str, float], texts_of: Mapping[str, frozenset[str]]) -> dict[str, float]:
+    """Each group of experts with the same exemplar texts as its best-scored member (ties: the first name)
+    carrying the group's total score; experts without known texts are their own group."""
+    total: dict[object, float] = {}
+    best: dict[object, str] = {}
+    for name, score in scores.items():
+        group = texts_of.get(name) or name
+        total[group] = total.get(group, 0.0) + score
+        held = best.get(group)
+        if held is None or score > scores[held] or (score == scores[held] and name < held):
+            best[group] = name
+    return {best[g]: total[g] for g in total}

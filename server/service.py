@@ -39,6 +39,7 @@ class Service:
         self.engine: EngineProtocol = engine if engine is not None else Engine(settings.engine, self.store,
                                                                                self.metrics)
         self.routing: Any = routing   # router.RoutingService, or None when `auto` serves a fixed recipe
+        self._batcher: Any = None     # router.RouteBatcher over self.routing, made on first use
         self.base_name = settings.engine.served_name
         self.markup = ChatMarkup()    # the served model's chat markup, set once the tokenizer is loaded
 
@@ -59,7 +60,7 @@ class Service:
         if model == AUTO:
             if self.routing is not None and text is not None:
                 try:
-                    decision = (await asyncio.to_thread(self.routing.route, [text]))[0]
+                    decision = await self._route_batcher().route(text)
                 except TimeoutError:   # the uncertainty router's scoring queue is longer than its timeout
                     raise APIError(503, "routing timed out: the router's scoring is overloaded; retry later or "
                                         "name a model instead of `auto`") from None
@@ -71,6 +72,13 @@ class Service:
                 return recipe, decision.to_json()
             return self._auto_default(experts), {"router": None, "fallback": "no_router"}
         return parse_model(model, base_name=self.base_name, experts=experts), None
+
+    def _route_batcher(self) -> Any:
+        if self._batcher is None or self._batcher.service is not self.routing:
+            from router.batcher import RouteBatcher
+
+            self._batcher = RouteBatcher(self.routing, window_s=self.settings.router.batch_window_ms / 1000)
+        return self._batcher
 
     def _auto_default(self, experts: frozenset[str]) -> Recipe:
         text = self.settings.auto_recipe
@@ -191,6 +199,7 @@ class Service:
             exemplars = {n: t for n, t in exemplars.items() if t}
         await asyncio.to_thread(self.routing.set_exemplars, exemplars)
         self.routing.set_quality({n: info.manifest.calibration_score for n, info in experts.items()})
+        self.routing.set_preferred(n for n in experts if self.engine.plan(Recipe(((n, 1.0),))).path == "lora")
 
     async def poll_store(self) -> None:
         """Notice experts published or deleted by other replicas (shared store); now and then remove

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.adaptive import AdaptiveSettings
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -27,6 +29,8 @@ class EngineConfig(BaseModel):
     host_cache_bytes: int = Field(1 << 30, ge=0, description="decoded deltas kept in host RAM")
     max_wait_ms: float = Field(200.0, ge=0.0, description="dense path: longest a request waits for its recipe")
     enforce_eager: bool = True
+    adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings,
+                                       description="serve a dominant LoRA recipe merged (server.adaptive)")
     seed: int = 0
 
     def vllm_dtype(self) -> str:
@@ -49,6 +53,9 @@ class RouterSettings(BaseModel):
     min_confidence: float | None = Field(None, ge=0.0, le=1.0)
     max_distance: float | None = Field(None, ge=0.0)
     fallback: str = Field("", description="recipe served on fallback ('' = the base)")
+    batch_window_ms: float = Field(2.0, ge=0.0, le=100.0,
+                                   description="concurrent `auto` requests arriving within this window share one "
+                                               "routing call (router.batcher); 0 routes each at once")
 
     @model_validator(mode="after")
     def _known_router(self) -> RouterSettings:

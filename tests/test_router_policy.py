@@ -189,3 +189,86 @@ def test_quality_weighting_prefers_the_better_measured_expert_of_one_skill():
     assert quality_weighted({"a": 0.6, "b": 0.4}, {"a": 1.0}) == {"a": 0.6, "b": 0.4}   # unknown counts as 1.0
     service.set_quality({"dense-v": None, "lora-v": 0.9})
     assert service.route_one("x").recipe == {"dense-v": 1.0}
+
+
+class CountingRouter(StubRouter):
+    """StubRouter that records the size of every ``score`` call (and can fail)."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.calls: list[int] = []
+        self.fail = fail
+
+    def score(self, texts):
+        self.calls.append(len(texts))
+        if self.fail:
+            raise TimeoutError("scoring queue full")
+        return super().score(texts)
+
+
+def test_batcher_routes_concurrent_calls_in_one_router_call_each_with_its_own_decision():
+    import asyncio
+
+    from router.batcher import RouteBatcher
+
+    router = CountingRouter()
+    service = RoutingService(router, Policy(min_confidence=0.0))
+    service.set_exemplars({"alpha": ["x"], "beta": ["y"]})
+    batcher = RouteBatcher(service, window_s=0.01)
+    texts = [("alpha " if i % 3 else "beta ") + str(i) for i in range(32)]
+    decisions = asyncio.run(batcher.route_many(texts))
+    assert [d.recipe for d in decisions] == [{"alpha": 1.0} if i % 3 else {"beta": 1.0} for i in range(32)]
+    assert router.calls == [32] and batcher.batches == 1 and batcher.routed == 32
+    assert all(d.latency_s > 0 for d in decisions)
+
+    small = RouteBatcher(service, window_s=0.01, max_batch=10)
+    router.calls.clear()
+    asyncio.run(small.route_many(texts))
+    assert router.calls == [10, 10, 10, 2]
+
+
+def test_batcher_gives_every_caller_of_a_failed_batch_the_error_and_recovers():
+    import asyncio
+
+    from router.batcher import RouteBatcher
+
+    router = CountingRouter(fail=True)
+    service = RoutingService(router, Policy(min_confidence=0.0))
+    service.set_exemplars({"alpha": ["x"]})
+    batcher = RouteBatcher(service, window_s=0.0)
+
+    async def go():
+        got = await asyncio.gather(*(batcher.route(f"alpha {i}") for i in range(5)), return_exceptions=True)
+        assert all(isinstance(g, TimeoutError) for g in got)
+        router.fail = False
+        return await batcher.route("alpha again")
+
+    assert asyncio.run(go()).recipe == {"alpha": 1.0}
+    with pytest.raises(ValueError):
+        RouteBatcher(service, window_s=-1)
+
+
+def test_exact_ties_go_to_the_preferred_expert_and_nothing_else_changes():
+    service = RoutingService(StubRouter(), Policy(min_confidence=0.0))
+    service.set_exemplars({"a-dense": ["x"], "a-lora": ["x"], "b": ["y"]})
+    tie = service.route_one("a-dense a-lora")          # the stub scores both 0.5
+    assert tie.recipe == {"a-dense": 1.0}               # name order decides an unbroken tie
+    service.set_preferred(["a-lora"])
+    assert service.route_one("a-dense a-lora").recipe == {"a-lora": 1.0}
+    assert service.route_one("a-dense a-lora").to_json()["scores"] == {"a-dense": 0.5, "a-lora": 0.5}
+    service.set_quality({"a-dense": 0.9, "a-lora": 0.8})   # a measured difference still wins over the preference
+    assert service.route_one("a-dense a-lora").recipe == {"a-dense": 1.0}
+
+
+def test_twins_with_the_same_exemplars_count_as_one_skill_for_confidence_and_top_k():
+    service = RoutingService(StubRouter(), Policy(min_confidence=0.6))
+    service.set_exemplars({"a-dense": ["x", "z"], "a-lora": ["z", "x"], "b": ["y"]})
+    d = service.route_one("a-dense a-lora")               # votes split 0.5 / 0.5 between the twins
+    assert d.recipe == {"a-dense": 1.0} and d.fallback is None and d.confidence == pytest.approx(1.0)
+    assert d.scores == {"a-dense": 0.5, "a-lora": 0.5}    # each expert's own score is still recorded
+    service.remove("a-dense")
+    service.add("c", ["x", "z"])                          # a new twin of a-lora
+    assert service.route_one("a-lora c").confidence == pytest.approx(1.0)
+    two = RoutingService(StubRouter(), Policy(min_confidence=0.0, top_k=2))
+    two.set_exemplars({"a-dense": ["x"], "a-lora": ["x"], "b": ["y"]})
+    assert two.route_one("a-dense a-lora b").recipe == {"a-dense": 0.75, "b": 0.25}   # never a twin pair

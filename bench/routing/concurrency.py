@@ -1,0 +1,131 @@
+"""Router latency under concurrency: one routing call per request vs the micro-batcher.
+
+    .venv/bin/python -m bench.routing.concurrency     # -> results/routing/concurrency.json
+
+The server's router as it runs in the server (MiniLM in bf16, one torch
+thread), knn and gate, at 10, 100 and 1,000 experts (8 exemplars each: the
+real suite's exemplar questions, spread over the experts). Queries are the real
+suite's held-out test questions, never repeated (the feature cache is cleared
+before each row, so every query is encoded). For each size:
+
+* ``single``: one request at a time — the p50 a lone request sees;
+* ``C=8`` and ``C=32`` closed-loop clients, two ways: ``per-request`` (each
+  request routes alone in a worker thread, as the server did before
+  router.batcher) and ``batched`` (router.batcher.RouteBatcher, 2 ms window).
+
+Each latency is the caller's wall time from asking to holding its decision.
+The ratios to ``single`` come from the same run (this machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bench.common import REPO, log, p99, provenance
+
+OUT = REPO / "results" / "routing" / "concurrency.json"
+
+
+def texts() -> tuple[list[str], list[str]]:
+    """(exemplar questions, held-out test questions) of the real suite."""
+    from zoo.real.skills import all_skills, get_skill
+
+    exemplars, queries = [], []
+    for name in all_skills():
+        skill = get_skill(name)
+        exemplars += [e.messages[-1][1] for e in skill.examples("calib", 160, seed=11)]
+        queries += [e.messages[-1][1] for e in skill.examples("test", 64, seed=5, phrasings="heldout")]
+    return exemplars, queries
+
+
+def build(router_name: str, encoder, n_experts: int, exemplars: list[str]):
+    from router import Policy, RoutingService, make_router
+
+    per = 8
+    groups = {f"expert-{i:04d}": [exemplars[(i * per + j) % len(exemplars)] + f" ({i})" for j in range(per)]
+              for i in range(n_experts)}
+    service = RoutingService(make_router(router_name, encoder=encoder), Policy(min_confidence=0.0))
+    service.set_exemplars(groups)
+    return service
+
+
+async def closed_loop(route, queries: list[str], clients: int) -> list[float]:
+    """``clients`` tasks, each routing its share of ``queries`` one after another; per-request seconds."""
+    latencies: list[float] = []
+
+    async def client(mine: list[str]) -> None:
+        for q in mine:
+            start = time.perf_counter()
+            await route(q)
+            latencies.append(time.perf_counter() - start)
+
+    await asyncio.gather(*(client(queries[i::clients]) for i in range(clients)))
+    return latencies
+
+
+def measure(service, encoder, queries: list[str], clients: int, mode: str) -> dict:
+    from router.batcher import RouteBatcher
+
+    encoder.clear_cache()
+    if mode == "single":
+        clients = 1
+    if mode == "batched":
+        batcher = RouteBatcher(service)
+        route = batcher.route
+    else:
+        async def route(q: str):
+            return (await asyncio.to_thread(service.route, [q]))[0]
+    started = time.perf_counter()
+    lat = asyncio.run(closed_loop(route, queries, clients))
+    wall = time.perf_counter() - started
+    row = {"mode": mode, "clients": clients, "requests": len(lat), "p50_ms": 1000 * statistics.median(lat),
+           "p99_ms": 1000 * p99(lat), "routes_per_s": len(lat) / wall}
+    if mode == "batched":
+        row["mean_batch"] = batcher.routed / max(batcher.batches, 1)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--experts", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--routers", nargs="+", default=["knn", "gate"])
+    ap.add_argument("--requests", type=int, default=128, help="queries per row")
+    args = ap.parse_args(argv)
+    record = provenance(argv=argv)
+    import torch
+
+    from router import SentenceEncoder
+
+    torch.set_num_threads(1)   # as the server runs its router (server.routing)
+    encoder = SentenceEncoder(precision="bf16", cache_size=100_000)
+    exemplars, queries = texts()
+    rows = []
+    for router_name in args.routers:
+        for n in args.experts:
+            service = build(router_name, encoder, n, exemplars)
+            single = measure(service, encoder, queries[: args.requests // 2], 1, "single")
+            for row in [single] + [measure(service, encoder, queries[: args.requests], c, mode)
+                                   for c in (8, 32) for mode in ("per-request", "batched")]:
+                row.update(router=router_name, experts=n, p50_vs_single=row["p50_ms"] / single["p50_ms"])
+                rows.append(row)
+                log(f"{router_name} {n} experts {row['mode']} C={row['clients']}: p50 {row['p50_ms']:.1f} ms "
+                    f"({row['p50_vs_single']:.2f}x single), p99 {row['p99_ms']:.1f} ms, "
+                    f"{row['routes_per_s']:.0f} routes/s")
+    print("\n| router | experts | mode | clients | p50 ms | × single | p99 ms | routes/s |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['router']} | {r['experts']} | {r['mode']} | {r['clients']} | {r['p50_ms']:.1f} | "
+              f"{r['p50_vs_single']:.2f} | {r['p99_ms']:.1f} | {r['routes_per_s']:.0f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**record, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
