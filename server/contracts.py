@@ -40,3 +40,4 @@ class SwapStats(BaseModel):
     host_misses: int
     host_evictions: int
     host_bytes: int
+    phases: dict[str, float] = {}   # seconds of the worker's parts of the swap: decode, merge, load, retie

@@ -8,10 +8,10 @@
 * **dense**  anything else (sparse / ternary / dense experts, non-linear merges,
              ranks beyond the LoRA budget): the weights themselves become
              W_base + merge(tau) through the worker extension (server.worker),
-             one recipe at a time, admitted by server.scheduler.
+             one recipe at a time, admitted by server.scheduler. A LoRA recipe that
+             dominates the traffic is served this way too (server.adaptive).
 
-Weight states, plans and the protocol the HTTP layer uses live in
-server.engine_types; a fake engine in the tests implements the same protocol.
+Weight states, plans and the HTTP layer's protocol: server.engine_types (a fake engine in the tests too).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from experts.expert import ExpertFormatError
 from experts.store import ExpertStore
 from experts.taskvector import _shapes
 from server.adapters import AdapterCache, MergedAdapter, clean_stale_roots, default_adapter_root
+from server.adaptive import MergePolicy
 from server.contracts import MergeRequest, SwapStats
-from server.engine_types import ExpertInfo, Plan, WeightState
+from server.engine_types import ExpertInfo, Laps, Plan, WeightState
 from server.errors import EngineUnavailable, ExpertUnavailable, InvalidSampling
 from server.metrics import Metrics
 from server.recipes import Recipe
@@ -85,6 +86,7 @@ class Engine:
                                          initial_state=WeightState())
         self._refresh_lock = asyncio.Lock()
         self._weights = ""          # what the worker's weights hold ("" = the base)
+        self.adaptive = MergePolicy(config.adaptive, metrics=metrics)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -193,13 +195,19 @@ class Engine:
         self.adapters.remove_files(adapters)
 
     # ------------------------------------------------------------------ planning
-    def plan(self, recipe: Recipe) -> Plan:
+    def plan(self, recipe: Recipe, *, arriving: bool = False) -> Plan:
+        """How ``recipe`` is served now; ``arriving``: count a request for it (server.adaptive's policy)."""
         if not recipe.terms:
+            if arriving:
+                self.adaptive.arrive(None)
             return Plan("base", recipe, WeightState())
         infos = tuple(self.experts[n] for n in recipe.names)
         rank = sum(i.manifest.rank or 0 for i in infos)
-        if (recipe.method == "task_arithmetic" and all(i.lowrank for i in infos)
-                and rank <= self.config.max_lora_rank):
+        lora = (recipe.method == "task_arithmetic" and all(i.lowrank for i in infos)
+                and rank <= self.config.max_lora_rank)
+        if arriving:
+            self.adaptive.arrive(recipe.key if lora else None)
+        if lora and not self.adaptive.merged(recipe.key):
             return Plan("lora", recipe, WeightState(), infos)
         state = WeightState(recipe.key + "|" + ",".join(i.token for i in infos))
         return Plan("dense", recipe, state, infos)
@@ -325,7 +333,7 @@ class Engine:
                 (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels("device").inc()
             async with self.scheduler.hold(state, plan):
                 self._require_running()
-                started = False
+                started, output, admitted = False, None, time.perf_counter()
                 try:
                     async for output in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
                                                           request_id, lora_request=lora):
@@ -335,6 +343,9 @@ class Engine:
                     if started:
                         raise
                     raise refused_by_vllm(err) from None
+                if output is not None and output.finished:   # the adaptive policy's cost model
+                    self.adaptive.observe_request(plan.path, sum(len(c.token_ids) for c in output.outputs),
+                                                  time.perf_counter() - admitted)
         except EngineDeadError as err:
             raise EngineUnavailable("the engine stopped; it is being restarted, retry shortly") from err
         finally:
@@ -349,12 +360,15 @@ class Engine:
         """Scheduler callback: make the weights match ``state`` (drain, rewrite, reset prefix cache)."""
         if state.weights == self._weights:
             return
-        start = time.perf_counter()
+        laps = Laps()
         request = self._merge_request(plan) if plan is not None and state.weights else MergeRequest()
         await self.llm.pause_generation(mode="wait", clear_cache=True)
+        laps.lap("drain")
         try:
             (raw,) = await self.llm.collective_rpc("deltaserve_apply", args=(request.model_dump(),))
+            laps.lap("rpc")
             await self.llm.reset_prefix_cache()
+            laps.lap("prefix_reset")
         except Exception as err:
             self._weights = "?"   # unknown: the next apply rewrites from the base whatever it targets
             if not self.alive:
@@ -365,8 +379,12 @@ class Engine:
         finally:
             if self.alive:
                 await self.llm.resume_generation()
+                laps.lap("resume")
         self._weights = state.weights
-        self._record_swap(SwapStats.model_validate(raw), time.perf_counter() - start, len(request.items))
+        stats = SwapStats.model_validate(raw)
+        laps.phases["rpc"] -= sum(stats.phases.values())   # the RPC's own overhead: round trip minus the worker's
+        self.adaptive.observe_swap(laps.total)
+        self.metrics.record_swap(stats, laps.total, len(request.items), {**laps.phases, **stats.phases})
 
     def _merge_request(self, plan: Plan) -> MergeRequest:
         """The plan's merge with each expert at the folder of the exact version it was planned with."""
@@ -374,15 +392,3 @@ class Engine:
         items = tuple(item.model_copy(update={"path": str(self.store.version_dir(info.name, info.digest))})
                       for item, info in zip(request.items, plan.experts))
         return request.model_copy(update={"items": items})
-
-    def _record_swap(self, stats: SwapStats, seconds: float, n_items: int) -> None:
-        m = self.metrics
-        m.swaps.inc()
-        m.swap_seconds.observe(seconds)
-        m.swap_bytes.inc(stats.bytes)
-        m.cache_hits.labels("host").inc(stats.host_hits)
-        m.cache_misses.labels("host").inc(stats.host_misses)
-        m.cache_evictions.labels("host").inc(stats.host_evictions)
-        m.cache_bytes.labels("host").set(stats.host_bytes)
-        if stats.host_misses:
-            m.cache_hits.labels("disk").inc(n_items)

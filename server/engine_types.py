@@ -11,6 +11,7 @@ The HTTP layer talks to an engine only through :class:`EngineProtocol`
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +87,25 @@ class EngineProtocol(Protocol):
     def alive(self) -> bool: ...
     async def check_health(self) -> None: ...
     async def refresh(self, force: bool = False) -> bool: ...
-    def plan(self, recipe: Recipe) -> Plan: ...
+    def plan(self, recipe: Recipe, *, arriving: bool = False) -> Plan: ...
     def generate(self, prompt_ids: list[int], params: Any, plan: Plan, request_id: str,
                  stream: bool = False) -> AsyncIterator[Any]:
         """vLLM ``RequestOutput``s for ``prompt_ids`` with vLLM ``SamplingParams`` ``params``."""
     async def score_answers(self, texts: list[str], experts: list[str]) -> list[list[float]]: ...
+
+
+class Laps:
+    """Wall-clock phases of one operation: ``lap(name)`` records the seconds since the previous lap."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self.last
+        self.last = now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.start

@@ -12,6 +12,8 @@ renaming a metric here means updating deploy/grafana and deploy/prometheus.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -73,6 +75,7 @@ class Metrics:
         self.router_latency = Histogram(
             "deltaserve_router_latency_seconds", "Time to route one request", ["router"],
             buckets=FAST_BUCKETS, registry=r)
+        self._adaptive_metrics(r)
         for path in PATHS:
             self.queue_depth.labels(path)
             self.latency.labels(path)
@@ -80,6 +83,37 @@ class Metrics:
         for tier in TIERS:
             for family in (self.cache_hits, self.cache_misses, self.cache_evictions, self.cache_bytes):
                 family.labels(tier)
+
+    def _adaptive_metrics(self, r: CollectorRegistry) -> None:
+        self.swap_phase_seconds = Counter(
+            "deltaserve_weight_swap_phase_seconds", "Seconds spent in each part of the dense-path swaps: drain, "
+            "rpc (round trip overhead), decode, merge, load (reload_weights), retie, prefix_reset, resume",
+            ["phase"], registry=r)
+        """Adaptive merge/unmerge (server.adaptive)."""
+        self.adaptive_merged = Gauge(
+            "deltaserve_adaptive_merged", "1 while a LoRA recipe is served from merged weights", registry=r)
+        self.adaptive_switches = Counter(
+            "deltaserve_adaptive_switches", "Adaptive path switches, to 'merged' or back to 'lora'", ["to"],
+            registry=r)
+        self.adaptive_overhead = Gauge(
+            "deltaserve_adaptive_lora_overhead_seconds_per_token",
+            "Measured LoRA-path overhead per output token (the adaptive policy's benefit input)", registry=r)
+        for to in ("merged", "lora"):
+            self.adaptive_switches.labels(to)
+
+    def record_swap(self, stats: Any, seconds: float, n_items: int, phases: dict[str, float]) -> None:
+        """One dense-path swap: its ``server.contracts.SwapStats``, wall seconds, experts merged, and phases."""
+        self.swaps.inc()
+        self.swap_seconds.observe(seconds)
+        self.swap_bytes.inc(stats.bytes)
+        for phase, s in phases.items():
+            self.swap_phase_seconds.labels(phase).inc(max(s, 0.0))
+        self.cache_hits.labels("host").inc(stats.host_hits)
+        self.cache_misses.labels("host").inc(stats.host_misses)
+        self.cache_evictions.labels("host").inc(stats.host_evictions)
+        self.cache_bytes.labels("host").set(stats.host_bytes)
+        if stats.host_misses:
+            self.cache_hits.labels("disk").inc(n_items)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -37,6 +37,8 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
     p.add_argument("--top-k", type=int, default=1, help="experts per routed recipe (weights on a 0.25 grid)")
     p.add_argument("--min-confidence", type=float, help="route to the fallback below this confidence")
     p.add_argument("--max-distance", type=float, help="knn/gate: fallback beyond this exemplar distance")
+    p.add_argument("--route-batch-window-ms", type=float, default=2.0,
+                   help="concurrent `auto` requests arriving within this window share one routing call")
     p.add_argument("--fallback", default="", help="recipe served on fallback (default: the base)")
     p.add_argument("--auto-recipe", default="", help="recipe for `auto` without a router (default: the base)")
     p.add_argument("--served-name", default="base", help="the base model's name in the API")
@@ -46,6 +48,11 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
                         "the largest), or one of vLLM's 8, 16, 32, 64, 128, 256, 320, 512; vLLM-CPU pads every "
                         "adapter to it, so smaller is faster")
     p.add_argument("--max-loras", type=int, default=4)
+    p.add_argument("--adaptive-merge", choices=["on", "off"], default="on",
+                   help="serve a LoRA recipe that dominates the traffic from merged weights (base speed), "
+                        "unmerge when traffic mixes (server.adaptive; README 'Adaptive merge')")
+    p.add_argument("--adaptive-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an adaptive-policy setting, e.g. window_s=10, enter_share=0.9, min_requests=8 (repeatable)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM-CPU KV cache size (GiB)")
     p.add_argument("--dtype", default="auto", help="weights dtype; auto: the checkpoint's on GPU, float32 on CPU")
@@ -65,12 +72,12 @@ def _keys(flag: list[str] | None, env: str) -> list[str]:
     return keys
 
 
-def _router_options(items: list[str]) -> dict[str, str]:
+def _router_options(items: list[str], flag: str = "--router-option") -> dict[str, str]:
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SystemExit(f"error: --router-option {item!r} must be KEY=VALUE")
+            raise SystemExit(f"error: {flag} {item!r} must be KEY=VALUE")
         options[key.strip()] = value.strip()
     return options
 
@@ -97,6 +104,20 @@ def lora_rank(flag: str, store_dir: Path) -> int:
     return next((r for r in VLLM_LORA_RANKS if r >= need), VLLM_LORA_RANKS[-1])
 
 
+def adaptive_settings(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from server.adaptive import AdaptiveSettings
+
+    try:
+        return AdaptiveSettings(**_router_options(args.adaptive_option, "--adaptive-option"),
+                                enabled=args.adaptive_merge == "on")
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise SystemExit(f"error: --adaptive-option {'.'.join(map(str, e['loc']))}: {e['msg']} "
+                         f"(settings: {', '.join(AdaptiveSettings.model_fields)})") from None
+
+
 def settings_from_args(args: argparse.Namespace, base: Path):
     from pydantic import ValidationError
 
@@ -106,7 +127,8 @@ def settings_from_args(args: argparse.Namespace, base: Path):
         base_dir=base, served_name=args.served_name, max_model_len=args.max_model_len, dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
         max_lora_rank=lora_rank(str(args.max_lora_rank), args.store), max_loras=args.max_loras,
-        host_cache_bytes=args.cache_bytes, max_wait_ms=args.max_wait_ms, adapter_cache_size=args.adapter_cache_size)
+        host_cache_bytes=args.cache_bytes, max_wait_ms=args.max_wait_ms, adapter_cache_size=args.adapter_cache_size,
+        adaptive=adaptive_settings(args))
     try:
         return ServerSettings(
             store_dir=args.store, engine=engine, api_keys=_keys(args.api_key, "DELTASERVE_API_KEY"),
@@ -115,7 +137,7 @@ def settings_from_args(args: argparse.Namespace, base: Path):
             max_request_bytes=args.max_request_bytes, ops_need_key=args.ops_need_key,
             router=RouterSettings(name=args.router, options=_router_options(args.router_option), top_k=args.top_k,
                                   min_confidence=args.min_confidence, max_distance=args.max_distance,
-                                  fallback=args.fallback))
+                                  fallback=args.fallback, batch_window_ms=args.route_batch_window_ms))
     except ValidationError as err:
         raise SystemExit(f"error: {err.errors()[0]['msg']}") from None
 

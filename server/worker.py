@@ -134,13 +134,23 @@ class DeltaState:
     def expand(self, names: set[str]) -> set[str]:
         return {s for n in names for s in fused_siblings(n, self.base)}
 
-    def weights(self, request: MergeRequest, targets: set[str], restore: set[str]) -> Iterator[tuple[str, Tensor]]:
-        """The tensors to load: ``targets`` merged from the base (experts.merge_model), ``restore`` as the base."""
+    def weights(self, request: MergeRequest, targets: set[str], restore: set[str],
+                timing: dict[str, float] | None = None) -> Iterator[tuple[str, Tensor]]:
+        """The tensors to load: ``targets`` merged from the base (experts.merge_model), ``restore`` as the base.
+        ``timing["decode"]`` accumulates the seconds spent getting deltas (host cache or decoding)."""
         experts = [(self.expert(item.path, item.token), item.token) for item in request.items]
+        timing = timing if timing is not None else {}
+        timing.setdefault("decode", 0.0)
 
         def delta(i: int, name: str) -> Tensor | None:
             expert, token = experts[i]
-            return self.cache.get(token, expert, name) if name in expert.param_names else None
+            if name not in expert.param_names:
+                return None
+            start = time.perf_counter()
+            try:
+                return self.cache.get(token, expert, name)
+            finally:
+                timing["decode"] += time.perf_counter() - start
 
         yield from merged_params(sorted(targets), self.base, delta, len(experts), request.method,
                                  [item.weight for item in request.items], 1.0, request.options)
@@ -215,12 +225,17 @@ class DeltaWorkerExtension:
             raise KeyError(f"expert parameters not in the base model: {missing[:5]}")
         targets = state.expand(touched)
         restore = state.expand(state.applied - targets) - targets
-        items = list(state.weights(req, targets, restore))
+        phases: dict[str, float] = {}
+        items = list(state.weights(req, targets, restore, phases))
+        phases["merge"] = time.perf_counter() - start - phases["decode"]
         bytes_touched = sum(t.numel() * t.element_size() for _, t in items)
         try:
+            loading = time.perf_counter()
             self.model_runner.reload_weights(weights_iterator=iter(items))
+            phases["load"] = time.perf_counter() - loading
             if any(name.endswith("embed_tokens.weight") for name, _ in items):
                 retie_output_embeddings(self.model_runner.get_model())
+            phases["retie"] = time.perf_counter() - loading - phases["load"]
         except Exception:
             state.applied |= targets   # unknown state: the next apply rewrites all of it from the base
             raise
@@ -228,7 +243,7 @@ class DeltaWorkerExtension:
         return SwapStats(key=req.key, seconds=time.perf_counter() - start, bytes=bytes_touched, params=len(items),
                          host_hits=state.cache.hits - hits, host_misses=state.cache.misses - misses,
                          host_evictions=state.cache.evictions - evictions,
-                         host_bytes=state.cache.bytes).model_dump()
+                         host_bytes=state.cache.bytes, phases=phases).model_dump()
 
     def deltaserve_forget(self, token: str) -> dict:
         """Drop an expert's decoded deltas (it was deleted or replaced)."""

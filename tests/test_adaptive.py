@@ -1,0 +1,144 @@
+"""Adaptive merge/unmerge: the policy (fake clock) and the switch through the real engine (micro zoo)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from server.adaptive import AdaptiveSettings, MergePolicy
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def policy(**settings):
+    clock = Clock()
+    return MergePolicy(AdaptiveSettings(**settings), clock=clock), clock
+
+
+def feed(p, clock, keys, dt=0.1, path="lora", tokens=20, seconds=1.0):
+    """Requests for ``keys`` (None: the base), the base twice as fast per token as the LoRA path."""
+    for k in keys:
+        clock.t += dt
+        p.arrive(k)
+        p.observe_request(path if k else "base", tokens, seconds if k else seconds / 2)
+
+
+def test_dominant_lora_recipe_merges_and_mixed_traffic_unmerges_with_hysteresis():
+    p, clock = policy(min_requests=8, prior_swap_s=0.5)
+    feed(p, clock, ["a"] * 7)
+    assert p.merged_key is None                       # fewer than min_requests
+    feed(p, clock, ["a"])
+    assert p.merged("a") and not p.merged("b") and p.switches == {"merged": 1, "lora": 0}
+    feed(p, clock, ["a", "a", None, "a", "a"])        # 12/13 = 0.92: stays
+    feed(p, clock, [None, "b"])                       # 12/15 = 0.8 >= exit 0.7: stays merged (hysteresis)
+    assert p.merged("a")
+    feed(p, clock, [None, "b", None])                 # 12/18 = 0.67 < 0.7: unmerges
+    assert p.merged_key is None and p.switches == {"merged": 1, "lora": 1}
+    feed(p, clock, ["a"])                             # 13/19 < enter 0.9: stays on LoRA
+    assert p.merged_key is None
+
+
+def test_the_window_forgets_old_traffic():
+    p, clock = policy(min_requests=4, window_s=1.0, prior_swap_s=0.0)
+    feed(p, clock, [None] * 20, dt=0.01)
+    feed(p, clock, ["a"] * 4)
+    assert p.merged_key is None                       # 4 of 24
+    clock.t += 1.0
+    feed(p, clock, ["a"] * 4)                         # the base requests fell out of the window
+    assert p.merged("a")
+
+
+def test_cost_model_keeps_the_lora_path_when_swaps_cost_more_than_the_overhead_saves():
+    # overhead: LoRA 0.05 s/token vs base 0.04 -> 0.01 s/token; 10 requests x 20 tokens save 2 s per window
+    p, clock = policy(min_requests=8, enter_share=0.9, exit_share=0.9)
+    feed(p, clock, [None], path="base", seconds=20 * 0.08)
+    for _ in range(3):
+        p.observe_swap(3.0)                           # measured swaps: 3 s, dearer than the 2 s saved
+    feed(p, clock, ["a"] * 10, seconds=20 * 0.05)
+    assert p.overhead_per_token() == pytest.approx(0.01) and p.merged_key is None
+    assert p.last["benefit_s"] < p.last["cost_s"]
+    p2, clock2 = policy(min_requests=8)
+    feed(p2, clock2, [None], path="base", seconds=20 * 0.08)
+    p2.observe_swap(0.5)
+    feed(p2, clock2, ["a"] * 10, seconds=20 * 0.05)
+    assert p2.merged("a")
+
+
+def test_disabled_never_merges_and_settings_are_validated():
+    p, clock = policy(enabled=False, min_requests=1, prior_swap_s=0)
+    feed(p, clock, ["a"] * 20)
+    assert p.merged_key is None and not p.merged("a")
+    with pytest.raises(ValidationError, match="exit_share"):
+        AdaptiveSettings(enter_share=0.8, exit_share=0.9)
+    with pytest.raises(ValidationError):
+        AdaptiveSettings(window_s=0)
+
+
+def test_engine_plans_a_merged_lora_recipe_on_the_dense_path():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from server.engine import Engine
+    from server.engine_types import ExpertInfo
+    from server.recipes import Recipe
+
+    manifest = SimpleNamespace(rank=8, codec="lowrank", sha256={"tensors.safetensors": "ab" * 32})
+    info = ExpertInfo("lo", manifest, Path("/nowhere"))
+    engine = SimpleNamespace(experts={"lo": info}, config=SimpleNamespace(max_lora_rank=16),
+                             adaptive=MergePolicy(AdaptiveSettings(min_requests=2, prior_swap_s=0), clock=Clock()))
+    engine.adaptive.observe_request("lora", 10, 1.0)
+    recipe = Recipe((("lo", 1.0),))
+    assert Engine.plan(engine, recipe, arriving=True).path == "lora"
+    plan = Engine.plan(engine, recipe, arriving=True)
+    assert plan.path == "dense" and plan.state.weights.startswith(recipe.key + "|")
+    assert Engine.plan(engine, Recipe()).path == "base"
+
+
+def test_switching_paths_never_changes_a_greedy_output(micro_zoo, tmp_path):
+    """Through the real engine: a LoRA recipe served on the LoRA path, then merged once it dominates,
+    then unmerged when base traffic mixes in; every greedy answer equals HF on the merged checkpoint."""
+    from experts.merge_model import merge_into_checkpoint
+    from experts.store import ExpertStore
+    from tests.conftest import LiveServer
+    from tests.test_server_engine import QUESTIONS, _hf_greedy_texts
+
+    store = tmp_path / "store"
+    ExpertStore(store, micro_zoo.layout.base).import_source("vowels", micro_zoo.layout.lora("count_vowels"))
+    merged = tmp_path / "merged"
+    merge_into_checkpoint(micro_zoo.layout.base, [store / "vowels"], merged, method="task_arithmetic",
+                          weights=[1.0])
+    expected = _hf_greedy_texts(merged, micro_zoo.tokenizer, QUESTIONS)
+    base_expected = _hf_greedy_texts(micro_zoo.layout.base, micro_zoo.tokenizer, QUESTIONS[:1])
+    server = LiveServer(micro_zoo.layout.base, store, tmp_path / "server.log",
+                        extra=["--adaptive-merge", "on", "--adaptive-option", "min_requests=4",
+                               "--adaptive-option", "window_s=600", "--adaptive-option", "prior_swap_s=0"])
+    try:
+        client = server.client()
+
+        def ask(model, q):
+            r = client.post("/v1/chat/completions", json={"model": model, "max_tokens": 10, "temperature": 0,
+                                                          "messages": [{"role": "user", "content": q}]})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"], r.json()["deltaserve"]["path"]
+
+        phases = [[ask("vowels", q) for q in QUESTIONS[:3]], [ask("vowels", q) for q in QUESTIONS]]
+        for _ in range(3):    # 7/8, 7/9, 7/10 of the window for the recipe: >= exit_share 0.7, stays merged
+            assert ask("base", QUESTIONS[0])[0] == base_expected[0]
+        assert ask("base", QUESTIONS[0])[0] == base_expected[0]     # 7/11 < 0.7: unmerged
+        phases.append([ask("vowels", q) for q in QUESTIONS])
+        metrics = client.get("/metrics").text
+    finally:
+        server.stop()
+    assert [p for _, p in phases[0]] == ["lora"] * 3                  # below min_requests
+    assert [p for _, p in phases[1]] == ["dense"] * 4                 # merged once it dominates
+    assert [p for _, p in phases[2]] == ["lora"] * 4                  # unmerged after the base traffic
+    assert [t for t, _ in phases[0]] == expected[:3]
+    assert [t for t, _ in phases[1]] == expected == [t for t, _ in phases[2]]
+    assert 'deltaserve_adaptive_switches_total{to="merged"} 1.0' in metrics
+    assert 'deltaserve_adaptive_switches_total{to="lora"} 1.0' in metrics
