@@ -9,18 +9,13 @@ import json
 import pytest
 import torch
 
-from experts.expert import save_expert
 from experts.store import ExpertStore
-from experts.taskvector import base_fingerprint, load_state_dict
 from tests.conftest import REPO, LiveServer
+from zoo.real.synthetic import random_lora, random_sparse_expert
 
 QUESTIONS = ["What is the capital of France?", "Convert 3 March 2021 to ISO format.",
              "Write one word that rhymes with cat."]
 MAX_TOKENS = 12
-LORA_SCALE = 0.3   # random B factors scaled so the LoRA changes the answers without wrecking them
-TOUCHED = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-           "model.layers.0.self_attn.k_proj.weight", "model.layers.5.mlp.down_proj.weight",
-           "model.layers.11.mlp.gate_proj.weight")
 
 
 @pytest.fixture(scope="session")
@@ -30,34 +25,6 @@ def real_base():
     builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
     builder.build_base()
     return builder.layout.base
-
-
-def _random_lora(base, out):
-    from peft import LoraConfig, get_peft_model
-
-    from experts.hfmodel import load_causal_lm
-
-    torch.manual_seed(0)
-    model = get_peft_model(load_causal_lm(base), LoraConfig(
-        r=8, lora_alpha=16, init_lora_weights=False, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(LORA_SCALE)
-    model.save_pretrained(out)
-
-
-def _random_sparse_expert(base, out):
-    state = load_state_dict(base)
-    gen = torch.Generator().manual_seed(1)
-    deltas = {}
-    for name in TOUCHED:
-        w = state[name]
-        keep = torch.rand(w.shape, generator=gen) < 0.02
-        deltas[name] = torch.where(keep, torch.randn(w.shape, generator=gen) * 3 * w.std(), 0.0)
-    save_expert(out, deltas, name="random-sparse", base_fingerprint=base_fingerprint(base), codec="sparse_ef",
-                source="random sparse task vector", method={"name": "random"}, value_dtype=torch.float32)
 
 
 def _hf_greedy(model_dir, adapter=None):
@@ -95,9 +62,9 @@ def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
     config = json.loads((real_base / "config.json").read_text())
     assert config["tie_word_embeddings"] and config["num_key_value_heads"] == 3 and config["num_hidden_layers"] == 30
     store = ExpertStore(tmp_path / "store", real_base)
-    _random_lora(real_base, tmp_path / "lora")
+    random_lora(real_base, tmp_path / "lora")
     store.import_source("random-lora", tmp_path / "lora")
-    _random_sparse_expert(real_base, tmp_path / "sparse")
+    random_sparse_expert(real_base, tmp_path / "sparse")
     store.import_source("random-sparse", tmp_path / "sparse")
     assert "model.embed_tokens.weight" in store.load("random-sparse").param_names   # the tied input/output matrix
 

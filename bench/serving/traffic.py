@@ -9,14 +9,19 @@ then drives, in turn:
   b1 one expert on the dense path (sparse)       b2 one expert on the LoRA path
   c  mixed traffic over 4 LoRA experts (a random expert per request)
   d  mixed traffic over 4 dense recipes (a random recipe per request)
-  e  `model: auto` (knn router) over the 4 LoRA experts: router latency and its share
+  e  `model: auto` (knn router), prompts of the 4 skills uniformly mixed: router latency and its share
+  f  `model: auto`, a realistic mix: 70 % of the prompts from one skill, 30 % from the other three
 
 with the same prompts, concurrency and max_tokens, and reports tokens/s and
 p50/p99 latency, each as a ratio to (a). For the dense path it also reports the
 swaps, their latency, the bytes each rewrites, and that against this machine's
-memory copy bandwidth (torch copy of a buffer the size of the touched bytes).
+memory copy bandwidth (torch copy of a buffer the size of the touched bytes),
+with the swap's breakdown (drain, RPC, decode, merge, load, retie, prefix-cache
+reset, resume; ``deltaserve_weight_swap_phase_seconds``). The server runs with
+its defaults (adaptive merge on: a dominant LoRA recipe is served merged).
 
     .venv/bin/python -m bench.serving.traffic --out results/serve_bench/real_cpu.json
+    .venv/bin/python -m bench.serving.traffic --suite synthetic --adaptive both    # random experts, any machine
     .venv/bin/python -m bench.serving.traffic --suite toy --zoo .cache/zoo/demo --out results/serve_bench/cpu.json
 """
 
@@ -42,54 +47,67 @@ def calib_questions(task: str) -> list[str]:
     return [e.question for e in get_task(task).examples("calib", 50, seed=1)]
 
 
-async def drive(url: str, models: list[str], prompts: list[str], concurrency: int, max_tokens: int) -> dict:
-    """Request ``models[i]`` on ``prompts[i % len]``, ``concurrency`` in flight: tokens/s, p50/p99 latency
-    (and the router's latency when the requests were routed)."""
-    jobs = [(None, {"model": model, "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+async def drive(url: str, requests: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict:
+    """Send each (model, prompt), ``concurrency`` in flight: tokens/s, p50/p99 latency, the paths that served
+    them (and the router's latency when the requests were routed)."""
+    jobs = [(None, {"model": model, "messages": [{"role": "user", "content": prompt}],
                     "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
-            for i, model in enumerate(models)]
+            for model, prompt in requests]
     done, wall = await post_chats(url, jobs, concurrency)
     latencies = [latency for _, _, latency in done]
     tokens = sum(body["usage"]["completion_tokens"] for _, body, _ in done)
     route_latencies = [body["deltaserve"]["route"]["latency_s"] for _, body, _ in done
                        if body["deltaserve"]["route"] and body["deltaserve"]["route"].get("latency_s") is not None]
+    paths = [body["deltaserve"]["path"] for _, body, _ in done]
     out = {"requests": len(latencies), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-           "p50_s": statistics.median(latencies), "p99_s": p99(latencies)}
+           "p50_s": statistics.median(latencies), "p99_s": p99(latencies),
+           "paths": {p: paths.count(p) for p in sorted(set(paths))}}
     if len(route_latencies) >= 2:
         out.update(router_p50_ms=1000 * statistics.median(route_latencies), router_p99_ms=1000 * p99(route_latencies),
                    router_share_p50=statistics.median(route_latencies) / out["p50_s"])
     return out
 
 
-def traffic_mixes(names: list[str], loras: list[str], n: int, seed: int) -> dict[str, list[str]]:
-    """The model of each request, per traffic mix (a .. e of the docstring)."""
+def traffic_mixes(names: list[str], loras: list[str], prompts: list[list[str]], n: int, seed: int
+                  ) -> dict[str, list[tuple[str, str]]]:
+    """(model, prompt) of each request, per traffic mix (a .. f of the docstring); ``prompts`` per skill."""
     rng = random.Random(seed)
     dense_recipes = [names[0], f"0.5*{names[0]}+0.5*{names[1]}", names[2], f"0.3*{names[1]}+0.7*{names[3]}"]
+    mixed = [rng.choice(rng.choice(prompts)) for _ in range(n)]
+    realistic = [rng.choice(prompts[0] if rng.random() < 0.7 else rng.choice(prompts[1:])) for _ in range(n)]
     return {
-        "a: base only": ["base"] * n,
-        "b1: one expert, dense path": [names[0]] * n,
-        "b2: one expert, LoRA path": [loras[0]] * n,
-        "c: 4 experts mixed, LoRA path": [rng.choice(loras) for _ in range(n)],
-        "d: 4 recipes mixed, dense path": [rng.choice(dense_recipes) for _ in range(n)],
-        "e: auto (knn) over the 4 LoRA experts": ["auto"] * n,
+        "a: base only": [("base", p) for p in mixed],
+        "b1: one expert, dense path": [(names[0], p) for p in mixed],
+        "b2: one expert, LoRA path": [(loras[0], p) for p in mixed],
+        "c: 4 experts mixed, LoRA path": [(rng.choice(loras), p) for p in mixed],
+        "d: 4 recipes mixed, dense path": [(rng.choice(dense_recipes), p) for p in mixed],
+        "e: auto (knn), uniform mix of 4 skills": [("auto", p) for p in mixed],
+        "f: auto (knn), 70 % one skill": [("auto", p) for p in realistic],
     }
 
 
-def run_mixes(url: str, mixes: dict[str, list[str]], prompts: list[str], args: argparse.Namespace) -> list[dict]:
-    """One row per mix: its traffic result, the swaps it caused, and ratios to mix (a)."""
+def run_mixes(url: str, mixes: dict[str, list[tuple[str, str]]], args: argparse.Namespace) -> list[dict]:
+    """One row per mix: its traffic result, the swaps it caused (with their phases), and ratios to mix (a)."""
     # Warm-up: build every adapter and touch every dense recipe once, so each mix measures steady state.
-    asyncio.run(drive(url, [m for mix in mixes.values() for m in sorted(set(mix))], prompts, 1, 4))
+    warm = sorted({(m, mix[0][1]) for mix in mixes.values() for m, _ in mix})
+    asyncio.run(drive(url, warm, 1, 4))
     rows = []
-    for label, models in mixes.items():
+    for label, requests in mixes.items():
         before = scrape(url)
-        result = asyncio.run(drive(url, models, prompts, args.concurrency, args.max_tokens))
+        result = asyncio.run(drive(url, requests, args.concurrency, args.max_tokens))
         after = scrape(url)
-        swaps = after["deltaserve_weight_swaps_total"] - before["deltaserve_weight_swaps_total"]
-        swap_s = after["deltaserve_weight_swap_seconds_sum"] - before["deltaserve_weight_swap_seconds_sum"]
-        swap_b = after["deltaserve_weight_swap_bytes_total"] - before["deltaserve_weight_swap_bytes_total"]
+
+        def delta(name: str) -> float:
+            return after.get(name, 0.0) - before.get(name, 0.0)
+        swaps = delta("deltaserve_weight_swaps_total")
+        phases = {k.split('phase="')[1].rstrip('"}'): 1000 * delta(k) / swaps
+                  for k in after if k.startswith("deltaserve_weight_swap_phase_seconds_total{")} if swaps else {}
         rows.append({"mix": label, **result, "swaps": int(swaps),
-                     "swap_ms_mean": 1000 * swap_s / swaps if swaps else None,
-                     "swap_mib_mean": swap_b / swaps / 2**20 if swaps else None})
+                     "swap_ms_mean": 1000 * delta("deltaserve_weight_swap_seconds_sum") / swaps if swaps else None,
+                     "swap_mib_mean": delta("deltaserve_weight_swap_bytes_total") / swaps / 2**20 if swaps else None,
+                     "swap_phase_ms_mean": phases,
+                     "adaptive_switches": delta('deltaserve_adaptive_switches_total{to="merged"}')
+                     + delta('deltaserve_adaptive_switches_total{to="lora"}')})
         print(f"{label}: {result['tokens_per_s']:.1f} tok/s, p50 {result['p50_s']:.3f} s, "
               f"p99 {result['p99_s']:.3f} s, swaps {int(swaps)}", flush=True)
     base = rows[0]
@@ -101,12 +119,14 @@ def run_mixes(url: str, mixes: dict[str, list[str]], prompts: list[str], args: a
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| traffic | tok/s | ×(a) | p50 s | ×(a) | p99 s | ×(a) | swaps | ms/swap | MiB/swap |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| traffic | adaptive | tok/s | ×(a) | p50 s | ×(a) | p99 s | ×(a) | swaps | ms/swap | MiB/swap | "
+          "served on |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
-        print(f"| {r['mix']} | {r['tokens_per_s']:.1f} | {r['throughput_vs_a']:.2f} | {r['p50_s']:.3f} | "
+        paths = ", ".join(f"{k} {v}" for k, v in r["paths"].items())
+        print(f"| {r['mix']} | {r['adaptive']} | {r['tokens_per_s']:.1f} | {r['throughput_vs_a']:.2f} | {r['p50_s']:.3f} | "
               f"{r['p50_vs_a']:.2f} | {r['p99_s']:.3f} | {r['p99_vs_a']:.2f} | {r['swaps']} | "
-              f"{r['swap_ms_mean'] or 0:.1f} | {r['swap_mib_mean'] or 0:.2f} |")
+              f"{r['swap_ms_mean'] or 0:.1f} | {r['swap_mib_mean'] or 0:.2f} | {paths} |")
     for r in rows:
         if "router_p50_ms" in r:
             print(f"\n{r['mix']}: router p50 {r['router_p50_ms']:.2f} ms, p99 {r['router_p99_ms']:.2f} ms "
@@ -123,15 +143,20 @@ def swap_summary(rows: list[dict], copy_gbs: float) -> dict | None:
     at_copy_ms = 1000 * 2 * r["swap_mib_mean"] * 2**20 / (copy_gbs * 1e9)
     print(f"\nswap: {r['swap_mib_mean']:.2f} MiB rewritten in {r['swap_ms_mean']:.1f} ms = {achieved:.2f} GB/s; "
           f"memory copy on this machine {copy_gbs:.2f} GB/s (read+write), at which those bytes would take "
-          f"{at_copy_ms:.2f} ms: the swap is {r['swap_ms_mean'] / at_copy_ms:.0f}x that (fixed costs: drain, RPC, "
-          "reload_weights, prefix-cache reset)")
-    return {"mib": r["swap_mib_mean"], "ms": r["swap_ms_mean"], "gb_per_s": achieved, "ms_at_copy_speed": at_copy_ms}
+          f"{at_copy_ms:.2f} ms: the swap is {r['swap_ms_mean'] / at_copy_ms:.0f}x that")
+    print("breakdown (ms per swap): " + ", ".join(f"{k} {v:.1f}" for k, v in r["swap_phase_ms_mean"].items()))
+    return {"mix": r["mix"], "mib": r["swap_mib_mean"], "ms": r["swap_ms_mean"], "gb_per_s": achieved,
+            "ms_at_copy_speed": at_copy_ms, "phases_ms": r["swap_phase_ms_mean"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["real", "toy"], default="real",
-                    help="real: SmolLM2-135M-Instruct and the demo's store; toy: a toy zoo (--zoo)")
+    ap.add_argument("--suite", choices=["real", "toy", "synthetic"], default="real",
+                    help="real: SmolLM2-135M-Instruct and the demo's store; toy: a toy zoo (--zoo); synthetic: the "
+                         "real base with random LoRAs and random sparse experts (no training: speed only)")
+    ap.add_argument("--adaptive", choices=["on", "off", "both"], default="on",
+                    help="the server's --adaptive-merge; both: one server each, off first")
+    ap.add_argument("--device", default="cpu", help="for the copy-bandwidth floor (cuda on a GPU machine)")
     ap.add_argument("--zoo", type=Path, default=REPO / ".cache/zoo/demo")
     ap.add_argument("--store", type=Path, help="store to use/fill (default: a temporary one)")
     ap.add_argument("--requests", type=int, default=64, help="requests per traffic mix")
@@ -143,8 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def toy_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[str], list[str]]:
-    """(base, dense expert names, LoRA names, prompts, server flags) of a toy zoo."""
+def toy_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[list[str]], list[str]]:
+    """(base, dense expert names, LoRA names, prompts per task, server flags) of a toy zoo."""
     from experts.store import Compression
     from zoo.build import ZooLayout
     from zoo.tasks import get_task
@@ -152,11 +177,11 @@ def toy_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], l
     tasks = list(zoo_spec(args.zoo).tasks)[:4]
     seed_store(args.zoo, store, tasks, full={"": Compression(method="magnitude", density=0.05)},
                lora_exemplars=calib_questions)
-    prompts = [e.question for t in tasks for e in get_task(t).examples("test", 16, seed=args.seed)]
+    prompts = [[e.question for e in get_task(t).examples("test", 16, seed=args.seed)] for t in tasks]
     return ZooLayout(args.zoo).base, [expert_name(t) for t in tasks], [lora_name(t) for t in tasks], prompts, []
 
 
-def real_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[str], list[str]]:
+def real_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[list[str]], list[str]]:
     """The same for the real suite: the demo's store (LoRAs exact, full fine-tunes compressed)."""
     from server.commands.demo import REAL_ROOT, expert_names, seed_real_store
     from zoo.real.build import RealSuiteBuilder
@@ -166,34 +191,72 @@ def real_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], 
     builder.build(workers=2)
     skills = list(builder.spec.skills)[:4]
     base = seed_real_store(builder, store)
-    prompts = [e.question for s in skills for e in get_skill(s).examples("test", 16, seed=args.seed)]
+    prompts = [[e.question for e in get_skill(s).examples("test", 16, seed=args.seed)] for s in skills]
     return (base, [expert_names(s)[1] for s in skills], [expert_names(s)[0] for s in skills], prompts,
             ["--max-model-len", "512"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    record = provenance(argv=argv)  # at the start: HEAD may move during the run
-    tmp = tempfile.TemporaryDirectory(prefix="deltaserve-bench-")
-    store = args.store or Path(tmp.name) / "store"
-    base, names, loras, prompts, flags = (real_setup if args.suite == "real" else toy_setup)(args, store)
-    random.Random(args.seed).shuffle(prompts)
-    mixes = traffic_mixes(names, loras, args.requests, args.seed)
-    proc, url = start_server(base, store, Path(tmp.name) / "server.log",
-                             ["--max-wait-ms", str(args.max_wait_ms), "--router", "knn", *flags])
+def synthetic_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[list[str]],
+                                                                   list[str]]:
+    """The real base with 4 random LoRAs (exemplars: 4 skills' calib questions, for `auto`) and 4 random
+    sparse experts: serving speed does not depend on what an expert learned, so no training is needed."""
+    from experts.store import ExpertStore
+    from zoo.real.build import RealSuiteBuilder
+    from zoo.real.skills import get_skill
+    from zoo.real.synthetic import SPARSE_TOUCHED, random_lora, random_sparse_expert
+
+    builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
+    builder.build_base()
+    base = builder.layout.base
+    skills = list(builder.spec.skills)[:4]
+    s = ExpertStore(store, base)
+    work = store.parent / "synthetic"
+    for i, skill in enumerate(skills):
+        calib = [e.question for e in get_skill(skill).examples("calib", 32, seed=1)]
+        s.import_source(f"lora-{i}", random_lora(base, work / f"lora-{i}", seed=i), exemplars=calib)
+        s.import_source(f"sparse-{i}", random_sparse_expert(base, work / f"sparse-{i}", SPARSE_TOUCHED, 0.01, i))
+    prompts = [[e.question for e in get_skill(s).examples("test", 16, seed=args.seed)] for s in skills]
+    return base, [f"sparse-{i}" for i in range(4)], [f"lora-{i}" for i in range(4)], prompts, \
+        ["--max-model-len", "512"]
+
+
+SETUPS = {"real": real_setup, "toy": toy_setup, "synthetic": synthetic_setup}
+
+
+def serve_mixes(base: Path, store: Path, log: Path, flags: list[str], mixes: dict, args: argparse.Namespace,
+                adaptive: str) -> list[dict]:
+    """Start one server (``--adaptive-merge adaptive``), drive every mix, stop it; rows with ratios to its (a)."""
+    proc, url = start_server(base, store, log, ["--max-wait-ms", str(args.max_wait_ms), "--router", "knn",
+                                                "--adaptive-merge", adaptive, *flags])
     try:
-        rows = run_mixes(url, mixes, prompts, args)
+        rows = run_mixes(url, mixes, args)
     finally:
         stop_server(proc)
-    copy_gbs = copy_bandwidth(256 << 20)   # well beyond the CPU caches: the DRAM bandwidth
+    return [{**r, "adaptive": adaptive} for r in rows]
+
+
+def run(args: argparse.Namespace, record: dict) -> dict:
+    tmp = tempfile.TemporaryDirectory(prefix="deltaserve-bench-")
+    store = args.store or Path(tmp.name) / "store"
+    base, names, loras, prompts, flags = SETUPS[args.suite](args, store)
+    mixes = traffic_mixes(names, loras, prompts, args.requests, args.seed)
+    rows = []
+    for adaptive in (["off", "on"] if args.adaptive == "both" else [args.adaptive]):
+        rows += serve_mixes(base, store, Path(tmp.name) / f"server-{adaptive}.log", flags, mixes, args, adaptive)
+    copy_gbs = copy_bandwidth(256 << 20, device=args.device)   # well beyond the caches: the DRAM/HBM bandwidth
     print_table(rows)
     swap = swap_summary(rows, copy_gbs)
+    return {**record, "suite": args.suite, "base": str(base), "requests": args.requests,
+            "concurrency": args.concurrency, "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms,
+            "device": args.device, "copy_gb_per_s": copy_gbs, "swap": swap, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args, provenance(argv=argv))  # provenance first: HEAD may move during the run
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            **record, "suite": args.suite, "base": str(base), "requests": args.requests,
-            "concurrency": args.concurrency, "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms,
-            "copy_gb_per_s": copy_gbs, "swap": swap, "rows": rows}, indent=2) + "\n")
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -1,0 +1,88 @@
+"""GPU readiness: one unattended run (<= 8 minutes) that times serving on a CUDA machine.
+
+    bash bench/serving/gpu.sh           # on a CUDA machine with vllm: installs, then runs the line below
+    python -m bench.serving.gpu --device cuda --out results/serve_bench/gpu.json
+    .venv/bin/python -m bench.serving.gpu --device cpu --quick --out /tmp/gpu-check.json   # the CPU check
+
+Steps (each timed; the JSON says how long each took against the budget):
+
+1. the real base (SmolLM2-135M-Instruct from the PyPI GGUF), 4 random LoRAs and 4
+   random sparse experts (``zoo.real.synthetic``: speed does not depend on what an
+   expert learned, so nothing is trained);
+2. serving traffic through ``deltaserve serve`` (bench.serving.traffic, synthetic
+   suite): base only, one LoRA, 4 LoRAs mixed, one dense expert, 4 dense recipes
+   mixed, ``auto`` (uniform and 70 % one skill) — once with adaptive merging off
+   (the LoRA path as vLLM runs it) and once on (a dominant LoRA served merged);
+   ratios to base-only traffic, and the dense swap against this device's copy
+   bandwidth (the HBM floor on a GPU) with its breakdown;
+3. the dense path's decode-and-add kernels on a Llama-2-7B-shaped layer stack
+   against the same copy bandwidth (bench.kernels.swap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import REPO, log, provenance
+
+OUT = REPO / "results" / "serve_bench" / "gpu.json"
+BUDGET_S = 8 * 60
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "device": device}
+    try:
+        import vllm
+
+        env["vllm"] = vllm.__version__
+    except ImportError as err:
+        raise SystemExit(f"vllm is not installed: {err}") from None
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda, but torch sees no CUDA device (use --device cpu to check the script)")
+        env["device_name"] = torch.cuda.get_device_name(0)
+        env["device_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="few requests and one 7B layer: checks the script runs")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    record = {**provenance(argv=argv), "environment": environment(args.device), "budget_s": BUDGET_S}
+    from bench.kernels import swap as kernels
+    from bench.serving import traffic
+
+    steps: dict[str, float] = {}
+    started = time.perf_counter()
+    requests, layers = (8, 1) if args.quick else (64, 4)
+    traffic_args = traffic.parse_args(["--suite", "synthetic", "--adaptive", "both", "--device", args.device,
+                                       "--requests", str(requests), "--concurrency", "8",
+                                       "--max-tokens", "8" if args.quick else "64"])
+    serving = traffic.run(traffic_args, record)
+    steps["serving"] = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        kernels.main(["--device", args.device, "--layers", str(layers), "--out", f"{tmp}/k.json"])
+        kernel = json.loads(Path(tmp, "k.json").read_text())
+    steps["kernels_7b_layers"] = time.perf_counter() - started - steps["serving"]
+    total = time.perf_counter() - started
+    log(f"done in {total:.0f} s (budget {BUDGET_S} s): " + ", ".join(f"{k} {v:.0f} s" for k, v in steps.items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**record, "steps_s": steps, "total_s": total, "within_budget": total <= BUDGET_S,
+                                    "serving": {k: v for k, v in serving.items() if k not in record},
+                                    "kernels_7b": {k: v for k, v in kernel.items() if k not in record}},
+                                   indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
