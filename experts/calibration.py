@@ -13,6 +13,11 @@ served chat request sees) and reports, per example set:
 * ``token_accuracy``: the fraction of answer tokens that are the argmax;
 * ``nll``: the mean answer-token negative log-likelihood.
 
+The prompts of a calibration set share their opening tokens (the chat
+template's system turn and the start of the user turn): that prefix is run
+once per call and its key/value cache reused by every example, which on the
+real suite's ChatML prompts skips about half of the tokens.
+
 The search maximises ``graded = exact + token_accuracy / (n + 1)``: token
 accuracy only breaks ties between candidates with the same exact match (its
 weight is below one example's), so a search never stalls on a flat score.
@@ -20,6 +25,7 @@ weight is below one example's), so a search never stalls on a flat score.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,13 +66,18 @@ class TeacherForcedScorer:
         self.n = len(examples)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         encoded = [encode(tokenizer, e) for e in examples]
-        self._batches = [_batch(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
+        shared = _common_prefix([p for p, _ in encoded])
+        # keep at least one prompt token per example after the prefix: it predicts the first answer token
+        self.prefix = shared[:max(0, min(len(p) for p, _ in encoded) - 1)]
+        rest = [(p[len(self.prefix):], a) for p, a in encoded]
+        self._batches = [_batch(rest[i:i + batch_size], pad) for i in range(0, len(rest), batch_size)]
 
     @torch.inference_mode()
     def score(self, model: torch.nn.Module) -> CalibrationScore:
         correct, token_hits, tokens, nll_sum = 0, 0, 0, 0.0
+        prefix = _prefix_cache(model, self.prefix)
         for batch in self._batches:
-            logits = _answer_logits(model, batch)
+            logits = _answer_logits(model, batch, prefix)
             hits = logits.argmax(-1) == batch.targets
             nll_sum += float(torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="sum"))
             misses = torch.zeros(int(batch.input_ids.shape[0]), dtype=torch.long)
@@ -93,13 +104,37 @@ def _batch(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> _Batc
     return _Batch(ids, mask, torch.tensor(positions), torch.tensor(targets), torch.tensor(rows))
 
 
-def _answer_logits(model: torch.nn.Module, batch: _Batch) -> torch.Tensor:
-    """Logits at the answer positions only (the vocabulary projection of every position is the cost)."""
+def _common_prefix(sequences: Sequence[list[int]]) -> list[int]:
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return first[:i]
+    return first[:n]
+
+
+def _prefix_cache(model: torch.nn.Module, prefix: list[int]) -> Any:
+    """The key/value cache of the shared prefix (batch 1), or None without one."""
+    if not prefix:
+        return None
+    ids = torch.tensor([prefix])
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+
+
+def _answer_logits(model: torch.nn.Module, batch: _Batch, prefix: Any = None) -> torch.Tensor:
+    """Logits at the answer positions only (the vocabulary projection of every position is the cost),
+    continuing from the shared prefix's cache when there is one."""
+    mask, extra = batch.attention_mask, {}
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(int(batch.input_ids.shape[0]))
+        mask = torch.cat([torch.ones((mask.shape[0], cache.get_seq_length()), dtype=mask.dtype), mask], dim=1)
+        extra = {"past_key_values": cache, "use_cache": True}
     decoder, head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
     if decoder is not None and head is not None and decoder() is not None and head() is not None:
-        hidden = decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = decoder()(input_ids=batch.input_ids, attention_mask=mask, **extra).last_hidden_state
         return head()(hidden.reshape(-1, hidden.shape[-1])[batch.positions])
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = model(input_ids=batch.input_ids, attention_mask=mask, **extra).logits
     return logits.reshape(-1, logits.shape[-1])[batch.positions]
 
 

@@ -83,3 +83,28 @@ def test_max_weight_bounds_the_search(taus):
     result = nps_search(taus, objective, density=0.125, bands=8, generations=5, max_weight=1.5, seed=3,
                         progress=False)
     assert all(0.0 <= w <= 1.5 for w in result.weights)
+
+
+@pytest.mark.parametrize("bands", [1, 3, 8])
+@pytest.mark.parametrize("density", [0.001, 0.02, 0.3, 0.95])
+def test_band_pruner_equals_nps_prune(bands, density):
+    """The per-candidate fast path keeps exactly nps_prune's entries and values (tie-free random tau)."""
+    from experts.nps import BandPruner
+
+    g = torch.Generator().manual_seed(bands)
+    tau = {"a": torch.randn(120, 80, generator=g), "b": torch.randn(900, generator=g) * 3,
+           "c": torch.randn(30, 20, generator=g).double() * 0.1}
+    pruner, ids = BandPruner(tau, bands, density), band_ids(tau, bands)
+    for w in ([1.0] * bands, (torch.rand(bands, generator=g) * 4).tolist(), [0.0] + [2.5] * (bands - 1)):
+        got, want = pruner(w), nps_prune(tau, ids, w, density)
+        for name in tau:
+            assert got[name].dtype == tau[name].dtype and torch.equal(got[name], want[name]), (name, w)
+
+
+def test_band_pruner_keeps_exactly_k_with_ties():
+    from experts.nps import BandPruner
+
+    tau = {"t": torch.tensor([1.0, -1.0, 1.0, 0.5, 0.5, -0.5, 0.25, 0.0, 0.0, 2.0])}
+    for density in (0.1, 0.3, 0.5, 0.7):
+        kept = BandPruner(tau, 2, density)([1.0, 1.0])["t"]
+        assert int((kept != 0).sum()) == max(1, int(density * 10))
