@@ -7,17 +7,21 @@ recipe merged into the weights (the dense path) runs at the base's speed, but
 every request for anything else then waits for a swap. So when one LoRA recipe
 dominates the recent traffic, serve it merged; when traffic mixes, unmerge.
 
-The choice is made per request arrival, over the requests of the last
-``window_s`` seconds, with a cost model whose inputs are measured while serving:
+The choice is made per request arrival, over the last ``window_requests``
+requests (those of the last ``window_s`` seconds), with a cost model whose
+inputs are measured while serving:
 
 * benefit per window = (requests for the recipe) x (output tokens per request)
-  x (LoRA overhead per token), the overhead being the measured seconds per
-  token on the LoRA path minus that on the base/dense path (until both were
-  measured, the LoRA path is assumed ``prior_slowdown`` times slower);
+  x (LoRA overhead per token) / (requests generating at once), the overhead
+  being a request's measured seconds per token on the LoRA path minus that on
+  the base/dense path (until both were measured, the LoRA path is assumed
+  ``prior_slowdown`` times slower): concurrent requests share each decoding
+  step, so the wall time saved is the per-request saving over the concurrency;
 * cost per window = swap seconds x (one swap in, if not merged yet, plus two
-  per run of other requests in the window: each run swaps out and back), swap
-  seconds being the measured mean of the engine's swaps (``prior_swap_s``
-  until one was measured).
+  per run of other requests: each run swaps out and back), the runs counted
+  over the last 4 windows of requests and scaled to one (a mix that stays
+  mixed keeps paying them), swap seconds being the measured mean of the
+  engine's swaps (``prior_swap_s`` until one was measured).
 
 Merge when the recipe's share of the window is at least ``enter_share``
 (``exit_share`` once merged: hysteresis, so a recipe near the threshold does
@@ -43,7 +47,8 @@ log = logging.getLogger("deltaserve")
 class AdaptiveSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="serve a dominant LoRA recipe from merged weights")
-    window_s: float = Field(10.0, gt=0.0, description="traffic window the shares are computed over")
+    window_requests: int = Field(16, ge=1, description="the shares are computed over the last this many requests")
+    window_s: float = Field(60.0, gt=0.0, description="... that arrived within this many seconds")
     enter_share: float = Field(0.9, gt=0.5, le=1.0, description="share of the window to start merging")
     exit_share: float = Field(0.7, gt=0.5, le=1.0, description="share below which a merged recipe unmerges")
     min_requests: int = Field(8, ge=1, description="fewest requests in the window to decide on")
@@ -79,16 +84,20 @@ class MergePolicy:
         self.switches = {"merged": 0, "lora": 0}
         self._spt = {"lora": _Ewma(), "plain": _Ewma()}        # seconds per output token
         self._tokens = _Ewma()                                  # output tokens per request
+        self._concurrency = _Ewma()                             # requests generating when one finishes
+        self._history: deque[str] = deque(maxlen=4 * self.settings.window_requests)   # for the runs
         self._swap = _Ewma()
         self.last: dict[str, float] = {}                        # the last decision's inputs (metrics, logs)
 
     # ------------------------------------------------------------------ measurements
-    def observe_request(self, path: str, tokens: int, seconds: float) -> None:
-        """A finished request: its path ('lora', 'dense' or 'base'), output tokens and generation seconds."""
+    def observe_request(self, path: str, tokens: int, seconds: float, concurrency: int = 1) -> None:
+        """A finished request: its path ('lora', 'dense' or 'base'), output tokens, generation seconds, and
+        how many requests (itself included) were generating when it finished."""
         if tokens <= 0 or seconds <= 0:
             return
         self._spt["lora" if path == "lora" else "plain"].add(seconds / tokens)
         self._tokens.add(tokens)
+        self._concurrency.add(max(concurrency, 1))
         overhead = self.overhead_per_token()
         if self.metrics is not None and overhead is not None:
             self.metrics.adaptive_overhead.set(overhead)
@@ -115,7 +124,9 @@ class MergePolicy:
         """Count one request: ``key`` of a LoRA-path recipe, None for anything else (base, dense)."""
         now = self._clock()
         self._arrivals.append((now, key or ""))
-        while self._arrivals and self._arrivals[0][0] < now - self.settings.window_s:
+        self._history.append(key or "")
+        s = self.settings
+        while self._arrivals and (self._arrivals[0][0] < now - s.window_s or len(self._arrivals) > s.window_requests):
             self._arrivals.popleft()
         self._decide()
 
@@ -137,8 +148,10 @@ class MergePolicy:
             return
         want = None
         if top and share >= (s.exit_share if top == was else s.enter_share) and overhead is not None:
-            runs = sum(1 for i, k in enumerate(keys) if k != top and (i == 0 or keys[i - 1] == top))
-            benefit = keys.count(top) * (self._tokens.value or 0.0) * overhead
+            history = list(self._history)
+            runs = sum(1 for i, k in enumerate(history) if k != top and (i == 0 or history[i - 1] == top))
+            runs *= len(keys) / len(history)
+            benefit = keys.count(top) * (self._tokens.value or 0.0) * overhead / (self._concurrency.value or 1.0)
             cost = self.swap_seconds() * ((0 if top == was else 1) + 2 * runs)
             self.last = {"share": share, "benefit_s": benefit, "cost_s": cost}
             want = top if benefit > cost else None

@@ -345,7 +345,7 @@ class Engine:
                     raise refused_by_vllm(err) from None
                 if output is not None and output.finished:   # the adaptive policy's cost model
                     self.adaptive.observe_request(plan.path, sum(len(c.token_ids) for c in output.outputs),
-                                                  time.perf_counter() - admitted)
+                                                  time.perf_counter() - admitted, self.scheduler.inflight)
         except EngineDeadError as err:
             raise EngineUnavailable("the engine stopped; it is being restarted, retry shortly") from err
         finally:

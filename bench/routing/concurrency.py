@@ -33,12 +33,13 @@ OUT = REPO / "results" / "routing" / "concurrency.json"
 
 def texts() -> tuple[list[str], list[str]]:
     """(exemplar questions, held-out test questions) of the real suite."""
-    from zoo.real.skills import all_skills, get_skill
+    from zoo.real.skills import get_skill
+    from zoo.real.spec import RealSuiteSpec
 
     exemplars, queries = [], []
-    for name in all_skills():
+    for name in RealSuiteSpec().skills:
         skill = get_skill(name)
-        exemplars += [e.messages[-1][1] for e in skill.examples("calib", 160, seed=11)]
+        exemplars += [e.messages[-1][1] for e in skill.examples("calib", 64, seed=11)]
         queries += [e.messages[-1][1] for e in skill.examples("test", 64, seed=5, phrasings="heldout")]
     return exemplars, queries
 

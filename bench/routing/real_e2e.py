@@ -155,8 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="test prompts per skill for the uncertainty router (it scores every expert per "
                              "request, one at a time: minutes per request under load on 2 cores)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure only the auto rows of --routers and keep every other row of --out "
+                             "(the update's command, commit and date are listed under 'updates')")
     args = parser.parse_args(argv)
     record = provenance(argv=argv)
+    previous = json.loads((args.out / "results.json").read_text()) if args.update else None
     from server.commands.demo import REAL_ROOT, seed_real_store
     from zoo.real.build import RealSuiteBuilder
 
@@ -168,8 +172,14 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = {"base": base, "tokens": args.max_tokens, "test": items(skills, "test", args.n, "exemplar"),
            "heldout": items(skills, "test", args.n, "heldout"), "calib": items(skills, "calib", args.n // 2,
                                                                                 "exemplar"), "skills": skills}
-    rows = {}
-    if "knn" in args.routers:
+    rows = json.loads((args.out / "records.json").read_text()) if args.update else {}
+    if args.update:
+        record = {k: v for k, v in previous.items() if k not in ("rows", "skills", "n_per_skill")}
+        record["updates"] = [*previous.get("updates", []), {**provenance(argv=argv), "rows": args.routers}]
+        if "knn" in args.routers:
+            rows.update(router_rows("knn", scratch / "store", ctx, scratch))
+            save(args.out, record, skills, args.n, rows)
+    elif "knn" in args.routers:
         server, url = start_server(base, scratch / "store", scratch / "knn.log",
                                    ["--router", "knn", "--max-model-len", "512", "--max-lora-rank", "64"])
         try:

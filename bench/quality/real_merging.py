@@ -1,0 +1,132 @@
+"""Merging all six real-suite skills into one model, against per-request routing.
+
+    .venv/bin/python -m bench.quality.real_merging     # -> results/real_quality/merging.{json,md}
+
+The six full fine-tunes' task vectors (SmolLM2-135M-Instruct) merged into one
+set of weights, theta = theta_base + lambda * merge(tau_1..6), with each method
+of experts.merging at its default options (the registry's), and the pruned-then-
+added variant of the NPS paper's eq. 7 with magnitude pruning (r = 0.05) and
+DARE (r = 0.05, rescaled) standing in for NPS-pruned experts (an NPS search per
+expert does not fit this 2-core budget; see README). lambda is chosen on the
+calibration split only (mean teacher-forced graded score over the six skills,
+32 examples each) from LAMBDAS; the test split (64 per skill) is scored once at
+that lambda. Scores are teacher-forced exact match, which equals greedy exact
+match (experts/calibration.py). The experts alone and the base are scored the
+same way, and the routed reference comes from the end-to-end run
+(results/real_routing: `auto` through the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import REPO, log, provenance
+
+OUT = REPO / "results" / "real_quality"
+LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.5)
+CALIB, TEST = 32, 64
+PRUNE_DENSITY = 0.05
+
+
+def methods() -> list[tuple[str, str, dict]]:
+    """(label, merge method, options); pruned variants prune each tau first, then add (task arithmetic)."""
+    return [("task arithmetic", "task_arithmetic", {}), ("TIES", "ties", {}), ("DARE-TIES", "dare_ties", {}),
+            ("PCB", "pcb", {}), (f"magnitude r={PRUNE_DENSITY} pruned, added (eq. 7)", "pruned:magnitude", {}),
+            (f"DARE r={PRUNE_DENSITY} pruned, added (eq. 7)", "pruned:dare", {})]
+
+
+def merged_deltas(taus: list[dict], method: str, options: dict, scale: float) -> dict[str, torch.Tensor]:
+    import experts.merging  # noqa: F401  (registers the methods)
+    from experts.merge_registry import get_merge_method
+    from experts.sparsify import dare, magnitude
+
+    names = sorted({n for t in taus for n in t})
+    out = {}
+    if method.startswith("pruned:"):
+        kind = method.split(":", 1)[1]
+        gen = torch.Generator().manual_seed(0)
+        for name in names:
+            parts = [t[name] for t in taus if name in t]
+            pruned = [magnitude(p, PRUNE_DENSITY) if kind == "magnitude" else dare(p, PRUNE_DENSITY, gen)
+                      for p in parts]
+            out[name] = scale * torch.stack(pruned).sum(0)
+        return out
+    merge = get_merge_method(method)
+    runtime = {"generator": torch.Generator().manual_seed(0)} if "generator" in merge.runtime else {}
+    for name in names:
+        parts = [t.get(name, torch.zeros_like(next(x[name] for x in taus if name in x))) for t in taus]
+        out[name] = scale * merge(parts, [1.0] * len(parts), **options, **runtime)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    record = provenance(argv=argv)
+    from experts.calibration import DeltaObjective, TeacherForcedScorer
+    from experts.compress import extract
+    from experts.hfmodel import load_causal_lm, load_tokenizer
+    from zoo.real.build import RealSuiteBuilder
+    from zoo.real.skills import get_skill
+
+    builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
+    if builder.missing():
+        raise SystemExit("the real suite is not built; run `deltaserve zoo build --size real`")
+    skills = list(builder.spec.skills)
+    base = builder.layout.base
+    model, tokenizer = load_causal_lm(base), load_tokenizer(base)
+
+    def objectives(split: str, n: int) -> dict[str, DeltaObjective]:
+        return {s: DeltaObjective(model, TeacherForcedScorer(tokenizer, get_skill(s).examples(split, n)))
+                for s in skills}
+
+    calib, test = objectives("calib", CALIB), objectives("test", TEST)
+    taus = [extract(base, builder.layout.full(s)).deltas for s in skills]
+
+    def scores(objs: dict[str, DeltaObjective], deltas: dict) -> dict[str, float]:
+        return {s: 100 * o.evaluate(deltas).exact for s, o in objs.items()}
+
+    rows = [{"label": "base", "test": scores(test, {})},
+            {"label": "each full fine-tune on its own skill",
+             "test": {s: 100 * test[s].evaluate(t).exact for s, t in zip(skills, taus)}}]
+    for label, method, options in methods():
+        started, sweep = time.perf_counter(), {}
+        for lam in LAMBDAS:
+            deltas = merged_deltas(taus, method, options, lam)
+            sweep[lam] = sum(calib[s].evaluate(deltas).graded for s in skills) / len(skills)
+            log(f"{label}: lambda {lam} calib graded {sweep[lam]:.3f}")
+        best = max(sweep, key=sweep.get)
+        row = {"label": label, "method": method, "options": options, "lambda": best, "calib_sweep": sweep,
+               "test": scores(test, merged_deltas(taus, method, options, best)),
+               "seconds": round(time.perf_counter() - started, 1)}
+        rows.append(row)
+        log(f"{label}: lambda {best} -> test {sum(row['test'].values()) / len(skills):.1f} %")
+    for row in rows:
+        row["avg"] = sum(row["test"].values()) / len(skills)
+    routed = json.loads((REPO / "results" / "real_routing" / "results.json").read_text())["rows"]
+    auto = {k: v["avg"] for k, v in routed.items() if k.startswith("auto/")}
+    table = ["| model | λ (calib) | " + " | ".join(skills) + " | avg |", "|---|---:|" + "---:|" * (len(skills) + 1)]
+    for row in rows:
+        table.append(f"| {row['label']} | {row.get('lambda', '')} | "
+                     + " | ".join(f"{row['test'][s]:.1f}" for s in skills) + f" | {row['avg']:.1f} |")
+    for k, v in auto.items():
+        table.append(f"| {k} (through the server, results/real_routing) | | " + " | ".join("" for _ in skills)
+                     + f" | {v:.1f} |")
+    md = "\n".join(table)
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "merging.md").write_text(f"`{record['command']}` ({record['git_commit'][:10]}, {record['date']})\n\n"
+                                         + md + "\n")
+    (args.out / "merging.json").write_text(json.dumps({**record, "skills": skills, "rows": rows, "auto": auto},
+                                                      indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
