@@ -69,7 +69,8 @@ class TeacherForcedScorer:
         shared = _common_prefix([p for p, _ in encoded])
         # keep at least one prompt token per example after the prefix: it predicts the first answer token
         self.prefix = shared[:max(0, min(len(p) for p, _ in encoded) - 1)]
-        rest = [(p[len(self.prefix):], a) for p, a in encoded]
+        # batched by length, so right padding wastes little compute (the score does not depend on the order)
+        rest = sorted(((p[len(self.prefix):], a) for p, a in encoded), key=lambda pa: len(pa[0]) + len(pa[1]))
         self._batches = [_batch(rest[i:i + batch_size], pad) for i in range(0, len(rest), batch_size)]
 
     @torch.inference_mode()
@@ -150,8 +151,42 @@ class DeltaObjective:
         self.name = "teacher_forced_exact_match"
 
     def evaluate(self, deltas: Mapping[str, torch.Tensor]) -> CalibrationScore:
-        with swapped_weights(self.model, added_weights(self.model, deltas)):
+        """Score base + ``deltas``. Only the deltas' non-zero entries are added (and restored afterwards):
+        a pruned candidate touches about k entries, not every weight (the same result as adding the whole
+        tensor: x + 0 == x)."""
+        params = dict(self.model.state_dict())
+        if any(not params.get(n, torch.empty(0)).is_contiguous() for n in deltas) or set(deltas) - set(params):
+            with swapped_weights(self.model, added_weights(self.model, deltas)):   # checks and names errors
+                self.last = self.scorer.score(self.model)
+            return self.last
+        touched: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        seen: set[int] = set()   # tied parameters (one storage, two names) get their delta once
+        try:
+            with torch.no_grad():
+                for name, delta in deltas.items():
+                    param = params[name]
+                    if param.data_ptr() in seen:
+                        continue
+                    seen.add(param.data_ptr())
+                    if param.shape != delta.shape:
+                        raise ValueError(f"{name}: shape {tuple(delta.shape)} does not match model "
+                                         f"{tuple(param.shape)}")
+                    flat, values = param.view(-1), delta.reshape(-1)
+                    index = values.nonzero().squeeze(1)
+                    if index.numel() > flat.numel() // 8:     # dense: one pass beats gathering by index
+                        touched.append((flat, None, flat.clone()))
+                        flat.copy_((flat.float() + values.float()).to(flat.dtype))
+                    elif index.numel():
+                        touched.append((flat, index, flat[index].clone()))
+                        flat[index] = (flat[index].float() + values[index].float()).to(flat.dtype)
             self.last = self.scorer.score(self.model)
+        finally:
+            with torch.no_grad():
+                for flat, index, saved in reversed(touched):
+                    if index is None:
+                        flat.copy_(saved)
+                    else:
+                        flat[index] = saved
         return self.last
 
     def __call__(self, deltas: Mapping[str, torch.Tensor]) -> float:

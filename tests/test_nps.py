@@ -108,3 +108,32 @@ def test_band_pruner_keeps_exactly_k_with_ties():
     for density in (0.1, 0.3, 0.5, 0.7):
         kept = BandPruner(tau, 2, density)([1.0, 1.0])["t"]
         assert int((kept != 0).sum()) == max(1, int(density * 10))
+
+
+def test_delta_objective_adds_only_nonzero_entries_and_restores_the_model_exactly():
+    """DeltaObjective scores base + deltas like swapped_weights(added_weights(...)) does, sparse or dense,
+    and leaves every weight bit-identical afterwards (tied parameters get their delta once)."""
+    from experts.calibration import DeltaObjective
+    from experts.hfmodel import added_weights, swapped_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 6))
+    model[1].weight = torch.nn.Parameter(model[0].weight.t().contiguous())   # not tied: separate storage
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class Probe:
+        def score(self, m):
+            return {k: v.clone() for k, v in m.state_dict().items()}
+
+    sparse = {"0.weight": torch.zeros(5, 6).index_put_((torch.tensor([1, 3]), torch.tensor([2, 0])),
+                                                        torch.tensor([0.5, -2.0]))}
+    dense = {"0.weight": torch.randn(5, 6), "1.bias": torch.randn(6)}
+    for deltas in (sparse, dense, {}):
+        got = DeltaObjective(model, Probe()).evaluate(deltas)
+        with swapped_weights(model, added_weights(model, deltas)):
+            want = Probe().score(model)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="shape"):
+        DeltaObjective(model, Probe()).evaluate({"0.weight": torch.ones(6, 5)})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
