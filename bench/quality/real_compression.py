@@ -136,9 +136,19 @@ def _append(path: Path, cell: dict) -> None:
 
 
 def summarise(out: Path, skills: list[str] | None = None) -> dict:
-    """Rows averaged over ``skills`` (default: every skill with cells)."""
+    """Rows averaged over ``skills`` (default: the skills every non-NPS setting has a cell for, so rows
+    compare like with like; NPS rows over the skills it was run on, see ``nps_comparison``)."""
     cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
-    cells = [c for c in cells if skills is None or c["skill"] in skills]
+    if skills is None:
+        settings_of: dict[str, set] = defaultdict(set)
+        for c in cells:
+            if c["method"] != "nps":
+                settings_of[c["skill"]].add(cell_key("", c["method"], {k: v for k, v in c["options"].items()
+                                                                         if k != "seed"}))
+        everything = set().union(*settings_of.values())
+        skills = [s for s, have in settings_of.items() if have == everything]
+    cells = [c for c in cells if c["skill"] in skills or (c["method"] == "nps" and c["skill"] in
+                                                             {x["skill"] for x in cells if x["method"] == "dense"})]
     full = {c["skill"]: c["test_exact"] for c in cells if c["method"] == "dense"}
     base = {c["skill"]: c["test_exact"] for c in cells if c["method"] == "base"}
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -162,11 +172,28 @@ def summarise(out: Path, skills: list[str] | None = None) -> dict:
                      "bits_per_param": sum(c["bits_per_param"] for c in group) / len(group),
                      "per_skill": mean_acc})
     rows.sort(key=lambda r: (r["method"], r["bits_per_param"]))
-    return {"full_accuracy": full, "base_accuracy": base, "rows": rows}
+    return {"full_accuracy": {s: a for s, a in full.items() if s in skills}, "base_accuracy": base, "rows": rows,
+            "skills": list(skills), "nps_comparison": nps_comparison(cells)}
+
+
+def nps_comparison(cells: list[dict]) -> list[dict]:
+    """On each skill with NPS cells: NPS vs magnitude vs DARE (mean and best of its seeds) at NPS's densities."""
+    out = []
+    for c in [c for c in cells if c["method"] == "nps"]:
+        d, skill = c["options"]["density"], c["skill"]
+        same = [x for x in cells if x["skill"] == skill and x["options"].get("density") == d]
+        dare = [x["test_exact"] for x in same if x["method"] == "dare"]
+        mag = [x["test_exact"] for x in same if x["method"] == "magnitude"]
+        out.append({"skill": skill, "density": d, "nps": c["test_exact"], "magnitude": mag[0] if mag else None,
+                    "dare_mean": sum(dare) / len(dare) if dare else None, "dare_best": max(dare, default=None),
+                    "search_seconds": (c.get("nps") or {}).get("search_seconds"),
+                    "evaluations": (c.get("nps") or {}).get("evaluations")})
+    return out
 
 
 def write_tables(out: Path, summary: dict, meta: dict) -> None:
-    lines = [f"# Compression on the real suite (SmolLM2-135M-Instruct, {len(summary['full_accuracy'])} skills)", "",
+    lines = [f"# Compression on the real suite (SmolLM2-135M-Instruct, {len(summary['full_accuracy'])} skills: "
+             f"{', '.join(summary['full_accuracy'])})", "",
              f"Command: `{meta['command']}`  ", f"Commit: `{meta['git_commit']}`, date {meta['date']}", "",
              "Teacher-forced exact match on each skill's test split (64 prompts); retained = mean over skills of "
              "compressed / full fine-tune accuracy; bits/param = 8 x stored tensor bytes / 134.5 M base params. "
@@ -182,6 +209,17 @@ def write_tables(out: Path, summary: dict, meta: dict) -> None:
         lines.append(f"| {r['method']} | {setting} | {r['skills']} | {r['seeds']} | {r['bits_per_param']:.3f} | "
                      f"{r['accuracy']:.1%} | "
                      f"{r['retained']:.1%}{best} |")
+    if summary.get("nps_comparison"):
+        lines += ["", "NPS against magnitude and DARE on the same skill and density (test exact match; NPS's "
+                  "search time at the default budget, 20 generations of pycma's default population):", "",
+                  "| skill | density | magnitude | NPS | DARE (mean / best seed) | NPS search s | evaluations |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in summary["nps_comparison"]:
+            def pct(x):
+                return "" if x is None else f"{x:.1%}"
+            lines.append(f"| {r['skill']} | {r['density']} | {pct(r['magnitude'])} | {pct(r['nps'])} | "
+                         f"{pct(r['dare_mean'])} / {pct(r['dare_best'])} | {r['search_seconds']} | "
+                         f"{r['evaluations']} |")
     stats = summary.get("tau_stats") or {}
     if stats:
         lines += ["", "Why magnitude-based pruning fails on these task vectors: |tau| is flat (30 Adam steps "
@@ -232,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = provenance(argv=argv)
     if not args.tables_only:
         run_cells(args.root, args.out, args.nps_generations, args.skills, args.nps_skills, tuple(args.dare_seeds))
-    summary = summarise(args.out, args.skills)
+    summary = summarise(args.out)   # every cell of cells.jsonl, whichever run made it
     summary["tau_stats"] = tau_stats(args.root, args.out)
     write_tables(args.out, summary, meta)
     print((args.out / "compression.md").read_text())
