@@ -47,7 +47,7 @@ log = logging.getLogger("deltaserve")
 class AdaptiveSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(True, description="serve a dominant LoRA recipe from merged weights")
-    window_requests: int = Field(16, ge=1, description="the shares are computed over the last this many requests")
+    window_requests: int = Field(8, ge=1, description="the shares are computed over the last this many requests")
     window_s: float = Field(60.0, gt=0.0, description="... that arrived within this many seconds")
     enter_share: float = Field(0.9, gt=0.5, le=1.0, description="share of the window to start merging")
     exit_share: float = Field(0.7, gt=0.5, le=1.0, description="share below which a merged recipe unmerges")

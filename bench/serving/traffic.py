@@ -93,6 +93,9 @@ def run_mixes(url: str, mixes: dict[str, list[tuple[str, str]]], args: argparse.
     asyncio.run(drive(url, warm, 1, 4))
     rows = []
     for label, requests in mixes.items():
+        warm = scrape(url)
+        if args.warmup:
+            asyncio.run(drive(url, requests[-args.warmup:], args.concurrency, args.max_tokens))
         before = scrape(url)
         result = asyncio.run(drive(url, requests, args.concurrency, args.max_tokens))
         after = scrape(url)
@@ -102,7 +105,8 @@ def run_mixes(url: str, mixes: dict[str, list[tuple[str, str]]], args: argparse.
         swaps = delta("deltaserve_weight_swaps_total")
         phases = {k.split('phase="')[1].rstrip('"}'): 1000 * delta(k) / swaps
                   for k in after if k.startswith("deltaserve_weight_swap_phase_seconds_total{")} if swaps else {}
-        rows.append({"mix": label, **result, "swaps": int(swaps),
+        rows.append({"mix": label, **result, "swaps": int(swaps), "warmup": args.warmup,
+                     "warmup_swaps": int(before["deltaserve_weight_swaps_total"] - warm["deltaserve_weight_swaps_total"]),
                      "swap_ms_mean": 1000 * delta("deltaserve_weight_swap_seconds_sum") / swaps if swaps else None,
                      "swap_mib_mean": delta("deltaserve_weight_swap_bytes_total") / swaps / 2**20 if swaps else None,
                      "swap_phase_ms_mean": phases,
@@ -161,6 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--store", type=Path, help="store to use/fill (default: a temporary one)")
     ap.add_argument("--requests", type=int, default=64, help="requests per traffic mix")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=8,
+                    help="requests of each mix sent (at its concurrency) before it is measured: the numbers are the "
+                         "mix's steady state; the swaps of switching into it are reported as warmup_swaps")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=200.0)
     ap.add_argument("--seed", type=int, default=0)
