@@ -272,3 +272,18 @@ def test_twins_with_the_same_exemplars_count_as_one_skill_for_confidence_and_top
     two = RoutingService(StubRouter(), Policy(min_confidence=0.0, top_k=2))
     two.set_exemplars({"a-dense": ["x"], "a-lora": ["x"], "b": ["y"]})
     assert two.route_one("a-dense a-lora b").recipe == {"a-dense": 0.75, "b": 0.25}   # never a twin pair
+
+
+def test_a_preferred_twin_wins_within_the_margin_and_loses_beyond_it():
+    service = RoutingService(StubRouter(), Policy(min_confidence=0.0))
+    service.set_exemplars({"a-dense": ["x"], "a-lora": ["x"], "b": ["y"]})
+    service.set_preferred(["a-lora"])
+    service.set_quality({"a-dense": 0.95, "a-lora": 0.937})    # 1.4 % apart: calibration noise
+    assert service.route_one("a-dense a-lora").recipe == {"a-lora": 1.0}
+    service.set_quality({"a-dense": 0.95, "a-lora": 0.90})     # 5 % apart: measured
+    assert service.route_one("a-dense a-lora").recipe == {"a-dense": 1.0}
+    strict = RoutingService(StubRouter(), Policy(min_confidence=0.0), tie_margin=0.0)
+    strict.set_exemplars({"a-dense": ["x"], "a-lora": ["x"]})
+    strict.set_preferred(["a-lora"])
+    strict.set_quality({"a-dense": 0.95, "a-lora": 0.937})
+    assert strict.route_one("a-dense a-lora").recipe == {"a-dense": 1.0}
