@@ -252,3 +252,28 @@ def test_store_publish_is_atomic_generational_and_checks_the_base(micro_zoo, tmp
         store.delete("up")
     with pytest.raises(StoreError, match="neither"):
         store.import_source("x", tmp_path)
+
+
+@pytest.mark.parametrize("codec_method,weight", [("magnitude", 1.0), ("dare", 0.7), ("tswitch", 1.0)])
+def test_single_sparse_expert_added_in_place_equals_the_merge_loop(micro_zoo, tmp_path, codec_method, weight):
+    """The worker's fast path for one sparse expert (base + w * tau by add_into) writes exactly the tensors
+    merged_params writes; other codecs (ternary here) take the merge loop."""
+    from experts.expert import load_expert
+    from experts.merge_model import merged_params
+    from experts.store import Compression, ExpertStore
+    from server.contracts import MergeItem, MergeRequest
+    from server.worker import DeltaState, _adds_in_place
+
+    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    store.import_source("e", micro_zoo.layout.full("upper"), compression=Compression(method=codec_method,
+                                                                                      density=0.05))
+    expert = load_expert(store.path("e"))
+    token = f"e@{expert.manifest.sha256['tensors.safetensors'][:16]}"
+    request = MergeRequest(key="e", items=(MergeItem(path=str(store.path("e")), token=token, weight=weight),))
+    state = DeltaState(str(micro_zoo.layout.base), 1 << 30)
+    targets = state.expand(set(expert.param_names))
+    got = dict(state.weights(request, targets, set()))
+    want = dict(merged_params(sorted(targets), state.base, lambda i, n: expert.decode(n, torch.float32)
+                              if n in expert.param_names else None, 1, "task_arithmetic", [weight]))
+    assert _adds_in_place(request, [expert]) == (expert.manifest.codec in ("sparse", "sparse_ef"))
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
