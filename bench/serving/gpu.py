@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     steps: dict[str, float] = {}
     started = time.perf_counter()
     requests, layers = (8, 1) if args.quick else (64, 4)
-    traffic_args = traffic.parse_args(["--suite", "synthetic", "--adaptive", "both", "--device", args.device,
+    # --quick (the CPU check in the tests) runs one server, adaptive on; a real run compares off and on
+    traffic_args = traffic.parse_args(["--suite", "synthetic", "--adaptive", "on" if args.quick else "both",
+                                       "--device", args.device,
                                        "--requests", str(requests), "--concurrency", "8",
                                        "--max-tokens", "8" if args.quick else "64"])
     serving = traffic.run(traffic_args, record)
