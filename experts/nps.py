@@ -160,6 +160,15 @@ class BandPruner:
         return result
 
 
+def _pruner(tensors: Mapping[str, Tensor], bands: int, density: float, per_tensor: bool
+            ) -> Callable[[list[float]], dict[str, Tensor]]:
+    """weights -> pruned tensors: the BandPruner fast path for global banding, nps_prune per tensor."""
+    if not per_tensor:
+        return BandPruner(tensors, bands, density)
+    ids = band_ids(tensors, bands, per_tensor)
+    return lambda w: nps_prune(tensors, ids, list(w), density, per_tensor)
+
+
 def _check_search(density: float, generations: int, population: int | None, max_weight: float) -> None:
     check_density(density)
     if generations < 1:
@@ -192,13 +201,7 @@ def nps_search(
 
     _check_search(density, generations, population, max_weight)
     started = time.perf_counter()
-    if per_tensor:
-        ids = band_ids(tensors, bands, per_tensor)
-
-        def prune(w):
-            return nps_prune(tensors, ids, list(w), density, per_tensor)
-    else:
-        prune = BandPruner(tensors, bands, density)
+    prune = _pruner(tensors, bands, density, per_tensor)
 
     def score(w) -> float:
         return float(objective(prune(w)))
