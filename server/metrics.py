@@ -26,6 +26,8 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+SWAP_PHASES = ("drain", "rpc", "decode", "merge", "load", "retie", "prefix_reset", "resume")
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -89,6 +91,8 @@ class Metrics:
             "deltaserve_weight_swap_phase_seconds", "Seconds spent in each part of the dense-path swaps: drain, "
             "rpc (round trip overhead), decode, merge, load (reload_weights), retie, prefix_reset, resume",
             ["phase"], registry=r)
+        for phase in SWAP_PHASES:   # exposed from the start, like every labelled series here
+            self.swap_phase_seconds.labels(phase)
         """Adaptive merge/unmerge (server.adaptive)."""
         self.adaptive_merged = Gauge(
             "deltaserve_adaptive_merged", "1 while a LoRA recipe is served from merged weights", registry=r)
