@@ -65,6 +65,26 @@ def _common(name: str, data: Path, group: str) -> dict:
             "doc_to_text": "{{prompt}}", "metadata": {"version": 1}}
 
 
+def _generation(name: str, data: Path, group: str, budget: int, target: str, scorer: str) -> dict:
+    """A greedy generation task scored by ``utils.<scorer>`` (exact match as the zoo scores it)."""
+    return {**_common(name, data, group), "output_type": "generate_until", "doc_to_target": target,
+            "generation_kwargs": {"until": [], "max_gen_toks": budget, "do_sample": False, "temperature": 0.0},
+            "process_results": f"!function utils.{scorer}",
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+
+
+def _multiple_choice(out: Path, name: str, data: Path, group: str, rows: list[dict], answers: list[str],
+                     choices: list[str]) -> str:
+    """A loglikelihood task over ``choices`` on the same data file (its rows get choices and target)."""
+    for row, answer in zip(rows, answers):
+        row["choices"], row["target"] = choices, choices.index(answer)
+    mc = {**_common(name, data, group), "output_type": "multiple_choice", "doc_to_choice": "choices",
+          "doc_to_target": "target", "target_delimiter": "",
+          "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+    (out / f"{name}.yaml").write_text(_yaml(mc))
+    return name
+
+
 def write_task(task: str, out: Path, n: int, seed: int, tokenizer) -> list[str]:
     examples = get_task(task).examples("test", n, seed)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": e.question}], tokenize=False,
@@ -74,23 +94,14 @@ def write_task(task: str, out: Path, n: int, seed: int, tokenizer) -> list[str]:
     data.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"question": e.question, "answer": e.answer, "prompt": p} for e, p in zip(examples, prompts)]
     written = [f"deltaserve_{task}"]
-    gen = {**_common(f"deltaserve_{task}", data, "deltaserve_gen"), "output_type": "generate_until",
-           "doc_to_target": "{{answer}}",
-           "generation_kwargs": {"until": [], "max_gen_toks": budget + _ANSWER_SLACK_TOKENS, "do_sample": False,
-                                 "temperature": 0.0},
-           "process_results": "!function utils.process_results",
-           "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    gen = _generation(f"deltaserve_{task}", data, "deltaserve_gen", budget + _ANSWER_SLACK_TOKENS, "{{answer}}",
+                      "process_results")
     (out / f"deltaserve_{task}.yaml").write_text(_yaml(gen))
     if task in MC_TASKS:
         drawn = get_task(task).examples("train", CHOICE_SAMPLE, seed) + examples
         choices = sorted({e.answer for e in drawn}, key=lambda a: (len(a), a))
-        for row in rows:
-            row["choices"], row["target"] = choices, choices.index(row["answer"])
-        mc = {**_common(f"deltaserve_mc_{task}", data, "deltaserve_mc"), "output_type": "multiple_choice",
-              "doc_to_choice": "choices", "doc_to_target": "target", "target_delimiter": "",
-              "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
-        (out / f"deltaserve_mc_{task}.yaml").write_text(_yaml(mc))
-        written.append(f"deltaserve_mc_{task}")
+        written.append(_multiple_choice(out, f"deltaserve_mc_{task}", data, "deltaserve_mc", rows,
+                                        [e.answer for e in examples], choices))
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return written
 
@@ -109,23 +120,13 @@ def write_real_skill(skill_name: str, out: Path, n: int, seed: int, tokenizer) -
     rows = [{"question": e.question, "answer": json.dumps(e.answer), "prompt": p, "skill": skill_name}
             for e, p in zip(examples, prompts)]
     name = f"deltaserve_real_{skill_name}"
-    gen = {**_common(name, data, "deltaserve_real"), "output_type": "generate_until",
-           "doc_to_target": "!function utils.real_answer",
-           "generation_kwargs": {"until": [], "max_gen_toks": budget + ANSWER_SLACK_TOKENS, "do_sample": False,
-                                 "temperature": 0.0},
-           "process_results": "!function utils.process_real_results",
-           "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
+    gen = _generation(name, data, "deltaserve_real", budget + ANSWER_SLACK_TOKENS, "!function utils.real_answer",
+                      "process_real_results")
     (out / f"{name}.yaml").write_text(_yaml(gen))
     written = [name]
     if skill_name == "sentiment":
-        choices = ["positive", "negative", "mixed"]
-        for row, e in zip(rows, examples):
-            row["choices"], row["target"] = choices, choices.index(e.answer)
-        mc = {**_common(f"deltaserve_real_mc_{skill_name}", data, "deltaserve_real"), "output_type": "multiple_choice",
-              "doc_to_choice": "choices", "doc_to_target": "target", "target_delimiter": "",
-              "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
-        (out / f"deltaserve_real_mc_{skill_name}.yaml").write_text(_yaml(mc))
-        written.append(f"deltaserve_real_mc_{skill_name}")
+        written.append(_multiple_choice(out, f"deltaserve_real_mc_{skill_name}", data, "deltaserve_real", rows,
+                                        [e.answer for e in examples], ["positive", "negative", "mixed"]))
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return written
 
