@@ -30,7 +30,7 @@ from torch import Tensor
 
 from experts import sparsify
 from experts.expert import EncodedDelta, ExpertManifest, save_expert
-from experts.nps import Objective, band_ids, nps_prune, nps_search
+from experts.nps import Objective, nps_pruner, nps_search
 from experts.registry import NoOptions, Options, Registry
 from experts.taskvector import TaskVector, extract_full, extract_lora
 
@@ -195,10 +195,10 @@ def _nps(deltas, options: NpsOptions, context: CompressionContext) -> Compressed
     per_tensor = options.banding == "per-tensor"
     search = dict(bands=options.bands, generations=options.generations, population=options.population,
                   per_tensor=per_tensor, max_weight=options.max_weight, sigma0=options.sigma0)
+    prune = nps_pruner(deltas, options.bands, options.density, per_tensor)   # the stored expert is what was scored
     result = nps_search(deltas, context.objective, density=options.density, seed=options.seed,
-                        progress=context.progress, **search)
-    pruned = nps_prune(deltas, band_ids(deltas, len(result.weights), per_tensor), result.weights, options.density,
-                       per_tensor)
+                        progress=context.progress, pruner=prune, **search)
+    pruned = prune(list(result.weights))
     method = {"name": "nps", **options.model_dump(), "weights": list(result.weights),
               "objective": getattr(context.objective, "name", "custom"), "baseline_score": result.baseline_score,
               "history": result.history, "evaluations": result.evaluations, "stop_reason": result.stop_reason,

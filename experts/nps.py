@@ -98,6 +98,22 @@ class BandPruner:
     at the cut are broken (either way exactly k entries are kept).
     """
 
+    def __init__(self, tensors: Mapping[str, Tensor], bands: int, density: float):
+        if bands < 1:
+            raise ValueError(f"bands must be >= 1, got {bands}")
+        self.shapes = {name: t.shape for name, t in tensors.items()}
+        self.dtypes = {name: t.dtype for name, t in tensors.items()}
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors.values()) else torch.float32
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors.values()])
+        n = flat.numel()
+        self.order = torch.argsort(flat.abs(), descending=True, stable=True)   # rank -> position
+        self.values = flat[self.order]                                        # tau in rank order
+        self.magnitude = self.values.abs()
+        self.k = top_count(n, density)
+        # band b holds the ranks r with r * bands // n == b (as band_ids): [ceil(b n / B), ceil((b + 1) n / B))
+        self.bounds = [-(-b * n // bands) for b in range(bands + 1)]
+        self.n = n
+
     def _kth_largest(self, heads: list[Tensor]) -> Tensor:
         """The k-th largest value over the (negated, ascending) heads, by bisection on the float's bits
         (non-negative floats order like their bit patterns): no selection over sorted data, whose quickselect
@@ -118,22 +134,6 @@ class BandPruner:
             else:
                 lo = mid + 1
         return torch.tensor(lo, dtype=itype).view(dtype)
-
-    def __init__(self, tensors: Mapping[str, Tensor], bands: int, density: float):
-        if bands < 1:
-            raise ValueError(f"bands must be >= 1, got {bands}")
-        self.shapes = {name: t.shape for name, t in tensors.items()}
-        self.dtypes = {name: t.dtype for name, t in tensors.items()}
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors.values()) else torch.float32
-        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors.values()])
-        n = flat.numel()
-        self.order = torch.argsort(flat.abs(), descending=True, stable=True)   # rank -> position
-        self.values = flat[self.order]                                        # tau in rank order
-        self.magnitude = self.values.abs()
-        self.k = top_count(n, density)
-        # band b holds the ranks r with r * bands // n == b (as band_ids): [ceil(b n / B), ceil((b + 1) n / B))
-        self.bounds = [-(-b * n // bands) for b in range(bands + 1)]
-        self.n = n
 
     def __call__(self, weights) -> dict[str, Tensor]:
         w = [float(x) for x in weights]
@@ -160,9 +160,10 @@ class BandPruner:
         return result
 
 
-def _pruner(tensors: Mapping[str, Tensor], bands: int, density: float, per_tensor: bool
-            ) -> Callable[[list[float]], dict[str, Tensor]]:
-    """weights -> pruned tensors: the BandPruner fast path for global banding, nps_prune per tensor."""
+def nps_pruner(tensors: Mapping[str, Tensor], bands: int, density: float, per_tensor: bool = False
+               ) -> Callable[[list[float]], dict[str, Tensor]]:
+    """weights -> pruned tensors: the BandPruner fast path for global banding, nps_prune per tensor.
+    Build it once and use it for the search and for the final expert (the sort is the expensive part)."""
     if not per_tensor:
         return BandPruner(tensors, bands, density)
     ids = band_ids(tensors, bands, per_tensor)
@@ -193,15 +194,17 @@ def nps_search(
     max_weight: float = 4.0,
     seed: int = 0,
     progress: bool = True,
+    pruner: Callable[[list[float]], dict[str, Tensor]] | None = None,
 ) -> NPSResult:
-    """CMA-ES over band weights in [0, max_weight]; maximises ``objective``."""
+    """CMA-ES over band weights in [0, max_weight]; maximises ``objective``. ``pruner``: an ``nps_pruner``
+    of the same tensors, bands, density and banding, to reuse it afterwards (else one is built)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pycma warns when matplotlib is absent
         import cma
 
     _check_search(density, generations, population, max_weight)
     started = time.perf_counter()
-    prune = _pruner(tensors, bands, density, per_tensor)
+    prune = pruner if pruner is not None else nps_pruner(tensors, bands, density, per_tensor)
 
     def score(w) -> float:
         return float(objective(prune(w)))
