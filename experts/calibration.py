@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from experts.examples import ChatExample, encode
-from experts.hfmodel import added_weights, swapped_weights
+from experts.hfmodel import deltas_added
 
 
 @dataclass(frozen=True)
@@ -151,42 +151,8 @@ class DeltaObjective:
         self.name = "teacher_forced_exact_match"
 
     def evaluate(self, deltas: Mapping[str, torch.Tensor]) -> CalibrationScore:
-        """Score base + ``deltas``. Only the deltas' non-zero entries are added (and restored afterwards):
-        a pruned candidate touches about k entries, not every weight (the same result as adding the whole
-        tensor: x + 0 == x)."""
-        params = dict(self.model.state_dict())
-        if any(not params.get(n, torch.empty(0)).is_contiguous() for n in deltas) or set(deltas) - set(params):
-            with swapped_weights(self.model, added_weights(self.model, deltas)):   # checks and names errors
-                self.last = self.scorer.score(self.model)
-            return self.last
-        touched: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
-        seen: set[int] = set()   # tied parameters (one storage, two names) get their delta once
-        try:
-            with torch.no_grad():
-                for name, delta in deltas.items():
-                    param = params[name]
-                    if param.data_ptr() in seen:
-                        continue
-                    seen.add(param.data_ptr())
-                    if param.shape != delta.shape:
-                        raise ValueError(f"{name}: shape {tuple(delta.shape)} does not match model "
-                                         f"{tuple(param.shape)}")
-                    flat, values = param.view(-1), delta.reshape(-1)
-                    index = values.nonzero().squeeze(1)
-                    if index.numel() > flat.numel() // 8:     # dense: one pass beats gathering by index
-                        touched.append((flat, None, flat.clone()))
-                        flat.copy_((flat.float() + values.float()).to(flat.dtype))
-                    elif index.numel():
-                        touched.append((flat, index, flat[index].clone()))
-                        flat[index] = (flat[index].float() + values[index].float()).to(flat.dtype)
+        with deltas_added(self.model, deltas):
             self.last = self.scorer.score(self.model)
-        finally:
-            with torch.no_grad():
-                for flat, index, saved in reversed(touched):
-                    if index is None:
-                        flat.copy_(saved)
-                    else:
-                        flat[index] = saved
         return self.last
 
     def __call__(self, deltas: Mapping[str, torch.Tensor]) -> float:
