@@ -28,6 +28,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 SWAP_PHASES = ("drain", "rpc", "decode", "merge", "load", "retie", "prefix_reset", "resume")
 
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -77,6 +78,7 @@ class Metrics:
         self.router_latency = Histogram(
             "deltaserve_router_latency_seconds", "Time to route one request", ["router"],
             buckets=FAST_BUCKETS, registry=r)
+        self._swap_phase_metrics(r)
         self._adaptive_metrics(r)
         for path in PATHS:
             self.queue_depth.labels(path)
@@ -86,13 +88,16 @@ class Metrics:
             for family in (self.cache_hits, self.cache_misses, self.cache_evictions, self.cache_bytes):
                 family.labels(tier)
 
-    def _adaptive_metrics(self, r: CollectorRegistry) -> None:
+    def _swap_phase_metrics(self, r: CollectorRegistry) -> None:
+        """Where a dense-path swap's time goes (server.engine records it)."""
         self.swap_phase_seconds = Counter(
             "deltaserve_weight_swap_phase_seconds", "Seconds spent in each part of the dense-path swaps: drain, "
             "rpc (round trip overhead), decode, merge, load (reload_weights), retie, prefix_reset, resume",
             ["phase"], registry=r)
         for phase in SWAP_PHASES:   # exposed from the start, like every labelled series here
             self.swap_phase_seconds.labels(phase)
+
+    def _adaptive_metrics(self, r: CollectorRegistry) -> None:
         """Adaptive merge/unmerge (server.adaptive)."""
         self.adaptive_merged = Gauge(
             "deltaserve_adaptive_merged", "1 while a LoRA recipe is served from merged weights", registry=r)
