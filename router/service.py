@@ -54,7 +54,8 @@ class RoutingService:
         self._quality = {n: float(q) for n, q in quality.items() if q is not None and q >= 0}
 
     def set_preferred(self, names) -> None:
-        """Experts that win exact ties (see the module docstring)."""
+        """Experts to prefer: within a twin group, unless another twin scores more than ``tie_margin``
+        higher; elsewhere, on exact ties (see the module docstring)."""
         self._preferred = frozenset(names)
 
     @property
