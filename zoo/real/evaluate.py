@@ -77,6 +77,15 @@ class SuiteEngine:
         self.llm.reset_prefix_cache()
         self.weights = model_dir
 
+    def load_lora_merged(self, adapter_dir: Path) -> None:
+        """Serve the base with the PEFT LoRA in ``adapter_dir`` merged into its weights (W + s·B·A)."""
+        adapter_dir = Path(adapter_dir)
+        if adapter_dir == self.weights:
+            return
+        self.llm.collective_rpc("realsuite_load_lora", args=(str(self.base_dir), str(adapter_dir)))
+        self.llm.reset_prefix_cache()
+        self.weights = adapter_dir
+
     def _lora(self, path: Path | None):
         from vllm.lora.request import LoRARequest
 

@@ -1,7 +1,8 @@
 """vLLM worker extension: load a whole HF checkpoint's weights into the running engine.
 
-The matrix scores every full fine-tune in one engine: between experts the
-engine's weights are replaced by the expert's checkpoint through
+The matrix scores every expert in one engine: between experts the engine's
+weights are replaced by the expert's checkpoint (a full fine-tune), or by the
+base with a PEFT LoRA merged in (W + s·B·A, ``experts.taskvector.extract_lora``), through
 ``model_runner.reload_weights`` (the model's own loader: name mapping, q/k/v and
 gate/up fusion, the CPU backend's repacking). Every tensor of the checkpoint is
 reloaded, so fused modules are always reloaded whole. vLLM imports this module
@@ -39,3 +40,17 @@ class CheckpointSwapExtension:
         items = list(checkpoint_tensors(Path(model_dir)))
         self.model_runner.reload_weights(weights_iterator=iter(items))
         return len(items)
+
+    def realsuite_load_lora(self, base_dir: str, adapter_dir: str) -> int:
+        """Replace all weights by the base's with the LoRA in ``adapter_dir`` merged in; returns the
+        count of merged tensors. Same caveats as ``realsuite_load``."""
+        from experts.taskvector import extract_lora
+
+        tau = extract_lora(Path(base_dir), Path(adapter_dir))
+        items = []
+        for name, tensor in checkpoint_tensors(Path(base_dir)):
+            delta = tau.deltas.get(name)
+            merged = tensor if delta is None else tensor + delta.to(tensor.dtype)
+            items.append((name, tau.carried.get(name, merged)))   # modules_to_save replace the base's
+        self.model_runner.reload_weights(weights_iterator=iter(items))
+        return len(tau.deltas)
