@@ -97,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
              "test": {s: 100 * test[s].evaluate(t).exact for s, t in zip(skills, taus)}}]
     for label, method, options in methods():
         started, sweep = time.perf_counter(), {}
+        unit = merged_deltas(taus, method, options, 1.0)   # merged once; lambda only scales it
+
+        def scaled(lam: float) -> dict[str, torch.Tensor]:
+            return {name: lam * t for name, t in unit.items()}
+
         for lam in LAMBDAS:
-            deltas = merged_deltas(taus, method, options, lam)
-            sweep[lam] = sum(calib[s].evaluate(deltas).graded for s in skills) / len(skills)
+            sweep[lam] = sum(calib[s].evaluate(scaled(lam)).graded for s in skills) / len(skills)
             log(f"{label}: lambda {lam} calib graded {sweep[lam]:.3f}")
         best = max(sweep, key=sweep.get)
         row = {"label": label, "method": method, "options": options, "lambda": best, "calib_sweep": sweep,
-               "test": scores(test, merged_deltas(taus, method, options, best)),
+               "test": scores(test, scaled(best)),
                "seconds": round(time.perf_counter() - started, 1)}
         rows.append(row)
         log(f"{label}: lambda {best} -> test {sum(row['test'].values()) / len(skills):.1f} %")
