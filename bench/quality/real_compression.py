@@ -37,15 +37,15 @@ TEST_EXAMPLES = 64
 CALIB_EXAMPLES = 64
 
 
-def settings(nps_generations: int, nps: bool = True, dare_seeds: tuple[int, ...] = DARE_SEEDS
-             ) -> list[tuple[str, dict]]:
+def settings(nps_generations: int, nps: bool = True, dare_seeds: tuple[int, ...] = DARE_SEEDS,
+             nps_densities: tuple[float, ...] = NPS_DENSITIES) -> list[tuple[str, dict]]:
     out: list[tuple[str, dict]] = [("dense", {}), ("bitdelta", {})]
     for d in DENSITIES:
         out += [("magnitude", {"density": d}), ("tswitch", {"density": d})]
         out += [("dare", {"density": d, "seed": s}) for s in dare_seeds]
     out += [("lowrank", {"rank": r}) for r in LOWRANK_RANKS]
     if nps:
-        out += [("nps", {"density": d, "generations": nps_generations}) for d in NPS_DENSITIES]
+        out += [("nps", {"density": d, "generations": nps_generations}) for d in nps_densities]
     return out
 
 
@@ -54,7 +54,8 @@ def cell_key(skill: str, method: str, options: dict) -> str:
 
 
 def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | None,
-              nps_skills: list[str] | None = None, dare_seeds: tuple[int, ...] = DARE_SEEDS) -> None:
+              nps_skills: list[str] | None = None, dare_seeds: tuple[int, ...] = DARE_SEEDS,
+              nps_densities: tuple[float, ...] = NPS_DENSITIES) -> None:
     from experts.calibration import DeltaObjective, TeacherForcedScorer
     from experts.compress import compress_expert, extract
     from experts.expert import load_expert
@@ -81,7 +82,7 @@ def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | N
             _append(cells_path, {"key": base_key, "skill": skill_name, "method": "base", "options": {},
                                  "test_exact": test.evaluate({}).exact, "bits_per_param": 0.0})
         for method, options in settings(nps_generations, nps_skills is None or skill_name in nps_skills,
-                                          dare_seeds):
+                                          dare_seeds, nps_densities):
             key = cell_key(skill_name, method, options)
             if key in done:
                 continue
@@ -264,12 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nps-generations", type=int, default=20)
     parser.add_argument("--nps-skills", nargs="*", help="skills that get NPS cells (default: all)")
     parser.add_argument("--dare-seeds", type=int, nargs="+", default=list(DARE_SEEDS))
+    parser.add_argument("--nps-densities", type=float, nargs="+", default=list(NPS_DENSITIES))
     parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from cells.jsonl")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = provenance(argv=argv)
     if not args.tables_only:
-        run_cells(args.root, args.out, args.nps_generations, args.skills, args.nps_skills, tuple(args.dare_seeds))
+        run_cells(args.root, args.out, args.nps_generations, args.skills, args.nps_skills, tuple(args.dare_seeds),
+                  tuple(args.nps_densities))
     summary = summarise(args.out)   # every cell of cells.jsonl, whichever run made it
     summary["tau_stats"] = tau_stats(args.root, args.out)
     write_tables(args.out, summary, meta)
