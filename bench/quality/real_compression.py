@@ -98,7 +98,7 @@ def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | N
                     "bytes": manifest.bytes, "bits_per_param": 8 * manifest.bytes / base_params,
                     "compress_seconds": round(compress_s, 2)}
             if method == "nps":
-                cell["nps"] = {k: manifest.method.get(k) for k in ("weights", "evaluations", "stop_reason",
+                cell["nps"] = {k: manifest.method.get(k) for k in ("weights", "history", "evaluations", "stop_reason",
                                                                   "search_seconds", "baseline_score")}
                 cell["calib_score"] = manifest.calibration_score
             _append(cells_path, cell)

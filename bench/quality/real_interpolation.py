@@ -105,7 +105,8 @@ def variants(tv, density: float, calib, generations: int) -> dict[str, tuple[dic
         info = {"compress_seconds": round(time.perf_counter() - started, 1),
                 "bits_per_param": 8 * manifest.bytes / sum(t.numel() for t in tv.deltas.values())}
         if method == "nps":
-            info.update({k: manifest.method.get(k) for k in ("weights", "evaluations", "stop_reason", "search_seconds")})
+            info.update({k: manifest.method.get(k) for k in ("weights", "history", "evaluations", "stop_reason",
+                                                         "search_seconds")})
         log(f"{method} r={density}: {info}")
         out[f"{method} r={density}"] = (deltas, info)
     return out
