@@ -84,3 +84,25 @@ def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
         assert _served(server, "base")[0] == base_text           # and the base is restored exactly
     finally:
         server.stop()
+
+
+def test_matrix_engine_scores_a_lora_merged_like_the_adapter(real_base, tmp_path):
+    """The real suite's matrix scores LoRAs merged into the weights of a LoRA-less engine
+    (zoo.real.matrix): its greedy answers equal HF transformers with the PEFT adapter, and
+    going back to a checkpoint (the base) restores the base's answers."""
+    from experts.examples import ChatExample
+    from zoo.real.evaluate import SuiteEngine
+
+    random_lora(real_base, tmp_path / "lora")
+    expected, base_text = _hf_greedy(real_base, adapter=tmp_path / "lora"), _hf_greedy(real_base)
+    assert expected != base_text, "the random LoRA must change the answers, or this test proves nothing"
+    examples = [ChatExample.of(q, "") for q in QUESTIONS]
+    engine = SuiteEngine(real_base, max_loras=0, max_model_len=256)
+    try:
+        assert engine.generate(examples, [MAX_TOKENS] * len(examples)) == base_text
+        engine.load_lora_merged(tmp_path / "lora")
+        assert engine.generate(examples, [MAX_TOKENS] * len(examples)) == expected
+        engine.load_weights(real_base)
+        assert engine.generate(examples, [MAX_TOKENS] * len(examples)) == base_text
+    finally:
+        engine.close()
