@@ -28,7 +28,7 @@ import torch
 from bench.common import REPO, log, provenance
 
 OUT = REPO / "results" / "real_quality"
-LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.5)
+LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 CALIB, TEST = 32, 64
 PRUNE_DENSITY = 0.05
 
