@@ -32,9 +32,10 @@ from zoo.real.base import GGUF_PIP, convert_gguf
 from zoo.real.spec import RealSuiteSpec
 
 DEFAULT_ROOT = Path(".cache/zoo/real")
-# Wall-clock seconds per artifact measured on the 2-core dev machine (first build), for the estimate;
-# experts: mean over the six skills, trained two at a time with one thread each.
-ESTIMATE_S = {"base": 25, "full": 200, "lora": 135, "matrix": 290}
+# Wall-clock seconds per artifact measured on the 2-core dev machine (a fresh clone's first build,
+# results/real_suite/demo-first-run.json), for the estimate; experts: mean over the six skills,
+# trained two at a time with one thread each.
+ESTIMATE_S = {"base": 15, "full": 130, "lora": 100, "matrix": 335}
 
 
 @dataclass(frozen=True)
