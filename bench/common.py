@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from experts.store import Compression
+    from zoo.real.build import RealSuiteBuilder
     from zoo.spec import ZooSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +117,19 @@ def seed_store(zoo: Path, store: Path, tasks: Sequence[str], full: Mapping[str, 
         for suffix, compression in (full or {}).items():
             if expert_name(task) + suffix not in experts.names():
                 experts.import_source(expert_name(task) + suffix, layout.full(task), compression=compression)
+
+
+def built_real_suite(root: Path | None = None) -> RealSuiteBuilder:
+    """The real suite under ``root`` (default ``.cache/zoo/real``), or exit saying how to build it."""
+    from zoo.real.build import RealSuiteBuilder
+
+    root = Path(root) if root is not None else REPO / ".cache" / "zoo" / "real"
+    builder = RealSuiteBuilder(root)
+    missing = builder.missing()
+    if missing:
+        raise SystemExit(f"the real suite is not built under {root} (missing {missing[:3]}); "
+                         "run `deltaserve zoo build --size real`")
+    return builder
 
 
 def zoo_spec(zoo: Path) -> ZooSpec:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import log, provenance
+from bench.common import built_real_suite, log, provenance
 
 DENSITIES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 DARE_SEEDS = (0, 1, 2)
@@ -60,13 +60,9 @@ def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | N
     from experts.compress import compress_expert, extract
     from experts.expert import load_expert
     from experts.hfmodel import load_causal_lm, load_tokenizer
-    from zoo.real.build import RealSuiteBuilder
     from zoo.real.skills import get_skill
 
-    builder = RealSuiteBuilder(root)
-    if builder.missing():
-        raise SystemExit(f"the real suite is not built under {root} (missing {builder.missing()[:3]}); "
-                         "run `deltaserve zoo build --size real`")
+    builder = built_real_suite(root)
     cells_path = out / "cells.jsonl"
     done = {json.loads(line)["key"] for line in cells_path.read_text().splitlines()} if cells_path.exists() else set()
     base = builder.layout.base

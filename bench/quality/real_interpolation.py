@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import REPO, log, provenance
+from bench.common import REPO, built_real_suite, log, provenance
 
 OUT = REPO / "results" / "real_quality"
 LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0)
@@ -112,14 +112,11 @@ def variants(tv, density: float, calib, generations: int) -> dict[str, tuple[dic
     return out
 
 
-def sweep(model, tokenizer, skills: list[str], own: str, deltas: dict, probe: GeneralProbe,
+def sweep(model, tests: dict, own: str, deltas: dict, probe: GeneralProbe,
           lambdas: tuple[float, ...] = LAMBDAS) -> list[dict]:
-    from experts.calibration import DeltaObjective, TeacherForcedScorer
+    """One row per lambda: ``tests`` (skill -> test-split DeltaObjective) and the general probe."""
     from experts.hfmodel import deltas_added
-    from zoo.real.skills import get_skill
 
-    tests = {s: DeltaObjective(model, TeacherForcedScorer(tokenizer, get_skill(s).examples("test", TEST)))
-             for s in skills}
     rows = []
     for lam in lambdas:
         scaled = {n: lam * t for n, t in deltas.items()}
@@ -159,22 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     from experts.calibration import DeltaObjective, TeacherForcedScorer
     from experts.compress import extract
     from experts.hfmodel import load_causal_lm, load_tokenizer
-    from zoo.real.build import RealSuiteBuilder
     from zoo.real.skills import get_skill
 
-    builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
-    if builder.missing():
-        raise SystemExit("the real suite is not built; run `deltaserve zoo build --size real`")
+    builder = built_real_suite()
     skills, base = list(builder.spec.skills), builder.layout.base
     model, tokenizer = load_causal_lm(base), load_tokenizer(base)
     probe = GeneralProbe(model, load_tokenizer(base))
     calib = DeltaObjective(model, TeacherForcedScorer(tokenizer, get_skill(args.skill).examples("calib", CALIB)))
-    base_rows = sweep(model, tokenizer, skills, args.skill, {}, probe, lambdas=(0.0,))
+    tests = {s: DeltaObjective(model, TeacherForcedScorer(tokenizer, get_skill(s).examples("test", TEST)))
+             for s in skills}
+    base_rows = sweep(model, tests, args.skill, {}, probe, lambdas=(0.0,))
     results = {"base": base_rows[0], "variants": {}}
     for label, (deltas, info) in variants(extract(base, builder.layout.full(args.skill)), args.density, calib,
                                           args.nps_generations).items():
         log(label)
-        results["variants"][label] = {"info": info, "rows": sweep(model, tokenizer, skills, args.skill, deltas, probe)}
+        results["variants"][label] = {"info": info, "rows": sweep(model, tests, args.skill, deltas, probe)}
     md = table(results, args.skill)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import REPO, log, provenance
+from bench.common import REPO, built_real_suite, log, provenance
 
 OUT = REPO / "results" / "real_quality"
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
@@ -72,12 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     from experts.calibration import DeltaObjective, TeacherForcedScorer
     from experts.compress import extract
     from experts.hfmodel import load_causal_lm, load_tokenizer
-    from zoo.real.build import RealSuiteBuilder
     from zoo.real.skills import get_skill
 
-    builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
-    if builder.missing():
-        raise SystemExit("the real suite is not built; run `deltaserve zoo build --size real`")
+    builder = built_real_suite()
     skills = list(builder.spec.skills)
     base = builder.layout.base
     model, tokenizer = load_causal_lm(base), load_tokenizer(base)
