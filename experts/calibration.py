@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from experts.examples import ChatExample, encode
-from experts.hfmodel import deltas_added
+from experts.hfmodel import IndexedDelta, deltas_added
 
 
 @dataclass(frozen=True)
@@ -145,17 +145,24 @@ class DeltaObjective:
     The model is left unchanged; ``last`` holds the full score of the latest call.
     """
 
+    accepts_indexed = True   # NPS hands it candidates as positions + values (experts.hfmodel.IndexedDelta)
+
     def __init__(self, model: torch.nn.Module, scorer: TeacherForcedScorer) -> None:
         self.model, self.scorer = model, scorer
         self.last: CalibrationScore | None = None
         self.name = "teacher_forced_exact_match"
 
-    def evaluate(self, deltas: Mapping[str, torch.Tensor]) -> CalibrationScore:
+    @property
+    def maximum(self) -> float:
+        """The graded score of a model that gets every answer token right: a search can stop there."""
+        return CalibrationScore(1.0, 1.0, 0.0, self.scorer.n).graded
+
+    def evaluate(self, deltas: Mapping[str, torch.Tensor | IndexedDelta]) -> CalibrationScore:
         with deltas_added(self.model, deltas):
             self.last = self.scorer.score(self.model)
         return self.last
 
-    def __call__(self, deltas: Mapping[str, torch.Tensor]) -> float:
+    def __call__(self, deltas: Mapping[str, torch.Tensor | IndexedDelta]) -> float:
         return self.evaluate(deltas).graded
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +59,37 @@ def swapped_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tenso
                 params[name].copy_(value)
 
 
+@dataclass(frozen=True)
+class IndexedDelta:
+    """A sparse delta by flat position: ``W.view(-1)[index] += values`` (``index`` int64, unique).
+
+    What an NPS candidate is before it becomes a tensor: :func:`deltas_added` adds it without
+    materialising the dense zeros or scanning them for the non-zero entries."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+    shape: torch.Size
+
+    def to_dense(self) -> torch.Tensor:
+        out = torch.zeros(self.shape.numel(), dtype=self.values.dtype)
+        out[self.index] = self.values
+        return out.view(self.shape)
+
+
 @contextlib.contextmanager
-def deltas_added(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+def deltas_added(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor | IndexedDelta]
+                 ) -> Iterator[torch.nn.Module]:
     """Temporarily ``W += delta`` in place, restoring every weight bit-exactly on exit.
 
     Only a delta's non-zero entries are added and saved (a pruned candidate of NPS touches about k
     entries, not all 135 M weights of SmolLM2); a mostly dense delta is added in one pass. The result
     equals :func:`swapped_weights` with :func:`added_weights` (x + 0 == x); tied parameters (one storage,
-    two names) get their delta once. Non-contiguous parameters take that slower path."""
+    two names) get their delta once. Non-contiguous parameters take that slower path. An
+    :class:`IndexedDelta` is added at its positions as they are (no scan for non-zeros)."""
     params = dict(model.state_dict())
     if any(not params.get(n, torch.empty(0)).is_contiguous() for n in deltas) or set(deltas) - set(params):
-        with swapped_weights(model, added_weights(model, deltas)):   # checks and names errors
+        dense = {n: d.to_dense() if isinstance(d, IndexedDelta) else d for n, d in deltas.items()}
+        with swapped_weights(model, added_weights(model, dense)):   # checks and names errors
             yield model
         return
     touched: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
@@ -82,7 +103,13 @@ def deltas_added(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> 
                 seen.add(param.data_ptr())
                 if param.shape != delta.shape:
                     raise ValueError(f"{name}: shape {tuple(delta.shape)} does not match model {tuple(param.shape)}")
-                flat, values = param.view(-1), delta.reshape(-1)
+                flat = param.view(-1)
+                if isinstance(delta, IndexedDelta):
+                    if delta.index.numel():
+                        touched.append((flat, delta.index, flat[delta.index].clone()))
+                        flat[delta.index] = (flat[delta.index].float() + delta.values.float()).to(flat.dtype)
+                    continue
+                values = delta.reshape(-1)
                 index = values.nonzero().squeeze(1)
                 if index.numel() > flat.numel() // 8:     # dense: one pass beats gathering by index
                     touched.append((flat, None, flat.clone()))

@@ -7,7 +7,11 @@ vector by magnitude. The M weights are searched gradient-free with CMA-ES
 (pycma) to maximise a calibration objective of the pruned vector. The
 all-ones weights are plain magnitude pruning; they are scored first and the
 search returns the best point it saw, so on the calibration objective NPS is
-never worse than magnitude pruning at the same density.
+never worse than magnitude pruning at the same density. It stops early when
+the best candidate reaches the objective's ``maximum`` (when it declares one:
+``DeltaObjective``'s is every calibration answer exact), since no candidate can
+score higher, and an objective that ``accepts_indexed`` is handed candidates as
+positions + values (``IndexedDelta``) instead of dense tensors of mostly zeros.
 
 Banding is global (one ranking over all tensors) or per tensor; pruning
 follows the same scope. Everything here is pure: the objective is a callable
@@ -17,6 +21,7 @@ of base + pruned deltas on the task's calibration split).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import warnings
@@ -27,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from experts.hfmodel import IndexedDelta
 from experts.sparsify import check_density, magnitude, magnitude_global, top_count
 
 Objective = Callable[[dict[str, Tensor]], float]
@@ -113,6 +119,8 @@ class BandPruner:
         # band b holds the ranks r with r * bands // n == b (as band_ids): [ceil(b n / B), ceil((b + 1) n / B))
         self.bounds = [-(-b * n // bands) for b in range(bands + 1)]
         self.n = n
+        self.starts = [0, *itertools.accumulate(shape.numel() for shape in self.shapes.values())]  # offsets, n
+        self.tensor_of_rank: Tensor | None = None   # which tensor each rank's entry is in (for ``indexed``)
 
     def _kth_largest(self, heads: list[Tensor]) -> Tensor:
         """The k-th largest value over the (negated, ascending) heads, by bisection on the float's bits
@@ -135,7 +143,16 @@ class BandPruner:
                 lo = mid + 1
         return torch.tensor(lo, dtype=itype).view(dtype)
 
-    def __call__(self, weights) -> dict[str, Tensor]:
+    def _kept(self, weights) -> tuple[Tensor, Tensor]:
+        """(positions in the concatenated tau, reweighted values) of the kept entries, band by band."""
+        return self._gather(self._kept_ranks(weights))
+
+    def _gather(self, ranks: list[tuple[int, float, int]]) -> tuple[Tensor, Tensor]:
+        return (torch.cat([self.order[lo:lo + count] for lo, _, count in ranks]),
+                torch.cat([self.values[lo:lo + count] * wb for lo, wb, count in ranks]))
+
+    def _kept_ranks(self, weights) -> list[tuple[int, float, int]]:
+        """(first rank, weight, count) of each band's kept prefix."""
         w = [float(x) for x in weights]
         spans = [(lo, min(hi, lo + self.k)) for lo, hi in zip(self.bounds, self.bounds[1:])]
         # each band's head, reweighted: still descending, so negated it is ascending for searchsorted
@@ -148,16 +165,35 @@ class BandPruner:
             extra = min(at_most[b] - above[b], max(missing, 0))
             take[b] += extra
             missing -= extra
+        return [(lo, wb, count) for (lo, _), wb, count in zip(spans, w, take) if count]
+
+    def __call__(self, weights) -> dict[str, Tensor]:
+        positions, values = self._kept(weights)
         out = torch.zeros(self.n, dtype=self.values.dtype)
-        for (lo, _), wb, count in zip(spans, w, take):
-            if count:
-                out[self.order[lo:lo + count]] = self.values[lo:lo + count] * wb
+        out[positions] = values
         result, start = {}, 0
         for name, shape in self.shapes.items():
             size = shape.numel()
             result[name] = out[start:start + size].view(shape).to(self.dtypes[name])
             start += size
         return result
+
+    def indexed(self, weights) -> dict[str, IndexedDelta]:
+        """The same pruned tau as ``__call__``, as positions and values per tensor (no dense zeros): what
+        an objective that adds deltas by index (``accepts_indexed``) is given during the search."""
+        if self.tensor_of_rank is None:   # built on first use: only the search needs it
+            sizes = torch.tensor([shape.numel() for shape in self.shapes.values()])
+            dtype = torch.int16 if len(self.shapes) < 2**15 else torch.int32
+            self.tensor_of_rank = torch.repeat_interleave(torch.arange(len(sizes), dtype=dtype), sizes)[self.order]
+        ranks = self._kept_ranks(weights)
+        tensor = torch.cat([self.tensor_of_rank[lo:lo + count] for lo, _, count in ranks])
+        # grouped by tensor: a stable sort of the small tensor ids (3x faster than sorting the positions)
+        group = torch.sort(tensor, stable=True).indices
+        positions, values = self._gather(ranks)
+        positions, values = positions[group], values[group]
+        cuts = [0, *itertools.accumulate(torch.bincount(tensor.int(), minlength=len(self.shapes)).tolist())]
+        return {name: IndexedDelta(positions[a:b] - start, values[a:b].to(self.dtypes[name]), shape)
+                for (name, shape), start, a, b in zip(self.shapes.items(), self.starts, cuts, cuts[1:])}
 
 
 def nps_pruner(tensors: Mapping[str, Tensor], bands: int, density: float, per_tensor: bool = False
@@ -179,6 +215,35 @@ def _check_search(density: float, generations: int, population: int | None, max_
     if not max_weight >= 1.0:
         raise ValueError(f"max_weight must be >= 1 so the all-ones start (magnitude pruning) is in bounds, "
                          f"got {max_weight}")
+
+
+def _scorer(prune: Callable, objective: Objective) -> tuple[Callable[[list[float]], float], float | None]:
+    """weights -> score, and the best score the objective can give (None: it does not say). An objective that
+    ``accepts_indexed`` is handed the candidates as positions + values (no dense tensors of zeros)."""
+    candidate = getattr(prune, "indexed", prune) if getattr(objective, "accepts_indexed", False) else prune
+    return (lambda w: float(objective(candidate(w)))), getattr(objective, "maximum", None)
+
+
+@dataclass
+class _Progress:
+    """The search so far: the best weights and score (starting from magnitude pruning's), per-generation bests."""
+
+    best_w: tuple[float, ...]
+    best: float
+    evaluations: int = 1
+    history: list[float] = field(default_factory=list)
+    seen: set[float] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.baseline = self.best
+
+    def add(self, candidates, scores: list[float]) -> None:
+        self.evaluations += len(candidates)
+        self.seen.update(scores)
+        top = max(range(len(scores)), key=scores.__getitem__)
+        if scores[top] > self.best:
+            self.best, self.best_w = scores[top], tuple(float(x) for x in candidates[top])
+        self.history.append(self.best)
 
 
 def nps_search(
@@ -206,36 +271,37 @@ def nps_search(
     started = time.perf_counter()
     prune = pruner if pruner is not None else nps_pruner(tensors, bands, density, per_tensor)
 
-    def score(w) -> float:
-        return float(objective(prune(w)))
+    score, maximum = _scorer(prune, objective)
 
     ones = [1.0] * bands
-    best_w, best = tuple(ones), score(ones)
-    baseline, evaluations, history, seen = best, 1, [], {best}
-    options = {"seed": seed + 1, "maxiter": generations, "bounds": [0.0, max_weight], "verbose": -9}
-    if population:
-        options["popsize"] = population
+    run = _Progress(tuple(ones), score(ones))
+    run.seen.add(run.best)
     stop_reason = "generations"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pycma warns about e.g. flat fitness on tiny problems
-        es = cma.CMAEvolutionStrategy(ones, sigma0, options)
-        for generation in tqdm(range(generations), desc="nps", disable=not progress, leave=False):
-            candidates = es.ask()
-            scores = [score(c) for c in candidates]
-            evaluations += len(candidates)
-            seen.update(scores)
-            es.tell(candidates, [-s for s in scores])
-            top = max(range(len(scores)), key=scores.__getitem__)
-            if scores[top] > best:
-                best, best_w = scores[top], tuple(float(x) for x in candidates[top])
-            history.append(best)
-            log.info("nps generation %d/%d: best %.6f (magnitude pruning %.6f), %d evaluations",
-                     generation + 1, generations, best, baseline, evaluations)
-            if es.stop():
-                stop_reason = ", ".join(sorted(k for k in es.stop() if k != "maxiter")) or "generations"
-                break
-    if len(seen) == 1:
+    if maximum is not None and run.best >= maximum:
+        stop_reason = "magnitude pruning reaches the objective's maximum"
+    else:
+        options = {"seed": seed + 1, "maxiter": generations, "bounds": [0.0, max_weight], "verbose": -9}
+        if population:
+            options["popsize"] = population
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pycma warns about e.g. flat fitness on tiny problems
+            es = cma.CMAEvolutionStrategy(ones, sigma0, options)
+            for generation in tqdm(range(generations), desc="nps", disable=not progress, leave=False):
+                candidates = es.ask()
+                scores = [score(c) for c in candidates]
+                es.tell(candidates, [-s for s in scores])
+                run.add(candidates, scores)
+                log.info("nps generation %d/%d: best %.6f (magnitude pruning %.6f), %d evaluations",
+                         generation + 1, generations, run.best, run.baseline, run.evaluations)
+                if maximum is not None and run.best >= maximum:
+                    stop_reason = "reached the objective's maximum"   # no candidate can score higher
+                    break
+                if es.stop():
+                    stop_reason = ", ".join(sorted(k for k in es.stop() if k != "maxiter")) or "generations"
+                    break
+    if len(run.seen) == 1:
         stop_reason += "; flat objective: every candidate scored the same, so this is magnitude pruning"
     log.info("nps stopped after %d generations (%s): best %.6f vs magnitude pruning %.6f",
-             len(history), stop_reason, best, baseline)
-    return NPSResult(best_w, best, baseline, history, evaluations, time.perf_counter() - started, stop_reason)
+             len(run.history), stop_reason, run.best, run.baseline)
+    return NPSResult(run.best_w, run.best, run.baseline, run.history, run.evaluations,
+                     time.perf_counter() - started, stop_reason)

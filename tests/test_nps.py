@@ -99,6 +99,11 @@ def test_band_pruner_equals_nps_prune(bands, density):
         got, want = pruner(w), nps_prune(tau, ids, w, density)
         for name in tau:
             assert got[name].dtype == tau[name].dtype and torch.equal(got[name], want[name]), (name, w)
+        indexed = pruner.indexed(w)            # the search's form: same entries, by position
+        assert sum(int(d.index.numel()) for d in indexed.values()) == pruner.k   # (a weight of 0 keeps zeros)
+        for name in tau:
+            assert torch.equal(indexed[name].to_dense(), got[name]), (name, w)
+            assert indexed[name].index.unique().numel() == indexed[name].index.numel()
 
 
 def test_band_pruner_keeps_exactly_k_with_ties():
@@ -114,7 +119,7 @@ def test_delta_objective_adds_only_nonzero_entries_and_restores_the_model_exactl
     """DeltaObjective scores base + deltas like swapped_weights(added_weights(...)) does, sparse or dense,
     and leaves every weight bit-identical afterwards (tied parameters get their delta once)."""
     from experts.calibration import DeltaObjective
-    from experts.hfmodel import added_weights, swapped_weights
+    from experts.hfmodel import IndexedDelta, added_weights, swapped_weights
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 6))
@@ -128,12 +133,49 @@ def test_delta_objective_adds_only_nonzero_entries_and_restores_the_model_exactl
     sparse = {"0.weight": torch.zeros(5, 6).index_put_((torch.tensor([1, 3]), torch.tensor([2, 0])),
                                                         torch.tensor([0.5, -2.0]))}
     dense = {"0.weight": torch.randn(5, 6), "1.bias": torch.randn(6)}
-    for deltas in (sparse, dense, {}):
+    indexed = {"0.weight": IndexedDelta(torch.tensor([8, 18]), torch.tensor([0.5, -2.0]), torch.Size([5, 6])),
+               "1.bias": IndexedDelta(torch.tensor([], dtype=torch.long), torch.tensor([]), torch.Size([6]))}
+    for deltas in (sparse, dense, {}, indexed):
         got = DeltaObjective(model, Probe()).evaluate(deltas)
-        with swapped_weights(model, added_weights(model, deltas)):
+        plain = {k: d.to_dense() if isinstance(d, IndexedDelta) else d for k, d in deltas.items()}
+        with swapped_weights(model, added_weights(model, plain)):
             want = Probe().score(model)
         assert all(torch.equal(got[k], want[k]) for k in want)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(indexed["0.weight"].to_dense(), sparse["0.weight"])
     with pytest.raises(ValueError, match="shape"):
         DeltaObjective(model, Probe()).evaluate({"0.weight": torch.ones(6, 5)})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Capped:
+    """An objective with a known maximum (like DeltaObjective's all-exact score) that takes indexed deltas."""
+
+    accepts_indexed = True
+
+    def __init__(self, taus, maximum):
+        self.inner, self.maximum, self.calls, self.kinds = _band_target_objective(taus, 1), maximum, 0, set()
+        self.shapes = {k: v.shape for k, v in taus.items()}
+
+    def __call__(self, pruned):
+        self.calls += 1
+        self.kinds.update(type(d).__name__ for d in pruned.values())
+        dense = {k: d.to_dense() if hasattr(d, "to_dense") else d for k, d in pruned.items()}
+        return min(self.maximum, self.inner(dense))
+
+
+def test_search_stops_when_the_objective_reaches_its_maximum(taus):
+    """No candidate can beat the objective's maximum, so the search stops there and says so; below the
+    cap it runs every generation. Indexed candidates score like dense ones (same search, same result)."""
+    free = nps_search(taus, _band_target_objective(taus, 1), density=0.125, generations=15, seed=3, progress=False)
+    uncapped = _Capped(taus, maximum=2.0)
+    same = nps_search(taus, uncapped, density=0.125, generations=15, seed=3, progress=False)
+    assert uncapped.kinds == {"IndexedDelta"} and same.weights == free.weights and same.score == free.score
+    assert len(same.history) == len(free.history) and "maximum" not in same.stop_reason
+    capped = _Capped(taus, maximum=free.history[2])     # reached after the third generation
+    stopped = nps_search(taus, capped, density=0.125, generations=15, seed=3, progress=False)
+    assert stopped.score == free.history[2] and stopped.stop_reason == "reached the objective's maximum"
+    assert len(stopped.history) <= 3 < len(free.history) and capped.calls == stopped.evaluations
+    at_start = _Capped(taus, maximum=free.baseline_score)
+    none = nps_search(taus, at_start, density=0.125, generations=15, seed=3, progress=False)
+    assert none.evaluations == 1 and none.weights == (1.0,) * 8 and "maximum" in none.stop_reason
