@@ -142,7 +142,10 @@ class DeltaState:
         timing = timing if timing is not None else {}
         timing.setdefault("decode", 0.0)
         if _adds_in_place(request, [e for e, _ in experts]):
-            yield from self._added_in_place(experts[0][0], request.items[0].weight, targets, restore)
+            if len(experts) == 1:
+                yield from self._added_in_place(experts[0][0], request.items[0].weight, targets, restore)
+            else:
+                yield from self._summed_sparse(experts, [item.weight for item in request.items], targets, restore)
             return
 
         def delta(i: int, name: str) -> Tensor | None:
@@ -180,13 +183,38 @@ class DeltaState:
             yield name, self.base[name]
 
 
+    def _summed_sparse(self, experts: list[tuple[Expert, str]], weights: list[float], targets: set[str],
+                       restore: set[str]) -> Iterator[tuple[str, Tensor]]:
+        """Several sparse experts, linearly: their weighted kept entries summed by ``add_into`` into a float32
+        zero tensor in the recipe's order, then added to the base once. Bit-identical to merged_params'
+        task arithmetic (``base + (w_1 tau_1 + w_2 tau_2 + ...)``: the overlapping entries are summed first,
+        in the same order; elsewhere ``0 + w v`` is exactly ``w v``), without decoding each tau densely, the
+        host cache or the stacked merge (a two-expert DARE 1 % blend of SmolLM2 spent 1.0 s decoding and
+        3.0 s merging that way)."""
+        for name in sorted(targets):
+            mine = [(expert, w) for (expert, _), w in zip(experts, weights) if name in expert.param_names]
+            if not mine:
+                yield name, self.base[name]
+                continue
+            summed = torch.zeros(self.base[name].shape, dtype=torch.float32)
+            for expert, w in mine:
+                expert.add_into(name, summed, w)
+            value = self.base[name].float() + summed
+            if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
+                raise ValueError(f"merging {[e.manifest.name for e, _ in mine]} into {name!r} produced NaN/Inf")
+            yield name, value.to(self.base[name].dtype)
+        for name in sorted(restore):
+            yield name, self.base[name]
+
+
 SPARSE_CODECS = ("sparse", "sparse_ef")
 
 
 def _adds_in_place(request: MergeRequest, experts: list[Expert]) -> bool:
-    """A single sparse expert merged linearly (the common dense-path recipe: one compressed expert)."""
-    return (request.method == "task_arithmetic" and len(experts) == 1 and not request.options
-            and experts[0].manifest.codec in SPARSE_CODECS)
+    """Sparse experts merged linearly (the common dense-path recipes: one compressed expert, or a weighted
+    blend of them): added by the codecs' ``add_into`` instead of the decode-and-merge loop."""
+    return (request.method == "task_arithmetic" and len(experts) >= 1 and not request.options
+            and all(e.manifest.codec in SPARSE_CODECS for e in experts))
 
 
 def retie_output_embeddings(model: torch.nn.Module) -> bool:

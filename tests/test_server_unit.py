@@ -277,3 +277,40 @@ def test_single_sparse_expert_added_in_place_equals_the_merge_loop(micro_zoo, tm
                               if n in expert.param_names else None, 1, "task_arithmetic", [weight]))
     assert _adds_in_place(request, [expert]) == (expert.manifest.codec in ("sparse", "sparse_ef"))
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (0.3, -0.7, 1.2), (1.0, 0.25, 0.5, 2.0)])
+def test_sparse_blend_summed_in_place_equals_the_merge_loop(micro_zoo, tmp_path, weights):
+    """A task-arithmetic blend of sparse experts (overlapping supports, different codecs and densities) is
+    summed by add_into, bit-identical to merged_params; a blend with a non-sparse expert takes the loop."""
+    from experts.expert import load_expert
+    from experts.merge_model import merged_params
+    from experts.store import Compression, ExpertStore
+    from server.contracts import MergeItem, MergeRequest
+    from server.worker import DeltaState, _adds_in_place
+
+    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    specs = [("upper", "magnitude", 0.3), ("upper", "dare", 0.2), (micro_zoo.spec.tasks[-1], "dare", 0.05),
+             ("upper", "magnitude", 0.02)]
+    experts, items = [], []
+    for i, w in enumerate(weights):
+        task, method, density = specs[i]
+        store.import_source(f"e{i}", micro_zoo.layout.full(task), compression=Compression(method=method,
+                                                                                           density=density))
+        expert = load_expert(store.path(f"e{i}"))
+        experts.append(expert)
+        items.append(MergeItem(path=str(store.path(f"e{i}")), token=f"e{i}@{expert.manifest.sha256['tensors.safetensors'][:16]}",
+                               weight=w))
+    request = MergeRequest(key="blend", items=tuple(items))
+    state = DeltaState(str(micro_zoo.layout.base), 1 << 30)
+    targets = state.expand({n for e in experts for n in e.param_names})
+    got = dict(state.weights(request, targets, set()))
+
+    def delta(i, n):
+        return experts[i].decode(n, torch.float32) if n in experts[i].param_names else None
+
+    want = dict(merged_params(sorted(targets), state.base, delta, len(experts), "task_arithmetic", list(weights)))
+    assert _adds_in_place(request, experts) and state.cache.misses == 0
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    store.import_source("t", micro_zoo.layout.full("upper"), compression=Compression(method="tswitch", density=0.05))
+    assert not _adds_in_place(request, [*experts, load_expert(store.path("t"))])
