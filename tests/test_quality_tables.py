@@ -72,3 +72,28 @@ def test_run_suite_tiny_writes_tables_and_resumes(suite, tmp_path):
     again = qt.run_suite(suite, budget, tmp_path, record, log=lambda _: None, dare_seeds=(0, 1))
     assert (tmp_path / "cells-vision.jsonl").read_text().count("\n") == lines  # everything came from the cache
     assert again["compression"] == results["compression"] and again["merging"] == results["merging"]
+
+
+def test_real_merging_nps_row_prunes_each_tau_with_its_searched_band_weights(tmp_path):
+    """The eq. 7 NPS row: each tau pruned by its own band weights (unit weights = global magnitude
+    pruning), then summed; the weights come from the compression bench's NPS cells, and a missing
+    skill names the command that makes its cell."""
+    from bench.quality import real_merging as rm
+    from experts.nps import BandPruner
+    from experts.sparsify import magnitude_global
+
+    g = torch.Generator().manual_seed(0)
+    taus = [{"a": torch.randn(40, 30, generator=g), "b": torch.randn(50, generator=g)} for _ in range(2)]
+    weights = [[1.0] * rm.NPS_BANDS, [3.0, 0.5, 1.0, 2.0, 0.0, 1.0, 1.5, 4.0]]
+    got = rm.merged_deltas(taus, "pruned:nps", {}, 2.0, weights)
+    second = BandPruner(taus[1], rm.NPS_BANDS, rm.PRUNE_DENSITY)(weights[1])
+    first = magnitude_global(taus[0], rm.PRUNE_DENSITY)
+    for name in ("a", "b"):
+        assert torch.equal(got[name], 2.0 * torch.stack([first[name], second[name]]).sum(0))
+    cells = tmp_path / "cells.jsonl"
+    cells.write_text("\n".join(json.dumps(c) for c in [
+        {"skill": "x", "method": "nps", "options": {"density": rm.PRUNE_DENSITY}, "nps": {"weights": weights[1]}},
+        {"skill": "y", "method": "nps", "options": {"density": 0.01}, "nps": {"weights": weights[0]}}]))
+    assert rm.nps_weights(["x"], cells) == [weights[1]]
+    with pytest.raises(SystemExit, match="--skills y"):
+        rm.nps_weights(["x", "y"], cells)
