@@ -6,7 +6,8 @@
              (server.adapters), sent per request; different recipes batch together
              on the base weights.
 * **dense**  anything else (sparse / ternary / dense experts, non-linear merges,
-             ranks beyond the LoRA budget): the weights themselves become
+             ranks beyond the LoRA budget, every recipe when the engine runs
+             without LoRA support): the weights themselves become
              W_base + merge(tau) through the worker extension (server.worker),
              one recipe at a time, admitted by server.scheduler. A LoRA recipe that
              dominates the traffic is served this way too (server.adaptive).
@@ -100,7 +101,8 @@ class Engine:
         args = AsyncEngineArgs(
             model=str(c.base_dir), served_model_name=c.served_name, dtype=c.vllm_dtype(), seed=c.seed,
             max_model_len=c.max_model_len, gpu_memory_utilization=c.gpu_memory_utilization,
-            enforce_eager=c.enforce_eager, enable_lora=True, max_lora_rank=c.max_lora_rank, max_loras=c.max_loras,
+            enforce_eager=c.enforce_eager, enable_lora=c.enable_lora, max_lora_rank=c.max_lora_rank,
+            max_loras=c.max_loras,
             max_cpu_loras=max(c.max_loras, c.adapter_cache_size), worker_extension_cls=WORKER_EXTENSION,
         )
         self.llm = AsyncLLM.from_engine_args(args)
@@ -203,7 +205,7 @@ class Engine:
             return Plan("base", recipe, WeightState())
         infos = tuple(self.experts[n] for n in recipe.names)
         rank = sum(i.manifest.rank or 0 for i in infos)
-        lora = (recipe.method == "task_arithmetic" and all(i.lowrank for i in infos)
+        lora = (self.config.enable_lora and recipe.method == "task_arithmetic" and all(i.lowrank for i in infos)
                 and rank <= self.config.max_lora_rank)
         if arriving:
             self.adaptive.arrive(recipe.key if lora else None)

@@ -48,6 +48,11 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
                         "the largest), or one of vLLM's 8, 16, 32, 64, 128, 256, 320, 512; vLLM-CPU pads every "
                         "adapter to it, so smaller is faster")
     p.add_argument("--max-loras", type=int, default=4)
+    p.add_argument("--lora", choices=["auto", "on", "off"], default="auto",
+                   help="vLLM's LoRA kernels: on serves low-rank recipes as batched adapters; off serves every recipe "
+                        "from merged weights (a LoRA-enabled vLLM-CPU engine is ~2x slower even for requests "
+                        "without an adapter); auto: on when the store holds LoRA experts at start or the router is "
+                        "'uncertainty' (it scores experts through adapters)")
     p.add_argument("--adaptive-merge", choices=["on", "off"], default="on",
                    help="serve a LoRA recipe that dominates the traffic from merged weights (base speed), "
                         "unmerge when traffic mixes (server.adaptive; README 'Adaptive merge')")
@@ -85,13 +90,8 @@ def _router_options(items: list[str], flag: str = "--router-option") -> dict[str
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def lora_rank(flag: str, store_dir: Path) -> int:
-    """``--max-lora-rank``: a supported rank, or for 'auto' the smallest one that holds a recipe of two of the
-    store's largest LoRA experts (8 with no LoRA experts)."""
-    if flag != "auto":
-        if not flag.isdigit() or int(flag) not in VLLM_LORA_RANKS:
-            raise SystemExit(f"error: --max-lora-rank must be 'auto' or one of {list(VLLM_LORA_RANKS)}, got {flag!r}")
-        return int(flag)
+def _store_lora_ranks(store_dir: Path) -> list[int]:
+    """The ranks of the store's low-rank (LoRA) experts, read from their manifests."""
     ranks = []
     for manifest in Path(store_dir).glob("*/manifest.json"):
         try:
@@ -100,8 +100,26 @@ def lora_rank(flag: str, store_dir: Path) -> int:
             continue
         if data.get("codec") == "lowrank" and isinstance(data.get("rank"), int):
             ranks.append(data["rank"])
-    need = 2 * max(ranks, default=4)
+    return ranks
+
+
+def lora_rank(flag: str, store_dir: Path) -> int:
+    """``--max-lora-rank``: a supported rank, or for 'auto' the smallest one that holds a recipe of two of the
+    store's largest LoRA experts (8 with no LoRA experts)."""
+    if flag != "auto":
+        if not flag.isdigit() or int(flag) not in VLLM_LORA_RANKS:
+            raise SystemExit(f"error: --max-lora-rank must be 'auto' or one of {list(VLLM_LORA_RANKS)}, got {flag!r}")
+        return int(flag)
+    need = 2 * max(_store_lora_ranks(store_dir), default=4)
     return next((r for r in VLLM_LORA_RANKS if r >= need), VLLM_LORA_RANKS[-1])
+
+
+def lora_enabled(flag: str, store_dir: Path, router: str) -> bool:
+    """``--lora``: on, off, or for 'auto' on when the store holds LoRA experts now or the router scores through
+    adapters (uncertainty). With it off, LoRA experts registered later are served from merged weights."""
+    if flag != "auto":
+        return flag == "on"
+    return router == "uncertainty" or bool(_store_lora_ranks(store_dir))
 
 
 def adaptive_settings(args: argparse.Namespace):
@@ -127,6 +145,7 @@ def settings_from_args(args: argparse.Namespace, base: Path):
         base_dir=base, served_name=args.served_name, max_model_len=args.max_model_len, dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
         max_lora_rank=lora_rank(str(args.max_lora_rank), args.store), max_loras=args.max_loras,
+        enable_lora=lora_enabled(args.lora, args.store, args.router),
         host_cache_bytes=args.cache_bytes, max_wait_ms=args.max_wait_ms, adapter_cache_size=args.adapter_cache_size,
         adaptive=adaptive_settings(args))
     try:

@@ -22,6 +22,8 @@ class EngineConfig(BaseModel):
     dtype: str = Field("auto", description="'auto': the checkpoint's dtype on GPU, float32 on CPU")
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     kv_cache_gib: int = Field(1, ge=1, description="vLLM-CPU KV cache GiB (VLLM_CPU_KVCACHE_SPACE) when unset")
+    enable_lora: bool = Field(True, description="vLLM's LoRA kernels: low-rank recipes as batched adapters; "
+                                                "without them every recipe is served from merged weights")
     max_lora_rank: int = Field(64, ge=1)
     max_loras: int = Field(4, ge=1, description="different LoRA recipes in one batch")
     adapter_cache_size: int = Field(32, ge=1, description="merged adapters kept (files + vLLM slots)")
@@ -78,6 +80,13 @@ class ServerSettings(BaseModel):
     router: RouterSettings = Field(default_factory=RouterSettings)
     max_request_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get a 413")
     ops_need_key: bool = Field(False, description="/metrics, /docs and /openapi.json need an inference key too")
+
+    @model_validator(mode="after")
+    def _router_needs_lora(self) -> ServerSettings:
+        if self.router.name == "uncertainty" and not self.engine.enable_lora:
+            raise ValueError("the uncertainty router scores experts through LoRA adapters: it needs the engine's "
+                             "LoRA support (--lora on or auto)")
+        return self
 
     @field_validator("api_keys", "admin_keys")
     @classmethod

@@ -99,7 +99,7 @@ def test_engine_plans_a_merged_lora_recipe_on_the_dense_path():
 
     manifest = SimpleNamespace(rank=8, codec="lowrank", sha256={"tensors.safetensors": "ab" * 32})
     info = ExpertInfo("lo", manifest, Path("/nowhere"))
-    engine = SimpleNamespace(experts={"lo": info}, config=SimpleNamespace(max_lora_rank=16),
+    engine = SimpleNamespace(experts={"lo": info}, config=SimpleNamespace(max_lora_rank=16, enable_lora=True),
                              adaptive=MergePolicy(AdaptiveSettings(min_requests=2, prior_swap_s=0), clock=Clock()))
     engine.adaptive.observe_request("lora", 10, 1.0)
     recipe = Recipe((("lo", 1.0),))
@@ -107,6 +107,29 @@ def test_engine_plans_a_merged_lora_recipe_on_the_dense_path():
     plan = Engine.plan(engine, recipe, arriving=True)
     assert plan.path == "dense" and plan.state.weights.startswith(recipe.key + "|")
     assert Engine.plan(engine, Recipe()).path == "base"
+    engine.config.enable_lora, engine.adaptive = False, MergePolicy(AdaptiveSettings(enabled=False))
+    assert Engine.plan(engine, recipe, arriving=True).path == "dense"   # no LoRA kernels: merged weights
+
+
+def test_lora_flag_auto_follows_the_store_and_the_router(tmp_path):
+    """--lora auto turns vLLM's LoRA support on only when the store holds LoRA experts at start or the router
+    scores through adapters; the uncertainty router without LoRA support is refused with the reason."""
+    import json
+
+    from server.serve import lora_enabled
+    from server.settings import EngineConfig, RouterSettings, ServerSettings
+
+    store = tmp_path / "store"
+    (store / "sparse").mkdir(parents=True)
+    (store / "sparse" / "manifest.json").write_text(json.dumps({"codec": "sparse_ef", "rank": None}))
+    assert not lora_enabled("auto", store, "knn") and lora_enabled("auto", store, "uncertainty")
+    assert lora_enabled("on", store, "knn") and not lora_enabled("off", store, "uncertainty")
+    (store / "lo").mkdir()
+    (store / "lo" / "manifest.json").write_text(json.dumps({"codec": "lowrank", "rank": 8}))
+    assert lora_enabled("auto", store, "knn") and not lora_enabled("off", store, "knn")
+    with pytest.raises(ValidationError, match="uncertainty router .* needs the engine's LoRA support"):
+        ServerSettings(store_dir=store, engine=EngineConfig(base_dir=tmp_path, enable_lora=False),
+                       router=RouterSettings(name="uncertainty"))
 
 
 def test_switching_paths_never_changes_a_greedy_output(micro_zoo, tmp_path):

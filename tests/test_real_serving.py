@@ -67,21 +67,34 @@ def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
     random_sparse_expert(real_base, tmp_path / "sparse")
     store.import_source("random-sparse", tmp_path / "sparse")
     assert "model.embed_tokens.weight" in store.load("random-sparse").param_names   # the tied input/output matrix
+    random_sparse_expert(real_base, tmp_path / "sparse-2", density=0.01, seed=2, name="random-sparse-2")
+    store.import_source("random-sparse-2", tmp_path / "sparse-2")
+    blend = "0.6*random-sparse+0.4*random-sparse-2"     # summed by the codecs in the worker (server.worker)
 
     merged = {}
-    for name in ("random-lora", "random-sparse"):
-        merge_into_checkpoint(real_base, [store.path(name)], tmp_path / f"merged-{name}")
-        merged[name] = _hf_greedy(tmp_path / f"merged-{name}")
+    recipes = (("random-lora", ["random-lora"], [1.0]), ("random-sparse", ["random-sparse"], [1.0]),
+               (blend, ["random-sparse", "random-sparse-2"], [0.6, 0.4]))
+    for i, (name, parts, weights) in enumerate(recipes):
+        merge_into_checkpoint(real_base, [store.path(p) for p in parts], tmp_path / f"merged-{i}", weights=weights)
+        merged[name] = _hf_greedy(tmp_path / f"merged-{i}")
     base_text = _hf_greedy(real_base)
-    assert "Paris" in base_text[0]
+    assert "Paris" in base_text[0] and merged[blend] != merged["random-sparse"]
     assert merged["random-lora"] == _hf_greedy(real_base, adapter=tmp_path / "lora")   # the expert is exact
     server = LiveServer(real_base, tmp_path / "store", tmp_path / "server.log", extra=["--max-lora-rank", "8"])
     try:
-        for name, path in (("random-lora", "lora"), ("random-sparse", "dense")):
+        for name, path in (("random-lora", "lora"), ("random-sparse", "dense"), (blend, "dense")):
             texts, served_path = _served(server, name)
             assert served_path == path and texts == merged[name], (name, texts, merged[name])
             assert texts != base_text, f"{name} must change the answers, or this test proves nothing"
         assert _served(server, "base")[0] == base_text           # and the base is restored exactly
+    finally:
+        server.stop()
+    # without vLLM's LoRA support (--lora off: a faster engine on vLLM-CPU) the LoRA expert is served from
+    # merged weights, with the same answers
+    server = LiveServer(real_base, tmp_path / "store", tmp_path / "server-nolora.log", extra=["--lora", "off"])
+    try:
+        assert _served(server, "random-lora") == (merged["random-lora"], "dense")
+        assert _served(server, "base")[0] == base_text
     finally:
         server.stop()
 

@@ -12,6 +12,9 @@ then drives, in turn:
   e  `model: auto` (knn router), prompts of the 4 skills uniformly mixed: router latency and its share
   f  `model: auto`, a realistic mix: 70 % of the prompts from one skill, 30 % from the other three
 
+and with ``--lora-off`` a third server without vLLM's LoRA kernels (``--lora off``) for a, b1, b2 (the LoRA
+expert then served from merged weights) and d, also as ratios to the LoRA-enabled server's (a)
+
 with the same prompts, concurrency and max_tokens, and reports tokens/s and
 p50/p99 latency, each as a ratio to (a). For the dense path it also reports the
 swaps, their latency, the bytes each rewrites, and that against this machine's
@@ -123,12 +126,13 @@ def run_mixes(url: str, mixes: dict[str, list[tuple[str, str]]], args: argparse.
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| traffic | adaptive | tok/s | ×(a) | p50 s | ×(a) | p99 s | ×(a) | swaps | ms/swap | MiB/swap | "
-          "served on |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("\n| traffic | adaptive | LoRA | tok/s | ×(a) | ×(a, LoRA on) | p50 s | ×(a) | p99 s | ×(a) | swaps | "
+          "ms/swap | MiB/swap | served on |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         paths = ", ".join(f"{k} {v}" for k, v in r["paths"].items())
-        print(f"| {r['mix']} | {r['adaptive']} | {r['tokens_per_s']:.1f} | {r['throughput_vs_a']:.2f} | {r['p50_s']:.3f} | "
+        print(f"| {r['mix']} | {r['adaptive']} | {r.get('lora', 'on')} | {r['tokens_per_s']:.1f} | "
+              f"{r['throughput_vs_a']:.2f} | {r.get('throughput_vs_lora_engine_a', 1.0):.2f} | {r['p50_s']:.3f} | "
               f"{r['p50_vs_a']:.2f} | {r['p99_s']:.3f} | {r['p99_vs_a']:.2f} | {r['swaps']} | "
               f"{r['swap_ms_mean'] or 0:.1f} | {r['swap_mib_mean'] or 0:.2f} | {paths} |")
     for r in rows:
@@ -160,6 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "real base with random LoRAs and random sparse experts (no training: speed only)")
     ap.add_argument("--adaptive", choices=["on", "off", "both"], default="on",
                     help="the server's --adaptive-merge; both: one server each, off first")
+    ap.add_argument("--lora-off", action="store_true",
+                    help="also run mixes a, b1, b2 and d on a server with --lora off (no LoRA kernels in vLLM: "
+                         "LoRA recipes from merged weights), each also as a ratio to the LoRA-enabled server's (a)")
     ap.add_argument("--device", default="cpu", help="for the copy-bandwidth floor (cuda on a GPU machine)")
     ap.add_argument("--zoo", type=Path, default=REPO / ".cache/zoo/demo")
     ap.add_argument("--store", type=Path, help="store to use/fill (default: a temporary one)")
@@ -230,16 +237,21 @@ def synthetic_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[s
 SETUPS = {"real": real_setup, "toy": toy_setup, "synthetic": synthetic_setup}
 
 
+LORA_OFF_MIXES = ("a: base only", "b1: one expert, dense path", "b2: one expert, LoRA path",
+                  "d: 4 recipes mixed, dense path")
+
+
 def serve_mixes(base: Path, store: Path, log: Path, flags: list[str], mixes: dict, args: argparse.Namespace,
-                adaptive: str) -> list[dict]:
-    """Start one server (``--adaptive-merge adaptive``), drive every mix, stop it; rows with ratios to its (a)."""
+                adaptive: str, lora: str = "on") -> list[dict]:
+    """Start one server (``--adaptive-merge adaptive --lora lora``), drive every mix, stop it; rows with ratios
+    to its (a)."""
     proc, url = start_server(base, store, log, ["--max-wait-ms", str(args.max_wait_ms), "--router", "knn",
-                                                "--adaptive-merge", adaptive, *flags])
+                                                "--adaptive-merge", adaptive, "--lora", lora, *flags])
     try:
         rows = run_mixes(url, mixes, args)
     finally:
         stop_server(proc)
-    return [{**r, "adaptive": adaptive} for r in rows]
+    return [{**r, "adaptive": adaptive, "lora": lora} for r in rows]
 
 
 def run(args: argparse.Namespace, record: dict) -> dict:
@@ -250,6 +262,12 @@ def run(args: argparse.Namespace, record: dict) -> dict:
     rows = []
     for adaptive in (["off", "on"] if args.adaptive == "both" else [args.adaptive]):
         rows += serve_mixes(base, store, Path(tmp.name) / f"server-{adaptive}.log", flags, mixes, args, adaptive)
+    if args.lora_off:
+        subset = {k: v for k, v in mixes.items() if k in LORA_OFF_MIXES}
+        rows += serve_mixes(base, store, Path(tmp.name) / "server-nolora.log", flags, subset, args, "on", "off")
+    reference = rows[0]["tokens_per_s"]   # base-only traffic on the first (LoRA-enabled) server
+    for r in rows:
+        r["throughput_vs_lora_engine_a"] = r["tokens_per_s"] / reference
     copy_gbs = copy_bandwidth(256 << 20, device=args.device)   # well beyond the caches: the DRAM/HBM bandwidth
     print_table(rows)
     swap = swap_summary(rows, copy_gbs)
