@@ -106,7 +106,9 @@ class LowRankOptions(Options):
 
 class NpsOptions(SparseOptions):
     bands: int = Field(8, ge=1, le=64, description="magnitude bands, one searched weight each")
-    generations: int = Field(20, ge=1, le=1000, description="CMA-ES generations")
+    generations: int = Field(20, ge=1, le=1000, description="CMA-ES generations at most")
+    patience: int | None = Field(8, ge=1, le=1000, description="stop after this many generations without a better "
+                                                             "candidate (None: run every generation)")
     population: int | None = Field(None, ge=2, le=1000, description="CMA-ES population (None: pycma's 4 + 3 ln M)")
     banding: Literal["global", "per-tensor"] = Field("global", description="rank and prune over all tensors "
                                                                           "or within each")
@@ -193,7 +195,8 @@ def _nps(deltas, options: NpsOptions, context: CompressionContext) -> Compressed
     if context.objective is None:
         raise ValueError("nps needs a calibration objective: calibration examples (a JSONL file of chat examples)")
     per_tensor = options.banding == "per-tensor"
-    search = dict(bands=options.bands, generations=options.generations, population=options.population,
+    search = dict(bands=options.bands, generations=options.generations, patience=options.patience,
+                  population=options.population,
                   per_tensor=per_tensor, max_weight=options.max_weight, sigma0=options.sigma0)
     prune = nps_pruner(deltas, options.bands, options.density, per_tensor)   # the stored expert is what was scored
     result = nps_search(deltas, context.objective, density=options.density, seed=options.seed,

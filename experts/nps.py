@@ -7,7 +7,8 @@ vector by magnitude. The M weights are searched gradient-free with CMA-ES
 (pycma) to maximise a calibration objective of the pruned vector. The
 all-ones weights are plain magnitude pruning; they are scored first and the
 search returns the best point it saw, so on the calibration objective NPS is
-never worse than magnitude pruning at the same density. It stops early when
+never worse than magnitude pruning at the same density. It stops early after
+``patience`` generations without a better candidate, and when
 the best candidate reaches the objective's ``maximum`` (when it declares one:
 ``DeltaObjective``'s is every calibration answer exact), since no candidate can
 score higher, and an objective that ``accepts_indexed`` is handed candidates as
@@ -206,10 +207,13 @@ def nps_pruner(tensors: Mapping[str, Tensor], bands: int, density: float, per_te
     return lambda w: nps_prune(tensors, ids, list(w), density, per_tensor)
 
 
-def _check_search(density: float, generations: int, population: int | None, max_weight: float) -> None:
+def _check_search(density: float, generations: int, population: int | None, max_weight: float,
+                  patience: int | None = None) -> None:
     check_density(density)
     if generations < 1:
         raise ValueError(f"generations must be >= 1, got {generations}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 generation, got {patience}")
     if population is not None and population < 2:
         raise ValueError(f"population must be >= 2 (CMA-ES ranks candidates), got {population}")
     if not max_weight >= 1.0:
@@ -233,6 +237,7 @@ class _Progress:
     evaluations: int = 1
     history: list[float] = field(default_factory=list)
     seen: set[float] = field(default_factory=set)
+    stale: int = 0        # generations since the best improved
 
     def __post_init__(self) -> None:
         self.baseline = self.best
@@ -242,8 +247,18 @@ class _Progress:
         self.seen.update(scores)
         top = max(range(len(scores)), key=scores.__getitem__)
         if scores[top] > self.best:
-            self.best, self.best_w = scores[top], tuple(float(x) for x in candidates[top])
+            self.best, self.best_w, self.stale = scores[top], tuple(float(x) for x in candidates[top]), 0
+        else:
+            self.stale += 1
         self.history.append(self.best)
+
+    def done(self, maximum: float | None, patience: int | None) -> str | None:
+        """Why to stop now, or None: no candidate can score higher, or none has improved for a while."""
+        if maximum is not None and self.best >= maximum:
+            return "reached the objective's maximum"
+        if patience is not None and self.stale >= patience:
+            return f"no better candidate in {patience} generations"
+        return None
 
 
 def nps_search(
@@ -254,6 +269,7 @@ def nps_search(
     bands: int = 8,
     per_tensor: bool = False,
     generations: int = 20,
+    patience: int | None = None,
     population: int | None = None,
     sigma0: float = 0.5,
     max_weight: float = 4.0,
@@ -261,18 +277,17 @@ def nps_search(
     progress: bool = True,
     pruner: Callable[[list[float]], dict[str, Tensor]] | None = None,
 ) -> NPSResult:
-    """CMA-ES over band weights in [0, max_weight]; maximises ``objective``. ``pruner``: an ``nps_pruner``
-    of the same tensors, bands, density and banding, to reuse it afterwards (else one is built)."""
+    """CMA-ES over band weights in [0, max_weight]; maximises ``objective``. ``patience``: stop after that many
+    generations without a better candidate. ``pruner``: an ``nps_pruner`` of the same tensors, bands, density
+    and banding, to reuse it afterwards (else one is built)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pycma warns when matplotlib is absent
         import cma
 
-    _check_search(density, generations, population, max_weight)
+    _check_search(density, generations, population, max_weight, patience)
     started = time.perf_counter()
     prune = pruner if pruner is not None else nps_pruner(tensors, bands, density, per_tensor)
-
     score, maximum = _scorer(prune, objective)
-
     ones = [1.0] * bands
     run = _Progress(tuple(ones), score(ones))
     run.seen.add(run.best)
@@ -280,9 +295,8 @@ def nps_search(
     if maximum is not None and run.best >= maximum:
         stop_reason = "magnitude pruning reaches the objective's maximum"
     else:
-        options = {"seed": seed + 1, "maxiter": generations, "bounds": [0.0, max_weight], "verbose": -9}
-        if population:
-            options["popsize"] = population
+        options = {"seed": seed + 1, "maxiter": generations, "bounds": [0.0, max_weight], "verbose": -9,
+                   **({"popsize": population} if population else {})}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pycma warns about e.g. flat fitness on tiny problems
             es = cma.CMAEvolutionStrategy(ones, sigma0, options)
@@ -293,8 +307,8 @@ def nps_search(
                 run.add(candidates, scores)
                 log.info("nps generation %d/%d: best %.6f (magnitude pruning %.6f), %d evaluations",
                          generation + 1, generations, run.best, run.baseline, run.evaluations)
-                if maximum is not None and run.best >= maximum:
-                    stop_reason = "reached the objective's maximum"   # no candidate can score higher
+                if run.done(maximum, patience):
+                    stop_reason = run.done(maximum, patience)
                     break
                 if es.stop():
                     stop_reason = ", ".join(sorted(k for k in es.stop() if k != "maxiter")) or "generations"

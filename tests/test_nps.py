@@ -179,3 +179,18 @@ def test_search_stops_when_the_objective_reaches_its_maximum(taus):
     at_start = _Capped(taus, maximum=free.baseline_score)
     none = nps_search(taus, at_start, density=0.125, generations=15, seed=3, progress=False)
     assert none.evaluations == 1 and none.weights == (1.0,) * 8 and "maximum" in none.stop_reason
+
+
+def test_search_stops_after_patience_generations_without_improvement(taus):
+    """patience: the search ends once the best has not improved for that many generations, keeping the best
+    it found (the same as a longer search that never improves again)."""
+    full = nps_search(taus, _band_target_objective(taus, 1), density=0.125, generations=40, seed=3, progress=False)
+    last = max(i for i, h in enumerate(full.history) if i == 0 or h > full.history[i - 1])   # last improvement
+    short = nps_search(taus, _band_target_objective(taus, 1), density=0.125, generations=40, patience=2, seed=3,
+                       progress=False)
+    assert short.stop_reason == "no better candidate in 2 generations" or len(short.history) == len(full.history)
+    assert short.history == full.history[:len(short.history)] and len(short.history) <= last + 3
+    if len(full.history) > last + 3:
+        assert short.weights == full.weights and short.score == full.score
+    with pytest.raises(ValueError, match="patience"):
+        nps_search(taus, _band_target_objective(taus, 1), patience=0, progress=False)
