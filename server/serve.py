@@ -48,11 +48,10 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
                         "the largest), or one of vLLM's 8, 16, 32, 64, 128, 256, 320, 512; vLLM-CPU pads every "
                         "adapter to it, so smaller is faster")
     p.add_argument("--max-loras", type=int, default=4)
-    p.add_argument("--lora", choices=["auto", "on", "off"], default="auto",
-                   help="vLLM's LoRA kernels: on serves low-rank recipes as batched adapters; off serves every recipe "
-                        "from merged weights (a LoRA-enabled vLLM-CPU engine is ~2x slower even for requests "
-                        "without an adapter); auto: on when the store holds LoRA experts at start or the router is "
-                        "'uncertainty' (it scores experts through adapters)")
+    p.add_argument("--lora", choices=["on", "off"], default="on",
+                   help="vLLM's LoRA support: on serves low-rank recipes as batched adapters; off starts vLLM without "
+                        "it and serves every recipe from merged weights (the dense path); the uncertainty router "
+                        "needs it on")
     p.add_argument("--adaptive-merge", choices=["on", "off"], default="on",
                    help="serve a LoRA recipe that dominates the traffic from merged weights (base speed), "
                         "unmerge when traffic mixes (server.adaptive; README 'Adaptive merge')")
@@ -114,14 +113,6 @@ def lora_rank(flag: str, store_dir: Path) -> int:
     return next((r for r in VLLM_LORA_RANKS if r >= need), VLLM_LORA_RANKS[-1])
 
 
-def lora_enabled(flag: str, store_dir: Path, router: str) -> bool:
-    """``--lora``: on, off, or for 'auto' on when the store holds LoRA experts now or the router scores through
-    adapters (uncertainty). With it off, LoRA experts registered later are served from merged weights."""
-    if flag != "auto":
-        return flag == "on"
-    return router == "uncertainty" or bool(_store_lora_ranks(store_dir))
-
-
 def adaptive_settings(args: argparse.Namespace):
     from pydantic import ValidationError
 
@@ -145,7 +136,7 @@ def settings_from_args(args: argparse.Namespace, base: Path):
         base_dir=base, served_name=args.served_name, max_model_len=args.max_model_len, dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
         max_lora_rank=lora_rank(str(args.max_lora_rank), args.store), max_loras=args.max_loras,
-        enable_lora=lora_enabled(args.lora, args.store, args.router),
+        enable_lora=args.lora == "on",
         host_cache_bytes=args.cache_bytes, max_wait_ms=args.max_wait_ms, adapter_cache_size=args.adapter_cache_size,
         adaptive=adaptive_settings(args))
     try:

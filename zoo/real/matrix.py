@@ -4,10 +4,10 @@ All rows are scored in one vLLM engine without LoRA support
 (``zoo.real.evaluate.SuiteEngine``), one row at a time: the base, then per skill
 its full fine-tune (the checkpoint's weights swapped in) and its LoRA merged
 into the base weights (W + s·B·A — the same model as the LoRA path, and what
-adaptive merging serves). On this 2-core machine a LoRA-enabled vLLM-CPU engine
-decodes ~2x slower even for adapter-less requests; scoring the LoRAs merged on
-the dense path took the matrix from 577 s to 285 s, every one of its 78 cells
-equal to the LoRA-path scores (measured on the cached suite).
+adaptive merging serves). On this 2-core machine scoring the LoRAs merged on
+the dense path instead of through vLLM-CPU's LoRA kernels took the matrix from
+577 s to 285 s, every one of its 78 cells equal to the LoRA-path scores
+(measured on the cached suite).
 Prompts are each skill's test split with exemplar phrasings; answers are greedy;
 accuracy is the skill's normalised exact match.
 """
