@@ -144,11 +144,8 @@ class BandPruner:
                 lo = mid + 1
         return torch.tensor(lo, dtype=itype).view(dtype)
 
-    def _kept(self, weights) -> tuple[Tensor, Tensor]:
-        """(positions in the concatenated tau, reweighted values) of the kept entries, band by band."""
-        return self._gather(self._kept_ranks(weights))
-
     def _gather(self, ranks: list[tuple[int, float, int]]) -> tuple[Tensor, Tensor]:
+        """(positions in the concatenated tau, reweighted values) of the kept ranks, band by band."""
         return (torch.cat([self.order[lo:lo + count] for lo, _, count in ranks]),
                 torch.cat([self.values[lo:lo + count] * wb for lo, wb, count in ranks]))
 
@@ -169,7 +166,7 @@ class BandPruner:
         return [(lo, wb, count) for (lo, _), wb, count in zip(spans, w, take) if count]
 
     def __call__(self, weights) -> dict[str, Tensor]:
-        positions, values = self._kept(weights)
+        positions, values = self._gather(self._kept_ranks(weights))
         out = torch.zeros(self.n, dtype=self.values.dtype)
         out[positions] = values
         result, start = {}, 0
@@ -307,8 +304,8 @@ def nps_search(
                 run.add(candidates, scores)
                 log.info("nps generation %d/%d: best %.6f (magnitude pruning %.6f), %d evaluations",
                          generation + 1, generations, run.best, run.baseline, run.evaluations)
-                if run.done(maximum, patience):
-                    stop_reason = run.done(maximum, patience)
+                if reason := run.done(maximum, patience):
+                    stop_reason = reason
                     break
                 if es.stop():
                     stop_reason = ", ".join(sorted(k for k in es.stop() if k != "maxiter")) or "generations"

@@ -89,8 +89,13 @@ def _router_options(items: list[str], flag: str = "--router-option") -> dict[str
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def _store_lora_ranks(store_dir: Path) -> list[int]:
-    """The ranks of the store's low-rank (LoRA) experts, read from their manifests."""
+def lora_rank(flag: str, store_dir: Path) -> int:
+    """``--max-lora-rank``: a supported rank, or for 'auto' the smallest one that holds a recipe of two of the
+    store's largest LoRA experts (8 with no LoRA experts)."""
+    if flag != "auto":
+        if not flag.isdigit() or int(flag) not in VLLM_LORA_RANKS:
+            raise SystemExit(f"error: --max-lora-rank must be 'auto' or one of {list(VLLM_LORA_RANKS)}, got {flag!r}")
+        return int(flag)
     ranks = []
     for manifest in Path(store_dir).glob("*/manifest.json"):
         try:
@@ -99,17 +104,7 @@ def _store_lora_ranks(store_dir: Path) -> list[int]:
             continue
         if data.get("codec") == "lowrank" and isinstance(data.get("rank"), int):
             ranks.append(data["rank"])
-    return ranks
-
-
-def lora_rank(flag: str, store_dir: Path) -> int:
-    """``--max-lora-rank``: a supported rank, or for 'auto' the smallest one that holds a recipe of two of the
-    store's largest LoRA experts (8 with no LoRA experts)."""
-    if flag != "auto":
-        if not flag.isdigit() or int(flag) not in VLLM_LORA_RANKS:
-            raise SystemExit(f"error: --max-lora-rank must be 'auto' or one of {list(VLLM_LORA_RANKS)}, got {flag!r}")
-        return int(flag)
-    need = 2 * max(_store_lora_ranks(store_dir), default=4)
+    need = 2 * max(ranks, default=4)
     return next((r for r in VLLM_LORA_RANKS if r >= need), VLLM_LORA_RANKS[-1])
 
 

@@ -142,10 +142,7 @@ class DeltaState:
         timing = timing if timing is not None else {}
         timing.setdefault("decode", 0.0)
         if _adds_in_place(request, [e for e, _ in experts]):
-            if len(experts) == 1:
-                yield from self._added_in_place(experts[0][0], request.items[0].weight, targets, restore)
-            else:
-                yield from self._summed_sparse(experts, [item.weight for item in request.items], targets, restore)
+            yield from self._added_in_place(experts, [item.weight for item in request.items], targets, restore)
             return
 
         def delta(i: int, name: str) -> Tensor | None:
@@ -163,46 +160,34 @@ class DeltaState:
         for name in sorted(restore):
             yield name, self.base[name]
 
-    def _added_in_place(self, expert: Expert, weight: float, targets: set[str], restore: set[str]
-                        ) -> Iterator[tuple[str, Tensor]]:
-        """One sparse expert, linearly: ``base + w * tau`` by the codec's ``add_into`` (only the kept entries
-        are decoded and added) instead of decoding tau densely and merging. Bit-identical to merged_params
-        for one expert (base + w * v where kept, base + 0 elsewhere), without the dense decode or the
-        host cache (for a DARE 1 % expert of SmolLM2: 2.2 s against 14.5 s through the merge loop, measured
-        once offline while another benchmark shared the cores)."""
-        for name in sorted(targets):
-            value = self.base[name].clone()
-            if name in expert.param_names:
-                expert.add_into(name, value, weight)
-                # one summing pass (an elementwise isfinite took 40 % of the swap); a NaN/Inf anywhere makes the
-                # sum non-finite, and a non-finite sum of finite values (overflow) is re-checked elementwise
-                if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
-                    raise ValueError(f"adding {expert.manifest.name!r} to {name!r} produced NaN/Inf")
-            yield name, value
-        for name in sorted(restore):
-            yield name, self.base[name]
-
-
-    def _summed_sparse(self, experts: list[tuple[Expert, str]], weights: list[float], targets: set[str],
-                       restore: set[str]) -> Iterator[tuple[str, Tensor]]:
-        """Several sparse experts, linearly: their weighted kept entries summed by ``add_into`` into a float32
-        zero tensor in the recipe's order, then added to the base once. Bit-identical to merged_params'
-        task arithmetic (``base + (w_1 tau_1 + w_2 tau_2 + ...)``: the overlapping entries are summed first,
-        in the same order; elsewhere ``0 + w v`` is exactly ``w v``), without decoding each tau densely, the
-        host cache or the stacked merge (a two-expert DARE 1 % blend of SmolLM2 spent 1.0 s decoding and
-        3.0 s merging that way)."""
+    def _added_in_place(self, experts: list[tuple[Expert, str]], weights: list[float], targets: set[str],
+                        restore: set[str]) -> Iterator[tuple[str, Tensor]]:
+        """Sparse experts, linearly, by the codecs' ``add_into`` (only the kept entries are decoded and added)
+        instead of decoding each tau densely, the host cache and the stacked merge. Bit-identical to
+        merged_params' task arithmetic ``base + (w_1 tau_1 + w_2 tau_2 + ...)``: one expert is added into a
+        copy of the base (base + w v where kept, base + 0 elsewhere); several are first summed into a float32
+        zero tensor in the recipe's order (overlapping entries summed before the add; elsewhere 0 + w v is
+        exactly w v). Measured once offline while another benchmark shared the cores: one DARE 1 % expert of
+        SmolLM2 2.2 s against 14.5 s through the merge loop; a two-expert blend spent 1.0 s decoding and
+        3.0 s merging there."""
         for name in sorted(targets):
             mine = [(expert, w) for (expert, _), w in zip(experts, weights) if name in expert.param_names]
             if not mine:
                 yield name, self.base[name]
                 continue
-            summed = torch.zeros(self.base[name].shape, dtype=torch.float32)
-            for expert, w in mine:
-                expert.add_into(name, summed, w)
-            value = self.base[name].float() + summed
+            if len(mine) == 1:
+                value = self.base[name].clone()
+                mine[0][0].add_into(name, value, mine[0][1])
+            else:
+                summed = torch.zeros(self.base[name].shape, dtype=torch.float32)
+                for expert, w in mine:
+                    expert.add_into(name, summed, w)
+                value = (self.base[name].float() + summed).to(self.base[name].dtype)
+            # one summing pass (an elementwise isfinite took 40 % of the swap); a NaN/Inf anywhere makes the
+            # sum non-finite, and a non-finite sum of finite values (overflow) is re-checked elementwise
             if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
-                raise ValueError(f"merging {[e.manifest.name for e, _ in mine]} into {name!r} produced NaN/Inf")
-            yield name, value.to(self.base[name].dtype)
+                raise ValueError(f"adding {[e.manifest.name for e, _ in mine]} to {name!r} produced NaN/Inf")
+            yield name, value
         for name in sorted(restore):
             yield name, self.base[name]
 
