@@ -161,8 +161,12 @@ class EliasFanoSparseCodec:
     @torch.no_grad()
     def add_into(self, target: Tensor, parts: Parts, weight: float) -> None:
         flat = flat_target(target)
-        index = self._index(parts, flat.numel())
-        add_at_indices(flat, index, parts[_VALUES].to(compute_dtype(flat.dtype)) * weight)
+        index, values = self.entries(parts, flat.numel())
+        add_at_indices(flat, index, values.to(compute_dtype(flat.dtype)) * weight)
+
+    def entries(self, parts: Parts, numel: int) -> tuple[Tensor, Tensor]:
+        """``(flat indices int64, values as stored)`` of the kept entries: what ``add_into`` adds."""
+        return self._index(parts, numel), parts[_VALUES]
 
     def nbytes(self, parts: Parts) -> int:
         return parts_nbytes(parts)

@@ -108,14 +108,19 @@ class SparseCodec:
     @torch.no_grad()
     def add_into(self, target: Tensor, parts: Parts, weight: float) -> None:
         flat = flat_target(target)
+        index, values = self.entries(parts, flat.numel())
+        add_at_indices(flat, index, values.to(compute_dtype(flat.dtype)) * weight)
+
+    def entries(self, parts: Parts, numel: int) -> tuple[Tensor, Tensor]:
+        """``(flat indices int64, values as stored)`` of the kept entries: what ``add_into`` adds."""
         require_parts(parts, self.part_names, "sparse")
         values = parts["values"]
         # One pass over the mask (nonzero) instead of _mask's extra count: this is the dense path's hot loop.
-        index = unpack_bits(parts["mask"], flat.numel()).nonzero().squeeze(1)
+        index = unpack_bits(parts["mask"], numel).nonzero().squeeze(1)
         if not values.is_floating_point() or values.dim() != 1 or values.numel() != index.numel():
             raise ValueError(f"part 'values' is {values.dtype} {list(values.shape)} but the mask keeps "
                              f"{index.numel()} entries")
-        add_at_indices(flat, index, values.to(compute_dtype(flat.dtype)) * weight)
+        return index, values
 
     def nbytes(self, parts: Parts) -> int:
         return parts_nbytes(parts)

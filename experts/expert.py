@@ -214,6 +214,16 @@ class Expert:
         with self._format_errors(name):
             self.codec.add_into(target, self.parts(name), weight)
 
+    def entries(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(flat indices, values as stored)`` of a sparse expert's kept entries of ``name``: ``add_into``
+        is ``add_at_indices(target.view(-1), index, values.to(compute) * weight)`` of exactly these."""
+        spec = self._spec(name)
+        entries = getattr(self.codec, "entries", None)
+        if entries is None:
+            raise ExpertFormatError(f"expert {self.manifest.name!r} is not sparse (codec {self.manifest.codec})")
+        with self._format_errors(name):
+            return entries(self.parts(name), math.prod(spec.shape))
+
     def iter_deltas(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
         for name in self.param_names:
             yield name, self.decode(name, dtype)

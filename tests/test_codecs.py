@@ -187,3 +187,24 @@ def test_check_parts_flags_wrong_shapes(name):
     missing = dict(meta)
     missing.pop(codec_impl.part_names[0])
     assert any("missing part" in p for p in codec_impl.check_parts(missing, (10, 16)))
+
+
+@pytest.mark.parametrize("name", ["sparse", "sparse_ef"])
+def test_sparse_entries_are_what_add_into_adds(name):
+    """``entries`` (the worker's host cache keeps them) gives the kept indices and stored values; adding them
+    as the codec does is bit-identical to add_into, and a count mismatch is refused the same way."""
+    from experts.bitpack import add_at_indices
+
+    tensor = sparse_input(shape=(12, 20), kept=17, seed=4)
+    sparse = get_codec(name)
+    parts = sparse.encode(tensor, value_dtype=torch.float16)
+    index, values = sparse.entries(parts, tensor.numel())
+    assert torch.equal(index, (tensor.reshape(-1) != 0).nonzero().squeeze(1)) and values.dtype == torch.float16
+    target = torch.randn(12, 20)
+    want = target.clone()
+    sparse.add_into(want, parts, 0.3)
+    add_at_indices(target.view(-1), index, values.float() * 0.3)
+    assert torch.equal(target, want)
+    bad = dict(parts, values=parts["values"][:-1])
+    with pytest.raises(ValueError):
+        sparse.entries(bad, tensor.numel())
