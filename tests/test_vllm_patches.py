@@ -40,3 +40,34 @@ def test_a_single_broadcast_index_is_handled():
 def test_patch_is_applied_once():
     patch_cpu_lora_ops()
     assert patch_cpu_lora_ops() is False
+
+
+def _reference(inputs, weights, indices):
+    """Row by row: ``inputs[i] @ W[slot_i]^T`` (W = [slots, 1, out, in]), 0 for slot -1."""
+    return torch.stack([torch.zeros(weights.shape[2]) if s < 0 else weights[s, 0] @ inputs[i]
+                        for i, s in enumerate(indices.tolist())])
+
+
+def test_grouped_ops_equal_the_per_row_definition():
+    """The grouped shrink / expand / expand-slice (one matmul per slot present) give each row its own slot's
+    product, nothing for slot -1, whether every row shares a slot or not; add_inputs by keyword too."""
+    patch_cpu_lora_ops()
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(3, 1, 4, 16, generator=gen)            # shrink: 3 slots, rank 4, in 16
+    b = torch.randn(3, 1, 12, 4, generator=gen)            # expand: out 12
+    for indices in (torch.tensor([2, -1, 0, 2, -1, 1]), torch.full((6,), 1), torch.full((6,), -1)):
+        x = torch.randn(6, 16, generator=gen)
+        out = torch.full((6, 4), 7.0)
+        punica_cpu.bgmv_shrink(x, a, out, indices, 0.5)
+        torch.testing.assert_close(out, 0.5 * _reference(x, a, indices))
+        h = torch.randn(6, 4, generator=gen)
+        y0 = torch.randn(6, 20, generator=gen)
+        y = y0.clone()
+        punica_cpu.bgmv_expand_slice(h, b, y, indices, 5, 12, True)
+        torch.testing.assert_close(y[:, 5:17], y0[:, 5:17] + _reference(h, b, indices))
+        assert torch.equal(y[:, :5], y0[:, :5]) and torch.equal(y[:, 17:], y0[:, 17:])
+        y = y0[:, :12].clone()
+        punica_cpu.bgmv_expand(h, b, y, indices, add_inputs=False)
+        torch.testing.assert_close(y, _reference(h, b, indices))
