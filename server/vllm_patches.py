@@ -17,7 +17,9 @@ run one matmul per slot present, ``x[rows] @ W[slot]^T``; rows of slot -1 get
 nothing (shrink writes 0, expand adds nothing), which is also the fix above.
 Shapes the grouped ops do not cover fall back to vLLM's op (with the -1 fix).
 Both names the CPU punica wrapper calls are patched (decode calls ``bgmv_*``
-directly; prefill's ``sgmv_*`` call them through ``lora_ops``).
+directly; prefill's ``sgmv_*``, which on vLLM-CPU serve every step, are
+replaced too: they expanded each sequence's slot to its tokens with a
+``repeat_interleave`` in every op call — once per step now).
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def _row_groups(indices, rows: int):
     return groups
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _squeezed(weights):
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
@@ -83,13 +89,17 @@ def _grouped_shrink(fallback):
             return fallback(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
         weights = _squeezed(lora_a_weights)
         out = output_tensor[:, : weights.shape[1]]
-        x = inputs.to(output_tensor.dtype)
+        x = _as(inputs, out.dtype)
         for slot, rows in groups:
             if slot < 0:
                 out.zero_() if rows is None else out.index_fill_(0, rows, 0)
                 continue
-            w = weights[slot].to(out.dtype).t()
-            if rows is None:
+            w = _as(weights[slot], out.dtype).t()
+            if rows is None and out.is_contiguous():
+                torch.mm(x, w, out=out)
+                if scaling != 1.0:
+                    out.mul_(scaling)
+            elif rows is None:
                 out.copy_(scaling * (x @ w))
             else:
                 out.index_copy_(0, rows, scaling * (x.index_select(0, rows) @ w))
@@ -109,13 +119,13 @@ def _grouped_expand(fallback, sliced: bool):
         weights = _squeezed(lora_b_weights)
         width = weights.shape[1] if sliced else min(weights.shape[1], output_tensor.shape[1])
         out = output_tensor[:, slice_offset: slice_offset + width]
-        x = inputs.to(output_tensor.dtype)
+        x = _as(inputs, out.dtype)
         for slot, rows in groups:
             if slot < 0:
                 if not add_inputs:
                     out.zero_() if rows is None else out.index_fill_(0, rows, 0)
                 continue
-            w = weights[slot, :width].to(out.dtype).t()
+            w = _as(weights[slot, :width], out.dtype).t()
             y = x @ w if rows is None else x.index_select(0, rows) @ w
             if rows is None:
                 out.add_(y) if add_inputs else out.copy_(y)
@@ -124,6 +134,36 @@ def _grouped_expand(fallback, sliced: bool):
 
     setattr(expand, _MARK, True)
     return expand
+
+
+_last_exploded: list = [None, None, None]   # (slots per sequence, sequence lengths, slot per token)
+
+
+def _exploded(lora_indices: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Each token's slot from each sequence's (vLLM's ``repeat_interleave``, once per step, not per op: on
+    vLLM-CPU every step takes this prefill path, ~420 times per step for SmolLM2)."""
+    slots, lens, tokens = _last_exploded
+    if slots is not None and slots.shape == lora_indices.shape and lens.shape == seq_lens.shape \
+            and torch.equal(slots, lora_indices) and torch.equal(lens, seq_lens):
+        return tokens
+    tokens = torch.repeat_interleave(lora_indices, seq_lens)
+    _last_exploded[:] = [lora_indices.clone(), seq_lens.clone(), tokens]
+    return tokens
+
+
+def _sgmv(bgmv, positional: int | None):
+    """vLLM's ``sgmv_*`` signature (inputs, weights, output, seq starts, seq lengths, slots, batches, longest,
+    tokens, *rest) onto the patched ``bgmv_*`` with each token's slot; ``positional``: where ``add_inputs``
+    sits in ``rest`` (None for the shrink), which defaults to False for ``sgmv_*`` and True for ``bgmv_*``."""
+    def sgmv(inputs, weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, batches,
+             max_seq_length, token_nums, *rest, **kwargs):
+        if positional is not None and len(rest) <= positional:
+            kwargs.setdefault("add_inputs", False)
+        return bgmv(inputs, weights, output_tensor, _exploded(lora_indices_tensor, seq_len_tensor), *rest, **kwargs)
+
+    sgmv.__name__ = f"sgmv_via_{bgmv.__name__}"
+    setattr(sgmv, _MARK, True)
+    return sgmv
 
 
 def patch_cpu_lora_ops() -> bool:
@@ -138,8 +178,12 @@ def patch_cpu_lora_ops() -> bool:
     patched = {"bgmv_shrink": _grouped_shrink(_zero_no_lora_rows(lora_ops.bgmv_shrink)),
                "bgmv_expand": _grouped_expand(lora_ops.bgmv_expand, sliced=False),
                "bgmv_expand_slice": _grouped_expand(lora_ops.bgmv_expand_slice, sliced=True)}
+    patched.update(sgmv_shrink=_sgmv(patched["bgmv_shrink"], None),
+                   sgmv_expand=_sgmv(patched["bgmv_expand"], 0),
+                   sgmv_expand_slice=_sgmv(patched["bgmv_expand_slice"], 2))
     for name, op in patched.items():
         setattr(lora_ops, name, op)
         setattr(punica_cpu, name, op)
-    log.info("vLLM CPU LoRA ops: grouped by slot, adapter-less rows kept adapter-less (index -1 fix)")
+    log.info("vLLM CPU LoRA ops: one matmul per slot present, slots per token once per step, adapter-less "
+             "rows kept adapter-less (index -1 fix)")
     return True

@@ -71,3 +71,26 @@ def test_grouped_ops_equal_the_per_row_definition():
         y = y0[:, :12].clone()
         punica_cpu.bgmv_expand(h, b, y, indices, add_inputs=False)
         torch.testing.assert_close(y, _reference(h, b, indices))
+
+
+def test_prefill_ops_expand_each_sequences_slot_to_its_tokens():
+    """sgmv_* (vLLM-CPU's path for every step): sequence slots [1, -1, 0] over lengths [3, 2, 1] give the
+    tokens' slots; the expand assigns unless add_inputs is passed (vLLM's default for sgmv)."""
+    patch_cpu_lora_ops()
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 1, 4, 16, generator=gen), torch.randn(2, 1, 12, 4, generator=gen)
+    lens, slots = torch.tensor([3, 2, 1]), torch.tensor([1, -1, 0])
+    tokens = torch.tensor([1, 1, 1, -1, -1, 0])
+    x, h = torch.randn(6, 16, generator=gen), torch.randn(6, 4, generator=gen)
+    for _ in range(2):   # the second call reuses the step's token slots
+        out = torch.full((6, 4), 7.0)
+        lora_ops.sgmv_shrink(x, a, out, None, lens, slots, 3, 3, 6, 2.0)
+        torch.testing.assert_close(out, 2.0 * _reference(x, a, tokens))
+        y = torch.full((6, 12), 7.0)
+        lora_ops.sgmv_expand(h, b, y, None, lens, slots, 3, 3, 6)
+        torch.testing.assert_close(y, _reference(h, b, tokens))
+        y = torch.full((6, 14), 7.0)
+        lora_ops.sgmv_expand_slice(h, b, y, None, lens, slots, 3, 3, 6, 1, 12, True)
+        torch.testing.assert_close(y[:, 1:13], 7.0 + _reference(h, b, tokens))
