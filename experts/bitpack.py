@@ -152,6 +152,12 @@ def add_at_indices(flat: Tensor, index: Tensor, delta: Tensor) -> None:
     flat.index_copy_(0, index, updated.to(flat.dtype))
 
 
+def add_entries(flat: Tensor, index: Tensor, values: Tensor, weight: float) -> None:
+    """``flat[index] += weight * values`` (values as stored, e.g. fp16): the sparse codecs' ``add_into`` and the
+    worker's cached-entries add, one formula so they stay bit-identical."""
+    add_at_indices(flat, index, values.to(compute_dtype(flat.dtype)) * weight)
+
+
 def add_flat_chunks(flat: Tensor, values: Tensor, weight: float) -> None:
     """``flat += weight * values`` in chunks, so no target-sized temporary exists."""
     compute = compute_dtype(flat.dtype)

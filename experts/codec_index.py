@@ -37,8 +37,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from experts.bitpack import (VALUE_DTYPES, PartMeta, Parts, add_at_indices, check_input, check_value_dtype,
-                             compute_dtype, flat_target, meta_problems, pack_bits, pack_uints, parts_nbytes,
+from experts.bitpack import (VALUE_DTYPES, PartMeta, Parts, add_entries, check_input, check_value_dtype,
+                             flat_target, meta_problems, pack_bits, pack_uints, parts_nbytes,
                              require_parts, unpack_bits, unpack_uints)
 from experts.codecs import codec
 
@@ -161,8 +161,7 @@ class EliasFanoSparseCodec:
     @torch.no_grad()
     def add_into(self, target: Tensor, parts: Parts, weight: float) -> None:
         flat = flat_target(target)
-        index, values = self.entries(parts, flat.numel())
-        add_at_indices(flat, index, values.to(compute_dtype(flat.dtype)) * weight)
+        add_entries(flat, *self.entries(parts, flat.numel()), weight)
 
     def entries(self, parts: Parts, numel: int) -> tuple[Tensor, Tensor]:
         """``(flat indices int64, values as stored)`` of the kept entries: what ``add_into`` adds."""

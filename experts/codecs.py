@@ -35,8 +35,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from experts.bitpack import (CHUNK_ENTRIES, VALUE_DTYPES, PartMeta, Parts, add_at_indices, add_flat_chunks,
-                             check_input, check_value_dtype, compute_dtype, flat_target, mask_problems,
+from experts.bitpack import (CHUNK_ENTRIES, VALUE_DTYPES, PartMeta, Parts, add_at_indices, add_entries,
+                             add_flat_chunks, check_input, check_value_dtype, compute_dtype, flat_target, mask_problems,
                              meta_problems, pack_bits, parts_nbytes, require_parts, unpack_bits)
 from experts.registry import Registry
 from experts.sparsify import lowrank as svd_factors
@@ -108,8 +108,7 @@ class SparseCodec:
     @torch.no_grad()
     def add_into(self, target: Tensor, parts: Parts, weight: float) -> None:
         flat = flat_target(target)
-        index, values = self.entries(parts, flat.numel())
-        add_at_indices(flat, index, values.to(compute_dtype(flat.dtype)) * weight)
+        add_entries(flat, *self.entries(parts, flat.numel()), weight)
 
     def entries(self, parts: Parts, numel: int) -> tuple[Tensor, Tensor]:
         """``(flat indices int64, values as stored)`` of the kept entries: what ``add_into`` adds."""

@@ -216,7 +216,7 @@ class Expert:
 
     def entries(self, name: str) -> tuple[Tensor, Tensor]:
         """``(flat indices, values as stored)`` of a sparse expert's kept entries of ``name``: ``add_into``
-        is ``add_at_indices(target.view(-1), index, values.to(compute) * weight)`` of exactly these."""
+        is ``experts.bitpack.add_entries(target.view(-1), index, values, weight)`` of exactly these."""
         spec = self._spec(name)
         entries = getattr(self.codec, "entries", None)
         if entries is None:

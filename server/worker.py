@@ -34,7 +34,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from experts.atomic import pid_alive
-from experts.bitpack import add_at_indices, compute_dtype, flat_target
+from experts.bitpack import add_entries, flat_target
 from experts.expert import Expert, load_expert
 from experts.merge_model import merged_params
 from server.contracts import MergeRequest, SwapStats
@@ -78,8 +78,7 @@ class HostDeltaCache:
 
     def entries(self, token: str, expert: Expert, name: str) -> tuple[Tensor, Tensor]:
         """``name``'s kept entries of a sparse expert (``Expert.entries``)."""
-        index, values = self._cached((token, name, "entries"), lambda: expert.entries(name))
-        return index, values
+        return self._cached((token, name, "entries"), lambda: expert.entries(name))
 
     def _cached(self, key: tuple[str, str, str], make) -> tuple[Tensor, ...]:
         hit = self._items.get(key)
@@ -182,8 +181,8 @@ class DeltaState:
         (``Expert.entries``: decoded once into the host cache, then only scattered on later swaps), a low-rank
         one by its codec's ``add_into`` (``B @ A`` a block of rows at a time), instead of decoding each tau
         densely and the stacked merge (one rank-8 LoRA of SmolLM2, offline: 4.4 s through the merge loop with
-        its dense deltas cached, 0.35 s this way). Bit-identical to merged_params' task arithmetic ``base + (w_1 tau_1 + w_2 tau_2 + ...)``: one
-        expert is added into a copy of the base (base + w v where kept, base + 0 elsewhere); several are first
+        its dense deltas cached, 0.35 s this way). Bit-identical to merged_params' task arithmetic
+        ``base + (w_1 tau_1 + w_2 tau_2 + ...)``: one expert is added into a copy of the base (base + w v where kept, base + 0 elsewhere); several are first
         summed into a float32 zero tensor in the recipe's order (overlapping entries summed before the add;
         elsewhere 0 + w v is exactly w v). Measured offline on one DARE 1 % expert of SmolLM2 (1 thread):
         copy of the base 0.11-0.33 s, copy + add_into 0.57-0.67 s, copy + add of cached entries 0.16-0.26 s."""
@@ -196,18 +195,14 @@ class DeltaState:
             kept = [self.cache.entries(token, expert, name) if expert.manifest.codec in SPARSE_CODECS else None
                     for expert, token, _ in mine]
             timing["decode"] += time.perf_counter() - start
-
-            def add(target: Tensor, i: int) -> None:
-                expert, _, w = mine[i]
-                _add_entries(target, kept[i], w) if kept[i] is not None else expert.add_into(name, target, w)
-            if len(mine) == 1:
-                value = self.base[name].clone()
-                add(value, 0)
-            else:
-                summed = torch.zeros(self.base[name].shape, dtype=torch.float32)
-                for i in range(len(mine)):
-                    add(summed, i)
-                value = (self.base[name].float() + summed).to(self.base[name].dtype)
+            one = len(mine) == 1
+            target = self.base[name].clone() if one else torch.zeros(self.base[name].shape, dtype=torch.float32)
+            for (expert, _, w), entries in zip(mine, kept):
+                if entries is None:
+                    expert.add_into(name, target, w)
+                else:
+                    add_entries(flat_target(target), *entries, w)
+            value = target if one else (self.base[name].float() + target).to(self.base[name].dtype)
             # one summing pass (an elementwise isfinite took 40 % of the swap); a NaN/Inf anywhere makes the
             # sum non-finite, and a non-finite sum of finite values (overflow) is re-checked elementwise
             if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
@@ -219,13 +214,6 @@ class DeltaState:
 
 SPARSE_CODECS = ("sparse", "sparse_ef")
 IN_PLACE_CODECS = (*SPARSE_CODECS, "lowrank")
-
-
-def _add_entries(target: Tensor, entries: tuple[Tensor, Tensor], weight: float) -> None:
-    """What the codecs' ``add_into`` does with the same entries (bit-identical)."""
-    index, values = entries
-    flat = flat_target(target)
-    add_at_indices(flat, index, values.to(compute_dtype(flat.dtype)) * weight)
 
 
 def _adds_in_place(request: MergeRequest, experts: list[Expert]) -> bool:
