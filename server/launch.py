@@ -4,6 +4,7 @@ benchmarks (and anyone scripting a server) use, one implementation."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,8 +15,30 @@ REPO = Path(__file__).resolve().parents[1]
 QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TQDM_DISABLE": "1"}
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999    # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free TCP port below the OS's ephemeral range. The server binds it only after vLLM's engine has
+    started (20-60 s), and the engine opens its own sockets on OS-assigned (ephemeral) ports meanwhile: a port
+    taken from that range (``bind(0)``) was taken again by one of them once (``address already in use``,
+    the server exiting before it was healthy). Ports below the range are never assigned that way."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:     # everything tried was taken: fall back to the OS's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -334,3 +334,16 @@ def test_sparse_blend_summed_in_place_equals_the_merge_loop(micro_zoo, tmp_path,
     assert all(torch.equal(again[n], want[n]) for n in want)
     store.import_source("t", micro_zoo.layout.full("upper"), compression=Compression(method="tswitch", density=0.05))
     assert not _adds_in_place(request, [*experts, load_expert(store.path("t"))])
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable():
+    """vLLM's engine opens sockets on OS-assigned ports while the server starts; the server's own port must not
+    come from that range (it once did, and one of the engine's sockets took it first)."""
+    import socket
+
+    from server.launch import _ephemeral_range, free_port
+
+    port = free_port()
+    assert 1024 <= port < _ephemeral_range()[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
