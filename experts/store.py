@@ -33,16 +33,13 @@ import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Any
 
 from experts.atomic import exchange, fsync_tree, pid_alive, write_json_atomic
-from experts.codecs import get_codec
-from experts.expert import (MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE, BaseMismatchError, EncodedDelta, Expert,
-                            ExpertFormatError, ExpertManifest, load_expert, save_expert)
-from experts.taskvector import _shapes, base_fingerprint, lora_factors
+from experts.expert import (MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE, BaseMismatchError, Expert, ExpertFormatError,
+                            ExpertManifest, load_expert)
+from experts.sources import Compression, save_lora_expert, score_stage
+from experts.taskvector import _shapes, base_fingerprint
 
 GENERATION_FILE = "GENERATION"
 EXEMPLARS_FILE = "exemplars.json"
@@ -53,6 +50,10 @@ STAGING_PREFIX = ".staging-"
 ORPHAN_STAGING_S = 3600.0   # staging of an unknown process (another host) is removed after this long
 MAX_EXEMPLARS = 10_000
 MAX_EXEMPLAR_CHARS = 4_000
+
+
+class _Moved(Exception):
+    """The folder a reader opened no longer held the version it looked for (replaced in between)."""
 
 
 class StoreError(ValueError):
@@ -66,44 +67,6 @@ class ExpertExistsError(StoreError):
 class UnknownExpertError(StoreError, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
-
-
-class Compression(BaseModel):
-    """How to turn a full fine-tune (or, optionally, a LoRA) into a stored expert.
-
-    ``method`` is a registered compressor (experts.compress); its options (e.g.
-    ``density``, ``rank``, NPS's ``generations``) sit beside it and are checked
-    against the method's options model. ``calibration`` / ``training`` point at
-    chat examples (experts.examples) for methods that need them (NPS,
-    sparse_ft): the caller turns them into an objective / a trainer.
-    """
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    method: str = Field("magnitude", description="a compression method (deltaserve methods)")
-    value_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="stored value dtype")
-    task: str | None = Field(None, max_length=200, description="a label recorded in the manifest")
-    calibration: str | list[dict[str, Any]] | None = Field(
-        None, description="chat examples NPS scores candidates on: a JSONL path or a list of {messages}")
-    training: str | list[dict[str, Any]] | None = Field(
-        None, description="chat examples sparse_ft re-trains on: a JSONL path or a list of {messages}")
-
-    @model_validator(mode="after")
-    def _method_and_options(self) -> Compression:
-        from experts.compress import COMPRESSORS
-
-        COMPRESSORS.parse_options(self.method, self.model_extra or {})
-        return self
-
-    @property
-    def options(self) -> Any:
-        """The method's validated options model."""
-        from experts.compress import COMPRESSORS
-
-        return COMPRESSORS.parse_options(self.method, self.model_extra or {})
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.value_dtype)
 
 
 def source_kind(path: Path) -> str:
@@ -164,46 +127,69 @@ class ExpertStore:
         return self.root / name
 
     def load(self, name: str, *, verify: bool = False, digests: bool = False) -> Expert:
-        """The current version of ``name``; ``digests`` checks the files' sha256, ``verify`` all data."""
-        path = self.path(name)
-        if not (path / MANIFEST_FILE).is_file():
-            raise UnknownExpertError(f"unknown expert {name!r}; known experts: {self.names()}")
-        expert = load_expert(path, verify=verify)
-        expert.check_base(self.fingerprint, self.shapes)
-        if digests and not verify:
-            expert.check_digests()
-        return expert
+        """The current version of ``name``, pinned like ``load_version``'s (a replacement landing while it
+        is read cannot mix one version's manifest with another's tensors); ``digests`` checks the files'
+        sha256, ``verify`` all data."""
+        def find() -> Path:
+            path = self.path(name)
+            if not (path / MANIFEST_FILE).is_file():
+                raise UnknownExpertError(f"unknown expert {name!r}; known experts: {self.names()}")
+            return path
+        return self._load_pinned(find, lambda e: e.check_digests() if digests and not verify else None, verify)
 
     def version_dir(self, name: str, digest: str) -> Path:
         """The folder holding the version of ``name`` whose tensors have sha256 ``digest``: the current
         one, or a retired one still within its grace period."""
+        return self._settled(lambda: self._find_version(name, digest))
+
+    def _find_version(self, name: str, digest: str) -> Path:
         for path in (self.path(name), *self._retired_paths(name, digest)):
-            try:
-                if json.loads((path / MANIFEST_FILE).read_text())["sha256"][TENSORS_FILE] == digest:
-                    return path
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
+            if _manifest_digest(path) == digest:
+                return path
         raise UnknownExpertError(f"expert {name!r} version {digest[:12]} is no longer in the store")
 
     def load_version(self, name: str, digest: str) -> Expert:
         """That version loaded, checked against this store's base and its digests, and *pinned*: it reads
         its files through an open handle on its folder (``/proc/self/fd``), so a replacement swapped in
         at ``<name>/`` or its retirement to ``.retired/`` while it is in use does not change what it reads."""
-        for _attempt in range(3):   # a replacement may land between finding the folder and opening it
-            fd = os.open(self.version_dir(name, digest), os.O_RDONLY | os.O_DIRECTORY)
+        def check(expert: Expert) -> None:
+            if expert.manifest.sha256.get(TENSORS_FILE) != digest:
+                raise _Moved(f"expert {name!r} version {digest[:12]} was replaced while it was opened")
+            expert.check_digests()
+        return self._load_pinned(lambda: self._find_version(name, digest), check)
+
+    def _settled(self, find: Any, locked: bool = False) -> Any:
+        """``find()``, or if it finds nothing, ``find()`` again holding the store's lock: a replacement or
+        deletion is two renames (swap in, then retire the old version), so a version can be briefly in
+        neither place a reader looks; every install and retirement holds the lock."""
+        if not locked:
             try:
-                expert = load_expert(Path(f"/proc/self/fd/{fd}"))
-                if expert.manifest.sha256.get(TENSORS_FILE) != digest:
-                    os.close(fd)
-                    continue
+                return find()
+            except (UnknownExpertError, FileNotFoundError, NotADirectoryError):
+                pass
+        with self._locked():
+            return find()
+
+    def _load_pinned(self, find: Any, check: Any, verify: bool = False) -> Expert:
+        """The expert in the folder ``find()`` names, read through a handle on it (closed when the expert
+        is collected), checked against this store's base and by ``check(expert)``. If it was swapped out
+        between being found and opened, it is found and opened again holding the lock."""
+        for locked in (False, True):
+            fd = self._settled(lambda: os.open(find(), os.O_RDONLY | os.O_DIRECTORY), locked)
+            try:
+                expert = load_expert(Path(f"/proc/self/fd/{fd}"), verify=verify)
                 expert.check_base(self.fingerprint, self.shapes)
-                expert.check_digests()
-            except BaseException:
+                check(expert)
+            except BaseException as err:
                 os.close(fd)
-                raise
+                if not isinstance(err, _Moved):
+                    raise
+                if locked:
+                    raise UnknownExpertError(str(err)) from err
+                continue
             weakref.finalize(expert, os.close, fd)
             return expert
-        raise UnknownExpertError(f"expert {name!r} version {digest[:12]} kept changing while it was loaded")
+        raise AssertionError("unreachable")
 
     def _retired_paths(self, name: str, digest: str) -> list[Path]:
         """The retired copies of that version, newest first (a version retired twice has two: each
@@ -342,35 +328,6 @@ class ExpertStore:
         return self.publish(name, write, exemplars=exemplars, replace=replace, objective=objective)
 
 
-def score_stage(stage: Path, objective: Any) -> None:
-    """Give a staged expert without a calibration score one: ``objective(decoded deltas)``, i.e. its
-    measured quality on the calibration examples (kept as is when the compressor already scored it)."""
-    manifest_path = stage / MANIFEST_FILE
-    raw = json.loads(manifest_path.read_text())
-    if raw.get("calibration_score") is not None:
-        return
-    expert = load_expert(stage)
-    raw["calibration_score"] = float(objective(dict(expert.iter_deltas(torch.float32))))
-    manifest_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-
-
-def save_lora_expert(base_dir: Path, adapter_dir: Path, out: Path, *, name: str, fingerprint: str) -> ExpertManifest:
-    """A PEFT LoRA kept exactly: per adapted weight, A and scaling*B (lowrank codec, adapter dtype)."""
-    factors, carried = lora_factors(base_dir, adapter_dir)
-    codec = get_codec("lowrank")
-    dtype = next(iter(factors.values())).A.dtype
-    value_dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    encoded = {}
-    for param, f in factors.items():
-        B = (f.B.float() * f.scaling).to(value_dtype)
-        encoded[param] = EncodedDelta(codec.encode_factors(f.A, B, value_dtype=value_dtype),
-                                      (f.B.shape[0], f.A.shape[1]))
-    rank = max(f.A.shape[0] for f in factors.values())
-    return save_expert(out, encoded, name=name, base_fingerprint=fingerprint, codec="lowrank",
-                       source=str(adapter_dir), method={"name": "lora", "rank": rank}, kind="lora",
-                       value_dtype=value_dtype, carried=carried)
-
-
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
         raise StoreError(f"expert name {name!r} must match {NAME_PATTERN} (lowercase letters, digits, '_', '.', '-')")
@@ -398,3 +355,11 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except FileNotFoundError:
         return time.time()
+
+
+def _manifest_digest(path: Path) -> str | None:
+    """The tensors' sha256 the manifest in ``path`` records (None if unreadable)."""
+    try:
+        return json.loads((path / MANIFEST_FILE).read_text())["sha256"][TENSORS_FILE]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

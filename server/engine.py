@@ -178,7 +178,7 @@ class Engine:
             except (ValueError, OSError) as err:
                 broken[name] = str(err)
                 continue
-            fresh[name] = ExpertInfo(name, expert.manifest, expert.directory)
+            fresh[name] = ExpertInfo(name, expert.manifest, self.store.path(name))
         return fresh, broken
 
     async def _forget(self, info: ExpertInfo) -> None:

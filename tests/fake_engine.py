@@ -72,7 +72,7 @@ class FakeEngine:
         self.experts = {}
         for name in self.store.names():
             expert = self.store.load(name)
-            self.experts[name] = ExpertInfo(name, expert.manifest, expert.directory)
+            self.experts[name] = ExpertInfo(name, expert.manifest, self.store.path(name))
         self.generation = generation
         return True
 
