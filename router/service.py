@@ -143,6 +143,9 @@ def twins_collapsed(scores: dict[str, float], texts_of: Mapping[str, frozenset[s
         members.setdefault(group, []).append(name)
     chosen = {}
     for group, names in members.items():
+        if len(names) == 1:   # most experts have no twin
+            chosen[group] = names[0]
+            continue
         best = min(names, key=lambda n: (-scores[n], n))
         near = [n for n in names if n in preferred and scores[n] >= scores[best] * (1 - margin)]
         chosen[group] = min(near, key=lambda n: (-scores[n], n)) if near else best
