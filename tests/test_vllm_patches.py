@@ -94,3 +94,60 @@ def test_prefill_ops_expand_each_sequences_slot_to_its_tokens():
         y = torch.full((6, 14), 7.0)
         lora_ops.sgmv_expand_slice(h, b, y, None, lens, slots, 3, 3, 6, 1, 12, True)
         torch.testing.assert_close(y[:, 1:13], 7.0 + _reference(h, b, tokens))
+
+
+def _linear_reference(x, a_stacked, b_stacked, scale, slices, indices):
+    """Row by row, slice by slice: ``scale * x_i @ A_s[slot]^T @ B_s[slot]^T``, 0 for slot -1."""
+    parts = [scale * _reference(_reference(x, a, indices), b[:, :, :out], indices)
+             for a, b, out in zip(a_stacked, b_stacked, slices)]
+    return torch.cat(parts, dim=1)
+
+
+def test_mixed_batches_take_the_fused_linear_and_equal_the_per_row_definition():
+    """fused_lora_linear (a batch of several slots: one matmul against every slot's A, a per-step slot mask,
+    one matmul per slice) gives each row its own slot's product and slot -1 rows nothing; it declines a
+    one-slot batch (the grouped ops are cheaper there); a slot rewritten in place (vLLM loading another
+    adapter into it) is seen on the next call."""
+    from server.vllm_patches import fused_lora_linear
+
+    gen = torch.Generator().manual_seed(3)
+    slices = (12, 5, 5)                                    # a qkv-like linear: three slices
+    a = tuple(torch.randn(3, 1, 4, 16, generator=gen) for _ in slices)
+    b = tuple(torch.randn(3, 1, out + 2, 4, generator=gen) for out in slices)   # B wider than its slice
+    x = torch.randn(7, 16, generator=gen)
+    for step in range(3):
+        indices = torch.tensor([2, -1, 0, 2, -1, 1, 0])
+        y0 = torch.randn(7, sum(slices), generator=gen)
+        y = y0.clone()
+        assert fused_lora_linear(y, x, a, b, 0.5, slices, indices)
+        torch.testing.assert_close(y, y0 + _linear_reference(x, a, b, 0.5, slices, indices))
+        assert torch.equal(y[1], y0[1]) and torch.equal(y[4], y0[4])
+        a[1][2, 0].copy_(torch.randn(4, 16, generator=gen))     # a new adapter in slot 2
+        b[0][2, 0].mul_(-1.0)
+    for one in (torch.full((7,), 1), torch.full((7,), -1)):
+        y = y0.clone()
+        assert not fused_lora_linear(y, x, a, b, 1.0, slices, one) and torch.equal(y, y0)
+
+
+def test_the_punica_wrapper_uses_the_fused_linear_for_mixed_batches_only(monkeypatch):
+    patch_cpu_lora_ops()
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from server import vllm_patches
+
+    calls = []
+    monkeypatch.setattr(vllm_patches, "fused_lora_linear", lambda *args: calls.append(args) or False)
+
+    wrapper = object.__new__(punica_cpu.PunicaWrapperCPU)   # a decode step's state, without vLLM's init
+    wrapper._token_lora_indices, wrapper.indices_len = torch.tensor([0, -1, 1, 9]), [3, 3, 3, 3]
+    wrapper.is_prefill, wrapper.no_lora = False, False
+    gen = torch.Generator().manual_seed(4)
+    a, b = (torch.randn(2, 1, 4, 16, generator=gen),), (torch.randn(2, 1, 6, 4, generator=gen),)
+    x, y = torch.randn(3, 16, generator=gen), torch.zeros(3, 6)
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (6,))   # the fused op is offered the step's slots, declines
+    assert len(calls) == 1 and torch.equal(calls[0][-1], torch.tensor([0, -1, 1]))
+    torch.testing.assert_close(y, _linear_reference(x, a, b, 1.0, (6,), torch.tensor([0, -1, 1])))   # vLLM's path
+    monkeypatch.undo()
+    y = torch.zeros(3, 6)
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (6,))   # taken
+    torch.testing.assert_close(y, _linear_reference(x, a, b, 1.0, (6,), torch.tensor([0, -1, 1])))

@@ -9,11 +9,14 @@ milliseconds per step (median of ``--repeats``):
 
 * ``T`` tokens in the step: 8 and 32 (decoding requests) and 320 (a prefill of
   8 prompts of 40 tokens);
-* slots: every token on one adapter, or 30 % of tokens on three adapters and
-  70 % on none (slot -1: a base request batched with LoRA ones).
+* slots: every token on one adapter; 30 % of tokens on three adapters and 70 %
+  on none (slot -1: a base request batched with LoRA ones); 70 % on one adapter
+  and 30 % on three others (the ``auto`` realistic mix served as adapters).
 
-Both run in this one process, one after the other, per row (this machine is
-shared: compare the ratio, not the milliseconds across runs).
+Three ways: vLLM's ops, the grouped ops, and ``deltaserve`` as the worker runs
+it (``fused_lora_linear`` for batches of several slots, else the grouped ops).
+All run in this one process, one after the other, per row (this machine is
+shared: compare the ratios, not the milliseconds across runs).
 
     .venv/bin/python -m bench.kernels.lora_ops --out results/kernels/cpu_lora_ops.json
 """
@@ -47,6 +50,17 @@ def model_step(layers, inputs: dict[int, torch.Tensor], indices: torch.Tensor, s
             offset += out
 
 
+def served_step(layers, inputs: dict[int, torch.Tensor], indices: torch.Tensor, shrink, expand_slice, rank: int):
+    """What the patched punica wrapper runs: the fused linear where it applies, else the grouped ops."""
+    from server.vllm_patches import fused_lora_linear
+
+    tokens = indices.numel()
+    for width, outs, a_stacked, b_stacked in layers:
+        if not fused_lora_linear(torch.zeros(tokens, sum(outs)), inputs[width], a_stacked, b_stacked, 1.0, outs,
+                                 indices):
+            model_step([(width, outs, a_stacked, b_stacked)], inputs, indices, shrink, expand_slice, rank)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "results" / "kernels" / "cpu_lora_ops.json")
@@ -60,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from server.vllm_patches import patch_cpu_lora_ops
 
-    ops = {"vllm": (lora_ops.bgmv_shrink, lora_ops.bgmv_expand_slice)}
+    ops = {"vllm": (model_step, lora_ops.bgmv_shrink, lora_ops.bgmv_expand_slice)}
     patch_cpu_lora_ops()
-    ops["grouped"] = (lora_ops.bgmv_shrink, lora_ops.bgmv_expand_slice)
+    ops["grouped"] = (model_step, lora_ops.bgmv_shrink, lora_ops.bgmv_expand_slice)
+    ops["served"] = (served_step, lora_ops.bgmv_shrink, lora_ops.bgmv_expand_slice)
     gen = torch.Generator().manual_seed(0)
     layers = [(width, outs, [torch.randn(args.slots, 1, args.rank, width, generator=gen) for _ in outs],
                [torch.randn(args.slots, 1, out, args.rank, generator=gen) for out in outs])
@@ -71,22 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     for tokens in (8, 32, 320):
         inputs = {w: torch.randn(tokens, w, generator=gen) for w in (576, 1536)}
         some = torch.rand(tokens, generator=gen) < 0.3
+        others = torch.randint(0, 3, (tokens,), generator=gen)
         mixes = {"one adapter": torch.full((tokens,), 1),
-                 "30 % on 3 adapters, 70 % none": torch.where(some, torch.randint(0, 3, (tokens,), generator=gen),
-                                                              torch.full((tokens,), -1))}
+                 "30 % on 3 adapters, 70 % none": torch.where(some, others, torch.full((tokens,), -1)),
+                 "70 % on 1 adapter, 30 % on 3 others": torch.where(some, others + 1, torch.full((tokens,), 0))}
         for mix, indices in mixes.items():
             row = {"tokens": tokens, "mix": mix}
-            for name, (shrink, expand_slice) in ops.items():
+            for name, (step, shrink, expand_slice) in ops.items():
                 times = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    model_step(layers, inputs, indices, shrink, expand_slice, args.rank)
+                    step(layers, inputs, indices, shrink, expand_slice, args.rank)
                     times.append(time.perf_counter() - start)
                 row[f"{name}_ms"] = 1000 * statistics.median(times)
             row["speedup"] = row["vllm_ms"] / row["grouped_ms"]
+            row["served_speedup"] = row["vllm_ms"] / row["served_ms"]
             rows.append(row)
-            print(f"T={tokens:4d} {mix:32s} vllm {row['vllm_ms']:7.1f} ms  grouped {row['grouped_ms']:6.1f} ms  "
-                  f"{row['speedup']:.1f}x", flush=True)
+            print(f"T={tokens:4d} {mix:36s} vllm {row['vllm_ms']:7.1f} ms  grouped {row['grouped_ms']:6.1f} ms  "
+                  f"served {row['served_ms']:6.1f} ms  {row['speedup']:.1f}x / {row['served_speedup']:.1f}x", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**record, "rank": args.rank, "slots": args.slots, "layers": args.layers,
                                     "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
