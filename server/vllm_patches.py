@@ -21,16 +21,20 @@ directly; prefill's ``sgmv_*``, which on vLLM-CPU serve every step, are
 replaced too: they expanded each sequence's slot to its tokens with a
 ``repeat_interleave`` in every op call — once per step now).
 
-**Batches mixing adapters (one op per linear, not per slot and slice).** The
-grouped ops still cost a gather, a matmul and a scatter per slot present, per
-slice, per linear (~420 op calls per step for SmolLM2): a step with four
-adapters (the ``auto`` 70/30 mix) cost 2.5x a one-adapter step. For a batch of
-several slots the punica wrapper's ``add_lora_linear`` now multiplies the rows by
-every slot's A at once (the slots' A matrices of all slices stacked, once per
-adapter load), zeroes each row's columns of the other slots (a mask built once
-per step; slot -1 rows keep none), and adds ``t @ B`` per slice — four ops per
-linear whatever the mix (``fused_lora_linear``). Batches of one slot keep the
-grouped ops (fewer FLOPs).
+**Each LoRA linear in a few ops (the punica wrapper's ``add_lora_linear``).** The
+grouped ops still cost a buffer, a gather, a matmul and a scatter per slot
+present, per slice, per linear, under several Python layers (~420 op calls per
+step for SmolLM2): a step with four adapters (the ``auto`` 70/30 mix) cost 2.5x
+a one-adapter step, and one adapter cost ~17 ms per step in the engine (8
+requests decoding) where two matmuls per linear take ~2.5 (bench.kernels.lora_ops). ``add_lora_linear`` now runs ``fused_lora_linear``:
+a batch of one slot multiplies the rows by that slot's A of every slice at once
+and adds ``t @ B`` with the slices' B laid block-diagonally (two matmuls per
+linear); a batch of several slots multiplies by every slot's A at once, masks
+each row to its own slot's columns (slot -1 rows keep none) and adds ``t @ B``
+per slice. The packed A and B are rebuilt only when vLLM loads an adapter into
+a slot (an in-place write, seen by the tensors' version counters); the step's
+slots, their groups and masks are computed once per step, when vLLM updates its
+LoRA mapping (``update_metadata``).
 """
 
 from __future__ import annotations
@@ -177,16 +181,21 @@ def _sgmv(bgmv, positional: int | None):
     return sgmv
 
 
-_packed_cache: dict = {}           # linear (id of its first A) -> (weight versions, A of every slot, B per slice)
-_last_mask: list = [None, {}]      # (slots, {(slots, rank, slices): mask}) of the last call
+_packed_cache: dict = {}   # (linear, slot or None) -> (weight versions, packed A, packed B)
+_last_mask: list = [None, {}]   # (slots, masks) of the last call without a step's state (tests, the kernel bench)
+
+
+def _versions(lora_a_stacked, lora_b_stacked) -> tuple[int, ...]:
+    """Bumped by every in-place write, e.g. vLLM loading an adapter into a slot."""
+    return tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked))
 
 
 def _packed(lora_a_stacked, lora_b_stacked, output_slices) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(every slice's A for every slot stacked: (slices*slots*rank, in); per slice, every slot's B as
-    (slots*rank, out)), rebuilt only when vLLM loads an adapter into a slot (an in-place write that bumps
-    the tensors' version counter)."""
-    key = (id(lora_a_stacked[0]), lora_a_stacked[0].data_ptr())
-    versions = tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked))
+    (slots*rank, out)), rebuilt only when an adapter is loaded into a slot. (Not block-diagonal as for one
+    slot: with every slot the zeros would be most of the bytes a decode step reads.)"""
+    key, versions = (id(lora_a_stacked[0]), lora_a_stacked[0].data_ptr(), None), _versions(lora_a_stacked,
+                                                                                          lora_b_stacked)
     hit = _packed_cache.get(key)
     if hit is None or hit[0] != versions:
         a = torch.cat([_squeezed(w).reshape(-1, w.shape[-1]) for w in lora_a_stacked])
@@ -195,12 +204,26 @@ def _packed(lora_a_stacked, lora_b_stacked, output_slices) -> tuple[torch.Tensor
     return hit[1], hit[2]
 
 
-def _slot_mask(slots: torch.Tensor, n_slots: int, rank: int, slices: int) -> torch.Tensor:
+def _packed_slot(lora_a_stacked, lora_b_stacked, output_slices, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(one slot's A of every slice stacked: (slices*rank, in); its B^T of every slice block-diagonally:
+    (slices*rank, sum of outs))."""
+    key, versions = (id(lora_a_stacked[0]), lora_a_stacked[0].data_ptr(), slot), _versions(lora_a_stacked,
+                                                                                          lora_b_stacked)
+    hit = _packed_cache.get(key)
+    if hit is None or hit[0] != versions:
+        a = torch.cat([_squeezed(w)[slot] for w in lora_a_stacked])
+        b = torch.block_diag(*[_squeezed(w)[slot, :out].t() for w, out in zip(lora_b_stacked, output_slices)])
+        hit = _packed_cache[key] = (versions, a, b)
+    return hit[1], hit[2]
+
+
+def _slot_mask(slots: torch.Tensor, n_slots: int, rank: int, slices: int, masks: dict | None) -> torch.Tensor:
     """(rows, slices*slots*rank) 1.0 where a column belongs to the row's slot (none for slot -1)."""
-    last, masks = _last_mask
-    if last is None or last.shape != slots.shape or not torch.equal(last, slots):
-        masks = {}
-        _last_mask[:] = [slots.clone(), masks]
+    if masks is None:
+        last, masks = _last_mask
+        if last is None or last.shape != slots.shape or not torch.equal(last, slots):
+            masks = {}
+            _last_mask[:] = [slots.clone(), masks]
     key = (n_slots, rank, slices)
     if key not in masks:
         one_hot = (slots.unsqueeze(1) == torch.arange(n_slots)).to(torch.float32)
@@ -208,34 +231,67 @@ def _slot_mask(slots: torch.Tensor, n_slots: int, rank: int, slices: int) -> tor
     return masks[key]
 
 
-def fused_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale: float, output_slices, slots) -> bool:
-    """``y[:, slice i] += scale * x @ A_i[slot]^T @ B_i[slot]^T`` for each row's slot (-1: nothing), in four
-    ops whatever the mix; False (nothing done) for a batch of one slot or a shape it does not cover."""
+def fused_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale: float, output_slices, slots,
+                      groups=None, masks: dict | None = None) -> bool:
+    """``y[:, slice i] += scale * x @ A_i[slot]^T @ B_i[slot]^T`` for each row's slot (-1: nothing), added into
+    ``y`` in place. One slot: two matmuls, ``x`` against its A of every slice stacked, then against its B of
+    every slice laid block-diagonally. Several: ``x`` against every slot's A at once, each row masked to its
+    own slot's columns, then one matmul per slice. False (nothing done) for a shape it does not cover.
+    ``groups``/``masks``: the step's ``_row_groups`` and a dict for its masks (computed here if not given)."""
     x = x.view(-1, x.shape[-1])
-    groups = _row_groups(slots, x.shape[0])
-    if groups is None or len(groups) < 2 or y.shape[0] != x.shape[0]:
+    groups = _row_groups(slots, x.shape[0]) if groups is None else groups
+    if groups is None or y.shape[0] != x.shape[0] or slots.numel() not in (1, x.shape[0]) \
+            or y.shape[1] != sum(output_slices) or not y.is_contiguous():
         return False
-    a, b = _packed(lora_a_stacked, lora_b_stacked, output_slices)
-    n_slots, rank = lora_a_stacked[0].shape[0], lora_a_stacked[0].shape[-2]
-    t = _as(x, torch.float32) @ a.t()
-    t.mul_(_slot_mask(slots.reshape(-1), n_slots, rank, len(output_slices)))
-    if scale != 1.0:
-        t.mul_(scale)
-    width, offset = n_slots * rank, 0
-    for i, (weights, out) in enumerate(zip(b, output_slices)):
-        part = t[:, i * width:(i + 1) * width] @ weights
-        y[:, offset:offset + out].add_(_as(part, y.dtype))
-        offset += out
+    if len(groups) == 1:
+        if groups[0][0] < 0:
+            return True
+        a, b = _packed_slot(lora_a_stacked, lora_b_stacked, output_slices, groups[0][0])
+        t = _as(x, torch.float32) @ a.t()
+    else:
+        a, b = _packed(lora_a_stacked, lora_b_stacked, output_slices)
+        n_slots, rank = lora_a_stacked[0].shape[0], lora_a_stacked[0].shape[-2]
+        t = _as(x, torch.float32) @ a.t()
+        t.mul_(_slot_mask(slots.reshape(-1), n_slots, rank, len(output_slices), masks))
+        width, offset = n_slots * rank, 0
+        for i, (weights, out) in enumerate(zip(b, output_slices)):
+            part = y[:, offset:offset + out]
+            if y.dtype == torch.float32:
+                part.addmm_(t[:, i * width:(i + 1) * width], weights, alpha=scale)
+            else:
+                part.add_((scale * (t[:, i * width:(i + 1) * width] @ weights)).to(y.dtype))
+            offset += out
+        return True
+    if y.dtype == torch.float32:
+        y.addmm_(t, b, alpha=scale)
+    else:
+        y.add_((scale * (t @ b)).to(y.dtype))
     return True
+
+
+_STEP = "_deltaserve_step"
+
+
+def _step_state(original):
+    """After vLLM sets a step's LoRA mapping: each token's slot, their groups and a mask cache, once per step
+    (the ~120 LoRA linears of the step read them instead of comparing the slots again)."""
+    @functools.wraps(original)
+    def update_metadata(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        slots = self.token_lora_indices.clone()
+        setattr(self, _STEP, (slots, _row_groups(slots, slots.numel()), {}))
+
+    setattr(update_metadata, _MARK, True)
+    return update_metadata
 
 
 def _fused_add_lora_linear(original):
     @functools.wraps(original)
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                         **kwargs):
-        if buffer is None and kwargs.get("add_inputs", True) and not (self.is_prefill and self.no_lora) \
-                and fused_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
-                                      self.token_lora_indices):
+        step = getattr(self, _STEP, None)
+        if step is not None and buffer is None and kwargs.get("add_inputs", True) \
+                and fused_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *step):
             return None
         return original(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
 
@@ -262,7 +318,8 @@ def patch_cpu_lora_ops() -> bool:
         setattr(lora_ops, name, op)
         setattr(punica_cpu, name, op)
     wrapper = punica_cpu.PunicaWrapperCPU
+    wrapper.update_metadata = _step_state(wrapper.update_metadata)
     wrapper.add_lora_linear = _fused_add_lora_linear(wrapper.add_lora_linear)
     log.info("vLLM CPU LoRA ops: one matmul per slot present, slots per token once per step, adapter-less "
-             "rows kept adapter-less (index -1 fix), batches mixing adapters in four ops per linear")
+             "rows kept adapter-less (index -1 fix), each LoRA linear in a few ops per step")
     return True

@@ -4,6 +4,7 @@ answer exactly what HF transformers answers on the checkpoint `deltaserve merge`
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 
 import pytest
@@ -56,6 +57,14 @@ def _served(server, model):
     return texts, last.model_extra["deltaserve"]["path"]
 
 
+def _ask(server, model, i):
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": model, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                                 "messages": [{"role": "user", "content": QUESTIONS[i]}]})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+
 def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
     from experts.merge_model import merge_into_checkpoint
 
@@ -64,6 +73,8 @@ def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
     store = ExpertStore(tmp_path / "store", real_base)
     random_lora(real_base, tmp_path / "lora")
     store.import_source("random-lora", tmp_path / "lora")
+    random_lora(real_base, tmp_path / "lora-2", seed=1)
+    store.import_source("random-lora-2", tmp_path / "lora-2")
     random_sparse_expert(real_base, tmp_path / "sparse")
     store.import_source("random-sparse", tmp_path / "sparse")
     assert "model.embed_tokens.weight" in store.load("random-sparse").param_names   # the tied input/output matrix
@@ -87,6 +98,15 @@ def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
             assert served_path == path and texts == merged[name], (name, texts, merged[name])
             assert texts != base_text, f"{name} must change the answers, or this test proves nothing"
         assert _served(server, "base")[0] == base_text           # and the base is restored exactly
+        # batches mixing two adapters and adapter-less rows (server.vllm_patches.fused_lora_linear): each
+        # request answers what it answers alone
+        alone = {m: _served(server, m)[0] for m in ("random-lora", "random-lora-2")}
+        assert alone["random-lora"] == merged["random-lora"] and alone["random-lora-2"] != alone["random-lora"]
+        alone["base"] = base_text
+        jobs = [(m, i) for m in ("random-lora", "base", "random-lora-2") for i in range(len(QUESTIONS))] * 2
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda job: _ask(server, *job), jobs))
+        assert together == [alone[m][i] for m, i in jobs]
     finally:
         server.stop()
     # without vLLM's LoRA support (--lora off) the LoRA expert is served from

@@ -103,11 +103,11 @@ def _linear_reference(x, a_stacked, b_stacked, scale, slices, indices):
     return torch.cat(parts, dim=1)
 
 
-def test_mixed_batches_take_the_fused_linear_and_equal_the_per_row_definition():
-    """fused_lora_linear (a batch of several slots: one matmul against every slot's A, a per-step slot mask,
-    one matmul per slice) gives each row its own slot's product and slot -1 rows nothing; it declines a
-    one-slot batch (the grouped ops are cheaper there); a slot rewritten in place (vLLM loading another
-    adapter into it) is seen on the next call."""
+def test_the_fused_linear_equals_the_per_row_definition():
+    """fused_lora_linear (one slot: its A of every slice in one matmul; several: every slot's A at once and
+    a per-step slot mask; then one matmul per slice) gives each row its own slot's product and slot -1 rows
+    nothing, for mixed and one-slot batches; a slot rewritten in place (vLLM loading another adapter into
+    it) is seen on the next call; slots that do not match the rows are declined."""
     from server.vllm_patches import fused_lora_linear
 
     gen = torch.Generator().manual_seed(3)
@@ -116,38 +116,56 @@ def test_mixed_batches_take_the_fused_linear_and_equal_the_per_row_definition():
     b = tuple(torch.randn(3, 1, out + 2, 4, generator=gen) for out in slices)   # B wider than its slice
     x = torch.randn(7, 16, generator=gen)
     for step in range(3):
-        indices = torch.tensor([2, -1, 0, 2, -1, 1, 0])
-        y0 = torch.randn(7, sum(slices), generator=gen)
-        y = y0.clone()
-        assert fused_lora_linear(y, x, a, b, 0.5, slices, indices)
-        torch.testing.assert_close(y, y0 + _linear_reference(x, a, b, 0.5, slices, indices))
-        assert torch.equal(y[1], y0[1]) and torch.equal(y[4], y0[4])
+        for indices in (torch.tensor([2, -1, 0, 2, -1, 1, 0]), torch.full((7,), 2), torch.full((7,), -1)):
+            y0 = torch.randn(7, sum(slices), generator=gen)
+            y = y0.clone()
+            assert fused_lora_linear(y, x, a, b, 0.5, slices, indices)
+            torch.testing.assert_close(y, y0 + _linear_reference(x, a, b, 0.5, slices, indices))
+            assert all(torch.equal(y[i], y0[i]) for i in range(7) if indices[i] < 0)
         a[1][2, 0].copy_(torch.randn(4, 16, generator=gen))     # a new adapter in slot 2
         b[0][2, 0].mul_(-1.0)
-    for one in (torch.full((7,), 1), torch.full((7,), -1)):
-        y = y0.clone()
-        assert not fused_lora_linear(y, x, a, b, 1.0, slices, one) and torch.equal(y, y0)
+    y = y0.clone()
+    assert not fused_lora_linear(y, x, a, b, 1.0, slices, torch.tensor([0, 1, 2])) and torch.equal(y, y0)
 
 
-def test_the_punica_wrapper_uses_the_fused_linear_for_mixed_batches_only(monkeypatch):
+def test_the_punica_wrapper_runs_each_linear_through_the_fused_op_with_the_steps_state(monkeypatch):
+    """update_metadata (once per step, when vLLM's LoRA mapping changes) records the tokens' slots and their
+    groups; add_lora_linear hands them to fused_lora_linear, and runs vLLM's own path if it declines."""
     patch_cpu_lora_ops()
     from vllm.lora.punica_wrapper import punica_cpu
 
     from server import vllm_patches
 
-    calls = []
-    monkeypatch.setattr(vllm_patches, "fused_lora_linear", lambda *args: calls.append(args) or False)
+    from vllm.lora.layers import LoRAMapping
 
-    wrapper = object.__new__(punica_cpu.PunicaWrapperCPU)   # a decode step's state, without vLLM's init
-    wrapper._token_lora_indices, wrapper.indices_len = torch.tensor([0, -1, 1, 9]), [3, 3, 3, 3]
-    wrapper.is_prefill, wrapper.no_lora = False, False
+    wrapper = punica_cpu.PunicaWrapperCPU(16, 4, "cpu")
+    for is_prefill in (True, False):   # LoRA ids 1 and 2 in slots 0 and 1; id 0 is no adapter
+        wrapper.update_metadata(LoRAMapping(index_mapping=(1, 0, 2), prompt_mapping=(1, 0, 2), is_prefill=is_prefill),
+                                [1, 2], 2, 100)
+    slots = torch.tensor([0, -1, 1])
     gen = torch.Generator().manual_seed(4)
     a, b = (torch.randn(2, 1, 4, 16, generator=gen),), (torch.randn(2, 1, 6, 4, generator=gen),)
-    x, y = torch.randn(3, 16, generator=gen), torch.zeros(3, 6)
-    wrapper.add_lora_linear(y, x, a, b, 1.0, (6,))   # the fused op is offered the step's slots, declines
-    assert len(calls) == 1 and torch.equal(calls[0][-1], torch.tensor([0, -1, 1]))
-    torch.testing.assert_close(y, _linear_reference(x, a, b, 1.0, (6,), torch.tensor([0, -1, 1])))   # vLLM's path
-    monkeypatch.undo()
+    x = torch.randn(3, 16, generator=gen)
     y = torch.zeros(3, 6)
-    wrapper.add_lora_linear(y, x, a, b, 1.0, (6,))   # taken
-    torch.testing.assert_close(y, _linear_reference(x, a, b, 1.0, (6,), torch.tensor([0, -1, 1])))
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (6,))   # fused
+    torch.testing.assert_close(y, _linear_reference(x, a, b, 1.0, (6,), slots))
+    calls = []
+    monkeypatch.setattr(vllm_patches, "fused_lora_linear", lambda *args: calls.append(args) or False)
+    y = torch.zeros(3, 6)
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (6,))   # declined: vLLM's path (the grouped ops) runs
+    assert len(calls) == 1 and torch.equal(calls[0][6], slots) and [g for g, _ in calls[0][7]] == [-1, 0, 1]
+    torch.testing.assert_close(y, _linear_reference(x, a, b, 1.0, (6,), slots))
+
+
+def test_shapes_the_grouped_ops_do_not_cover_fall_back_to_vllms_op_with_the_minus_one_fix():
+    """One input row against three slots (indices and rows differ, neither broadcast): vLLM's op runs
+    (its einsum broadcasts the row), and the slot -1 row still gets nothing."""
+    patch_cpu_lora_ops()
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    gen = torch.Generator().manual_seed(5)
+    weights = torch.randn(2, 1, 4, 16, generator=gen)
+    x = torch.randn(1, 16, generator=gen)
+    out = torch.full((3, 4), 7.0)
+    punica_cpu.bgmv_shrink(x, weights, out, torch.tensor([0, -1, 1]), 2.0)
+    torch.testing.assert_close(out, torch.stack([2.0 * weights[0, 0] @ x[0], torch.zeros(4), 2.0 * weights[1, 0] @ x[0]]))

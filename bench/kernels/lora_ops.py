@@ -13,8 +13,9 @@ milliseconds per step (median of ``--repeats``):
   on none (slot -1: a base request batched with LoRA ones); 70 % on one adapter
   and 30 % on three others (the ``auto`` realistic mix served as adapters).
 
-Three ways: vLLM's ops, the grouped ops, and ``deltaserve`` as the worker runs
-it (``fused_lora_linear`` for batches of several slots, else the grouped ops).
+Three ways: vLLM's ops, the grouped ops (per slot and slice), and ``served``:
+what the worker runs (``fused_lora_linear``, a few ops per linear, with the
+slots' groups computed once per step).
 All run in this one process, one after the other, per row (this machine is
 shared: compare the ratios, not the milliseconds across runs).
 
@@ -51,13 +52,15 @@ def model_step(layers, inputs: dict[int, torch.Tensor], indices: torch.Tensor, s
 
 
 def served_step(layers, inputs: dict[int, torch.Tensor], indices: torch.Tensor, shrink, expand_slice, rank: int):
-    """What the patched punica wrapper runs: the fused linear where it applies, else the grouped ops."""
-    from server.vllm_patches import fused_lora_linear
+    """What the patched punica wrapper runs: the slots' groups once per step, then every linear through
+    ``fused_lora_linear`` (the grouped ops for a shape it declines)."""
+    from server.vllm_patches import _row_groups, fused_lora_linear
 
     tokens = indices.numel()
+    groups, masks = _row_groups(indices, tokens), {}
     for width, outs, a_stacked, b_stacked in layers:
         if not fused_lora_linear(torch.zeros(tokens, sum(outs)), inputs[width], a_stacked, b_stacked, 1.0, outs,
-                                 indices):
+                                 indices, groups, masks):
             model_step([(width, outs, a_stacked, b_stacked)], inputs, indices, shrink, expand_slice, rank)
 
 
