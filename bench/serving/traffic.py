@@ -172,9 +172,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--store", type=Path, help="store to use/fill (default: a temporary one)")
     ap.add_argument("--requests", type=int, default=64, help="requests per traffic mix")
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=8,
-                    help="requests of each mix sent (at its concurrency) before it is measured: the numbers are the "
-                         "mix's steady state; the swaps of switching into it are reported as warmup_swaps")
+    ap.add_argument("--warmup", type=int, default=32,
+                    help="requests of each mix sent (at its concurrency) before it is measured: the numbers are "
+                         "the mix's steady state (32: the adaptive policy's history, four windows of 8 requests); "
+                         "the swaps of switching into it are reported as warmup_swaps")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=200.0)
     ap.add_argument("--seed", type=int, default=0)
