@@ -181,7 +181,7 @@ def _sgmv(bgmv, positional: int | None):
     return sgmv
 
 
-_packed_cache: dict = {}   # (linear, slot or None) -> (weight versions, packed A, packed B)
+_packed_cache: dict = {}   # (linear, slot or None) -> (weight versions, packed A, packed B), float32 like the buffers
 _last_mask: list = [None, {}]   # (slots, masks) of the last call without a step's state (tests, the kernel bench)
 
 
@@ -198,8 +198,9 @@ def _packed(lora_a_stacked, lora_b_stacked, output_slices) -> tuple[torch.Tensor
                                                                                           lora_b_stacked)
     hit = _packed_cache.get(key)
     if hit is None or hit[0] != versions:
-        a = torch.cat([_squeezed(w).reshape(-1, w.shape[-1]) for w in lora_a_stacked])
-        b = [_squeezed(w)[:, :out].transpose(1, 2).reshape(-1, out) for w, out in zip(lora_b_stacked, output_slices)]
+        a = torch.cat([_squeezed(w).reshape(-1, w.shape[-1]) for w in lora_a_stacked]).float()
+        b = [_squeezed(w)[:, :out].transpose(1, 2).reshape(-1, out).float()
+             for w, out in zip(lora_b_stacked, output_slices)]
         hit = _packed_cache[key] = (versions, a, b)
     return hit[1], hit[2]
 
@@ -211,8 +212,8 @@ def _packed_slot(lora_a_stacked, lora_b_stacked, output_slices, slot: int) -> tu
                                                                                           lora_b_stacked)
     hit = _packed_cache.get(key)
     if hit is None or hit[0] != versions:
-        a = torch.cat([_squeezed(w)[slot] for w in lora_a_stacked])
-        b = torch.block_diag(*[_squeezed(w)[slot, :out].t() for w, out in zip(lora_b_stacked, output_slices)])
+        a = torch.cat([_squeezed(w)[slot] for w in lora_a_stacked]).float()
+        b = torch.block_diag(*[_squeezed(w)[slot, :out].t() for w, out in zip(lora_b_stacked, output_slices)]).float()
         hit = _packed_cache[key] = (versions, a, b)
     return hit[1], hit[2]
 

@@ -169,3 +169,19 @@ def test_shapes_the_grouped_ops_do_not_cover_fall_back_to_vllms_op_with_the_minu
     out = torch.full((3, 4), 7.0)
     punica_cpu.bgmv_shrink(x, weights, out, torch.tensor([0, -1, 1]), 2.0)
     torch.testing.assert_close(out, torch.stack([2.0 * weights[0, 0] @ x[0], torch.zeros(4), 2.0 * weights[1, 0] @ x[0]]))
+
+
+def test_the_fused_linear_runs_bf16_adapters_and_outputs_in_float32():
+    """A bf16 model's LoRA slots and outputs: the product is taken in float32 (vLLM's buffers' dtype) and
+    added to the bf16 output."""
+    from server.vllm_patches import fused_lora_linear
+
+    gen = torch.Generator().manual_seed(6)
+    a = (torch.randn(2, 1, 4, 16, generator=gen).bfloat16(),)
+    b = (torch.randn(2, 1, 6, 4, generator=gen).bfloat16(),)
+    x = torch.randn(3, 16, generator=gen).bfloat16()
+    for indices in (torch.tensor([1, -1, 0]), torch.full((3,), 1)):
+        y = torch.zeros(3, 6, dtype=torch.bfloat16)
+        assert fused_lora_linear(y, x, a, b, 1.0, (6,), indices)
+        expected = _linear_reference(x.float(), (a[0].float(),), (b[0].float(),), 1.0, (6,), indices)
+        torch.testing.assert_close(y.float(), expected, atol=0.05, rtol=0.02)
