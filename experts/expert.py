@@ -20,8 +20,10 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -304,6 +306,22 @@ def load_expert(directory: Path, *, verify: bool = False) -> Expert:
     expert = Expert(directory, manifest)
     if verify:
         expert.verify()
+    return expert
+
+
+def load_pinned(fd: int, check: Callable[[Expert], object] = lambda expert: None, *,
+                verify: bool = False) -> Expert:
+    """The expert in the folder open as ``fd`` (an ``os.open`` of it), read through that handle
+    (``/proc/self/fd``) so that a replacement swapped in at its path, or its retirement, does not change
+    what it reads; checked by ``check(expert)``. The handle is closed when the expert is collected, or at
+    once if loading or ``check`` raises."""
+    try:
+        expert = load_expert(Path(f"/proc/self/fd/{fd}"), verify=verify)
+        check(expert)
+    except BaseException:
+        os.close(fd)
+        raise
+    weakref.finalize(expert, os.close, fd)
     return expert
 
 

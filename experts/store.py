@@ -30,14 +30,13 @@ import re
 import shutil
 import time
 import uuid
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from experts.atomic import exchange, fsync_tree, pid_alive, write_json_atomic
 from experts.expert import (MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE, BaseMismatchError, Expert, ExpertFormatError,
-                            ExpertManifest, load_expert)
+                            ExpertManifest, load_expert, load_pinned)
 from experts.sources import Compression, save_lora_expert, score_stage
 from experts.taskvector import _shapes, base_fingerprint
 
@@ -171,24 +170,20 @@ class ExpertStore:
             return find()
 
     def _load_pinned(self, find: Any, check: Any, verify: bool = False) -> Expert:
-        """The expert in the folder ``find()`` names, read through a handle on it (closed when the expert
-        is collected), checked against this store's base and by ``check(expert)``. If it was swapped out
-        between being found and opened, it is found and opened again holding the lock."""
+        """The expert in the folder ``find()`` names, pinned (``experts.expert.load_pinned``), checked against
+        this store's base and by ``check(expert)``. If it was swapped out between being found and opened, it
+        is found and opened again holding the lock."""
+        def checked(expert: Expert) -> None:
+            expert.check_base(self.fingerprint, self.shapes)
+            check(expert)
+
         for locked in (False, True):
             fd = self._settled(lambda: os.open(find(), os.O_RDONLY | os.O_DIRECTORY), locked)
             try:
-                expert = load_expert(Path(f"/proc/self/fd/{fd}"), verify=verify)
-                expert.check_base(self.fingerprint, self.shapes)
-                check(expert)
-            except BaseException as err:
-                os.close(fd)
-                if not isinstance(err, _Moved):
-                    raise
+                return load_pinned(fd, checked, verify=verify)
+            except _Moved as err:
                 if locked:
                     raise UnknownExpertError(str(err)) from err
-                continue
-            weakref.finalize(expert, os.close, fd)
-            return expert
         raise AssertionError("unreachable")
 
     def _retired_paths(self, name: str, digest: str) -> list[Path]:

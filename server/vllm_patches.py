@@ -26,10 +26,10 @@ grouped ops still cost a buffer, a gather, a matmul and a scatter per slot
 present, per slice, per linear, under several Python layers (~420 op calls per
 step for SmolLM2): a step with four adapters (the ``auto`` 70/30 mix) cost 2.5x
 a one-adapter step, and one adapter cost ~17 ms per step in the engine (8
-requests decoding) where two matmuls per linear take ~2.5 (bench.kernels.lora_ops). ``add_lora_linear`` now runs ``fused_lora_linear``:
-a batch of one slot multiplies the rows by that slot's A of every slice at once
-and adds ``t @ B`` with the slices' B laid block-diagonally (two matmuls per
-linear); a batch of several slots multiplies by every slot's A at once, masks
+requests decoding) where two matmuls per linear take ~2.5 (bench.kernels.lora_ops).
+``add_lora_linear`` now runs ``fused_lora_linear``: a batch of one slot
+multiplies the rows by that slot's A of every slice at once and adds ``t @ B``
+with the slices' B laid block-diagonally (two matmuls per linear); a batch of several slots multiplies by every slot's A at once, masks
 each row to its own slot's columns (slot -1 rows keep none) and adds ``t @ B``
 per slice. The packed A and B are rebuilt only when vLLM loads an adapter into
 a slot (an in-place write, seen by the tensors' version counters); the step's
@@ -182,54 +182,53 @@ def _sgmv(bgmv, positional: int | None):
 
 
 _packed_cache: dict = {}   # (linear, slot or None) -> (weight versions, packed A, packed B), float32 like the buffers
-_last_mask: list = [None, {}]   # (slots, masks) of the last call without a step's state (tests, the kernel bench)
 
 
-def _versions(lora_a_stacked, lora_b_stacked) -> tuple[int, ...]:
-    """Bumped by every in-place write, e.g. vLLM loading an adapter into a slot."""
-    return tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked))
+def _cached_packing(lora_a_stacked, lora_b_stacked, slot: int | None, pack):
+    """``pack()`` for this linear (and slot), rebuilt only when vLLM writes an adapter into a slot (an in-place
+    write bumps the tensors' version counters)."""
+    key = (id(lora_a_stacked[0]), lora_a_stacked[0].data_ptr(), slot)
+    versions = tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked))
+    hit = _packed_cache.get(key)
+    if hit is None or hit[0] != versions:
+        hit = _packed_cache[key] = (versions, *pack())
+    return hit[1], hit[2]
 
 
 def _packed(lora_a_stacked, lora_b_stacked, output_slices) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(every slice's A for every slot stacked: (slices*slots*rank, in); per slice, every slot's B as
-    (slots*rank, out)), rebuilt only when an adapter is loaded into a slot. (Not block-diagonal as for one
-    slot: with every slot the zeros would be most of the bytes a decode step reads.)"""
-    key, versions = (id(lora_a_stacked[0]), lora_a_stacked[0].data_ptr(), None), _versions(lora_a_stacked,
-                                                                                          lora_b_stacked)
-    hit = _packed_cache.get(key)
-    if hit is None or hit[0] != versions:
-        a = torch.cat([_squeezed(w).reshape(-1, w.shape[-1]) for w in lora_a_stacked]).float()
-        b = [_squeezed(w)[:, :out].transpose(1, 2).reshape(-1, out).float()
-             for w, out in zip(lora_b_stacked, output_slices)]
-        hit = _packed_cache[key] = (versions, a, b)
-    return hit[1], hit[2]
+    (slots*rank, out)). (Not block-diagonal as for one slot: with every slot the zeros would be most of the
+    bytes a decode step reads.)"""
+    return _cached_packing(lora_a_stacked, lora_b_stacked, None, lambda: (
+        torch.cat([_squeezed(w).reshape(-1, w.shape[-1]) for w in lora_a_stacked]).float(),
+        [_squeezed(w)[:, :out].transpose(1, 2).reshape(-1, out).float() for w, out in zip(lora_b_stacked,
+                                                                                           output_slices)]))
 
 
 def _packed_slot(lora_a_stacked, lora_b_stacked, output_slices, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(one slot's A of every slice stacked: (slices*rank, in); its B^T of every slice block-diagonally:
     (slices*rank, sum of outs))."""
-    key, versions = (id(lora_a_stacked[0]), lora_a_stacked[0].data_ptr(), slot), _versions(lora_a_stacked,
-                                                                                          lora_b_stacked)
-    hit = _packed_cache.get(key)
-    if hit is None or hit[0] != versions:
-        a = torch.cat([_squeezed(w)[slot] for w in lora_a_stacked]).float()
-        b = torch.block_diag(*[_squeezed(w)[slot, :out].t() for w, out in zip(lora_b_stacked, output_slices)]).float()
-        hit = _packed_cache[key] = (versions, a, b)
-    return hit[1], hit[2]
+    return _cached_packing(lora_a_stacked, lora_b_stacked, slot, lambda: (
+        torch.cat([_squeezed(w)[slot] for w in lora_a_stacked]).float(),
+        torch.block_diag(*[_squeezed(w)[slot, :out].t() for w, out in zip(lora_b_stacked, output_slices)]).float()))
 
 
-def _slot_mask(slots: torch.Tensor, n_slots: int, rank: int, slices: int, masks: dict | None) -> torch.Tensor:
-    """(rows, slices*slots*rank) 1.0 where a column belongs to the row's slot (none for slot -1)."""
-    if masks is None:
-        last, masks = _last_mask
-        if last is None or last.shape != slots.shape or not torch.equal(last, slots):
-            masks = {}
-            _last_mask[:] = [slots.clone(), masks]
+def _slot_mask(slots: torch.Tensor, n_slots: int, rank: int, slices: int, masks: dict) -> torch.Tensor:
+    """(rows, slices*slots*rank) 1.0 where a column belongs to the row's slot (none for slot -1), kept in
+    ``masks`` (the step's)."""
     key = (n_slots, rank, slices)
     if key not in masks:
         one_hot = (slots.unsqueeze(1) == torch.arange(n_slots)).to(torch.float32)
         masks[key] = one_hot.repeat_interleave(rank, 1).repeat(1, slices)
     return masks[key]
+
+
+def _add_product(out: torch.Tensor, t: torch.Tensor, weights: torch.Tensor, scale: float) -> None:
+    """``out += scale * t @ weights`` (float32 product; in place with addmm when ``out`` is float32)."""
+    if out.dtype == torch.float32:
+        out.addmm_(t, weights, alpha=scale)
+    else:
+        out.add_((scale * (t @ weights)).to(out.dtype))
 
 
 def fused_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale: float, output_slices, slots,
@@ -245,28 +244,18 @@ def fused_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale: float, output
             or y.shape[1] != sum(output_slices) or not y.is_contiguous():
         return False
     if len(groups) == 1:
-        if groups[0][0] < 0:
-            return True
-        a, b = _packed_slot(lora_a_stacked, lora_b_stacked, output_slices, groups[0][0])
-        t = _as(x, torch.float32) @ a.t()
-    else:
-        a, b = _packed(lora_a_stacked, lora_b_stacked, output_slices)
-        n_slots, rank = lora_a_stacked[0].shape[0], lora_a_stacked[0].shape[-2]
-        t = _as(x, torch.float32) @ a.t()
-        t.mul_(_slot_mask(slots.reshape(-1), n_slots, rank, len(output_slices), masks))
-        width, offset = n_slots * rank, 0
-        for i, (weights, out) in enumerate(zip(b, output_slices)):
-            part = y[:, offset:offset + out]
-            if y.dtype == torch.float32:
-                part.addmm_(t[:, i * width:(i + 1) * width], weights, alpha=scale)
-            else:
-                part.add_((scale * (t[:, i * width:(i + 1) * width] @ weights)).to(y.dtype))
-            offset += out
+        if groups[0][0] >= 0:
+            a, b = _packed_slot(lora_a_stacked, lora_b_stacked, output_slices, groups[0][0])
+            _add_product(y, _as(x, torch.float32) @ a.t(), b, scale)
         return True
-    if y.dtype == torch.float32:
-        y.addmm_(t, b, alpha=scale)
-    else:
-        y.add_((scale * (t @ b)).to(y.dtype))
+    a, b = _packed(lora_a_stacked, lora_b_stacked, output_slices)
+    n_slots, rank = lora_a_stacked[0].shape[0], lora_a_stacked[0].shape[-2]
+    t = (_as(x, torch.float32) @ a.t()).mul_(_slot_mask(slots.reshape(-1), n_slots, rank, len(output_slices),
+                                                        {} if masks is None else masks))
+    width, offset = n_slots * rank, 0
+    for i, (weights, out) in enumerate(zip(b, output_slices)):
+        _add_product(y[:, offset:offset + out], t[:, i * width:(i + 1) * width], weights, scale)
+        offset += out
     return True
 
 

@@ -24,7 +24,6 @@ import re
 import signal
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from experts.atomic import pid_alive
 from experts.bitpack import add_entries, flat_target
-from experts.expert import Expert, load_expert
+from experts.expert import Expert, load_pinned
 from experts.merge_model import merged_params
 from server.contracts import MergeRequest, SwapStats
 from server.vllm_patches import patch_cpu_lora_ops
@@ -129,20 +128,15 @@ class DeltaState:
         first used and re-checked (by a stat) on every read after that."""
         cached = self.experts.get(token)
         if cached is None:
-            # Read through an open handle on the folder: a replacement swapped in at the expert's path,
-            # or this version's retirement, does not change what later (cache-miss) reads see.
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                expert = load_expert(Path(f"/proc/self/fd/{fd}"))
+            # Pinned: a replacement swapped in at the expert's path, or this version's retirement, does not
+            # change what later (cache-miss) reads see.
+            def check(expert: Expert) -> None:
                 digest = expert.manifest.sha256.get("tensors.safetensors", "")
                 if not token.endswith("@" + digest[:16]):
                     raise ValueError(f"expert {expert.manifest.name!r} at {directory} is not version {token}")
                 expert.check_digests()
-            except BaseException:
-                os.close(fd)
-                raise
-            weakref.finalize(expert, os.close, fd)
-            cached = self.experts[token] = expert
+
+            cached = self.experts[token] = load_pinned(os.open(directory, os.O_RDONLY | os.O_DIRECTORY), check)
         return cached
 
     def expand(self, names: set[str]) -> set[str]:
