@@ -133,6 +133,9 @@ def quantised_recipe(scores: Mapping[str, float], top_k: int, units: int) -> dic
     """Top-``top_k`` scores, normalised, apportioned into ``units`` equal parts by
     largest remainder (so weights are exact multiples of 1/units and sum to 1);
     experts that get no part are dropped. Ties break by name, so it is deterministic."""
+    if len(scores) > top_k:   # only the scores that can make the top k go through the keyed sort (100s of experts)
+        cutoff = sorted(scores.values(), reverse=True)[top_k - 1]
+        scores = {name: v for name, v in scores.items() if v >= cutoff}
     ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:top_k]
     total = sum(max(v, 0.0) for _, v in ranked)
     if total <= 0:  # all-zero scores: the first by name takes the whole recipe

@@ -88,4 +88,4 @@ class GateRouter(ExemplarRouter):
             probs = np.zeros((len(texts), len(names)))
             probs[:, trained.classifier.classes_] = trained.classifier.predict_proba(features)
         probs = probs / probs.sum(axis=1, keepdims=True)
-        return [({n: float(p) for n, p in zip(names, row)}, float(d)) for row, d in zip(probs, distances[:, 0])]
+        return [(dict(zip(names, row)), d) for row, d in zip(probs.tolist(), distances[:, 0].tolist())]

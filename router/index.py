@@ -100,6 +100,10 @@ class CosineIndex:
         queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         similarity = queries @ self._unit_t
         k, n_rows = self.k, similarity.shape[1]
+        if k == 1:   # the gate's nearest-exemplar distance: one argmax, no partition or sort
+            rows = similarity.argmax(axis=1)[:, None]
+            distances = 1.0 - np.take_along_axis(similarity, rows, axis=1).astype(np.float64)
+            return np.clip(distances, 0.0, 2.0), self.snapshot.labels[rows]
         if k < n_rows:
             rows = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
         else:

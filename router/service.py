@@ -48,6 +48,7 @@ class RoutingService:
         self._preferred: frozenset[str] = frozenset()
         self.tie_margin = tie_margin
         self._texts: dict[str, frozenset[str]] = {}   # expert -> its exemplar texts (twins share them)
+        self._twins: dict[str, frozenset[str]] = {}   # the same, for experts with a twin only
 
     def set_quality(self, quality: Mapping[str, float | None]) -> None:
         """``{expert: measured quality}`` (e.g. calibration scores); None or absent counts as 1.0."""
@@ -73,6 +74,7 @@ class RoutingService:
         with self._lock:
             self.router.fit({name: list(texts) for name, texts in exemplars.items()})
             self._texts = {name: frozenset(texts) for name, texts in exemplars.items() if texts}
+            self._twins = twin_groups(self._texts)
 
     def add(self, expert: str, texts: Sequence[str] = ()) -> None:
         """Add exemplars to one expert (or, for exemplar-free routers, the expert itself)."""
@@ -80,11 +82,13 @@ class RoutingService:
             self.router.add(expert, list(texts))
             if texts:
                 self._texts = {**self._texts, expert: self._texts.get(expert, frozenset()) | frozenset(texts)}
+                self._twins = twin_groups(self._texts)
 
     def remove(self, expert: str) -> None:
         with self._lock:
             self.router.remove(expert)
             self._texts = {n: t for n, t in self._texts.items() if n != expert}
+            self._twins = twin_groups(self._texts)
 
     def route(self, texts: Sequence[str]) -> list[Decision]:
         """One decision per text, in order."""
@@ -96,8 +100,8 @@ class RoutingService:
         preferred = self._preferred
         weighted = [(tie_broken(quality_weighted(scores, quality), preferred), distance) for scores, distance in scored]
         policy = self.policy
-        texts_of = self._texts
-        decided = [policy.decide(twins_collapsed(scores, texts_of, preferred, self.tie_margin), distance)
+        twins = self._twins
+        decided = [policy.decide(twins_collapsed(scores, twins, preferred, self.tie_margin), distance)
                    for scores, distance in weighted]
         latency_s = self._clock() - started
         return [
@@ -130,23 +134,31 @@ def tie_broken(scores: dict[str, float], preferred: frozenset[str]) -> dict[str,
     return {n: s * (1 + TIE_BREAK) if n in preferred else s for n, s in scores.items()}
 
 
-def twins_collapsed(scores: dict[str, float], texts_of: Mapping[str, frozenset[str]],
+def twin_groups(texts_of: Mapping[str, frozenset[str]]) -> dict[str, frozenset[str]]:
+    """``{expert: its exemplar texts}`` for the experts that share their texts with another (twins) only."""
+    count: dict[frozenset[str], int] = {}
+    for texts in texts_of.values():
+        count[texts] = count.get(texts, 0) + 1
+    return {name: texts for name, texts in texts_of.items() if count[texts] > 1}
+
+
+def twins_collapsed(scores: dict[str, float], twins: Mapping[str, frozenset[str]],
                     preferred: frozenset[str] = frozenset(), margin: float = 0.0) -> dict[str, float]:
-    """Each group of experts with the same exemplar texts as one member carrying the group's total score:
-    its best-scored member (ties: the first name), or a preferred member within ``margin`` (relative) of it.
-    Experts without known texts are their own group."""
-    total: dict[object, float] = {}
-    members: dict[object, list[str]] = {}
+    """Each group of twins (``twins``: expert -> group, see :func:`twin_groups`) as one member carrying the
+    group's total score: its best-scored member (ties: the first name), or a preferred member within
+    ``margin`` (relative) of it. Every other expert is its own group and keeps its score."""
+    if not twins or twins.keys().isdisjoint(scores):   # most routers have no twins: nothing to collapse
+        return scores
+    out: dict[str, float] = {}
+    members: dict[frozenset[str], list[str]] = {}
     for name, score in scores.items():
-        group = texts_of.get(name) or name
-        total[group] = total.get(group, 0.0) + score
-        members.setdefault(group, []).append(name)
-    chosen = {}
-    for group, names in members.items():
-        if len(names) == 1:   # most experts have no twin
-            chosen[group] = names[0]
-            continue
+        group = twins.get(name)
+        if group is None:
+            out[name] = score
+        else:
+            members.setdefault(group, []).append(name)
+    for names in members.values():
         best = min(names, key=lambda n: (-scores[n], n))
         near = [n for n in names if n in preferred and scores[n] >= scores[best] * (1 - margin)]
-        chosen[group] = min(near, key=lambda n: (-scores[n], n)) if near else best
-    return {chosen[g]: total[g] for g in total}
+        out[min(near, key=lambda n: (-scores[n], n)) if near else best] = sum(scores[n] for n in names)
+    return out

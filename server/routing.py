@@ -33,17 +33,20 @@ def build_routing(service: Any, loop: asyncio.AbstractEventLoop) -> Any:
     needs = ROUTERS[rs.name].needs
     deps: dict[str, Any] = {}
     if "encoder" in needs:
-        from router import SentenceEncoder
+        from router.features import make_encoder
 
-        # bf16 MiniLM: cosine >= 0.999 to fp32 (same routing), ~40 % faster (results/routing/README.md)
-        deps["encoder"] = SentenceEncoder(precision="bf16")
+        deps["encoder"] = make_encoder(rs.encoder)
     if "uncertainty_scorer" in needs:
         deps["uncertainty_scorer"] = engine_scorer(service.engine, loop)
     router = make_router(rs.name, **deps, **rs.options)
+    # thresholds belong to the features they were calibrated on (router/base.py, router/static.py)
+    encoder = deps.get("encoder")
     max_distance = None
-    if "encoder" in needs:
-        max_distance = rs.max_distance if rs.max_distance is not None else DEFAULT_MAX_DISTANCE
-    min_confidence = rs.min_confidence if rs.min_confidence is not None else DEFAULT_MIN_CONFIDENCE
+    if encoder is not None:
+        max_distance = rs.max_distance if rs.max_distance is not None else getattr(
+            encoder, "default_max_distance", DEFAULT_MAX_DISTANCE)
+    min_confidence = rs.min_confidence if rs.min_confidence is not None else getattr(
+        encoder, "default_min_confidence", DEFAULT_MIN_CONFIDENCE)
     policy = Policy(top_k=rs.top_k, grid=rs.grid, max_distance=max_distance, fallback=fallback,
                     min_confidence=min_confidence)
     m = service.metrics   # series exist from the start, so Prometheus' rate() sees their first increment

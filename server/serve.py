@@ -34,6 +34,9 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
                    help="what `model: auto` uses")
     p.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a router option, e.g. k=5 for knn (repeatable; `deltaserve methods` lists them)")
+    p.add_argument("--router-encoder", choices=["minilm", "static"], default="minilm",
+                   help="knn/gate prompt features: minilm (all-MiniLM-L6-v2) or static (a token table distilled "
+                        "from it, cached on first start: far cheaper under concurrency, weaker OOD fallback)")
     p.add_argument("--top-k", type=int, default=1, help="experts per routed recipe (weights on a 0.25 grid)")
     p.add_argument("--min-confidence", type=float, help="route to the fallback below this confidence")
     p.add_argument("--max-distance", type=float, help="knn/gate: fallback beyond this exemplar distance")
@@ -140,7 +143,8 @@ def settings_from_args(args: argparse.Namespace, base: Path):
             admin_keys=_keys(args.admin_key, "DELTASERVE_ADMIN_KEY"), register_roots=list(args.register_root or []),
             auto_recipe=args.auto_recipe, store_poll_s=args.store_poll_s,
             max_request_bytes=args.max_request_bytes, ops_need_key=args.ops_need_key,
-            router=RouterSettings(name=args.router, options=_router_options(args.router_option), top_k=args.top_k,
+            router=RouterSettings(name=args.router, options=_router_options(args.router_option),
+                                  encoder=args.router_encoder, top_k=args.top_k,
                                   min_confidence=args.min_confidence, max_distance=args.max_distance,
                                   fallback=args.fallback, batch_window_ms=args.route_batch_window_ms))
     except ValidationError as err:

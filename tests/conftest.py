@@ -24,6 +24,16 @@ def micro_zoo():
     return builder
 
 
+@pytest.fixture(scope="session")
+def static_encoder_cache():
+    """Where tests keep router.static's distilled table (built once per machine, ~30 s, like the micro zoo)."""
+    from router.static import StaticEncoder
+
+    cache = REPO / ".cache" / "router"
+    StaticEncoder(cache_dir=cache, cache_size=0)   # distils on the first run, checks digests after
+    return cache
+
+
 # ---------------------------------------------------------------------------- a live deltaserve
 
 API_KEY, ADMIN_KEY = "test-inference-key", "test-admin-key"

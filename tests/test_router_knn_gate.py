@@ -139,7 +139,7 @@ def test_knn_stays_fast_at_thousands_of_exemplars():
     assert per_call_s < 0.02, f"{per_call_s * 1e3:.1f} ms per query at 5000 exemplars"
 
 
-@pytest.mark.parametrize("n_exemplars,k", [(1, 10), (7, 3), (300, 10)])
+@pytest.mark.parametrize("n_exemplars,k", [(1, 10), (7, 3), (300, 10), (300, 1)])
 def test_cosine_index_matches_sklearn(n_exemplars, k):
     from sklearn.neighbors import NearestNeighbors
 

@@ -282,10 +282,15 @@ def test_auto_routes_each_prompt_to_its_expert_and_prose_falls_back(live_server)
     assert "deltaserve_router_latency_seconds_count" in text and "deltaserve_router_confidence_bucket" in text
 
 
-def test_gate_router_through_the_engine_with_top2_recipes(live_server, micro_zoo, tmp_path):
-    """The learned gate behind `auto`, on its own server; top-2 recipes stay on the 0.25 grid."""
+@pytest.mark.parametrize("encoder", ["minilm", "static"])
+def test_gate_router_through_the_engine_with_top2_recipes(live_server, micro_zoo, tmp_path, encoder, request,
+                                                          monkeypatch):
+    """The learned gate behind `auto`, on its own server, on either prompt encoder (the static one's table
+    from the tests' cache, as a deployment's from its cache directory); top-2 recipes stay on the 0.25 grid."""
+    if encoder == "static":
+        monkeypatch.setenv("DELTASERVE_CACHE_DIR", str(request.getfixturevalue("static_encoder_cache")))
     server = LiveServer(micro_zoo.layout.base, live_server.store, tmp_path / "gate.log",
-                        extra=["--router", "gate", "--top-k", "2"])
+                        extra=["--router", "gate", "--top-k", "2", "--router-encoder", encoder])
     try:
         c = server.client()
         for question, expert in ROUTED.items():

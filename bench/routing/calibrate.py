@@ -9,8 +9,10 @@ confidence on the same held-out prompts where they route correctly.
 Then check that plain prose / code / chat (``OOD_TEXTS``) falls back.
 
     .venv/bin/python -m bench.routing.calibrate --out results/routing/calibration.json
+    .venv/bin/python -m bench.routing.calibrate --encoder static --out results/routing/calibration_static.json
 
-prints the numbers stored in router/base.py (DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CONFIDENCE).
+prints the numbers stored in router/base.py (DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CONFIDENCE)
+and, for ``--encoder static``, router/static.py's STATIC_MAX_DISTANCE (distances are the encoder's own).
 """
 
 from __future__ import annotations
@@ -115,16 +117,19 @@ def main(argv: Sequence[str] | None = None) -> Calibration:
     import torch
 
     from router.features import SentenceEncoder
+    from router.static import StaticEncoder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantile", type=float, default=0.99)
     parser.add_argument("--margin", type=float, default=0.05)
     parser.add_argument("--n-per-task", type=int, default=50)
+    parser.add_argument("--encoder", choices=["minilm", "static"], default="minilm", help="prompt features")
     parser.add_argument("--out", type=Path, help="write the calibration as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     record = provenance(argv=argv)
-    result = calibrate(SentenceEncoder(), n_per_task=args.n_per_task, quantile=args.quantile, margin=args.margin)
+    encoder = StaticEncoder() if args.encoder == "static" else SentenceEncoder()
+    result = calibrate(encoder, n_per_task=args.n_per_task, quantile=args.quantile, margin=args.margin)
     text = json.dumps({**record, **asdict(result)}, indent=2)
     print(text)
     if args.out:

@@ -2,8 +2,10 @@
 
     .venv/bin/python -m bench.routing.concurrency     # -> results/routing/concurrency.json
 
-The server's router as it runs in the server (MiniLM in bf16, one torch
-thread), knn and gate, at 10, 100 and 1,000 experts (8 exemplars each: the
+The server's router as it runs in the server (one torch thread), on either
+encoder the server offers (``router.encoder``: ``minilm``, all-MiniLM-L6-v2 in
+bf16, the default; ``static``, router.static.StaticEncoder), knn and gate, at
+10, 100 and 1,000 experts (8 exemplars each: the
 real suite's exemplar questions, spread over the experts). Queries are the real
 suite's held-out test questions, never repeated (the feature cache is cleared
 before each row, so every query is encoded). For each size:
@@ -91,37 +93,44 @@ def measure(service, encoder, queries: list[str], clients: int, mode: str) -> di
     return row
 
 
+def measure_size(encoder_name: str, encoder, router_name: str, n: int, exemplars: list[str],
+                 queries: list[str]) -> list[dict]:
+    """The five rows (single; per-request and batched at C=8 and 32) of one encoder, router and size."""
+    service = build(router_name, encoder, n, exemplars)
+    single = measure(service, encoder, queries[: len(queries) // 2], 1, "single")
+    rows = [single] + [measure(service, encoder, queries, c, mode) for c in (8, 32) for mode in ("per-request", "batched")]
+    for row in rows:
+        row.update(encoder=encoder_name, router=router_name, experts=n, p50_vs_single=row["p50_ms"] / single["p50_ms"])
+        log(f"{encoder_name} {router_name} {n} experts {row['mode']} C={row['clients']}: p50 {row['p50_ms']:.1f} ms "
+            f"({row['p50_vs_single']:.2f}x single), p99 {row['p99_ms']:.1f} ms, {row['routes_per_s']:.0f} routes/s")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--experts", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--routers", nargs="+", default=["knn", "gate"])
     ap.add_argument("--requests", type=int, default=128, help="queries per row")
+    ap.add_argument("--encoders", nargs="+", choices=["minilm", "static"], default=["minilm", "static"])
     args = ap.parse_args(argv)
     record = provenance(argv=argv)
     import torch
 
-    from router import SentenceEncoder
+    from router.features import make_encoder
 
     torch.set_num_threads(1)   # as the server runs its router (server.routing)
-    encoder = SentenceEncoder(precision="bf16", cache_size=100_000)
     exemplars, queries = texts()
     rows = []
-    for router_name in args.routers:
-        for n in args.experts:
-            service = build(router_name, encoder, n, exemplars)
-            single = measure(service, encoder, queries[: args.requests // 2], 1, "single")
-            for row in [single] + [measure(service, encoder, queries[: args.requests], c, mode)
-                                   for c in (8, 32) for mode in ("per-request", "batched")]:
-                row.update(router=router_name, experts=n, p50_vs_single=row["p50_ms"] / single["p50_ms"])
-                rows.append(row)
-                log(f"{router_name} {n} experts {row['mode']} C={row['clients']}: p50 {row['p50_ms']:.1f} ms "
-                    f"({row['p50_vs_single']:.2f}x single), p99 {row['p99_ms']:.1f} ms, "
-                    f"{row['routes_per_s']:.0f} routes/s")
-    print("\n| router | experts | mode | clients | p50 ms | × single | p99 ms | routes/s |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for encoder_name in args.encoders:
+        encoder = make_encoder(encoder_name, cache_size=100_000)
+        for router_name in args.routers:
+            for n in args.experts:
+                rows += measure_size(encoder_name, encoder, router_name, n, exemplars, queries[: args.requests])
+    print("\n| encoder | router | experts | mode | clients | p50 ms | × single | p99 ms | routes/s |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['router']} | {r['experts']} | {r['mode']} | {r['clients']} | {r['p50_ms']:.1f} | "
+        print(f"| {r['encoder']} | {r['router']} | {r['experts']} | {r['mode']} | {r['clients']} | {r['p50_ms']:.1f} | "
               f"{r['p50_vs_single']:.2f} | {r['p99_ms']:.1f} | {r['routes_per_s']:.0f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**record, "rows": rows}, indent=2) + "\n")

@@ -5,10 +5,10 @@ For the real suite's six skills (exemplars: 64 calib questions per skill; querie
 as the server's router runs:
 
 * MiniLM (all-MiniLM-L6-v2) in fp32, bf16 (the server's) and int8 (dynamic);
-* ``static``: a static-embedding table distilled from MiniLM (each vocabulary
-  token encoded alone, model2vec's idea, no extra dependency), a prompt being
-  the mean of its tokens' vectors, unweighted and ``static-zipf`` weighted by
-  log(1 + token id) (a frequency proxy).
+* ``static``: router.static.StaticEncoder (the server's ``--router-encoder
+  static``), a static-embedding table distilled from MiniLM (each vocabulary
+  token encoded alone, model2vec's idea), a prompt being the mean of its
+  tokens' vectors weighted by log(1 + token id) (a frequency proxy).
 
 Per encoder: held-out accuracy of nearest-exemplar routing (knn, top-1) and of a
 logistic regression on the exemplars (a gate); p50 ms to encode one question,
@@ -46,31 +46,6 @@ def labelled() -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     return ex, np.array(ex_labels), qs, np.array(q_labels)
 
 
-def static_encoders(minilm) -> dict:
-    """Distil one vector per vocabulary token ([CLS] token [SEP] through MiniLM, mean-pooled)."""
-    import torch
-
-    tok = minilm.tokenizer
-    rows = []
-    with torch.inference_mode():
-        for start in range(0, tok.vocab_size, 1024):
-            ids = torch.arange(start, min(tok.vocab_size, start + 1024))
-            batch = torch.stack([torch.full_like(ids, tok.cls_token_id), ids, torch.full_like(ids, tok.sep_token_id)], 1)
-            rows.append(minilm.model(input_ids=batch, attention_mask=torch.ones_like(batch)).last_hidden_state.mean(1))
-    table = torch.cat(rows).float().numpy()
-    zipf = np.log1p(np.arange(table.shape[0])).astype(np.float32)
-
-    def encoder(weights):
-        def encode(texts):
-            out = np.zeros((len(texts), table.shape[1]), np.float32)
-            for i, ids in enumerate(tok(list(texts), add_special_tokens=False)["input_ids"]):
-                if ids:
-                    out[i] = np.average(table[ids], axis=0, weights=None if weights is None else weights[ids])
-            return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-        return encode
-    return {"static": encoder(None), "static-zipf": encoder(zipf)}
-
-
 def measure(encode, ex, ex_labels, qs, q_labels, repeats: int) -> dict:
     from sklearn.linear_model import LogisticRegression
 
@@ -101,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from router import SentenceEncoder
+    from router.static import StaticEncoder
 
     torch.set_num_threads(1)   # as the server runs its router (server.routing)
     ex, ex_labels, qs, q_labels = labelled()
     encoders = {f"minilm-{p}": SentenceEncoder(precision=p, cache_size=0).encode for p in ("fp32", "bf16", "int8")}
-    encoders.update(static_encoders(SentenceEncoder(precision="fp32", cache_size=0)))
+    encoders["static"] = StaticEncoder(cache_size=0).encode
     rows = []
     print("| encoder | knn held-out | gate held-out | one ms | batch of 32 ms | ratio |\n|---|---:|---:|---:|---:|---:|")
     for name, encode in encoders.items():
