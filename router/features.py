@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,6 +29,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
 
 class Encoder(Protocol):
     dim: int
@@ -105,7 +108,12 @@ def minilm_path() -> Path:
     return Path(get_model_path())
 
 
-Precision = Literal["fp32", "bf16", "int8"]
+Precision = Literal["fp32", "bf16", "int8", "auto"]
+# "auto" times these (one, and all eight at once) in fp32 and in bf16 and keeps the faster
+PROBE_TEXTS = ("How many vowels are in: umbrella", "Convert 5 miles to kilometres, please.",
+               "May 15 1977 -> ISO 8601?", "SELECT the names of customers who ordered twice last month",
+               "What is the largest digit in 58213?", "Turn 'Hello World Again' into snake_case",
+               "Write a short poem about autumn leaves.", "Explain how a refrigerator keeps food cold.")
 
 
 def _with_precision(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
@@ -129,7 +137,11 @@ class SentenceEncoder(CachedEncoder):
     """all-MiniLM-L6-v2 sentence embeddings (384-d), batched and cached.
 
     ``precision`` other than fp32 trades exactness for latency; the policy
-    defaults (router/base.py) were calibrated with fp32."""
+    defaults (router/base.py) were calibrated with fp32. ``auto`` measures:
+    bf16 was ~40 % faster than fp32 on one AVX2 host and 7-50x slower on
+    another (no native bf16 on either; results/routing/encoder_options.json), so
+    it times :data:`PROBE_TEXTS` both ways on this host at construction (about a
+    second) and keeps the faster; ``precision`` then says which."""
 
     def __init__(self, model_dir: str | Path | None = None, batch_size: int = 32, cache_size: int = 4096,
                  max_length: int = 128, device: str = "cpu", precision: Precision = "fp32"):
@@ -142,10 +154,16 @@ class SentenceEncoder(CachedEncoder):
         if not pooling or pooling[0].get_config_dict().get("pooling_mode") != "mean":
             raise ValueError(f"{self.model_dir}: SentenceEncoder implements mean pooling only")
         self.tokenizer = st.tokenizer
-        self.precision = precision
-        self.model = _with_precision(st[0].auto_model.eval(), precision)
         self.device = device
         self.max_length = min(max_length, st.max_seq_length)
+        model = st[0].auto_model.eval()
+        if precision == "auto":
+            timed = {p: self._probe_seconds(_with_precision(model, p)) for p in ("fp32", "bf16")}
+            precision = min(timed, key=timed.get)
+            log.info("MiniLM precision auto: %s (probe fp32 %.1f ms, bf16 %.1f ms)", precision,
+                     1000 * timed["fp32"], 1000 * timed["bf16"])
+        self.precision = precision
+        self.model = _with_precision(model, precision)
         self.dim = int(st.get_embedding_dimension())
         self.reference = st  # the library pipeline, for tests comparing against it
 
@@ -156,6 +174,19 @@ class SentenceEncoder(CachedEncoder):
                                  return_tensors="pt").to(self.device)
         hidden = self.model(**enc).last_hidden_state
         return _mean_pooled(hidden, enc["attention_mask"])
+
+    @torch.inference_mode()
+    def _probe_seconds(self, model: torch.nn.Module) -> float:
+        """Best of two: one probe text, then all of them as a batch."""
+        one, batch = (self.tokenizer(list(texts), padding=True, return_tensors="pt").to(self.device)
+                      for texts in (PROBE_TEXTS[:1], PROBE_TEXTS))
+        best = float("inf")
+        for _ in range(2):
+            started = time.perf_counter()
+            model(**one)
+            model(**batch)
+            best = min(best, time.perf_counter() - started)
+        return best
 
 
 class BaseHiddenStates(CachedEncoder):
@@ -188,11 +219,11 @@ ENCODERS = ("minilm", "static")
 
 
 def make_encoder(name: str = "minilm", **options) -> CachedEncoder:
-    """The server's prompt encoders by name: ``minilm`` (:class:`SentenceEncoder` in bf16: cosine >= 0.999 to
-    fp32, the same routing, ~40 % faster; results/routing/README.md) or ``static``
+    """The server's prompt encoders by name: ``minilm`` (:class:`SentenceEncoder`, precision ``auto``: bf16 where
+    this CPU runs it faster than fp32, cosine >= 0.999 to fp32 and the same routing) or ``static``
     (:class:`router.static.StaticEncoder`). ``options`` go to the encoder (e.g. ``cache_size``)."""
     if name == "minilm":
-        return SentenceEncoder(precision="bf16", **options)
+        return SentenceEncoder(precision="auto", **options)
     if name == "static":
         from router.static import StaticEncoder
 

@@ -60,6 +60,25 @@ def test_reduced_precision_stays_close_to_fp32(encoder, precision, min_cosine):
     assert fast.reference[0].auto_model.dtype == torch.float32  # the library model was not converted in place
 
 
+@pytest.mark.parametrize("faster", ["fp32", "bf16"])
+def test_auto_precision_keeps_the_one_this_host_runs_faster(monkeypatch, faster):
+    timed = []
+
+    def probe(self, model):
+        dtype = next(model.parameters()).dtype
+        timed.append(dtype)
+        return 0.01 if dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[faster] else 0.05
+
+    monkeypatch.setattr(SentenceEncoder, "_probe_seconds", probe)
+    enc = SentenceEncoder(precision="auto")
+    assert enc.precision == faster and timed == [torch.float32, torch.bfloat16]
+    assert next(enc.model.parameters()).dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[faster]
+
+
+def test_the_auto_probe_times_real_forward_passes(encoder):
+    assert 0 < encoder._probe_seconds(encoder.model) < 30
+
+
 def test_unknown_precision_is_rejected():
     with pytest.raises(ValueError, match="precision must be one of"):
         SentenceEncoder(precision="fp8")

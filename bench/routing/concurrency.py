@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.routing.concurrency     # -> results/routing/concurrency.json
 
 The server's router as it runs in the server (one torch thread), on either
-encoder the server offers (``router.encoder``: ``minilm``, all-MiniLM-L6-v2 in
-bf16, the default; ``static``, router.static.StaticEncoder), knn and gate, at
+encoder the server offers (``router.encoder``: ``minilm``, all-MiniLM-L6-v2 at
+the precision ``auto`` picks on this host, the default; ``static``, router.static.StaticEncoder), knn and gate, at
 10, 100 and 1,000 experts (8 exemplars each: the
 real suite's exemplar questions, spread over the experts). Queries are the real
 suite's held-out test questions, never repeated (the feature cache is cleared
@@ -100,7 +100,8 @@ def measure_size(encoder_name: str, encoder, router_name: str, n: int, exemplars
     single = measure(service, encoder, queries[: len(queries) // 2], 1, "single")
     rows = [single] + [measure(service, encoder, queries, c, mode) for c in (8, 32) for mode in ("per-request", "batched")]
     for row in rows:
-        row.update(encoder=encoder_name, router=router_name, experts=n, p50_vs_single=row["p50_ms"] / single["p50_ms"])
+        row.update(encoder=encoder_name, precision=getattr(encoder, "precision", "fp32"), router=router_name,
+                   experts=n, p50_vs_single=row["p50_ms"] / single["p50_ms"])
         log(f"{encoder_name} {router_name} {n} experts {row['mode']} C={row['clients']}: p50 {row['p50_ms']:.1f} ms "
             f"({row['p50_vs_single']:.2f}x single), p99 {row['p99_ms']:.1f} ms, {row['routes_per_s']:.0f} routes/s")
     return rows
