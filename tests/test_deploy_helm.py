@@ -148,7 +148,7 @@ def test_helm_lint_strict_is_clean(values_file):
 def test_values_schema_accepts_shipped_values_and_rejects_bad_ones(chart):
     chart.validate_schema(chart.values)
     chart.validate_schema(chart.merge_values(ha_values()))
-    for bad in ({"server": {"router": "random"}}, {"baseModel": {"source": "s3"}},
+    for bad in ({"server": {"router": "random"}}, {"server": {"routerEncoder": "bert"}}, {"baseModel": {"source": "s3"}},
                 {"gpu": {"count": 0}}, {"replicas": 3}):
         with pytest.raises(helm_python.HelmValuesError):
             chart.validate_schema(chart.merge_values(bad))
@@ -218,6 +218,9 @@ def test_server_args_match_mounts(setup):
     assert f"--base={mounts['base-model']['mountPath']}" in args and mounts["base-model"]["readOnly"]
     assert f"--store={mounts['store']['mountPath']}" in args
     assert "--port=8000" in args and "--store-poll-s=5" in args and "--router=knn" in args
+    assert "--router-encoder=minilm" in args
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DELTASERVE_CACHE_DIR"] == mounts["store"]["mountPath"] + "/.cache"   # a volume the server writes
     if name == "initCopy-no-auth":
         assert "--cache-bytes=4294967296" in args and "--max-wait-ms=200" in args
     else:
