@@ -46,6 +46,7 @@ class Decision:
     fallback: FallbackReason | None
     latency_s: float
     quality: dict[str, float] = field(default_factory=dict)   # the quality factors applied to the scores
+    encoder: str | None = None   # the prompt features the scores came from (None: a router without an encoder)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class Decision:
             "fallback": self.fallback,
             "latency_s": round(self.latency_s, 6),
             "quality": {name: round(value, 6) for name, value in self.quality.items()},
+            "encoder": self.encoder,
         }
 
 

@@ -41,6 +41,7 @@ class CachedEncoder:
     """LRU cache (by SHA-1 of the text) and batching around ``_encode_batch``."""
 
     dim: int
+    name: str | None = None   # what decisions report as their ``encoder``
 
     def __init__(self, batch_size: int = 32, cache_size: int = 4096):
         if batch_size < 1 or cache_size < 0:
@@ -143,6 +144,8 @@ class SentenceEncoder(CachedEncoder):
     it times :data:`PROBE_TEXTS` both ways on this host at construction (about a
     second) and keeps the faster; ``precision`` then says which."""
 
+    name = "minilm"
+
     def __init__(self, model_dir: str | Path | None = None, batch_size: int = 32, cache_size: int = 4096,
                  max_length: int = 128, device: str = "cpu", precision: Precision = "fp32"):
         super().__init__(batch_size, cache_size)
@@ -191,6 +194,8 @@ class SentenceEncoder(CachedEncoder):
 
 class BaseHiddenStates(CachedEncoder):
     """Mean-pooled last hidden states of an HF model directory (e.g. the zoo base)."""
+
+    name = "base-hidden-states"
 
     def __init__(self, model_dir: str | Path, batch_size: int = 16, cache_size: int = 4096,
                  max_length: int = 256, device: str = "cpu"):

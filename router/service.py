@@ -104,10 +104,11 @@ class RoutingService:
         decided = [policy.decide(twins_collapsed(scores, twins, preferred, self.tie_margin), distance)
                    for scores, distance in weighted]
         latency_s = self._clock() - started
+        encoder = getattr(getattr(self.router, "encoder", None), "name", None)
         return [
             Decision(recipe=recipe, router=self.router.name, scores=scores, confidence=confidence,
                      distance=distance, fallback=reason, latency_s=latency_s,
-                     quality={n: quality[n] for n in scores if n in quality})
+                     quality={n: quality[n] for n in scores if n in quality}, encoder=encoder)
             for (scores, distance), (recipe, confidence, reason) in zip(weighted, decided)
         ]
 

@@ -106,6 +106,7 @@ def load_or_distil(model_dir: Path, cache_dir: Path) -> torch.Tensor:
 class StaticEncoder(CachedEncoder):
     """Static token embeddings distilled from all-MiniLM-L6-v2 (384-d), cached by text like every encoder."""
 
+    name = "static"
     default_max_distance = STATIC_MAX_DISTANCE     # the policy's thresholds for these features
     default_min_confidence = STATIC_MIN_CONFIDENCE
 

@@ -75,7 +75,7 @@ def test_decision_json_round_trips():
     data = json.loads(json.dumps(d.to_json()))
     assert data == {"recipe": {"a": 0.75, "b": 0.25}, "router": "knn", "scores": {"a": 0.712346, "b": 0.287654},
                     "confidence": 0.712346, "distance": 0.123457, "fallback": None, "latency_s": 0.001235,
-                    "quality": {}}
+                    "quality": {}, "encoder": None}
     fallback = Decision({}, "uncertainty", {}, 0.0, None, "no_experts", 0.0).to_json()
     assert fallback["recipe"] == {} and fallback["distance"] is None and fallback["fallback"] == "no_experts"
 

@@ -266,6 +266,7 @@ def test_auto_routes_each_prompt_to_its_expert_and_prose_falls_back(live_server)
         assert r.headers["x-deltaserve-recipe"] == expert, (question, r.parse().model_extra["deltaserve"])
         route = r.parse().model_extra["deltaserve"]["route"]
         assert route["router"] == "knn" and route["fallback"] is None and route["confidence"] >= 0.4
+        assert route["encoder"] == "minilm"
     for prose in ("The committee will meet again next spring to review the budget.",
                   "She painted the fence a cheerful shade of yellow before lunch."):
         dry = live_server.client().post("/v1/route", json={"messages": [{"role": "user", "content": prose}]}).json()
@@ -282,15 +283,14 @@ def test_auto_routes_each_prompt_to_its_expert_and_prose_falls_back(live_server)
     assert "deltaserve_router_latency_seconds_count" in text and "deltaserve_router_confidence_bucket" in text
 
 
-@pytest.mark.parametrize("encoder", ["minilm", "static"])
-def test_gate_router_through_the_engine_with_top2_recipes(live_server, micro_zoo, tmp_path, encoder, request,
+def test_gate_router_through_the_engine_with_top2_recipes(live_server, micro_zoo, tmp_path, static_encoder_cache,
                                                           monkeypatch):
-    """The learned gate behind `auto`, on its own server, on either prompt encoder (the static one's table
-    from the tests' cache, as a deployment's from its cache directory); top-2 recipes stay on the 0.25 grid."""
-    if encoder == "static":
-        monkeypatch.setenv("DELTASERVE_CACHE_DIR", str(request.getfixturevalue("static_encoder_cache")))
+    """The learned gate behind `auto`, on its own server, on the static prompt encoder (its table from the
+    tests' cache, as a deployment's from its cache directory; the shared live server routes knn on MiniLM);
+    top-2 recipes stay on the 0.25 grid."""
+    monkeypatch.setenv("DELTASERVE_CACHE_DIR", str(static_encoder_cache))
     server = LiveServer(micro_zoo.layout.base, live_server.store, tmp_path / "gate.log",
-                        extra=["--router", "gate", "--top-k", "2", "--router-encoder", encoder])
+                        extra=["--router", "gate", "--top-k", "2", "--router-encoder", "static"])
     try:
         c = server.client()
         for question, expert in ROUTED.items():
@@ -299,6 +299,7 @@ def test_gate_router_through_the_engine_with_top2_recipes(live_server, micro_zoo
             assert r.status_code == 200, r.text
             route = r.json()["deltaserve"]["route"]
             assert route["router"] == "gate" and max(route["recipe"], key=route["recipe"].get) == expert, route
+            assert route["encoder"] == "static", route
             assert all((w * 4).is_integer() for w in route["recipe"].values()) and abs(sum(route["recipe"].values()) - 1) < 1e-9
             assert r.headers["x-deltaserve-recipe"] == r.json()["deltaserve"]["recipe"]
     finally:
