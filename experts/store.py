@@ -23,6 +23,7 @@ fine-tuned HF model (task vector compressed with the given method).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -166,7 +167,7 @@ class ExpertStore:
                 return find()
             except (UnknownExpertError, FileNotFoundError, NotADirectoryError):
                 pass
-        with self._locked():
+        with self._locked(reader=True):
             return find()
 
     def _load_pinned(self, find: Any, check: Any, verify: bool = False) -> Expert:
@@ -217,8 +218,17 @@ class ExpertStore:
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.root / LOCK_FILE, "a+") as fh:
+    def _locked(self, reader: bool = False) -> Iterator[None]:
+        """The store's lock. A ``reader`` that may not open the lock file (a read-only mount of the store)
+        goes on without it: nobody can write that store, so there is no install to wait for."""
+        try:
+            fh = open(self.root / LOCK_FILE, "a+")
+        except OSError as err:
+            if not reader or err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            yield
+            return
+        with fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield

@@ -129,3 +129,30 @@ def test_loading_the_current_version_never_mixes_two_versions(micro_zoo, tmp_pat
     for t in readers:
         t.join()
     assert not errors, errors[:3]
+
+
+def test_a_reader_of_a_read_only_store_needs_no_lock(micro_zoo, tmp_path, monkeypatch):
+    """A replica with the store mounted read-only: a lookup that misses asks again without the lock (it
+    cannot open .lock, and nobody can write that store), and a missing expert is still a clean 'unknown'."""
+    import builtins
+    import errno
+
+    import pytest
+
+    import experts.store
+    from experts.store import LOCK_FILE, UnknownExpertError
+
+    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    store.import_source("upper-lora", micro_zoo.layout.lora("upper"))
+
+    def read_only_open(path, *args, **kwargs):
+        if str(path).endswith(LOCK_FILE):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(experts.store, "open", read_only_open, raising=False)
+    assert store.load("upper-lora").manifest.name == "upper-lora"
+    with pytest.raises(UnknownExpertError):
+        store.load("no-such-expert")
+    with pytest.raises(OSError, match="Read-only"):           # a writer still needs the lock
+        store.import_source("length-lora", micro_zoo.layout.lora("length"))
