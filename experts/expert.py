@@ -98,11 +98,11 @@ def save_expert(
     with atomic_dir(Path(directory)) as tmp:
         flat = {f"{p}{PART_SEPARATOR}{k}": t.contiguous() for p, d in encoded.items() for k, t in d.parts.items()}
         save_file(flat, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
-        digests = {TENSORS_FILE: _sha256(tmp / TENSORS_FILE)}
+        digests = {TENSORS_FILE: sha256_file(tmp / TENSORS_FILE)}
         if carried:
             save_file({k: v.contiguous() for k, v in carried.items()}, str(tmp / CARRIED_FILE),
                       metadata={"format": "pt"})
-            digests[CARRIED_FILE] = _sha256(tmp / CARRIED_FILE)
+            digests[CARRIED_FILE] = sha256_file(tmp / CARRIED_FILE)
         manifest = ExpertManifest.model_validate({**draft.model_dump(), "sha256": digests})
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
     return manifest
@@ -152,7 +152,8 @@ def _derived_fields(codec: Codec, encoded: Mapping[str, EncodedDelta], carried: 
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -265,7 +266,7 @@ class Expert:
             state = (st.st_size, st.st_mtime_ns, st.st_ino)
             if self._checked.get(file_name) == state:
                 continue
-            if _sha256(path) != expected:
+            if sha256_file(path) != expected:
                 self._checked.pop(file_name, None)
                 raise ExpertFormatError(f"expert {self.manifest.name!r}: {file_name} does not match its sha256 "
                                         "digest (corrupted or changed on disk)")

@@ -16,7 +16,7 @@ from router.base import (
     quantised_recipe,
     register_router,
 )
-from router.features import BaseHiddenStates, SentenceEncoder
+from router.features import ENCODERS, BaseHiddenStates, SentenceEncoder, make_encoder
 from router.gate import GateRouter
 from router.knn import KnnRouter
 from router.service import RoutingService
@@ -24,7 +24,7 @@ from router.text import route_text
 from router.uncertainty import UncertaintyRouter, hf_nll_scorer
 
 __all__ = [
-    "DEFAULT_MAX_DISTANCE", "DEFAULT_MIN_CONFIDENCE", "ROUTERS", "BaseHiddenStates", "Decision", "GateRouter",
+    "DEFAULT_MAX_DISTANCE", "DEFAULT_MIN_CONFIDENCE", "ENCODERS", "ROUTERS", "BaseHiddenStates", "Decision", "GateRouter",
     "KnnRouter", "Policy", "Router", "RoutingService", "SentenceEncoder", "UncertaintyRouter", "hf_nll_scorer",
-    "make_router", "quantised_recipe", "register_router", "route_text",
+    "make_encoder", "make_router", "quantised_recipe", "register_router", "route_text",
 ]

@@ -31,6 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
 class Encoder(Protocol):
     dim: int
 
@@ -161,12 +162,15 @@ class SentenceEncoder(CachedEncoder):
         self.max_length = min(max_length, st.max_seq_length)
         model = st[0].auto_model.eval()
         if precision == "auto":
-            timed = {p: self._probe_seconds(_with_precision(model, p)) for p in ("fp32", "bf16")}
+            candidates = {p: _with_precision(model, p) for p in ("fp32", "bf16")}
+            timed = {p: self._probe_seconds(m) for p, m in candidates.items()}
             precision = min(timed, key=timed.get)
             log.info("MiniLM precision auto: %s (probe fp32 %.1f ms, bf16 %.1f ms)", precision,
                      1000 * timed["fp32"], 1000 * timed["bf16"])
+            self.model = candidates[precision]
+        else:
+            self.model = _with_precision(model, precision)
         self.precision = precision
-        self.model = _with_precision(model, precision)
         self.dim = int(st.get_embedding_dimension())
         self.reference = st  # the library pipeline, for tests comparing against it
 

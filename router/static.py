@@ -12,10 +12,11 @@ skills: the gate as good as on MiniLM features, nearest-exemplar voting worse
 (results/routing/encoder_options.json) — use it with the gate.
 
 The table (30,522 × 384 float32, 47 MB) takes ~30 s to distil on one core. It is
-cached as safetensors under ``cache_dir`` (default ``$DELTASERVE_CACHE_DIR``, else
-``$XDG_CACHE_HOME/deltaserve`` or ``~/.cache/deltaserve``), written atomically, with the SHA-256 of the MiniLM
-weights it came from and of its own bytes in its metadata; a file whose digests
-do not match (another MiniLM, a torn or edited file) is distilled again.
+cached as safetensors under ``cache_dir`` (default ``$DELTASERVE_CACHE_DIR``,
+else ``$XDG_CACHE_HOME/deltaserve`` or ``~/.cache/deltaserve``), written
+atomically, with the SHA-256 of the MiniLM weights it came from and of its own
+bytes in its metadata; a file whose digests do not match (another MiniLM, a
+torn or edited file) is distilled again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experts.expert import sha256_file
 from router.features import CachedEncoder, minilm_path
 
 log = logging.getLogger(__name__)
@@ -47,12 +49,8 @@ def default_cache_dir() -> Path:
     return Path(root) / "deltaserve"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _table_sha256(table: torch.Tensor) -> str:
+    return hashlib.sha256(table.numpy().tobytes()).hexdigest()
 
 
 @torch.inference_mode()
@@ -75,7 +73,7 @@ def load_or_distil(model_dir: Path, cache_dir: Path) -> torch.Tensor:
 
     from experts.atomic import write_bytes_atomic
 
-    source = _sha256_file(model_dir / "model.safetensors")
+    source = sha256_file(model_dir / "model.safetensors")
     path = cache_dir / f"minilm-static-{source[:16]}.safetensors"
     if path.exists():
         try:
@@ -83,7 +81,7 @@ def load_or_distil(model_dir: Path, cache_dir: Path) -> torch.Tensor:
                 meta = fh.metadata() or {}
                 table = fh.get_tensor("table")
             if (meta.get("source_sha256") == source and meta.get("version") == DISTILL_VERSION
-                    and meta.get("table_sha256") == hashlib.sha256(table.numpy().tobytes()).hexdigest()):
+                    and meta.get("table_sha256") == _table_sha256(table)):
                 return table
             log.warning("static encoder cache %s does not match its digests; distilling again", path)
         except Exception as err:  # noqa: BLE001 - a torn or foreign file is rebuilt, never served
@@ -94,7 +92,7 @@ def load_or_distil(model_dir: Path, cache_dir: Path) -> torch.Tensor:
     st = SentenceTransformer(str(model_dir), device="cpu")
     table = distil_table(st[0].auto_model.eval(), st.tokenizer)
     meta = {"source_sha256": source, "version": DISTILL_VERSION,
-            "table_sha256": hashlib.sha256(table.numpy().tobytes()).hexdigest()}
+            "table_sha256": _table_sha256(table)}
     try:
         write_bytes_atomic(path, save({"table": table}, metadata=meta))
     except OSError as err:   # a read-only home: serve from memory, distil again next start
@@ -120,7 +118,7 @@ class StaticEncoder(CachedEncoder):
         self.table = load_or_distil(self.model_dir, self.cache_dir)
         self.dim = int(self.table.shape[1])
         # each row scaled by its token's weight once, so a prompt is one unweighted embedding_bag sum
-        self._weighted = (self.table * torch.log1p(torch.arange(self.table.shape[0], dtype=torch.float32))[:, None])
+        self._weighted = self.table * torch.log1p(torch.arange(self.table.shape[0], dtype=torch.float32))[:, None]
         self.max_length = max_length
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)._tokenizer   # the Rust tokenizer
 

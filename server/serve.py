@@ -28,13 +28,13 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
     p.add_argument("--cache-bytes", type=int, default=1 << 30, help="host RAM for decoded deltas")
     p.add_argument("--max-wait-ms", type=float, default=200.0,
                    help="dense path: longest a request waits while another recipe is served")
-    from router import ROUTERS
+    from router import ENCODERS, ROUTERS
 
     p.add_argument("--router", choices=["none", *sorted(ROUTERS)], default="knn" if demo else "none",
                    help="what `model: auto` uses")
     p.add_argument("--router-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a router option, e.g. k=5 for knn (repeatable; `deltaserve methods` lists them)")
-    p.add_argument("--router-encoder", choices=["minilm", "static"], default="minilm",
+    p.add_argument("--router-encoder", choices=list(ENCODERS), default="minilm",
                    help="knn/gate prompt features: minilm (all-MiniLM-L6-v2) or static (a token table distilled "
                         "from it, cached on first start: far cheaper under concurrency, weaker OOD fallback)")
     p.add_argument("--top-k", type=int, default=1, help="experts per routed recipe (weights on a 0.25 grid)")

@@ -4,8 +4,9 @@
 
 The server's router as it runs in the server (one torch thread), on either
 encoder the server offers (``router.encoder``: ``minilm``, all-MiniLM-L6-v2 at
-the precision ``auto`` picks on this host, the default; ``static``, router.static.StaticEncoder), knn and gate, at
-10, 100 and 1,000 experts (8 exemplars each: the
+the precision ``auto`` picks on this host, the default; ``static``,
+router.static.StaticEncoder), knn and gate, at 10, 100 and 1,000 experts (8
+exemplars each: the
 real suite's exemplar questions, spread over the experts). Queries are the real
 suite's held-out test questions, never repeated (the feature cache is cleared
 before each row, so every query is encoded). For each size:
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--routers", nargs="+", default=["knn", "gate"])
     ap.add_argument("--requests", type=int, default=128, help="queries per row")
-    ap.add_argument("--encoders", nargs="+", choices=["minilm", "static"], default=["minilm", "static"])
+    from router.features import ENCODERS
+
+    ap.add_argument("--encoders", nargs="+", choices=list(ENCODERS), default=list(ENCODERS))
     args = ap.parse_args(argv)
     record = provenance(argv=argv)
     import torch

