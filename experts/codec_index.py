@@ -37,10 +37,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from experts.bitpack import (VALUE_DTYPES, PartMeta, Parts, add_entries, check_input, check_value_dtype,
+from deltaserve.experts.bitpack import (VALUE_DTYPES, PartMeta, Parts, add_entries, check_input, check_value_dtype,
                              flat_target, meta_problems, pack_bits, pack_uints, parts_nbytes,
                              require_parts, unpack_bits, unpack_uints)
-from experts.codecs import codec
+from deltaserve.experts.codecs import codec
 
 NAME = "sparse_ef"
 _HIGH, _LOW, _VALUES = "index_high", "index_low", "values"

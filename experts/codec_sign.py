@@ -27,9 +27,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from experts.bitpack import (PartMeta, Parts, add_at_indices, check_input, check_value_dtype, compute_dtype,
+from deltaserve.experts.bitpack import (PartMeta, Parts, add_at_indices, check_input, check_value_dtype, compute_dtype,
                              flat_target, meta_problems, pack_bits, parts_nbytes, require_parts, unpack_bits)
-from experts.codecs import codec
+from deltaserve.experts.codecs import codec
 
 NAME = "sign"
 

@@ -35,11 +35,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from experts.bitpack import (CHUNK_ENTRIES, VALUE_DTYPES, PartMeta, Parts, add_at_indices, add_entries,
+from deltaserve.experts.bitpack import (CHUNK_ENTRIES, VALUE_DTYPES, PartMeta, Parts, add_at_indices, add_entries,
                              add_flat_chunks, check_input, check_value_dtype, compute_dtype, flat_target, mask_problems,
                              meta_problems, pack_bits, parts_nbytes, require_parts, unpack_bits)
-from experts.registry import Registry
-from experts.sparsify import lowrank as svd_factors
+from deltaserve.experts.registry import Registry
+from deltaserve.experts.sparsify import lowrank as svd_factors
 
 
 
@@ -350,4 +350,4 @@ class DenseCodec:
 
 
 # Codecs kept in their own module (this file's size); importing registers them.
-from experts import codec_index, codec_sign  # noqa: F401,E402  (they import `codec` from here: keep this last)
+from deltaserve.experts import codec_index, codec_sign  # noqa: F401,E402  (they import `codec` from here: keep this last)

@@ -28,11 +28,11 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from experts import sparsify
-from experts.expert import EncodedDelta, ExpertManifest, save_expert
-from experts.nps import Objective, nps_pruner, nps_search
-from experts.registry import NoOptions, Options, Registry
-from experts.taskvector import TaskVector, extract_full, extract_lora
+from deltaserve.experts import sparsify
+from deltaserve.experts.expert import EncodedDelta, ExpertManifest, save_expert
+from deltaserve.experts.nps import Objective, nps_pruner, nps_search
+from deltaserve.experts.registry import NoOptions, Options, Registry
+from deltaserve.experts.taskvector import TaskVector, extract_full, extract_lora
 
 Trainer = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]  # masks -> re-trained deltas (sparse_ft)
 Density = Annotated[float, Field(gt=0.0, le=1.0, description="kept fraction of the entries")]
@@ -175,7 +175,7 @@ def _bitdelta(deltas, options: NoOptions, context: CompressionContext) -> Compre
 @compressor("lowrank", codec="lowrank", options=LowRankOptions)
 def _lowrank(deltas, options: LowRankOptions, context: CompressionContext) -> Compressed:
     """Truncated SVD of every matrix; 1-D deltas (norm weights) are dropped (recorded)."""
-    from experts.codecs import get_codec
+    from deltaserve.experts.codecs import get_codec
 
     codec = get_codec("lowrank")
     out: dict[str, Tensor | EncodedDelta] = {}
@@ -233,7 +233,7 @@ def storage_codec(comp: Compressor, result: Compressed) -> str:
     falling with density) below about 25 %, the bitmask (``sparse``) above."""
     if comp.codec != "sparse":
         return comp.codec
-    from experts.codec_index import sparse_codec_for
+    from deltaserve.experts.codec_index import sparse_codec_for
 
     tensors = [d for d in result.deltas.values() if isinstance(d, Tensor)]
     total = sum(t.numel() for t in tensors)

@@ -92,7 +92,7 @@ def read_examples(path: Path, limit: int = MAX_EXAMPLES) -> list[ChatExample]:
 
 
 def write_examples(path: Path, examples: Iterable[ChatExample]) -> None:
-    from experts.atomic import write_bytes_atomic
+    from deltaserve.experts.atomic import write_bytes_atomic
 
     text = "".join(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in examples)
     write_bytes_atomic(Path(path), text.encode())

@@ -36,9 +36,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from experts.atomic import atomic_dir
-from experts.codecs import Codec, get_codec
-from experts.manifest import (CARRIED_FILE, FORMAT_VERSION, MANIFEST_FILE, NAME_PATTERN, PART_SEPARATOR,
+from deltaserve.experts.atomic import atomic_dir
+from deltaserve.experts.codecs import Codec, get_codec
+from deltaserve.experts.manifest import (CARRIED_FILE, FORMAT_VERSION, MANIFEST_FILE, NAME_PATTERN, PART_SEPARATOR,
                               TENSORS_FILE, _TORCH_DTYPES, BaseMismatchError, ExpertFormatError, ExpertManifest,
                               TensorSpec)
 

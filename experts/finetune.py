@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from experts.examples import ChatExample, encode_all
+from deltaserve.experts.examples import ChatExample, encode_all
 
 IGNORE_INDEX = -100
 WARMUP_SHARE = 0.1
@@ -202,7 +202,7 @@ def masked_trainer(base_dir: Path, examples: Sequence[ChatExample], options: Any
         raise ValueError("sparse_ft needs at least one training example")
 
     def train(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        from experts.hfmodel import load_causal_lm, load_tokenizer
+        from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
 
         model, tokenizer = load_causal_lm(Path(base_dir)), load_tokenizer(Path(base_dir))
         params = dict(model.named_parameters())

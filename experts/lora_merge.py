@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from experts.merging import check_numbers
-from experts.sparsify import check_tensor
+from deltaserve.experts.merging import check_numbers
+from deltaserve.experts.sparsify import check_tensor
 
 __all__ = ["lora_concat"]
 

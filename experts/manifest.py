@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator, model_validator
 
-from experts.codecs import CODECS
+from deltaserve.experts.codecs import CODECS
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"

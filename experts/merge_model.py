@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from experts.atomic import atomic_dir
-from experts.expert import Expert, load_expert
-from experts.merging import MERGE_METHODS, MergeMethod, get_merge_method
-from experts.taskvector import base_fingerprint, load_state_dict
+from deltaserve.experts.atomic import atomic_dir
+from deltaserve.experts.expert import Expert, load_expert
+from deltaserve.experts.merging import MERGE_METHODS, MergeMethod, get_merge_method
+from deltaserve.experts.taskvector import base_fingerprint, load_state_dict
 
 # Short names accepted on the command line.
 METHOD_ALIASES = {"ta": "task_arithmetic"}

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 from pydantic import Field, StrictBool
 from torch import Tensor
 
-from experts.registry import NoOptions, Options, Registry
+from deltaserve.experts.registry import NoOptions, Options, Registry
 
 #: Default kept fraction for the sparsifying methods (TIES paper: top-20 %).
 DEFAULT_DENSITY = 0.2

@@ -23,11 +23,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from experts.merge_registry import (DEFAULT_DENSITY, MERGE_METHODS, BreadcrumbsOptions, BreadcrumbsTiesOptions,
+from deltaserve.experts.merge_registry import (DEFAULT_DENSITY, MERGE_METHODS, BreadcrumbsOptions, BreadcrumbsTiesOptions,
                                     DareOptions, DareTiesOptions, MergeMethod, Normalize, PcbOptions, SignMethod,
                                     SignSource, TiesOptions, get_merge_method, merge_method)
-from experts.sparsify import breadcrumbs as breadcrumbs_sparsify
-from experts.sparsify import check_density, check_tensor, dare, magnitude
+from deltaserve.experts.sparsify import breadcrumbs as breadcrumbs_sparsify
+from deltaserve.experts.sparsify import check_density, check_tensor, dare, magnitude
 
 __all__ = [
     "DEFAULT_DENSITY", "MERGE_METHODS", "check_numbers", "MergeMethod", "breadcrumbs", "breadcrumbs_ties", "dare_linear",

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from experts.hfmodel import IndexedDelta
-from experts.sparsify import check_density, magnitude, magnitude_global, top_count
+from deltaserve.experts.hfmodel import IndexedDelta
+from deltaserve.experts.sparsify import check_density, magnitude, magnitude_global, top_count
 
 Objective = Callable[[dict[str, Tensor]], float]
 log = logging.getLogger("deltaserve.nps")

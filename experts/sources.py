@@ -11,9 +11,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from experts.codecs import get_codec
-from experts.expert import MANIFEST_FILE, EncodedDelta, ExpertManifest, load_expert, save_expert
-from experts.taskvector import lora_factors
+from deltaserve.experts.codecs import get_codec
+from deltaserve.experts.expert import MANIFEST_FILE, EncodedDelta, ExpertManifest, load_expert, save_expert
+from deltaserve.experts.taskvector import lora_factors
 
 
 class Compression(BaseModel):
@@ -37,7 +37,7 @@ class Compression(BaseModel):
 
     @model_validator(mode="after")
     def _method_and_options(self) -> Compression:
-        from experts.compress import COMPRESSORS
+        from deltaserve.experts.compress import COMPRESSORS
 
         COMPRESSORS.parse_options(self.method, self.model_extra or {})
         return self
@@ -45,7 +45,7 @@ class Compression(BaseModel):
     @property
     def options(self) -> Any:
         """The method's validated options model."""
-        from experts.compress import COMPRESSORS
+        from deltaserve.experts.compress import COMPRESSORS
 
         return COMPRESSORS.parse_options(self.method, self.model_extra or {})
 

@@ -35,11 +35,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from experts.atomic import exchange, fsync_tree, pid_alive, write_json_atomic
-from experts.expert import (MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE, BaseMismatchError, Expert, ExpertFormatError,
+from deltaserve.experts.atomic import exchange, fsync_tree, pid_alive, write_json_atomic
+from deltaserve.experts.expert import (MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE, BaseMismatchError, Expert, ExpertFormatError,
                             ExpertManifest, load_expert, load_pinned)
-from experts.sources import Compression, save_lora_expert, score_stage
-from experts.taskvector import _shapes, base_fingerprint
+from deltaserve.experts.sources import Compression, save_lora_expert, score_stage
+from deltaserve.experts.taskvector import _shapes, base_fingerprint
 
 GENERATION_FILE = "GENERATION"
 EXEMPLARS_FILE = "exemplars.json"
@@ -320,7 +320,7 @@ class ExpertStore:
             def write(stage: Path) -> None:
                 save_lora_expert(self.base_dir, source, stage, name=name, fingerprint=self.fingerprint)
         else:
-            from experts.compress import compress_expert, extract
+            from deltaserve.experts.compress import compress_expert, extract
 
             comp = compression or Compression()
             tv = extract(self.base_dir, source if kind == "full" else None, source if kind == "lora" else None)

@@ -5,7 +5,7 @@ Importing the package registers every router (knn, gate, uncertainty) in
 through a :class:`RoutingService`.
 """
 
-from router.base import (
+from deltaserve.router.base import (
     DEFAULT_MAX_DISTANCE,
     DEFAULT_MIN_CONFIDENCE,
     ROUTERS,
@@ -16,12 +16,12 @@ from router.base import (
     quantised_recipe,
     register_router,
 )
-from router.features import ENCODERS, BaseHiddenStates, SentenceEncoder, make_encoder
-from router.gate import GateRouter
-from router.knn import KnnRouter
-from router.service import RoutingService
-from router.text import route_text
-from router.uncertainty import UncertaintyRouter, hf_nll_scorer
+from deltaserve.router.features import ENCODERS, BaseHiddenStates, SentenceEncoder, make_encoder
+from deltaserve.router.gate import GateRouter
+from deltaserve.router.knn import KnnRouter
+from deltaserve.router.service import RoutingService
+from deltaserve.router.text import route_text
+from deltaserve.router.uncertainty import UncertaintyRouter, hf_nll_scorer
 
 __all__ = [
     "DEFAULT_MAX_DISTANCE", "DEFAULT_MIN_CONFIDENCE", "ENCODERS", "ROUTERS", "BaseHiddenStates", "Decision", "GateRouter",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from experts.registry import NoOptions, Options, Registry
+from deltaserve.experts.registry import NoOptions, Options, Registry
 
 FallbackReason = Literal["low_confidence", "out_of_distribution", "no_experts"]
 Scores = dict[str, float]
@@ -182,7 +182,7 @@ def make_router(name: str, *, encoder: Any = None, uncertainty_scorer: Any = Non
     checked = ROUTERS.parse_options(name, options)
     given = {"encoder": encoder, "uncertainty_scorer": uncertainty_scorer}
     if "encoder" in cls.needs and encoder is None:
-        from router.features import SentenceEncoder
+        from deltaserve.router.features import SentenceEncoder
 
         given["encoder"] = SentenceEncoder()
     missing = [n for n in cls.needs if given[n] is None]

@@ -22,7 +22,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
-from router.base import Decision
+from deltaserve.router.base import Decision
 
 DEFAULT_WINDOW_S = 0.002
 DEFAULT_MAX_BATCH = 64

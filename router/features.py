@@ -234,7 +234,7 @@ def make_encoder(name: str = "minilm", **options) -> CachedEncoder:
     if name == "minilm":
         return SentenceEncoder(precision="auto", **options)
     if name == "static":
-        from router.static import StaticEncoder
+        from deltaserve.router.static import StaticEncoder
 
         return StaticEncoder(**options)
     raise ValueError(f"unknown encoder {name!r}; known: {list(ENCODERS)}")

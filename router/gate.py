@@ -18,10 +18,10 @@ from sklearn.linear_model import LogisticRegression
 
 from pydantic import Field
 
-from experts.registry import Options
-from router.base import ScoredText, register_router
-from router.features import Encoder
-from router.index import CosineIndex, ExemplarRouter, Snapshot
+from deltaserve.experts.registry import Options
+from deltaserve.router.base import ScoredText, register_router
+from deltaserve.router.features import Encoder
+from deltaserve.router.index import CosineIndex, ExemplarRouter, Snapshot
 
 
 @dataclass(frozen=True)

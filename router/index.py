@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from router.features import Encoder
+from deltaserve.router.features import Encoder
 
 
 def _check_name(expert: str) -> None:

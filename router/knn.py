@@ -13,10 +13,10 @@ import numpy as np
 
 from pydantic import Field
 
-from experts.registry import Options
-from router.base import ScoredText, register_router
-from router.features import Encoder
-from router.index import CosineIndex, ExemplarRouter
+from deltaserve.experts.registry import Options
+from deltaserve.router.base import ScoredText, register_router
+from deltaserve.router.features import Encoder
+from deltaserve.router.index import CosineIndex, ExemplarRouter
 
 
 def neighbour_votes(distances: np.ndarray, labels: np.ndarray, n_experts: int, temperature: float) -> np.ndarray:

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from router.base import Decision, Policy, Router
+from deltaserve.router.base import Decision, Policy, Router
 
 
 class RoutingService:

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experts.expert import sha256_file
-from router.features import CachedEncoder, minilm_path
+from deltaserve.experts.expert import sha256_file
+from deltaserve.router.features import CachedEncoder, minilm_path
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def load_or_distil(model_dir: Path, cache_dir: Path) -> torch.Tensor:
     from safetensors import safe_open
     from safetensors.torch import save
 
-    from experts.atomic import write_bytes_atomic
+    from deltaserve.experts.atomic import write_bytes_atomic
 
     source = sha256_file(model_dir / "model.safetensors")
     path = cache_dir / f"minilm-static-{source[:16]}.safetensors"

@@ -23,8 +23,8 @@ import torch
 
 from pydantic import Field
 
-from experts.registry import Options, UnknownNameError
-from router.base import ScoredText, register_router
+from deltaserve.experts.registry import Options, UnknownNameError
+from deltaserve.router.base import ScoredText, register_router
 
 NllScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 NllTarget = Literal["prompt", "answer"]

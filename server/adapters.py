@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from experts.atomic import atomic_dir
-from experts.expert import Expert
-from experts.lora_merge import lora_concat
-from experts.sparsify import lowrank as svd_factors
+from deltaserve.experts.atomic import atomic_dir
+from deltaserve.experts.expert import Expert
+from deltaserve.experts.lora_merge import lora_concat
+from deltaserve.experts.sparsify import lowrank as svd_factors
 
 LORA_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -20,12 +20,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from server import errors
-from server.engine_types import EngineProtocol
-from server.routes import experts, lora, openai, ops, tokenize
-from server.service import Service
-from server.settings import ServerSettings
-from server.supervisor import EngineSupervisor
+from deltaserve.server import errors
+from deltaserve.server.engine_types import EngineProtocol
+from deltaserve.server.routes import experts, lora, openai, ops, tokenize
+from deltaserve.server.service import Service
+from deltaserve.server.settings import ServerSettings
+from deltaserve.server.supervisor import EngineSupervisor
 
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from server.cli_options import add_option_flags, options_from_args
+from deltaserve.server.cli_options import add_option_flags, options_from_args
 
 
 def _require_dir(path: Path, marker: str, what: str) -> Path:
@@ -26,7 +26,7 @@ def _require_dir(path: Path, marker: str, what: str) -> Path:
 
 def _parse_options(registry, name: str, options: dict[str, Any]):
     """Checked options, or exit with the flag and the problem."""
-    from experts.registry import OptionsError
+    from deltaserve.experts.registry import OptionsError
 
     try:
         return registry.parse_options(name, options)
@@ -38,21 +38,21 @@ def _parse_options(registry, name: str, options: dict[str, Any]):
 def _helpers(method: str, base: Path, calibration: Path | None, training: Path | None,
              options: dict[str, Any]) -> tuple[Any, Any]:
     """NPS's objective / sparse_ft's trainer from the examples files a method needs."""
-    from experts.compress import COMPRESSORS, get_compressor
-    from experts.examples import ExampleError, read_examples
+    from deltaserve.experts.compress import COMPRESSORS, get_compressor
+    from deltaserve.experts.examples import ExampleError, read_examples
 
     needs = get_compressor(method).needs
     objective = trainer = None
     try:
         if "objective" in needs:
-            from experts.calibration import delta_objective
+            from deltaserve.experts.calibration import delta_objective
 
             if calibration is None:
                 raise SystemExit(f"error: --method {method} needs --calibration FILE.jsonl (chat examples it is "
                                  "scored on; `deltaserve zoo data` writes them for the zoo's tasks)")
             objective = delta_objective(base, read_examples(calibration))
         if "trainer" in needs:
-            from experts.finetune import masked_trainer
+            from deltaserve.experts.finetune import masked_trainer
 
             if training is None:
                 raise SystemExit(f"error: --method {method} needs --training FILE.jsonl (chat examples it re-trains "
@@ -64,7 +64,7 @@ def _helpers(method: str, base: Path, calibration: Path | None, training: Path |
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from experts.compress import COMPRESSORS, compress_expert, extract
+    from deltaserve.experts.compress import COMPRESSORS, compress_expert, extract
 
     _require_dir(args.base, "config.json", "--base")
     if args.finetuned:
@@ -103,9 +103,9 @@ def _print_manifest(manifest, path: Path) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from experts.expert import ExpertFormatError
-    from experts.merge_model import METHOD_ALIASES, MergeError, merge_into_checkpoint
-    from experts.merging import MERGE_METHODS
+    from deltaserve.experts.expert import ExpertFormatError
+    from deltaserve.experts.merge_model import METHOD_ALIASES, MergeError, merge_into_checkpoint
+    from deltaserve.experts.merging import MERGE_METHODS
 
     _require_dir(args.base, "config.json", "--base")
     if args.weights and len(args.weights) != len(args.experts):
@@ -123,7 +123,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from experts.expert import ExpertFormatError, load_expert
+    from deltaserve.experts.expert import ExpertFormatError, load_expert
 
     try:
         expert = load_expert(args.expert, verify=args.verify)
@@ -134,20 +134,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from server.methods import families_markdown
+    from deltaserve.server.methods import families_markdown
 
     print(families_markdown())
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from server.serve import serve
+    from deltaserve.server.serve import serve
 
     return serve(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from server.commands.demo import demo
+    from deltaserve.server.commands.demo import demo
 
     return demo(args)
 
@@ -156,20 +156,20 @@ def _zoo_command(module: str, name: str):
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        return getattr(importlib.import_module(f"server.commands.{module}"), name)(args)
+        return getattr(importlib.import_module(f"deltaserve.server.commands.{module}"), name)(args)
     return run
 
 
 def _store(args: argparse.Namespace):
-    from experts.store import ExpertStore
+    from deltaserve.experts.store import ExpertStore
 
     _require_dir(args.base, "config.json", "--base")
     return ExpertStore(args.store, args.base)
 
 
 def _cmd_store_add(args: argparse.Namespace) -> int:
-    from experts.compress import COMPRESSORS
-    from experts.store import Compression, StoreError
+    from deltaserve.experts.compress import COMPRESSORS
+    from deltaserve.experts.store import Compression, StoreError
 
     store = _store(args)
     compression, objective, trainer = None, None, None
@@ -200,7 +200,7 @@ def _cmd_store_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_store_rm(args: argparse.Namespace) -> int:
-    from experts.store import StoreError
+    from deltaserve.experts.store import StoreError
 
     try:
         _store(args).delete(args.name)
@@ -210,7 +210,7 @@ def _cmd_store_rm(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from server import cli_parsers
+    from deltaserve.server import cli_parsers
 
     parser = argparse.ArgumentParser(prog="deltaserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,7 +12,7 @@ import argparse
 import typing
 from typing import Any
 
-from experts.registry import Registry
+from deltaserve.experts.registry import Registry
 
 DEST_PREFIX = "opt_"
 

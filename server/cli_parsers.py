@@ -10,9 +10,9 @@ DEFAULT_ZOO_ROOT = Path(".cache/zoo")
 
 
 def add_all(sub, handlers: dict[str, Callable], add_option_flags: Callable) -> None:
-    from experts.compress import COMPRESSORS
-    from experts.merge_model import METHOD_ALIASES
-    from experts.merging import MERGE_METHODS
+    from deltaserve.experts.compress import COMPRESSORS
+    from deltaserve.experts.merge_model import METHOD_ALIASES
+    from deltaserve.experts.merging import MERGE_METHODS
 
     _zoo(sub, handlers)
     _compress(sub.add_parser("compress", help="compress a fine-tune or LoRA into an expert directory"), COMPRESSORS,
@@ -36,7 +36,7 @@ def add_all(sub, handlers: dict[str, Callable], add_option_flags: Callable) -> N
     met = sub.add_parser("methods", help="list compressors, codecs, merge methods and routers with their options")
     met.set_defaults(func=handlers["methods"])
 
-    from server.serve import add_serve_arguments
+    from deltaserve.server.serve import add_serve_arguments
 
     srv = sub.add_parser("serve", help="serve the base and the store's experts over an OpenAI-compatible API")
     add_serve_arguments(srv)

@@ -26,21 +26,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from experts.expert import ExpertFormatError
-from experts.store import ExpertStore
-from experts.taskvector import _shapes
-from server.adapters import AdapterCache, MergedAdapter, clean_stale_roots, default_adapter_root
-from server.adaptive import MergePolicy
-from server.contracts import MergeRequest, SwapStats
-from server.engine_types import ExpertInfo, Laps, Plan, WeightState
-from server.errors import EngineUnavailable, ExpertUnavailable, InvalidSampling
-from server.metrics import Metrics
-from server.recipes import Recipe
-from server.scheduler import WeightScheduler
-from server.settings import EngineConfig
+from deltaserve.experts.expert import ExpertFormatError
+from deltaserve.experts.store import ExpertStore
+from deltaserve.experts.taskvector import _shapes
+from deltaserve.server.adapters import AdapterCache, MergedAdapter, clean_stale_roots, default_adapter_root
+from deltaserve.server.adaptive import MergePolicy
+from deltaserve.server.contracts import MergeRequest, SwapStats
+from deltaserve.server.engine_types import ExpertInfo, Laps, Plan, WeightState
+from deltaserve.server.errors import EngineUnavailable, ExpertUnavailable, InvalidSampling
+from deltaserve.server.metrics import Metrics
+from deltaserve.server.recipes import Recipe
+from deltaserve.server.scheduler import WeightScheduler
+from deltaserve.server.settings import EngineConfig
 
 log = logging.getLogger("deltaserve")
-WORKER_EXTENSION = "server.worker.DeltaWorkerExtension"
+WORKER_EXTENSION = "deltaserve.server.worker.DeltaWorkerExtension"
 PROXY_RANK = 16
 ANSWER_TOKENS = 4
 

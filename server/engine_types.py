@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from experts.expert import ExpertManifest
-from server.contracts import MergeItem, MergeRequest
-from server.recipes import Recipe
-from server.settings import EngineConfig
+from deltaserve.experts.expert import ExpertManifest
+from deltaserve.server.contracts import MergeItem, MergeRequest
+from deltaserve.server.recipes import Recipe
+from deltaserve.server.settings import EngineConfig
 
 
 @dataclass(frozen=True)

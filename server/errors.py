@@ -22,12 +22,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from experts.examples import ExampleError
-from experts.expert import ExpertFormatError
-from experts.merge_model import MergeError
-from experts.registry import OptionsError, UnknownNameError
-from experts.store import ExpertExistsError, StoreError, UnknownExpertError
-from server.recipes import RecipeError, UnknownModelError
+from deltaserve.experts.examples import ExampleError
+from deltaserve.experts.expert import ExpertFormatError
+from deltaserve.experts.merge_model import MergeError
+from deltaserve.experts.registry import OptionsError, UnknownNameError
+from deltaserve.experts.store import ExpertExistsError, StoreError, UnknownExpertError
+from deltaserve.server.recipes import RecipeError, UnknownModelError
 
 log = logging.getLogger("deltaserve")
 REQUEST_ID_HEADER = "x-request-id"

@@ -51,7 +51,7 @@ class ServerProcess:
         self.base, self.store, self.log_path = Path(base), Path(store), Path(log)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--base", str(base), "--store", str(store),
+        cmd = [sys.executable, "-m", "deltaserve.server.cli", "serve", "--base", str(base), "--store", str(store),
                "--port", str(self.port), *(args or [])]
         full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **QUIET_ENV, **(env or {})}
         self._log = open(self.log_path, "ab")

@@ -6,14 +6,14 @@ verbatim, so the README cannot drift from the registries.
 
 from __future__ import annotations
 
-from experts.registry import Registry
+from deltaserve.experts.registry import Registry
 
 
 def families() -> list[tuple[str, Registry]]:
-    from experts.codecs import CODECS
-    from experts.compress import COMPRESSORS
-    from experts.merging import MERGE_METHODS
-    from router import ROUTERS
+    from deltaserve.experts.codecs import CODECS
+    from deltaserve.experts.compress import COMPRESSORS
+    from deltaserve.experts.merging import MERGE_METHODS
+    from deltaserve.router import ROUTERS
 
     return [("Compression methods (`compress --method`, `compression.method`)", COMPRESSORS),
             ("Codecs (how an expert's tensors are stored)", CODECS),

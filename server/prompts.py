@@ -20,7 +20,7 @@ from typing import Any
 
 from vllm.exceptions import VLLMValidationError
 
-from server.errors import APIError
+from deltaserve.server.errors import APIError
 
 # apply_chat_template's own parameters: a chat_template_kwargs entry may not override them.
 RESERVED_TEMPLATE_KWARGS = frozenset({

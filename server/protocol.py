@@ -30,8 +30,8 @@ from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, Tokenize
 from vllm.exceptions import VLLMValidationError
 from vllm.renderers.chat_utils import ChatCompletionMessageParam
 
-from experts.store import Compression
-from server.errors import APIError
+from deltaserve.experts.store import Compression
+from deltaserve.server.errors import APIError
 
 MAX_TEXT_DEPTH = 64
 MAX_PROMPTS = 64

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from typing import Any
 
-from experts.merge_model import METHOD_ALIASES
-from experts.merging import MERGE_METHODS
-from experts.registry import OptionsError, UnknownNameError
+from deltaserve.experts.merge_model import METHOD_ALIASES
+from deltaserve.experts.merging import MERGE_METHODS
+from deltaserve.experts.registry import OptionsError, UnknownNameError
 
 MAX_TERMS = 8
 MAX_ABS_WEIGHT = 10.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.recipes import parse_model
+from deltaserve.server.recipes import parse_model
 
 SCORE_TIMEOUT_S = 300
 
@@ -22,8 +22,8 @@ def build_routing(service: Any, loop: asyncio.AbstractEventLoop) -> Any:
         return None
     import torch
 
-    from router import ROUTERS, Policy, RoutingService, make_router
-    from router.base import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CONFIDENCE
+    from deltaserve.router import ROUTERS, Policy, RoutingService, make_router
+    from deltaserve.router.base import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CONFIDENCE
 
     # The engine runs in its own processes; here torch only encodes one prompt at a time, and
     # OpenMP threads competing with the engine made that 100x slower (0.5 s vs 5 ms, measured).
@@ -33,7 +33,7 @@ def build_routing(service: Any, loop: asyncio.AbstractEventLoop) -> Any:
     needs = ROUTERS[rs.name].needs
     deps: dict[str, Any] = {}
     if "encoder" in needs:
-        from router.features import make_encoder
+        from deltaserve.router.features import make_encoder
 
         deps["encoder"] = make_encoder(rs.encoder)
     if "uncertainty_scorer" in needs:

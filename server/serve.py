@@ -28,7 +28,7 @@ def add_serve_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> No
     p.add_argument("--cache-bytes", type=int, default=1 << 30, help="host RAM for decoded deltas")
     p.add_argument("--max-wait-ms", type=float, default=200.0,
                    help="dense path: longest a request waits while another recipe is served")
-    from router import ENCODERS, ROUTERS
+    from deltaserve.router import ENCODERS, ROUTERS
 
     p.add_argument("--router", choices=["none", *sorted(ROUTERS)], default="knn" if demo else "none",
                    help="what `model: auto` uses")
@@ -114,7 +114,7 @@ def lora_rank(flag: str, store_dir: Path) -> int:
 def adaptive_settings(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from server.adaptive import AdaptiveSettings
+    from deltaserve.server.adaptive import AdaptiveSettings
 
     try:
         return AdaptiveSettings(**_router_options(args.adaptive_option, "--adaptive-option"),
@@ -128,7 +128,7 @@ def adaptive_settings(args: argparse.Namespace):
 def settings_from_args(args: argparse.Namespace, base: Path):
     from pydantic import ValidationError
 
-    from server.settings import EngineConfig, RouterSettings, ServerSettings
+    from deltaserve.server.settings import EngineConfig, RouterSettings, ServerSettings
 
     engine = EngineConfig(
         base_dir=base, served_name=args.served_name, max_model_len=args.max_model_len, dtype=args.dtype,
@@ -154,7 +154,7 @@ def settings_from_args(args: argparse.Namespace, base: Path):
 def run(settings, host: str, port: int, log_level: str, banner: str = "") -> int:
     import uvicorn
 
-    from server.app import create_app
+    from deltaserve.server.app import create_app
 
     app = create_app(settings, on_ready=(lambda: print(banner, flush=True)) if banner else None)
     # SIGTERM: stop accepting, let in-flight requests finish for at most SHUTDOWN_GRACE_S, then exit.

@@ -14,15 +14,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from experts.store import Compression, ExpertStore
-from router.text import ChatMarkup
-from server.engine import Engine
-from server.engine_types import EngineProtocol
-from server.errors import APIError
-from server.metrics import Metrics
-from server.protocol import ExpertCard, ExpertRegistration
-from server.recipes import Recipe, RecipeError, parse_model
-from server.settings import ServerSettings
+from deltaserve.experts.store import Compression, ExpertStore
+from deltaserve.router.text import ChatMarkup
+from deltaserve.server.engine import Engine
+from deltaserve.server.engine_types import EngineProtocol
+from deltaserve.server.errors import APIError
+from deltaserve.server.metrics import Metrics
+from deltaserve.server.protocol import ExpertCard, ExpertRegistration
+from deltaserve.server.recipes import Recipe, RecipeError, parse_model
+from deltaserve.server.settings import ServerSettings
 
 log = logging.getLogger("deltaserve")
 AUTO = "auto"
@@ -47,7 +47,7 @@ class Service:
         await self.engine.start()
         self.markup = ChatMarkup.from_tokenizer(self.engine.tokenizer)
         if self.routing is None and self.settings.router.name != "none":
-            from server.routing import build_routing
+            from deltaserve.server.routing import build_routing
 
             self.routing = await asyncio.to_thread(build_routing, self, asyncio.get_running_loop())
         await self.refresh_routing()
@@ -75,7 +75,7 @@ class Service:
 
     def _route_batcher(self) -> Any:
         if self._batcher is None or self._batcher.service is not self.routing:
-            from router.batcher import RouteBatcher
+            from deltaserve.router.batcher import RouteBatcher
 
             self._batcher = RouteBatcher(self.routing, window_s=self.settings.router.batch_window_ms / 1000)
         return self._batcher
@@ -151,7 +151,7 @@ class Service:
     def _compression_helpers(self, compression: Compression | None, calibration: Any = None) -> tuple[Any, Any]:
         """The calibration objective (NPS's search, and every expert's measured quality) and sparse_ft's
         trainer, from the examples the request names."""
-        from experts.compress import get_compressor
+        from deltaserve.experts.compress import get_compressor
 
         needs = get_compressor(compression.method).needs if compression is not None else ()
         objective = trainer = None
@@ -159,21 +159,21 @@ class Service:
         if compression is not None and compression.calibration is not None:
             source, param = compression.calibration, "compression.calibration"
         if source is not None or "objective" in needs:
-            from experts.calibration import delta_objective
+            from deltaserve.experts.calibration import delta_objective
 
             if source is None:
                 param = "compression.calibration"
             examples = self._examples(source, param)
             objective = delta_objective(self.settings.engine.base_dir, examples)
         if "trainer" in needs:
-            from experts.finetune import masked_trainer
+            from deltaserve.experts.finetune import masked_trainer
 
             examples = self._examples(compression.training, "compression.training")
             trainer = masked_trainer(self.settings.engine.base_dir, examples, compression.options)
         return objective, trainer
 
     def _examples(self, source: str | list | None, param: str) -> list:
-        from experts.examples import ChatExample, read_examples
+        from deltaserve.experts.examples import ChatExample, read_examples
 
         if source is None:
             raise APIError(400, f"this compression method needs `{param}`: chat examples as a JSONL path under a "

@@ -20,15 +20,15 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from router.text import route_text
-from server import choices as shape
-from server.engine_types import Plan
-from server.errors import APIError, describe, error_body, status_of
-from server.prompts import (Prompt, chat_prompt, completion_prompts, generation_defaults, max_new_tokens,
+from deltaserve.router.text import route_text
+from deltaserve.server import choices as shape
+from deltaserve.server.engine_types import Plan
+from deltaserve.server.errors import APIError, describe, error_body, status_of
+from deltaserve.server.prompts import (Prompt, chat_prompt, completion_prompts, generation_defaults, max_new_tokens,
                             plain_messages)
-from server.protocol import ChatCompletionRequest, CompletionRequest, ServedAs, now
-from server.recipes import Recipe
-from server.service import Service
+from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest, ServedAs, now
+from deltaserve.server.recipes import Recipe
+from deltaserve.server.service import Service
 
 log = logging.getLogger("deltaserve")
 RECIPE_HEADER = "x-deltaserve-recipe"

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.adaptive import AdaptiveSettings
+from deltaserve.server.adaptive import AdaptiveSettings
 
 
 class EngineConfig(BaseModel):
@@ -66,7 +66,7 @@ class RouterSettings(BaseModel):
     @model_validator(mode="after")
     def _known_router(self) -> RouterSettings:
         if self.name != "none":
-            from router import ROUTERS
+            from deltaserve.router import ROUTERS
 
             ROUTERS.parse_options(self.name, self.options)   # a miss lists the known routers
         return self

@@ -32,12 +32,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from experts.atomic import pid_alive
-from experts.bitpack import add_entries, flat_target
-from experts.expert import Expert, load_pinned
-from experts.merge_model import merged_params
-from server.contracts import MergeRequest, SwapStats
-from server.vllm_patches import patch_cpu_lora_ops
+from deltaserve.experts.atomic import pid_alive
+from deltaserve.experts.bitpack import add_entries, flat_target
+from deltaserve.experts.expert import Expert, load_pinned
+from deltaserve.experts.merge_model import merged_params
+from deltaserve.server.contracts import MergeRequest, SwapStats
+from deltaserve.server.vllm_patches import patch_cpu_lora_ops
 
 patch_cpu_lora_ops()   # this module is imported in vLLM's worker process: fix its CPU LoRA ops there
 

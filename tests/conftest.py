@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.launch import ServerProcess, free_port  # noqa: F401  (free_port: the Prometheus tests use it)
+from deltaserve.server.launch import ServerProcess, free_port  # noqa: F401  (free_port: the Prometheus tests use it)
 
 REPO = Path(__file__).resolve().parents[1]
 # Tests share one cached micro zoo; the build is skipped when its spec is unchanged.
@@ -16,8 +16,8 @@ MICRO_ZOO = Path(os.environ.get("DELTASERVE_TEST_ZOO", REPO / ".cache" / "zoo" /
 
 @pytest.fixture(scope="session")
 def micro_zoo():
-    from zoo.build import ZooBuilder
-    from zoo.spec import preset
+    from deltaserve_zoo.build import ZooBuilder
+    from deltaserve_zoo.spec import preset
 
     builder = ZooBuilder(preset("micro"), MICRO_ZOO)
     builder.build(workers=1)
@@ -27,7 +27,7 @@ def micro_zoo():
 @pytest.fixture(scope="session")
 def static_encoder_cache():
     """Where tests keep router.static's distilled table (built once per machine, ~30 s, like the micro zoo)."""
-    from router.static import StaticEncoder
+    from deltaserve.router.static import StaticEncoder
 
     cache = REPO / ".cache" / "router"
     StaticEncoder(cache_dir=cache, cache_size=0)   # distils on the first run, checks digests after
@@ -66,8 +66,8 @@ class LiveServer(ServerProcess):
 
 def seed_micro_store(zoo, store: Path) -> None:
     """Two dense-path experts (sparse, ternary) and three LoRA-path experts, with exemplars."""
-    from experts.store import Compression, ExpertStore
-    from zoo.tasks import get_task
+    from deltaserve.experts.store import Compression, ExpertStore
+    from deltaserve_zoo.tasks import get_task
 
     s = ExpertStore(store, zoo.layout.base)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from server.adaptive import AdaptiveSettings, MergePolicy
-from server.engine import Engine
-from server.engine_types import ExpertInfo, Plan
-from server.errors import EngineUnavailable
-from server.recipes import Recipe
+from deltaserve.server.adaptive import AdaptiveSettings, MergePolicy
+from deltaserve.server.engine import Engine
+from deltaserve.server.engine_types import ExpertInfo, Plan
+from deltaserve.server.errors import EngineUnavailable
+from deltaserve.server.recipes import Recipe
 
 ANSWER = ["fa", "ke"]
 ANSWER_IDS = [7, 8]

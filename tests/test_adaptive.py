@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.adaptive import AdaptiveSettings, MergePolicy
+from deltaserve.server.adaptive import AdaptiveSettings, MergePolicy
 
 
 class Clock:
@@ -93,9 +93,9 @@ def test_engine_plans_a_merged_lora_recipe_on_the_dense_path():
     from pathlib import Path
     from types import SimpleNamespace
 
-    from server.engine import Engine
-    from server.engine_types import ExpertInfo
-    from server.recipes import Recipe
+    from deltaserve.server.engine import Engine
+    from deltaserve.server.engine_types import ExpertInfo
+    from deltaserve.server.recipes import Recipe
 
     manifest = SimpleNamespace(rank=8, codec="lowrank", sha256={"tensors.safetensors": "ab" * 32})
     info = ExpertInfo("lo", manifest, Path("/nowhere"))
@@ -113,7 +113,7 @@ def test_engine_plans_a_merged_lora_recipe_on_the_dense_path():
 
 def test_uncertainty_router_needs_the_engines_lora_support(tmp_path):
     """--lora off with the uncertainty router (it scores experts through adapters) is refused with the reason."""
-    from server.settings import EngineConfig, RouterSettings, ServerSettings
+    from deltaserve.server.settings import EngineConfig, RouterSettings, ServerSettings
 
     with pytest.raises(ValidationError, match="uncertainty router .* needs the engine's LoRA support"):
         ServerSettings(store_dir=tmp_path, engine=EngineConfig(base_dir=tmp_path, enable_lora=False),
@@ -125,8 +125,8 @@ def test_uncertainty_router_needs_the_engines_lora_support(tmp_path):
 def test_switching_paths_never_changes_a_greedy_output(micro_zoo, tmp_path):
     """Through the real engine: a LoRA recipe served on the LoRA path, then merged once it dominates,
     then unmerged when base traffic mixes in; every greedy answer equals HF on the merged checkpoint."""
-    from experts.merge_model import merge_into_checkpoint
-    from experts.store import ExpertStore
+    from deltaserve.experts.merge_model import merge_into_checkpoint
+    from deltaserve.experts.store import ExpertStore
     from tests.conftest import LiveServer
     from tests.test_server_engine import QUESTIONS, _hf_greedy_texts
 

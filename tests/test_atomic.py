@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from experts.atomic import atomic_dir, write_json_atomic
+from deltaserve.experts.atomic import atomic_dir, write_json_atomic
 
 
 def test_atomic_dir_publishes_complete_directory(tmp_path):

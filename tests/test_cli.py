@@ -4,11 +4,11 @@ import sys
 
 import pytest
 
-from zoo.matrix import AccuracyMatrix
+from deltaserve_zoo.matrix import AccuracyMatrix
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "deltaserve.server.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_eval_cli_matches_the_zoo_matrix(micro_zoo, tmp_path):
@@ -97,8 +97,8 @@ def test_compress_nps_per_tensor_records_its_search(micro_zoo, tmp_path):
 def test_merge_writes_a_loadable_checkpoint_equal_to_the_math(micro_zoo, tmp_path):
     import torch
 
-    from experts.taskvector import load_state_dict
-    from zoo.build import load_llama
+    from deltaserve.experts.taskvector import load_state_dict
+    from deltaserve_zoo.build import load_llama
 
     layout = micro_zoo.layout
     experts = []

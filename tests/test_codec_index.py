@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from experts.bitpack import pack_bits, pack_uints, unpack_uints
-from experts.codec_index import NAME, high_bit_count, index_part_bytes, low_bits, sparse_codec_for
-from experts.codecs import CODECS, get_codec
-from experts.expert import ExpertFormatError, load_expert, save_expert
+from deltaserve.experts.bitpack import pack_bits, pack_uints, unpack_uints
+from deltaserve.experts.codec_index import NAME, high_bit_count, index_part_bytes, low_bits, sparse_codec_for
+from deltaserve.experts.codecs import CODECS, get_codec
+from deltaserve.experts.expert import ExpertFormatError, load_expert, save_expert
 
 EF, SPARSE = get_codec(NAME), get_codec("sparse")
 # Tolerance of one add_into against the compute-dtype reference, per target dtype (as tests/test_codecs.py).

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from experts import sparsify
-from experts.codecs import get_codec
+from deltaserve.experts import sparsify
+from deltaserve.experts.codecs import get_codec
 
 SIGN = get_codec("sign")
 
@@ -68,9 +68,9 @@ def test_sign_codec_add_into_matches_decode(untouched):
 
 
 def test_bitdelta_compressor_stores_with_the_sign_codec(tmp_path):
-    from experts.compress import compress_expert
-    from experts.expert import load_expert
-    from experts.taskvector import TaskVector
+    from deltaserve.experts.compress import compress_expert
+    from deltaserve.experts.expert import load_expert
+    from deltaserve.experts.taskvector import TaskVector
 
     deltas = {"a.weight": _tau(rows=64, cols=32), "b.weight": torch.randn(16)}
     tv = TaskVector(deltas=deltas, base_fingerprint="f" * 64, kind="full", source="test")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from experts.codecs import CODECS, codec, get_codec, pack_bits, unpack_bits
+from deltaserve.experts.codecs import CODECS, codec, get_codec, pack_bits, unpack_bits
 
 # Tolerance of one add_into against the float32 reference, per target dtype.
 ADD_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
@@ -193,7 +193,7 @@ def test_check_parts_flags_wrong_shapes(name):
 def test_sparse_entries_are_what_add_into_adds(name):
     """``entries`` (the worker's host cache keeps them) gives the kept indices and stored values; adding them
     as the codec does is bit-identical to add_into, and a count mismatch is refused the same way."""
-    from experts.bitpack import add_at_indices
+    from deltaserve.experts.bitpack import add_at_indices
 
     tensor = sparse_input(shape=(12, 20), kept=17, seed=4)
     sparse = get_codec(name)

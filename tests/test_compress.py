@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from experts.compress import COMPRESSORS, compress_expert, extract, get_compressor
-from experts.expert import load_expert
-from experts.taskvector import load_state_dict
+from deltaserve.experts.compress import COMPRESSORS, compress_expert, extract, get_compressor
+from deltaserve.experts.expert import load_expert
+from deltaserve.experts.taskvector import load_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,8 @@ def test_unchanged_parameters_are_left_out(tv, tmp_path):
 
 
 def test_nps_on_a_zoo_task_records_its_search(micro_zoo, tmp_path):
-    from zoo.build import load_llama
-    from zoo.evaluate import TaskEvaluator, task_vector_objective
+    from deltaserve_zoo.build import load_llama
+    from deltaserve_zoo.evaluate import TaskEvaluator, task_vector_objective
 
     layout = micro_zoo.layout
     tv = extract(layout.base, finetuned_dir=layout.full("length"))
@@ -115,7 +115,7 @@ def test_nps_on_a_zoo_task_records_its_search(micro_zoo, tmp_path):
 
 
 def test_sparse_ft_keeps_the_magnitude_support_with_the_trainers_values(tv, tmp_path):
-    from experts.sparsify import magnitude_mask
+    from deltaserve.experts.sparsify import magnitude_mask
 
     seen = {}
 
@@ -140,7 +140,7 @@ def test_sparse_ft_keeps_the_magnitude_support_with_the_trainers_values(tv, tmp_
 
 
 def test_zoo_masked_trainer_moves_only_the_masked_entries(micro_zoo):
-    from zoo.build import masked_trainer
+    from deltaserve_zoo.build import masked_trainer
 
     spec = micro_zoo.spec.full.model_copy(update={"steps": 5})
     masks = {name: torch.zeros_like(t, dtype=torch.bool) for name, t in

@@ -1,9 +1,9 @@
 import ast
 import re
 
-from zoo.corpus import DOCTESTS, SKILLS, pretraining_documents, stdlib_text
-from zoo.tasks import TASKS
-from zoo.tokenizer import BOS, EOS
+from deltaserve_zoo.corpus import DOCTESTS, SKILLS, pretraining_documents, stdlib_text
+from deltaserve_zoo.tasks import TASKS
+from deltaserve_zoo.tokenizer import BOS, EOS
 
 
 def test_stdlib_text_is_ascii_and_sized():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from zoo.evaluate import TaskEvaluator, evaluate_state_dict, swapped_weights
-from zoo.tasks import get_task
-from zoo.tokenizer import build_tokenizer
+from deltaserve_zoo.evaluate import TaskEvaluator, evaluate_state_dict, swapped_weights
+from deltaserve_zoo.tasks import get_task
+from deltaserve_zoo.tokenizer import build_tokenizer
 
 
 class ScriptedLM(torch.nn.Module):
@@ -85,7 +85,7 @@ def test_swapped_weights_rejects_bad_names_and_shapes():
 
 
 def test_evaluate_state_dict_on_a_real_model(micro_zoo):
-    from zoo.build import load_llama
+    from deltaserve_zoo.build import load_llama
 
     layout = micro_zoo.layout
     base = load_llama(layout.base)

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from experts.codecs import get_codec
-from experts.expert import (
+from deltaserve.experts.codecs import get_codec
+from deltaserve.experts.expert import (
     BaseMismatchError,
     EncodedDelta,
     ExpertFormatError,

@@ -1,8 +1,12 @@
-"""The house rules that a grep can check: imports point down, the zoo stays out of the product, sizes."""
+"""The house rules that a grep can check: one installed namespace, imports point down, the zoo stays out
+of the product, sizes."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,8 +18,19 @@ ALLOWED = {"experts": {"experts"}, "router": {"experts", "router"}, "server": {"
            "zoo": {"experts", "zoo"}}
 ZOO_USERS = tuple(REPO / "server" / "commands" / f for f in ("zoo.py", "eval.py", "demo.py"))   # `deltaserve zoo|eval|demo`
 OURS = {"experts", "router", "server", "zoo", "bench", "tests"}
+# installed name -> repository folder (pyproject.toml's package-dir)
+NAMESPACE = {"deltaserve.experts": "experts", "deltaserve.router": "router", "deltaserve.server": "server",
+             "deltaserve_zoo": "zoo"}
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
+
+
+def _folder(module: str) -> str:
+    """The repository folder a module lives in: ``deltaserve.server.app`` -> ``server``."""
+    for name, folder in NAMESPACE.items():
+        if module == name or module.startswith(name + "."):
+            return folder
+    return module.split(".")[0]
 
 
 def _imports(path: Path) -> set[str]:
@@ -23,9 +38,9 @@ def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {_folder(a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
+            found.add(_folder(node.module))
     return found & OURS
 
 
@@ -65,7 +80,31 @@ def test_product_files_and_functions_stay_small():
 
 
 def test_readme_lists_every_registered_method_with_its_options():
-    from server.methods import families_markdown
+    from deltaserve.server.methods import families_markdown
 
     assert families_markdown() in (REPO / "README.md").read_text(), \
         "README's Methods tables differ from the registries: paste `deltaserve methods` into README.md"
+
+
+def test_one_installed_namespace_and_no_generic_top_level_packages(tmp_path):
+    """``deltaserve.*`` imports from anywhere; ``server``, ``router``, ``experts`` and ``zoo`` are not
+    installed as top-level packages (run outside the repository, so its folders are not on the path)."""
+    code = ("import importlib.util, deltaserve.server, deltaserve.router, deltaserve.experts, deltaserve_zoo\n"
+            "print([n for n in ('server', 'router', 'experts', 'zoo') if importlib.util.find_spec(n)])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_package_folder_is_installed():
+    """A sub-package missing from pyproject.toml works in the editable install and vanishes from a wheel."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    folders = {name: folder for name, folder in setuptools["package-dir"].items()}
+    assert folders == NAMESPACE
+    found = {"deltaserve"}
+    for name, folder in folders.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(REPO / folder).parts
+            found.add(".".join((name, *parts)))
+    assert found == listed, f"not listed: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"

@@ -1,6 +1,6 @@
 import pytest
 
-from zoo.matrix import AccuracyMatrix
+from deltaserve_zoo.matrix import AccuracyMatrix
 
 
 @pytest.fixture

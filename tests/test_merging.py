@@ -6,9 +6,9 @@ import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
 
-from experts import merging as mg
-from experts.lora_merge import lora_concat
-from experts.sparsify import magnitude
+from deltaserve.experts import merging as mg
+from deltaserve.experts.lora_merge import lora_concat
+from deltaserve.experts.sparsify import magnitude
 from oracles import DTYPES, RTOL, SHAPE, assert_rel, make_tau, peft_mu  # noqa: F401
 
 WEIGHTS = [0.5, 1.3, 0.8]

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from experts.nps import band_ids, nps_prune, nps_search
-from experts.sparsify import magnitude, magnitude_global
+from deltaserve.experts.nps import band_ids, nps_prune, nps_search
+from deltaserve.experts.sparsify import magnitude, magnitude_global
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_max_weight_bounds_the_search(taus):
 @pytest.mark.parametrize("density", [0.001, 0.02, 0.3, 0.95])
 def test_band_pruner_equals_nps_prune(bands, density):
     """The per-candidate fast path keeps exactly nps_prune's entries and values (tie-free random tau)."""
-    from experts.nps import BandPruner
+    from deltaserve.experts.nps import BandPruner
 
     g = torch.Generator().manual_seed(bands)
     tau = {"a": torch.randn(120, 80, generator=g), "b": torch.randn(900, generator=g) * 3,
@@ -107,7 +107,7 @@ def test_band_pruner_equals_nps_prune(bands, density):
 
 
 def test_band_pruner_keeps_exactly_k_with_ties():
-    from experts.nps import BandPruner
+    from deltaserve.experts.nps import BandPruner
 
     tau = {"t": torch.tensor([1.0, -1.0, 1.0, 0.5, 0.5, -0.5, 0.25, 0.0, 0.0, 2.0])}
     for density in (0.1, 0.3, 0.5, 0.7):
@@ -118,8 +118,8 @@ def test_band_pruner_keeps_exactly_k_with_ties():
 def test_delta_objective_adds_only_nonzero_entries_and_restores_the_model_exactly():
     """DeltaObjective scores base + deltas like swapped_weights(added_weights(...)) does, sparse or dense,
     and leaves every weight bit-identical afterwards (tied parameters get their delta once)."""
-    from experts.calibration import DeltaObjective
-    from experts.hfmodel import IndexedDelta, added_weights, swapped_weights
+    from deltaserve.experts.calibration import DeltaObjective
+    from deltaserve.experts.hfmodel import IndexedDelta, added_weights, swapped_weights
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 6))

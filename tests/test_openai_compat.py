@@ -111,8 +111,8 @@ def oracles(micro_zoo, live_server, tmp_path_factory):
     """transformers models for the base, a LoRA expert (PEFT) and a dense expert (its merged checkpoint)."""
     from peft import PeftModel
 
-    from experts.merge_model import merge_into_checkpoint
-    from zoo.build import load_llama
+    from deltaserve.experts.merge_model import merge_into_checkpoint
+    from deltaserve_zoo.build import load_llama
 
     merged = tmp_path_factory.mktemp("merged") / "upper"
     merge_into_checkpoint(micro_zoo.layout.base, [live_server.store / "upper"], merged, method="task_arithmetic",
@@ -183,7 +183,7 @@ def test_lm_eval_default_local_completions_scores_like_deltaserve_eval(live_serv
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from zoo.evaluate import TaskEvaluator
+    from deltaserve_zoo.evaluate import TaskEvaluator
 
     n = 40
     monkeypatch.chdir(REPO)                                  # the task configs name their data files from here

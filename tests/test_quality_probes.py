@@ -33,8 +33,8 @@ def test_width_probe_rebuilds_the_zoo_recipe_and_reports_each_width(tmp_path):
 
 
 def test_masked_finetune_moves_only_the_support(micro_zoo):
-    from experts import sparsify
-    from experts.taskvector import extract_full
+    from deltaserve.experts import sparsify
+    from deltaserve.experts.taskvector import extract_full
 
     layout = micro_zoo.layout
     deltas, loss = qpl.masked_finetune(layout.root, "length", 0.05)
@@ -64,7 +64,7 @@ def test_search_probe_reports_each_config(micro_zoo, tmp_path):
 
 
 def test_lr_probe_retrains_at_the_given_lr_and_compresses(micro_zoo, tmp_path):
-    from experts.taskvector import extract_full
+    from deltaserve.experts.taskvector import extract_full
 
     budget = qs.Budget(calib_n=8, test_n=8, generations=1, population=2, densities=(0.05,))
     out = qpl.run_lr(micro_zoo.layout.root, [3e-4], tmp_path, tmp_path / "cache", lambda _: None, ["length"], budget)

@@ -79,8 +79,8 @@ def test_real_merging_nps_row_prunes_each_tau_with_its_searched_band_weights(tmp
     pruning), then summed; the weights come from the compression bench's NPS cells, and a missing
     skill names the command that makes its cell."""
     from bench.quality import real_merging as rm
-    from experts.nps import BandPruner
-    from experts.sparsify import magnitude_global
+    from deltaserve.experts.nps import BandPruner
+    from deltaserve.experts.sparsify import magnitude_global
 
     g = torch.Generator().manual_seed(0)
     taus = [{"a": torch.randn(40, 30, generator=g), "b": torch.randn(50, generator=g)} for _ in range(2)]

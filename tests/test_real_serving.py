@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from experts.store import ExpertStore
+from deltaserve.experts.store import ExpertStore
 from tests.conftest import REPO, LiveServer
-from zoo.real.synthetic import random_lora, random_sparse_expert
+from deltaserve_zoo.real.synthetic import random_lora, random_sparse_expert
 
 QUESTIONS = ["What is the capital of France?", "Convert 3 March 2021 to ISO format.",
              "Write one word that rhymes with cat."]
@@ -21,7 +21,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="session")
 def real_base():
-    from zoo.real.build import RealSuiteBuilder
+    from deltaserve_zoo.real.build import RealSuiteBuilder
 
     builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
     builder.build_base()
@@ -29,7 +29,7 @@ def real_base():
 
 
 def _hf_greedy(model_dir, adapter=None):
-    from experts.hfmodel import load_causal_lm, load_tokenizer
+    from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
@@ -66,7 +66,7 @@ def _ask(server, model, i):
 
 
 def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
-    from experts.merge_model import merge_into_checkpoint
+    from deltaserve.experts.merge_model import merge_into_checkpoint
 
     config = json.loads((real_base / "config.json").read_text())
     assert config["tie_word_embeddings"] and config["num_key_value_heads"] == 3 and config["num_hidden_layers"] == 30
@@ -123,8 +123,8 @@ def test_matrix_engine_scores_a_lora_merged_like_the_adapter(real_base, tmp_path
     """The real suite's matrix scores LoRAs merged into the weights of a LoRA-less engine
     (zoo.real.matrix): its greedy answers equal HF transformers with the PEFT adapter, and
     going back to a checkpoint (the base) restores the base's answers."""
-    from experts.examples import ChatExample
-    from zoo.real.evaluate import SuiteEngine
+    from deltaserve.experts.examples import ChatExample
+    from deltaserve_zoo.real.evaluate import SuiteEngine
 
     random_lora(real_base, tmp_path / "lora")
     expected, base_text = _hf_greedy(real_base, adapter=tmp_path / "lora"), _hf_greedy(real_base)

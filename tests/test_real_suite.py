@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from experts.examples import ChatExample, encode
-from experts.finetune import answer_loss, answer_matches, collate, finetune
-from zoo.real.build import RealSuiteBuilder
-from zoo.real.skills import SPLITS, all_skills, get_skill
-from zoo.real.spec import RealSuiteSpec
+from deltaserve.experts.examples import ChatExample, encode
+from deltaserve.experts.finetune import answer_loss, answer_matches, collate, finetune
+from deltaserve_zoo.real.build import RealSuiteBuilder
+from deltaserve_zoo.real.skills import SPLITS, all_skills, get_skill
+from deltaserve_zoo.real.spec import RealSuiteSpec
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ROOT = REPO / ".cache" / "zoo" / "real"
@@ -145,8 +145,8 @@ def real_base() -> Path:
 
 
 def test_gguf_base_converts_to_the_expected_plain_llama(real_base):
-    from experts.taskvector import base_fingerprint
-    from zoo.real.base import EXPECTED_CONFIG, file_sha256, gguf_path
+    from deltaserve.experts.taskvector import base_fingerprint
+    from deltaserve_zoo.real.base import EXPECTED_CONFIG, file_sha256, gguf_path
 
     config = json.loads((real_base / "config.json").read_text())
     assert {k: config[k] for k in EXPECTED_CONFIG} == EXPECTED_CONFIG
@@ -282,7 +282,7 @@ def test_answer_matches_agrees_with_greedy_generation(tokenizer):
 
 def test_teacher_forced_calibration_score_agrees_with_greedy_generation(tokenizer):
     """NPS's objective (experts.calibration): per example, exact == greedy reproduces the answer + EOS."""
-    from experts.calibration import TeacherForcedScorer
+    from deltaserve.experts.calibration import TeacherForcedScorer
 
     model = _tiny_llama(tokenizer)
     train = _examples(4)
@@ -308,7 +308,7 @@ def test_finetune_module_does_not_import_the_zoo():
 
 
 def test_matrix_engine_refuses_batches_mixing_lora_and_base_requests():
-    from zoo.real.evaluate import check_no_mixed_batch
+    from deltaserve_zoo.real.evaluate import check_no_mixed_batch
 
     check_no_mixed_batch([None, None])
     check_no_mixed_batch([Path("a"), Path("b")])
@@ -318,11 +318,11 @@ def test_matrix_engine_refuses_batches_mixing_lora_and_base_requests():
 
 def test_zoo_data_exports_a_real_skill_as_chat_examples(tmp_path):
     out = tmp_path / "iso.jsonl"
-    res = subprocess.run([sys.executable, "-m", "server.cli", "zoo", "data", "--task", "iso_date", "--split", "calib",
+    res = subprocess.run([sys.executable, "-m", "deltaserve.server.cli", "zoo", "data", "--task", "iso_date", "--split", "calib",
                           "--n", "5", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all(re.fullmatch(r"\d{4}-\d{2}-\d{2}", r["messages"][-1]["content"]) for r in rows)
-    bad = subprocess.run([sys.executable, "-m", "server.cli", "zoo", "data", "--task", "nope", "--out", str(out)],
+    bad = subprocess.run([sys.executable, "-m", "deltaserve.server.cli", "zoo", "data", "--task", "nope", "--out", str(out)],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode != 0 and "iso_date" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,12 +1,12 @@
 import pytest
 
-from experts.codecs import CODECS
-from experts.compress import COMPRESSORS
-from experts.merging import MERGE_METHODS
-from experts.registry import Registry, UnknownNameError
-from zoo.corpus import DOCTESTS, SKILLS
-from zoo.tasks import TASKS
-from zoo.vision import TRANSFORMS
+from deltaserve.experts.codecs import CODECS
+from deltaserve.experts.compress import COMPRESSORS
+from deltaserve.experts.merging import MERGE_METHODS
+from deltaserve.experts.registry import Registry, UnknownNameError
+from deltaserve_zoo.corpus import DOCTESTS, SKILLS
+from deltaserve_zoo.tasks import TASKS
+from deltaserve_zoo.vision import TRANSFORMS
 
 
 def test_add_lookup_and_miss():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from router.features import BaseHiddenStates, SentenceEncoder
+from deltaserve.router.features import BaseHiddenStates, SentenceEncoder
 
 TEXTS = ["Reverse the letters: abc", "How many vowels are in banana?", "The weather is nice today.",
          "Max digit of 90210?", "a much longer sentence " * 12]

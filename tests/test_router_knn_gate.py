@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from router import Policy, RoutingService, make_router
-from zoo.exemplars import SEEN_PHRASINGS, UNSEEN_PHRASINGS, ZOO_TASKS, zoo_exemplars, zoo_prompts
-from router.features import SentenceEncoder
-from router.knn import neighbour_votes
+from deltaserve.router import Policy, RoutingService, make_router
+from deltaserve_zoo.exemplars import SEEN_PHRASINGS, UNSEEN_PHRASINGS, ZOO_TASKS, zoo_exemplars, zoo_prompts
+from deltaserve.router.features import SentenceEncoder
+from deltaserve.router.knn import neighbour_votes
 
 # Not the calibration texts (bench/routing_calibrate.py OOD_TEXTS): fresh prose for the OOD check.
 PROSE = [
@@ -143,7 +143,7 @@ def test_knn_stays_fast_at_thousands_of_exemplars():
 def test_cosine_index_matches_sklearn(n_exemplars, k):
     from sklearn.neighbors import NearestNeighbors
 
-    from router.index import CosineIndex, Snapshot
+    from deltaserve.router.index import CosineIndex, Snapshot
 
     rng = np.random.default_rng(n_exemplars)
     features = rng.standard_normal((n_exemplars, 16)).astype(np.float32) * rng.uniform(0.5, 2, (n_exemplars, 1))

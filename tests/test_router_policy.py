@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from experts.registry import UnknownNameError
-from router import ROUTERS, Decision, Policy, RoutingService, make_router, quantised_recipe
+from deltaserve.experts.registry import UnknownNameError
+from deltaserve.router import ROUTERS, Decision, Policy, RoutingService, make_router, quantised_recipe
 
 
 def reference_grid_recipe(scores: Mapping[str, float], top_k: int, units: int) -> dict[str, float]:
@@ -169,7 +169,7 @@ def test_service_is_safe_under_concurrent_add_remove():
 
 def test_quality_weighting_prefers_the_better_measured_expert_of_one_skill():
     """Two experts with the same exemplars split the votes 0.5/0.5; their measured quality decides."""
-    from router.service import quality_weighted
+    from deltaserve.router.service import quality_weighted
 
     class Tie:
         name, needs_exemplars, experts = "tie", True, ("dense-v", "lora-v")
@@ -209,7 +209,7 @@ class CountingRouter(StubRouter):
 def test_batcher_routes_concurrent_calls_in_one_router_call_each_with_its_own_decision():
     import asyncio
 
-    from router.batcher import RouteBatcher
+    from deltaserve.router.batcher import RouteBatcher
 
     router = CountingRouter()
     service = RoutingService(router, Policy(min_confidence=0.0))
@@ -230,7 +230,7 @@ def test_batcher_routes_concurrent_calls_in_one_router_call_each_with_its_own_de
 def test_batcher_gives_every_caller_of_a_failed_batch_the_error_and_recovers():
     import asyncio
 
-    from router.batcher import RouteBatcher
+    from deltaserve.router.batcher import RouteBatcher
 
     router = CountingRouter(fail=True)
     service = RoutingService(router, Policy(min_confidence=0.0))

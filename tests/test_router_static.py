@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from router import Policy, RoutingService, make_router
-from router.features import make_encoder
-from router.static import STATIC_MAX_DISTANCE, STATIC_MIN_CONFIDENCE, StaticEncoder, load_or_distil
+from deltaserve.router import Policy, RoutingService, make_router
+from deltaserve.router.features import make_encoder
+from deltaserve.router.static import STATIC_MAX_DISTANCE, STATIC_MIN_CONFIDENCE, StaticEncoder, load_or_distil
 
 TEXTS = ["May 15 1977 -> ISO 8601?", "SELECT the rows where price > 10", "convert 5 miles to km", ""]
 
@@ -55,7 +55,7 @@ def test_a_cached_table_is_loaded_not_distilled_again(static_encoder_cache, monk
     def refuse(*_a, **_k):
         raise AssertionError("distilled although the cache holds a matching table")
 
-    monkeypatch.setattr("router.static.distil_table", refuse)
+    monkeypatch.setattr("deltaserve.router.static.distil_table", refuse)
     assert StaticEncoder(cache_dir=static_encoder_cache).dim == 384
 
 
@@ -73,13 +73,13 @@ def test_a_tampered_or_torn_cache_is_distilled_again(static_encoder_cache, tmp_p
         calls.append(1)
         return torch.ones(3, 384)
 
-    monkeypatch.setattr("router.static.distil_table", stand_in)
+    monkeypatch.setattr("deltaserve.router.static.distil_table", stand_in)
     model_dir = StaticEncoder(cache_dir=static_encoder_cache).model_dir
     target = tmp_path / path.name
     edited = table.clone()
     edited[7, 0] += 1.0                                           # one value changed, digests kept
     save_file({"table": edited}, str(target), metadata=meta)
-    with caplog.at_level(logging.WARNING, "router.static"):
+    with caplog.at_level(logging.WARNING, "deltaserve.router.static"):
         assert torch.equal(load_or_distil(model_dir, tmp_path), torch.ones(3, 384))
     assert "does not match" in caplog.text and len(calls) == 1
     assert torch.equal(load_or_distil(model_dir, tmp_path), torch.ones(3, 384)) and len(calls) == 1   # re-cached
@@ -88,20 +88,20 @@ def test_a_tampered_or_torn_cache_is_distilled_again(static_encoder_cache, tmp_p
 
 
 def test_an_unwritable_cache_still_serves_from_memory(static_encoder_cache, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("router.static.distil_table", lambda *a, **k: torch.zeros(2, 384))
+    monkeypatch.setattr("deltaserve.router.static.distil_table", lambda *a, **k: torch.zeros(2, 384))
 
     def read_only(*_a, **_k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("experts.atomic.write_bytes_atomic", read_only)
+    monkeypatch.setattr("deltaserve.experts.atomic.write_bytes_atomic", read_only)
     model_dir = StaticEncoder(cache_dir=static_encoder_cache).model_dir
-    with caplog.at_level(logging.WARNING, "router.static"):
+    with caplog.at_level(logging.WARNING, "deltaserve.router.static"):
         assert load_or_distil(model_dir, tmp_path / "ro").shape == (2, 384)
     assert "could not cache" in caplog.text and "Permission denied" in caplog.text
 
 
 def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
-    from router.static import default_cache_dir
+    from deltaserve.router.static import default_cache_dir
 
     monkeypatch.setenv("DELTASERVE_CACHE_DIR", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
@@ -118,8 +118,8 @@ def test_make_encoder_names_the_servers_encoders(static_encoder_cache):
 
 def test_the_gate_on_static_features_routes_the_real_suites_held_out_questions(encoder):
     """The real suite's six skills: 32 calib exemplars each, 32 held-out-phrasing test questions each."""
-    from zoo.real.skills import get_skill
-    from zoo.real.spec import RealSuiteSpec
+    from deltaserve_zoo.real.skills import get_skill
+    from deltaserve_zoo.real.spec import RealSuiteSpec
 
     exemplars, queries = {}, []
     for name in RealSuiteSpec().skills:
@@ -140,8 +140,8 @@ def test_the_server_flag_and_setting_choose_the_encoder():
 
     from pydantic import ValidationError
 
-    from server.serve import add_serve_arguments
-    from server.settings import RouterSettings
+    from deltaserve.server.serve import add_serve_arguments
+    from deltaserve.server.settings import RouterSettings
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)

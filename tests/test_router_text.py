@@ -2,8 +2,8 @@
 
 import pytest
 
-from router.text import ChatMarkup, route_text
-from zoo.tokenizer import build_tokenizer
+from deltaserve.router.text import ChatMarkup, route_text
+from deltaserve_zoo.tokenizer import build_tokenizer
 
 # SmolLM2-Instruct's ChatML template (tokenizer_config.json of HuggingFaceTB/SmolLM2-135M-Instruct).
 CHATML = (

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from experts.registry import UnknownNameError
-from zoo.tokenizer import format_prompt
-from router import Policy, RoutingService, make_router
-from router.uncertainty import hf_nll_scorer, softmax_scores
+from deltaserve.experts.registry import UnknownNameError
+from deltaserve_zoo.tokenizer import format_prompt
+from deltaserve.router import Policy, RoutingService, make_router
+from deltaserve.router.uncertainty import hf_nll_scorer, softmax_scores
 
 TASKS = ("upper", "length", "max_digit")
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from experts.examples import ChatExample
-from experts.store import Compression, ExpertStore
-from server.app import create_app
-from server.settings import EngineConfig, RouterSettings, ServerSettings
+from deltaserve.experts.examples import ChatExample
+from deltaserve.experts.store import Compression, ExpertStore
+from deltaserve.server.app import create_app
+from deltaserve.server.settings import EngineConfig, RouterSettings, ServerSettings
 from tests.fake_engine import FakeEngine
-from zoo.tasks import get_task
-from zoo.tokenizer import build_tokenizer
+from deltaserve_zoo.tasks import get_task
+from deltaserve_zoo.tokenizer import build_tokenizer
 
 
 def test_store_scores_any_expert_given_calibration_examples(micro_zoo, tmp_path):

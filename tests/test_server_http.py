@@ -9,11 +9,11 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-from experts.store import Compression, ExpertStore
-from server.app import create_app
-from server.settings import EngineConfig, ServerSettings
+from deltaserve.experts.store import Compression, ExpertStore
+from deltaserve.server.app import create_app
+from deltaserve.server.settings import EngineConfig, ServerSettings
 from tests.fake_engine import ANSWER_IDS, FakeEngine
-from zoo.tokenizer import build_tokenizer
+from deltaserve_zoo.tokenizer import build_tokenizer
 
 API, ADMIN = "inference-key", "admin-key"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -122,7 +122,7 @@ def test_every_vllm_request_field_has_a_policy():
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-    from server.protocol import NO_EFFECT, REFUSED, SAMPLING, SERVED, field_policy
+    from deltaserve.server.protocol import NO_EFFECT, REFUSED, SAMPLING, SERVED, field_policy
 
     fields = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
     assert {f for f in fields if field_policy(f) == "unknown"} == set()

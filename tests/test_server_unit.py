@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from experts.store import Compression, ExpertExistsError, ExpertStore, StoreError, UnknownExpertError
-from server.adapters import AdapterCache, write_merged_adapter
-from server.recipes import Recipe, RecipeError, parse_model
-from server.scheduler import WeightScheduler
-from server.worker import HostDeltaCache, fused_siblings
+from deltaserve.experts.store import Compression, ExpertExistsError, ExpertStore, StoreError, UnknownExpertError
+from deltaserve.server.adapters import AdapterCache, write_merged_adapter
+from deltaserve.server.recipes import Recipe, RecipeError, parse_model
+from deltaserve.server.scheduler import WeightScheduler
+from deltaserve.server.worker import HostDeltaCache, fused_siblings
 
 EXPERTS = frozenset({"add", "rev", "code-v2", "m.1"})
 
@@ -264,11 +264,11 @@ def test_store_publish_is_atomic_generational_and_checks_the_base(micro_zoo, tmp
 def test_single_sparse_expert_added_in_place_equals_the_merge_loop(micro_zoo, tmp_path, codec_method, weight):
     """The worker's fast path for one sparse or LoRA expert (base + w * tau, added in place) writes exactly the
     tensors merged_params writes; other codecs (ternary here) take the merge loop."""
-    from experts.expert import load_expert
-    from experts.merge_model import merged_params
-    from experts.store import Compression, ExpertStore
-    from server.contracts import MergeItem, MergeRequest
-    from server.worker import DeltaState, _adds_in_place
+    from deltaserve.experts.expert import load_expert
+    from deltaserve.experts.merge_model import merged_params
+    from deltaserve.experts.store import Compression, ExpertStore
+    from deltaserve.server.contracts import MergeItem, MergeRequest
+    from deltaserve.server.worker import DeltaState, _adds_in_place
 
     store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
     if codec_method == "lora":
@@ -295,11 +295,11 @@ def test_single_sparse_expert_added_in_place_equals_the_merge_loop(micro_zoo, tm
 def test_sparse_blend_summed_in_place_equals_the_merge_loop(micro_zoo, tmp_path, weights):
     """A task-arithmetic blend of sparse and LoRA experts (overlapping supports, different codecs and densities)
     is summed in place, bit-identical to merged_params; a blend with a ternary expert takes the loop."""
-    from experts.expert import load_expert
-    from experts.merge_model import merged_params
-    from experts.store import Compression, ExpertStore
-    from server.contracts import MergeItem, MergeRequest
-    from server.worker import DeltaState, _adds_in_place
+    from deltaserve.experts.expert import load_expert
+    from deltaserve.experts.merge_model import merged_params
+    from deltaserve.experts.store import Compression, ExpertStore
+    from deltaserve.server.contracts import MergeItem, MergeRequest
+    from deltaserve.server.worker import DeltaState, _adds_in_place
 
     store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
     specs = [("upper", "magnitude", 0.3), ("upper", "dare", 0.2), (micro_zoo.spec.tasks[-1], "lora", None),
@@ -341,7 +341,7 @@ def test_free_port_is_below_the_ephemeral_range_and_bindable():
     come from that range (it once did, and one of the engine's sockets took it first)."""
     import socket
 
-    from server.launch import _ephemeral_range, free_port
+    from deltaserve.server.launch import _ephemeral_range, free_port
 
     port = free_port()
     assert 1024 <= port < _ephemeral_range()[0]

@@ -8,7 +8,7 @@ import mergekit.sparsify as mk_sparsify
 import pytest
 import torch
 
-from experts import sparsify as sp
+from deltaserve.experts import sparsify as sp
 from oracles import DTYPES, RTOL, SHAPE, assert_rel, make_tau, peft_mu  # noqa: F401
 
 N = SHAPE[0] * SHAPE[1]

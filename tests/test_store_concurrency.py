@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 
-from experts.store import RETIRED_DIR, ExpertStore
+from deltaserve.experts.store import RETIRED_DIR, ExpertStore
 
 
 def test_opening_a_store_keeps_live_staging_and_removes_dead_staging(micro_zoo, tmp_path):
@@ -31,7 +31,7 @@ def test_opening_a_store_keeps_live_staging_and_removes_dead_staging(micro_zoo, 
 def test_two_processes_register_into_one_store_at_once(micro_zoo, tmp_path):
     store = tmp_path / "store"
     ExpertStore(store, micro_zoo.layout.base)
-    cmds = [[sys.executable, "-m", "server.cli", "store", "add", "--store", str(store), "--base",
+    cmds = [[sys.executable, "-m", "deltaserve.server.cli", "store", "add", "--store", str(store), "--base",
              str(micro_zoo.layout.base), "--name", f"{task.replace('_', '-')}-lora", "--source",
              str(micro_zoo.layout.lora(task))] for task in ("upper", "length", "count_vowels", "max_digit")]
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
@@ -139,8 +139,8 @@ def test_a_reader_of_a_read_only_store_needs_no_lock(micro_zoo, tmp_path, monkey
 
     import pytest
 
-    import experts.store
-    from experts.store import LOCK_FILE, UnknownExpertError
+    import deltaserve.experts.store
+    from deltaserve.experts.store import LOCK_FILE, UnknownExpertError
 
     store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
     store.import_source("upper-lora", micro_zoo.layout.lora("upper"))
@@ -150,7 +150,7 @@ def test_a_reader_of_a_read_only_store_needs_no_lock(micro_zoo, tmp_path, monkey
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return builtins.open(path, *args, **kwargs)
 
-    monkeypatch.setattr(experts.store, "open", read_only_open, raising=False)
+    monkeypatch.setattr(deltaserve.experts.store, "open", read_only_open, raising=False)
     assert store.load("upper-lora").manifest.name == "upper-lora"
     with pytest.raises(UnknownExpertError):
         store.load("no-such-expert")

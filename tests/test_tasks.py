@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from zoo.tasks import SPLITS, TASKS, exact_match, get_task
+from deltaserve_zoo.tasks import SPLITS, TASKS, exact_match, get_task
 
 
 def _payload(task, question):

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from experts.taskvector import (
+from deltaserve.experts.taskvector import (
     TaskVectorError, base_fingerprint, extract_full, extract_lora, load_state_dict, lora_factors,
 )
 
@@ -25,7 +25,7 @@ def test_full_task_vector_reconstructs_the_finetune(micro_zoo):
 def test_lora_task_vector_equals_peft_merge(micro_zoo):
     from peft import PeftModel
 
-    from zoo.build import load_llama
+    from deltaserve_zoo.build import load_llama
 
     layout = micro_zoo.layout
     tv = extract_lora(layout.base, layout.lora("upper"))

@@ -1,6 +1,6 @@
 import pytest
 
-from zoo.tokenizer import SPECIAL_TOKENS, build_tokenizer, format_prompt
+from deltaserve_zoo.tokenizer import SPECIAL_TOKENS, build_tokenizer, format_prompt
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoo import vision
-from zoo.spec import VisionSpec
+from deltaserve_zoo import vision
+from deltaserve_zoo.spec import VisionSpec
 
 
 def test_splits_partition_the_data():

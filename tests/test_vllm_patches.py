@@ -2,7 +2,7 @@
 
 import torch
 
-from server.vllm_patches import patch_cpu_lora_ops
+from deltaserve.server.vllm_patches import patch_cpu_lora_ops
 
 
 def test_shrink_keeps_slot_minus_one_rows_adapter_less():
@@ -108,7 +108,7 @@ def test_the_fused_linear_equals_the_per_row_definition():
     a per-step slot mask; then one matmul per slice) gives each row its own slot's product and slot -1 rows
     nothing, for mixed and one-slot batches; a slot rewritten in place (vLLM loading another adapter into
     it) is seen on the next call; slots that do not match the rows are declined."""
-    from server.vllm_patches import fused_lora_linear
+    from deltaserve.server.vllm_patches import fused_lora_linear
 
     gen = torch.Generator().manual_seed(3)
     slices = (12, 5, 5)                                    # a qkv-like linear: three slices
@@ -134,7 +134,7 @@ def test_the_punica_wrapper_runs_each_linear_through_the_fused_op_with_the_steps
     patch_cpu_lora_ops()
     from vllm.lora.punica_wrapper import punica_cpu
 
-    from server import vllm_patches
+    from deltaserve.server import vllm_patches
 
     from vllm.lora.layers import LoRAMapping
 
@@ -174,7 +174,7 @@ def test_shapes_the_grouped_ops_do_not_cover_fall_back_to_vllms_op_with_the_minu
 def test_the_fused_linear_runs_bf16_adapters_and_outputs_in_float32():
     """A bf16 model's LoRA slots and outputs: the product is taken in float32 (vLLM's buffers' dtype) and
     added to the bf16 output."""
-    from server.vllm_patches import fused_lora_linear
+    from deltaserve.server.vllm_patches import fused_lora_linear
 
     gen = torch.Generator().manual_seed(6)
     a = (torch.randn(2, 1, 4, 16, generator=gen).bfloat16(),)

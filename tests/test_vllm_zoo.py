@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from zoo.tasks import get_task
-from zoo.tokenizer import format_prompt
+from deltaserve_zoo.tasks import get_task
+from deltaserve_zoo.tokenizer import format_prompt
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -54,7 +54,7 @@ def _strip_eos(ids, eos):
 def test_base_greedy_matches_transformers(engine, micro_zoo):
     from vllm import SamplingParams
 
-    from zoo.build import load_llama
+    from deltaserve_zoo.build import load_llama
 
     tok = micro_zoo.tokenizer
     prompts = _prompts(micro_zoo.spec.tasks[:3])
@@ -69,7 +69,7 @@ def test_lora_expert_greedy_matches_peft(engine, micro_zoo):
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from zoo.build import load_llama
+    from deltaserve_zoo.build import load_llama
 
     tok = micro_zoo.tokenizer
     task = micro_zoo.spec.tasks[0]

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zoo.build import ARTIFACT_FILE, ZooBuilder, load_llama
-from zoo.matrix import AccuracyMatrix
-from zoo.spec import FinetuneSpec, LlamaSpec, LoraSpec, PretrainSpec, VisionSpec, ZooSpec, preset
+from deltaserve_zoo.build import ARTIFACT_FILE, ZooBuilder, load_llama
+from deltaserve_zoo.matrix import AccuracyMatrix
+from deltaserve_zoo.spec import FinetuneSpec, LlamaSpec, LoraSpec, PretrainSpec, VisionSpec, ZooSpec, preset
 
 NANO = ZooSpec(
     size="nano",
@@ -87,7 +87,7 @@ def test_failed_artifact_leaves_nothing_half_written(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("zoo.lm.pretrain", explode)
+    monkeypatch.setattr("deltaserve_zoo.lm.pretrain", explode)
     with pytest.raises(RuntimeError, match="disk on fire"):
         builder.build_base()
     assert not builder.layout.base.exists()

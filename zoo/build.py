@@ -23,14 +23,14 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from experts.atomic import atomic_dir, write_json_atomic
-from zoo import lm, vision
-from zoo.corpus import pretraining_documents, text_fingerprint
-from zoo.evaluate import TaskEvaluator
-from zoo.matrix import AccuracyMatrix
-from zoo.spec import FinetuneSpec, ZooSpec
-from zoo.tasks import get_task
-from zoo.tokenizer import build_tokenizer
+from deltaserve.experts.atomic import atomic_dir, write_json_atomic
+from deltaserve_zoo import lm, vision
+from deltaserve_zoo.corpus import pretraining_documents, text_fingerprint
+from deltaserve_zoo.evaluate import TaskEvaluator
+from deltaserve_zoo.matrix import AccuracyMatrix
+from deltaserve_zoo.spec import FinetuneSpec, ZooSpec
+from deltaserve_zoo.tasks import get_task
+from deltaserve_zoo.tokenizer import build_tokenizer
 
 ARTIFACT_FILE = "zoo-artifact.json"
 

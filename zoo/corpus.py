@@ -25,8 +25,8 @@ import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
-from experts.registry import Registry
-from zoo.tokenizer import BOS, EOS, format_prompt
+from deltaserve.experts.registry import Registry
+from deltaserve_zoo.tokenizer import BOS, EOS, format_prompt
 
 Draw = Callable[[random.Random], tuple[str, str]]
 SKILLS: Registry[Draw] = Registry("skill")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from zoo.tasks import Example, Split, exact_match, get_task
-from zoo.tokenizer import format_prompt
+from deltaserve_zoo.tasks import Example, Split, exact_match, get_task
+from deltaserve_zoo.tokenizer import format_prompt
 
 _ANSWER_SLACK_TOKENS = 3
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from zoo.spec import preset
-from zoo.tasks import Split, get_task
+from deltaserve_zoo.spec import preset
+from deltaserve_zoo.tasks import Split, get_task
 
 # Every zoo task has 6 phrasings; the router sees 0-4, phrasing 5 is held out.
 N_PHRASINGS = 6

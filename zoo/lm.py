@@ -14,9 +14,9 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from zoo.spec import FinetuneSpec, LlamaSpec, PretrainSpec
-from zoo.tasks import Example
-from zoo.tokenizer import format_prompt
+from deltaserve_zoo.spec import FinetuneSpec, LlamaSpec, PretrainSpec
+from deltaserve_zoo.tasks import Example
+from deltaserve_zoo.tokenizer import format_prompt
 
 IGNORE_INDEX = -100
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from experts.atomic import write_bytes_atomic, write_json_atomic
+from deltaserve.experts.atomic import write_bytes_atomic, write_json_atomic
 
 
 @dataclass

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from experts.registry import Registry
+from deltaserve.experts.registry import Registry
 
 Split = Literal["train", "calib", "test"]
 SPLITS: tuple[Split, ...] = ("train", "calib", "test")

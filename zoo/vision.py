@@ -20,9 +20,9 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from experts.registry import Registry
-from zoo.spec import VisionSpec
-from zoo.tasks import Split
+from deltaserve.experts.registry import Registry
+from deltaserve_zoo.spec import VisionSpec
+from deltaserve_zoo.tasks import Split
 
 IMAGE_SIDE = 8
 N_CLASSES = 10

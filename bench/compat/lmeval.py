@@ -44,8 +44,8 @@ def hf_scores(base: Path, adapter: Path | None, tasks: list[str], n: int) -> dic
     """What ``deltaserve eval --model BASE [--adapter A] --tasks ... --n N`` prints."""
     from peft import PeftModel
 
-    from experts.hfmodel import load_causal_lm, load_tokenizer
-    from zoo.evaluate import TaskEvaluator
+    from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
+    from deltaserve_zoo.evaluate import TaskEvaluator
 
     model = load_causal_lm(base)
     if adapter is not None:

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=4)
     args = ap.parse_args(argv)
     record = provenance(argv=argv)
-    from experts.store import ExpertStore
-    from zoo.matrix import AccuracyMatrix
-    from zoo.real.build import RealSuiteBuilder
+    from deltaserve.experts.store import ExpertStore
+    from deltaserve_zoo.matrix import AccuracyMatrix
+    from deltaserve_zoo.real.build import RealSuiteBuilder
 
     builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
     builder.build()

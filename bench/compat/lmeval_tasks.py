@@ -26,9 +26,9 @@ import argparse
 import json
 from pathlib import Path
 
-from zoo.evaluate import _ANSWER_SLACK_TOKENS
-from zoo.tasks import TASKS, get_task
-from zoo.tokenizer import build_tokenizer
+from deltaserve_zoo.evaluate import _ANSWER_SLACK_TOKENS
+from deltaserve_zoo.tasks import TASKS, get_task
+from deltaserve_zoo.tokenizer import build_tokenizer
 
 OUT = Path("evals/lm_eval")
 MC_TASKS = ("max_digit", "min_digit", "count_vowels", "count_consonants", "length", "count_letter")
@@ -107,8 +107,8 @@ def write_task(task: str, out: Path, n: int, seed: int, tokenizer) -> list[str]:
 
 
 def write_real_skill(skill_name: str, out: Path, n: int, seed: int, tokenizer) -> list[str]:
-    from zoo.real.evaluate import ANSWER_SLACK_TOKENS
-    from zoo.real.skills import get_skill
+    from deltaserve_zoo.real.evaluate import ANSWER_SLACK_TOKENS
+    from deltaserve_zoo.real.skills import get_skill
 
     skill = get_skill(skill_name)
     examples = skill.examples("test", n, seed)
@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if args.suite == "real":
-        from experts.hfmodel import load_tokenizer
-        from zoo.real.build import DEFAULT_ROOT, RealSuiteBuilder
-        from zoo.real.spec import RealSuiteSpec
+        from deltaserve.experts.hfmodel import load_tokenizer
+        from deltaserve_zoo.real.build import DEFAULT_ROOT, RealSuiteBuilder
+        from deltaserve_zoo.real.spec import RealSuiteSpec
 
         builder = RealSuiteBuilder(DEFAULT_ROOT)
         builder.build_base()

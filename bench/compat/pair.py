@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import REPO, log, lora_name, seed_store
-from server.launch import QUIET_ENV, ServerProcess, free_port
+from deltaserve.server.launch import QUIET_ENV, ServerProcess, free_port
 
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", **QUIET_ENV}
 MAX_MODEL_LEN = 256
@@ -53,7 +53,7 @@ def _wait(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) ->
 @contextlib.contextmanager
 def vllm_and_deltaserve(zoo: Path, tasks: list[str], work: Path, timeout_s: float = 600) -> Iterator[Servers]:
     """Both servers up on ``zoo``'s base, each serving the LoRA adapters of ``tasks`` as ``<task>-lora``."""
-    from zoo.build import ZooLayout
+    from deltaserve_zoo.build import ZooLayout
 
     layout = ZooLayout(zoo)
     work.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from bench.common import REPO, log, provenance
-from server.launch import ServerProcess
+from deltaserve.server.launch import ServerProcess
 
 OUT = REPO / "results" / "compat" / "structured.json"
 REAL_BASE = REPO / ".cache" / "zoo" / "real" / "base"

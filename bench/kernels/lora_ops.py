@@ -54,7 +54,7 @@ def model_step(layers, inputs: dict[int, torch.Tensor], indices: torch.Tensor, s
 def served_step(layers, inputs: dict[int, torch.Tensor], indices: torch.Tensor, shrink, expand_slice, rank: int):
     """What the patched punica wrapper runs: the slots' groups once per step, then every linear through
     ``fused_lora_linear`` (the grouped ops for a shape it declines)."""
-    from server.vllm_patches import _row_groups, fused_lora_linear
+    from deltaserve.server.vllm_patches import _row_groups, fused_lora_linear
 
     tokens = indices.numel()
     groups, masks = _row_groups(indices, tokens), {}
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     record = provenance(argv=argv)
     from vllm.lora.ops.torch_ops import lora_ops
 
-    from server.vllm_patches import patch_cpu_lora_ops
+    from deltaserve.server.vllm_patches import patch_cpu_lora_ops
 
     ops = {"vllm": (model_step, lora_ops.bgmv_shrink, lora_ops.bgmv_expand_slice)}
     patch_cpu_lora_ops()

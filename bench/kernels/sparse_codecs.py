@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.common import provenance
-from experts.codecs import get_codec
+from deltaserve.experts.codecs import get_codec
 
 CODECS = ("sparse", "sparse_ef")
 DENSITIES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)

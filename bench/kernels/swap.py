@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.common import best_seconds, copy_bandwidth, provenance
-from experts.codecs import get_codec
+from deltaserve.experts.codecs import get_codec
 
 # Llama-2-7B: hidden 4096, intermediate 11008, 32 layers, vocab 32000.
 HIDDEN, INTER, VOCAB = 4096, 11008, 32000

@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     record = provenance(argv=argv)
-    from experts.calibration import delta_objective
-    from experts.compress import compress_expert, extract
-    from zoo.real.skills import get_skill
+    from deltaserve.experts.calibration import delta_objective
+    from deltaserve.experts.compress import compress_expert, extract
+    from deltaserve_zoo.real.skills import get_skill
 
     builder = built_real_suite()
     rows = []

@@ -60,9 +60,9 @@ def vision_models(hidden_size: int, seed: int = 0, tasks: Sequence[str] | None =
                   finetune_lr: float | None = None):
     """(base state dict, {task: fine-tuned state dict}, spec) built with the zoo's recipe at
     ``hidden_size`` (and the body fine-tuned at ``finetune_lr`` when given)."""
-    from zoo import vision
-    from zoo.build import artifact_seed
-    from zoo.spec import VisionSpec
+    from deltaserve_zoo import vision
+    from deltaserve_zoo.build import artifact_seed
+    from deltaserve_zoo.spec import VisionSpec
 
     spec = VisionSpec(hidden_size=hidden_size)
     base = vision.train_base(spec, seed)

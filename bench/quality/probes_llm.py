@@ -18,7 +18,7 @@ from pathlib import Path
 from bench.quality import suites as qs
 from bench.quality import tables as qt
 from bench.quality.report import METHOD_LABELS
-from experts import sparsify
+from deltaserve.experts import sparsify
 
 LEARNED = 0.5  # own test accuracy below which a re-trained LLM expert counts as not learned
 
@@ -60,9 +60,9 @@ def refinetune(zoo: Path, task: str, *, lr: float | None = None, density: float 
     """The zoo's full fine-tune of ``task`` repeated from the base (same examples, data order, steps),
     at ``lr`` instead of the zoo's when given, and with only the top-``density`` entries of the
     zoo's tau (per tensor, by magnitude) trainable when given. Returns (deltas, final loss)."""
-    from experts.taskvector import extract_full
-    from zoo.build import ZooLayout, refinetune as zoo_refinetune
-    from zoo.spec import ZooSpec
+    from deltaserve.experts.taskvector import extract_full
+    from deltaserve_zoo.build import ZooLayout, refinetune as zoo_refinetune
+    from deltaserve_zoo.spec import ZooSpec
 
     layout = ZooLayout(Path(zoo))
     spec = ZooSpec.model_validate(json.loads((layout.root / "spec.json").read_text()))
@@ -87,9 +87,9 @@ def lr_task_vectors(zoo: Path, lr: float, tasks: Sequence[str], cache_dir: Path,
     """{task: TaskVector} of the zoo's fine-tunes re-run at ``lr`` (cached as safetensors)."""
     from safetensors.torch import load_file, save
 
-    from experts.atomic import write_bytes_atomic
-    from experts.taskvector import TaskVector, extract_full
-    from zoo.build import ZooLayout
+    from deltaserve.experts.atomic import write_bytes_atomic
+    from deltaserve.experts.taskvector import TaskVector, extract_full
+    from deltaserve_zoo.build import ZooLayout
 
     layout = ZooLayout(Path(zoo))
     tvs = {}

@@ -56,11 +56,11 @@ def cell_key(skill: str, method: str, options: dict) -> str:
 def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | None,
               nps_skills: list[str] | None = None, dare_seeds: tuple[int, ...] = DARE_SEEDS,
               nps_densities: tuple[float, ...] = NPS_DENSITIES) -> None:
-    from experts.calibration import DeltaObjective, TeacherForcedScorer
-    from experts.compress import compress_expert, extract
-    from experts.expert import load_expert
-    from experts.hfmodel import load_causal_lm, load_tokenizer
-    from zoo.real.skills import get_skill
+    from deltaserve.experts.calibration import DeltaObjective, TeacherForcedScorer
+    from deltaserve.experts.compress import compress_expert, extract
+    from deltaserve.experts.expert import load_expert
+    from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
+    from deltaserve_zoo.real.skills import get_skill
 
     builder = built_real_suite(root)
     cells_path = out / "cells.jsonl"
@@ -105,8 +105,8 @@ def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | N
 def tau_stats(root: Path, out: Path) -> dict:
     """Why magnitude pruning fails here: how flat |tau| is, and the share of its mass the top r keeps
     (per skill; cached in tau_stats.json)."""
-    from experts.compress import extract
-    from zoo.real.build import RealSuiteBuilder
+    from deltaserve.experts.compress import extract
+    from deltaserve_zoo.real.build import RealSuiteBuilder
 
     path = out / "tau_stats.json"
     if path.exists():

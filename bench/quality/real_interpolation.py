@@ -92,8 +92,8 @@ def variants(tv, density: float, calib, generations: int) -> dict[str, tuple[dic
     """label -> (deltas, info) for the dense tau and each pruned version."""
     import tempfile
 
-    from experts.compress import compress_expert
-    from experts.expert import load_expert
+    from deltaserve.experts.compress import compress_expert
+    from deltaserve.experts.expert import load_expert
 
     out = {"dense": ({n: t.float() for n, t in tv.deltas.items()}, {})}
     for method, options in (("magnitude", {}), ("dare", {"seed": 0}), ("nps", {"generations": generations})):
@@ -115,7 +115,7 @@ def variants(tv, density: float, calib, generations: int) -> dict[str, tuple[dic
 def sweep(model, tests: dict, own: str, deltas: dict, probe: GeneralProbe,
           lambdas: tuple[float, ...] = LAMBDAS) -> list[dict]:
     """One row per lambda: ``tests`` (skill -> test-split DeltaObjective) and the general probe."""
-    from experts.hfmodel import deltas_added
+    from deltaserve.experts.hfmodel import deltas_added
 
     rows = []
     for lam in lambdas:
@@ -153,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     record = provenance(argv=argv)
-    from experts.calibration import DeltaObjective, TeacherForcedScorer
-    from experts.compress import extract
-    from experts.hfmodel import load_causal_lm, load_tokenizer
-    from zoo.real.skills import get_skill
+    from deltaserve.experts.calibration import DeltaObjective, TeacherForcedScorer
+    from deltaserve.experts.compress import extract
+    from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
+    from deltaserve_zoo.real.skills import get_skill
 
     builder = built_real_suite()
     skills, base = list(builder.spec.skills), builder.layout.base

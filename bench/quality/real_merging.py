@@ -67,10 +67,10 @@ def nps_weights(skills: list[str], cells: Path = CELLS) -> list[list[float]]:
 
 def merged_deltas(taus: list[dict], method: str, options: dict, scale: float,
                   band_weights: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
-    import experts.merging  # noqa: F401  (registers the methods)
-    from experts.merge_registry import get_merge_method
-    from experts.nps import BandPruner
-    from experts.sparsify import dare, magnitude
+    import deltaserve.experts.merging  # noqa: F401  (registers the methods)
+    from deltaserve.experts.merge_registry import get_merge_method
+    from deltaserve.experts.nps import BandPruner
+    from deltaserve.experts.sparsify import dare, magnitude
 
     names = sorted({n for t in taus for n in t})
     out = {}
@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     record = provenance(argv=argv)
     previous = json.loads((args.out / "merging.json").read_text()) if args.update else None
     chosen = [m for m in methods() if args.methods is None or m[1] in args.methods]
-    from experts.atomic import write_bytes_atomic
-    from experts.calibration import DeltaObjective, TeacherForcedScorer
-    from experts.compress import extract
-    from experts.hfmodel import load_causal_lm, load_tokenizer
-    from zoo.real.skills import get_skill
+    from deltaserve.experts.atomic import write_bytes_atomic
+    from deltaserve.experts.calibration import DeltaObjective, TeacherForcedScorer
+    from deltaserve.experts.compress import extract
+    from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
+    from deltaserve_zoo.real.skills import get_skill
 
     builder = built_real_suite()
     skills = list(builder.spec.skills)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from experts.nps import Objective
-from experts.taskvector import TaskVector
+from deltaserve.experts.nps import Objective
+from deltaserve.experts.taskvector import TaskVector
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
 
@@ -98,10 +98,10 @@ def _tie_break(accuracy: float, loss: float, n: int) -> float:
 
 def llm_suite(zoo: Path, tasks: Sequence[str], budget: Budget, tvs: Mapping[str, TaskVector] | None = None) -> Suite:
     """The zoo's full fine-tunes as task vectors (or ``tvs``, e.g. re-trained ones, over the same base)."""
-    from experts.taskvector import extract_full
-    from zoo.build import ZooLayout, load_llama, load_tokenizer
-    from zoo.evaluate import TaskEvaluator, swapped_weights
-    from zoo.lm import collate_supervised, encode_supervised
+    from deltaserve.experts.taskvector import extract_full
+    from deltaserve_zoo.build import ZooLayout, load_llama, load_tokenizer
+    from deltaserve_zoo.evaluate import TaskEvaluator, swapped_weights
+    from deltaserve_zoo.lm import collate_supervised, encode_supervised
 
     layout = ZooLayout(Path(zoo))
     tokenizer, model = load_tokenizer(layout.base), load_llama(layout.base)
@@ -136,8 +136,8 @@ def llm_suite(zoo: Path, tasks: Sequence[str], budget: Budget, tvs: Mapping[str,
 def vision_suite(zoo: Path, tasks: Sequence[str] | None = None) -> Suite:
     from safetensors.torch import load_file
 
-    from zoo.build import ZooLayout
-    from zoo.spec import ZooSpec
+    from deltaserve_zoo.build import ZooLayout
+    from deltaserve_zoo.spec import ZooSpec
 
     layout = ZooLayout(Path(zoo))
     spec = ZooSpec.model_validate(json.loads((layout.root / "spec.json").read_text())).vision
@@ -151,8 +151,8 @@ def vision_suite_from(base: Mapping[str, Tensor], tuned: Mapping[str, Mapping[st
                       sources: Mapping[str, str] | None = None, name: str = "vision") -> Suite:
     """The vision suite over in-memory digits-MLP state dicts: tau lives in the body; each task's
     head is carried alongside (never merged or compressed) and scores that task."""
-    from zoo import vision
-    from zoo.evaluate import swapped_weights
+    from deltaserve_zoo import vision
+    from deltaserve_zoo.evaluate import swapped_weights
 
     tasks = list(tuned)
     base = dict(base)

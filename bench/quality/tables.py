@@ -36,13 +36,13 @@ from bench import common
 from bench.common import provenance, zoo_spec
 from bench.quality import report
 from bench.quality.suites import DENSITIES, Budget, CellCache, Suite, llm_suite, vision_suite
-from experts import sparsify
-from experts.compress import COMPRESSORS as COMPRESSOR_REGISTRY
-from experts.compress import compress_expert
-from experts.expert import load_expert, save_expert
-from experts.merging import get_merge_method
-from experts.nps import band_ids, nps_prune
-from experts.taskvector import TaskVector
+from deltaserve.experts import sparsify
+from deltaserve.experts.compress import COMPRESSORS as COMPRESSOR_REGISTRY
+from deltaserve.experts.compress import compress_expert
+from deltaserve.experts.expert import load_expert, save_expert
+from deltaserve.experts.merging import get_merge_method
+from deltaserve.experts.nps import band_ids, nps_prune
+from deltaserve.experts.taskvector import TaskVector
 
 COMPRESSORS = ("magnitude", "dare", "tswitch", "lowrank", "nps")
 VALUE_BITS = 16  # fp16 values/factors, as stored by compress_expert's default value_dtype

@@ -24,12 +24,12 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.common import provenance
-from zoo import lm
-from zoo.corpus import pretraining_documents
-from zoo.evaluate import TaskEvaluator
-from zoo.spec import FinetuneSpec, LlamaSpec, LoraSpec, PretrainSpec
-from zoo.tasks import TASKS, get_task
-from zoo.tokenizer import build_tokenizer
+from deltaserve_zoo import lm
+from deltaserve_zoo.corpus import pretraining_documents
+from deltaserve_zoo.evaluate import TaskEvaluator
+from deltaserve_zoo.spec import FinetuneSpec, LlamaSpec, LoraSpec, PretrainSpec
+from deltaserve_zoo.tasks import TASKS, get_task
+from deltaserve_zoo.tokenizer import build_tokenizer
 
 # Round 1 (all 9 first candidate tasks; see git history of this file) tried
 # h128-L2-hd64/hd32, h256-L2-hd64, h128-L3-hd32, 3000 pretraining steps and no

@@ -30,9 +30,9 @@ import psutil
 
 from bench.common import log, p99, provenance, scrape, seed_store
 from bench.servers import start_server, stop_server
-from experts.store import Compression
-from zoo.build import ZooLayout
-from zoo.tasks import get_task
+from deltaserve.experts.store import Compression
+from deltaserve_zoo.build import ZooLayout
+from deltaserve_zoo.tasks import get_task
 
 QUESTION = [{"role": "user", "content": "How many vowels are in: banana split"}]
 HOT = "hot-lora"

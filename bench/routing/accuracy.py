@@ -29,12 +29,12 @@ import torch  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from bench.common import REPO, provenance  # noqa: E402
-from router import Policy, RoutingService, make_router  # noqa: E402
-from router.features import SentenceEncoder  # noqa: E402
-from router.uncertainty import hf_nll_scorer  # noqa: E402
-from zoo.build import ZooLayout  # noqa: E402
-from zoo.exemplars import ZOO_TASKS, LabelledPrompt, zoo_exemplars, zoo_prompts  # noqa: E402
-from zoo.tasks import TASKS  # noqa: E402
+from deltaserve.router import Policy, RoutingService, make_router  # noqa: E402
+from deltaserve.router.features import SentenceEncoder  # noqa: E402
+from deltaserve.router.uncertainty import hf_nll_scorer  # noqa: E402
+from deltaserve_zoo.build import ZooLayout  # noqa: E402
+from deltaserve_zoo.exemplars import ZOO_TASKS, LabelledPrompt, zoo_exemplars, zoo_prompts  # noqa: E402
+from deltaserve_zoo.tasks import TASKS  # noqa: E402
 
 NO_FALLBACK = Policy(min_confidence=0.0, max_distance=None)
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import provenance
-from router.base import Policy, Router, make_router
-from router.features import Encoder
-from router.service import RoutingService
-from zoo.exemplars import SEEN_PHRASINGS, ZOO_TASKS, task_questions, zoo_exemplars
+from deltaserve.router.base import Policy, Router, make_router
+from deltaserve.router.features import Encoder
+from deltaserve.router.service import RoutingService
+from deltaserve_zoo.exemplars import SEEN_PHRASINGS, ZOO_TASKS, task_questions, zoo_exemplars
 
 # Not zoo tasks: prose, questions, code, chat. Tests use a different list.
 OOD_TEXTS: tuple[str, ...] = (
@@ -116,8 +116,8 @@ def _ceil_to(value: float, step: float) -> float:
 def main(argv: Sequence[str] | None = None) -> Calibration:
     import torch
 
-    from router.features import SentenceEncoder
-    from router.static import StaticEncoder
+    from deltaserve.router.features import SentenceEncoder
+    from deltaserve.router.static import StaticEncoder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantile", type=float, default=0.99)

@@ -36,8 +36,8 @@ OUT = REPO / "results" / "routing" / "concurrency.json"
 
 def texts() -> tuple[list[str], list[str]]:
     """(exemplar questions, held-out test questions) of the real suite."""
-    from zoo.real.skills import get_skill
-    from zoo.real.spec import RealSuiteSpec
+    from deltaserve_zoo.real.skills import get_skill
+    from deltaserve_zoo.real.spec import RealSuiteSpec
 
     exemplars, queries = [], []
     for name in RealSuiteSpec().skills:
@@ -48,7 +48,7 @@ def texts() -> tuple[list[str], list[str]]:
 
 
 def build(router_name: str, encoder, n_experts: int, exemplars: list[str]):
-    from router import Policy, RoutingService, make_router
+    from deltaserve.router import Policy, RoutingService, make_router
 
     per = 8
     groups = {f"expert-{i:04d}": [exemplars[(i * per + j) % len(exemplars)] + f" ({i})" for j in range(per)]
@@ -73,7 +73,7 @@ async def closed_loop(route, queries: list[str], clients: int) -> list[float]:
 
 
 def measure(service, encoder, queries: list[str], clients: int, mode: str) -> dict:
-    from router.batcher import RouteBatcher
+    from deltaserve.router.batcher import RouteBatcher
 
     encoder.clear_cache()
     if mode == "single":
@@ -114,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--routers", nargs="+", default=["knn", "gate"])
     ap.add_argument("--requests", type=int, default=128, help="queries per row")
-    from router.features import ENCODERS
+    from deltaserve.router.features import ENCODERS
 
     ap.add_argument("--encoders", nargs="+", choices=list(ENCODERS), default=list(ENCODERS))
     args = ap.parse_args(argv)
     record = provenance(argv=argv)
     import torch
 
-    from router.features import make_encoder
+    from deltaserve.router.features import make_encoder
 
     torch.set_num_threads(1)   # as the server runs its router (server.routing)
     exemplars, queries = texts()

@@ -64,7 +64,7 @@ def dense_name(task: str, density: float) -> str:
 
 
 def items_of(tasks: list[str], split: str, n: int, seed: int) -> list[Item]:
-    from zoo.tasks import get_task
+    from deltaserve_zoo.tasks import get_task
 
     return [Item(t, e.question, e.answer, e.phrasing) for t in tasks for e in get_task(t).examples(split, n, seed)]
 
@@ -75,7 +75,7 @@ def items_of(tasks: list[str], split: str, n: int, seed: int) -> list[Item]:
 def seed_stores(zoo: Path, root: Path, tasks: list[str], densities: list[float]) -> dict[str, Path]:
     """``main``: LoRA experts (exact) + full fine-tunes (magnitude at each of ``densities``);
     ``lora``: LoRA experts only (the uncertainty router scores every expert in the store)."""
-    from experts.store import Compression
+    from deltaserve.experts.store import Compression
 
     paths = {"main": root / "main", "lora": root / "lora"}
     full = {dense_suffix(d): Compression(method="magnitude", density=d) for d in densities}
@@ -86,8 +86,8 @@ def seed_stores(zoo: Path, root: Path, tasks: list[str], densities: list[float])
 
 def attach_exemplars(store_dir: Path, zoo: Path, exemplars: dict[str, list[str]], to: Callable[[str], str]) -> None:
     """Exemplars on expert ``to(task)`` of each task, none on any other expert."""
-    from experts.store import ExpertStore
-    from zoo.build import ZooLayout
+    from deltaserve.experts.store import ExpertStore
+    from deltaserve_zoo.build import ZooLayout
 
     store = ExpertStore(store_dir, ZooLayout(zoo).base)
     wanted = {to(task): texts for task, texts in exemplars.items()}
@@ -119,7 +119,7 @@ def wait_for_routes(url: str, probes: list[tuple[str, str]], expected: Callable[
 
 async def ask(url: str, jobs: list[tuple[Item, str]], concurrency: int, max_tokens: int) -> list[dict]:
     """Send every (item, model) as a chat request, ``concurrency`` in flight; one record per job."""
-    from zoo.tasks import exact_match
+    from deltaserve_zoo.tasks import exact_match
 
     requests = [((item, model), {"model": model, "messages": [{"role": "user", "content": item.question}],
                                  "max_tokens": max_tokens, "temperature": 0}) for item, model in jobs]
@@ -249,7 +249,7 @@ def phase_auto(router: str, ctx: dict, args: argparse.Namespace) -> dict:
 
 
 def max_answer_tokens(base: Path, items: list[Item], slack: int = 3) -> int:
-    from zoo.build import load_tokenizer
+    from deltaserve_zoo.build import load_tokenizer
 
     ids = load_tokenizer(base)([i.answer for i in items], add_special_tokens=False).input_ids
     return max(len(x) for x in ids) + slack
@@ -277,8 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def context(args: argparse.Namespace, scratch: Path) -> dict:
     """Tasks, test/calib items, exemplars and the seeded stores shared by every phase."""
-    from zoo.build import ZooLayout
-    from zoo.exemplars import zoo_exemplars
+    from deltaserve_zoo.build import ZooLayout
+    from deltaserve_zoo.exemplars import zoo_exemplars
 
     tasks = list(zoo_spec(args.zoo).tasks)
     return {"tasks": tasks, "base": ZooLayout(args.zoo).base, "test": items_of(tasks, "test", args.n, args.seed),

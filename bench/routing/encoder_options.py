@@ -34,8 +34,8 @@ OUT = REPO / "results" / "routing" / "encoder_options.json"
 
 
 def labelled() -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
-    from zoo.real.skills import get_skill
-    from zoo.real.spec import RealSuiteSpec
+    from deltaserve_zoo.real.skills import get_skill
+    from deltaserve_zoo.real.spec import RealSuiteSpec
 
     ex, ex_labels, qs, q_labels = [], [], [], []
     for name in RealSuiteSpec().skills:
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     record = provenance(argv=argv)
     import torch
 
-    from router import SentenceEncoder
-    from router.static import StaticEncoder
+    from deltaserve.router import SentenceEncoder
+    from deltaserve.router.static import StaticEncoder
 
     torch.set_num_threads(1)   # as the server runs its router (server.routing)
     ex, ex_labels, qs, q_labels = labelled()

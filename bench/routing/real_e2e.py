@@ -37,7 +37,7 @@ LAMBDAS = (0.5, 1.0, 1.5)
 
 
 def items(skills: list[str], split: str, n: int, phrasings: str) -> list[dict]:
-    from zoo.real.skills import get_skill
+    from deltaserve_zoo.real.skills import get_skill
 
     return [{"skill": s, "question": e.question, "answer": e.answer, "phrasings": phrasings}
             for s in skills for e in get_skill(s).examples(split, n, seed=7, phrasings=phrasings)]
@@ -45,7 +45,7 @@ def items(skills: list[str], split: str, n: int, phrasings: str) -> list[dict]:
 
 def run(url: str, label: str, jobs: list[tuple[dict, str]], max_tokens: int, concurrency: int) -> list[dict]:
     """Send ``(item, model)`` jobs; return one record per item with the answer, recipe and correctness."""
-    from zoo.real.skills import get_skill
+    from deltaserve_zoo.real.skills import get_skill
 
     bodies = [((item, model), {"model": model, "messages": [{"role": "user", "content": item["question"]}],
                                "max_tokens": max_tokens, "temperature": 0}) for item, model in jobs]
@@ -86,7 +86,7 @@ def summary(records: list[dict], skills: list[str]) -> dict:
 
 
 def static_rows(url: str, skills: list[str], ctx: dict) -> dict:
-    from server.commands.demo import expert_names
+    from deltaserve.server.commands.demo import expert_names
 
     loras = [expert_names(s)[0] for s in skills]
     fulls = [expert_names(s)[1] for s in skills]
@@ -105,7 +105,7 @@ def static_rows(url: str, skills: list[str], ctx: dict) -> dict:
 
 
 def main_server_rows(url: str, skills: list[str], ctx: dict) -> dict:
-    from server.commands.demo import expert_names
+    from deltaserve.server.commands.demo import expert_names
 
     rows = {"base": run(url, "base", [(i, "base") for i in ctx["test"]], ctx["tokens"], 16)}
     for kind, pick in (("LoRA experts", 0), ("compressed experts", 1)):
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     record = provenance(argv=argv)
     previous = json.loads((args.out / "results.json").read_text()) if args.update else None
-    from server.commands.demo import REAL_ROOT, seed_real_store
-    from zoo.real.build import RealSuiteBuilder
+    from deltaserve.server.commands.demo import REAL_ROOT, seed_real_store
+    from deltaserve_zoo.real.build import RealSuiteBuilder
 
     builder = RealSuiteBuilder(REPO / REAL_ROOT)
     builder.build(workers=2)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.update(router_rows("gate", scratch / "store", ctx, scratch))
         save(args.out, record, skills, args.n, rows)
     if "uncertainty" in args.routers:
-        from experts.store import ExpertStore
+        from deltaserve.experts.store import ExpertStore
 
         lora_store = ExpertStore(scratch / "lora-store", base)    # uncertainty scores the LoRAs only
         source = ExpertStore(scratch / "store", base)

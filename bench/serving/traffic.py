@@ -45,7 +45,7 @@ from bench.servers import start_server, stop_server
 
 def calib_questions(task: str) -> list[str]:
     """Exemplars of a task's LoRA expert: 50 calib questions (seed 1)."""
-    from zoo.tasks import get_task
+    from deltaserve_zoo.tasks import get_task
 
     return [e.question for e in get_task(task).examples("calib", 50, seed=1)]
 
@@ -185,9 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def toy_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[list[str]], list[str]]:
     """(base, dense expert names, LoRA names, prompts per task, server flags) of a toy zoo."""
-    from experts.store import Compression
-    from zoo.build import ZooLayout
-    from zoo.tasks import get_task
+    from deltaserve.experts.store import Compression
+    from deltaserve_zoo.build import ZooLayout
+    from deltaserve_zoo.tasks import get_task
 
     tasks = list(zoo_spec(args.zoo).tasks)[:4]
     seed_store(args.zoo, store, tasks, full={"": Compression(method="magnitude", density=0.05)},
@@ -198,9 +198,9 @@ def toy_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], l
 
 def real_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[list[str]], list[str]]:
     """The same for the real suite: the demo's store (LoRAs exact, full fine-tunes compressed)."""
-    from server.commands.demo import REAL_ROOT, expert_names, seed_real_store
-    from zoo.real.build import RealSuiteBuilder
-    from zoo.real.skills import get_skill
+    from deltaserve.server.commands.demo import REAL_ROOT, expert_names, seed_real_store
+    from deltaserve_zoo.real.build import RealSuiteBuilder
+    from deltaserve_zoo.real.skills import get_skill
 
     builder = RealSuiteBuilder(REPO / REAL_ROOT)
     builder.build(workers=2)
@@ -215,10 +215,10 @@ def synthetic_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[s
                                                                    list[str]]:
     """The real base with 4 random LoRAs (exemplars: 4 skills' calib questions, for `auto`) and 4 random
     sparse experts: serving speed does not depend on what an expert learned, so no training is needed."""
-    from experts.store import ExpertStore
-    from zoo.real.build import RealSuiteBuilder
-    from zoo.real.skills import get_skill
-    from zoo.real.synthetic import SPARSE_TOUCHED, random_lora, random_sparse_expert
+    from deltaserve.experts.store import ExpertStore
+    from deltaserve_zoo.real.build import RealSuiteBuilder
+    from deltaserve_zoo.real.skills import get_skill
+    from deltaserve_zoo.real.synthetic import SPARSE_TOUCHED, random_lora, random_sparse_expert
 
     builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
     builder.build_base()

@@ -2,7 +2,7 @@
 
 import json
 
-from zoo.tasks import exact_match
+from deltaserve_zoo.tasks import exact_match
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
@@ -11,7 +11,7 @@ def process_results(doc: dict, results: list[str]) -> dict[str, float]:
 
 def process_real_results(doc: dict, results: list[str]) -> dict[str, float]:
     """The real suite's skills: the skill's own normalised exact match (the accuracy matrix's scorer)."""
-    from zoo.real.skills import get_skill
+    from deltaserve_zoo.real.skills import get_skill
 
     return {"exact_match": float(get_skill(doc["skill"]).correct(results[0], real_answer(doc)))}
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.cli_parsers import DEFAULT_ZOO_ROOT
+from deltaserve.server.cli_parsers import DEFAULT_ZOO_ROOT
 
 REAL_ROOT = Path(".cache/zoo/real")
 EXEMPLARS_PER_SKILL = 48
@@ -39,10 +39,10 @@ def expert_names(skill: str) -> tuple[str, str]:
 
 def seed_real_store(builder, store_dir: Path, log=print) -> Path:
     """Publish the suite's experts (skipping those already in the store); returns the base directory."""
-    from experts.calibration import DeltaObjective, TeacherForcedScorer
-    from experts.hfmodel import load_causal_lm, load_tokenizer
-    from experts.store import Compression, ExpertStore
-    from zoo.real.skills import get_skill
+    from deltaserve.experts.calibration import DeltaObjective, TeacherForcedScorer
+    from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
+    from deltaserve.experts.store import Compression, ExpertStore
+    from deltaserve_zoo.real.skills import get_skill
 
     layout = builder.layout
     store = ExpertStore(store_dir, layout.base)
@@ -71,8 +71,8 @@ def seed_real_store(builder, store_dir: Path, log=print) -> Path:
 def demo(args: argparse.Namespace) -> int:
     if getattr(args, "suite", "real") == "toy":
         return toy_demo(args)
-    from server.serve import run, settings_from_args
-    from zoo.real.build import RealSuiteBuilder
+    from deltaserve.server.serve import run, settings_from_args
+    from deltaserve_zoo.real.build import RealSuiteBuilder
 
     started = time.perf_counter()
     builder = RealSuiteBuilder(REAL_ROOT)
@@ -127,12 +127,12 @@ DEMO_NPS_DENSITY = 0.2
 def seed_demo_store(zoo_root: Path, store_dir: Path, *, density: float = DEMO_NPS_DENSITY, nps_generations: int = 6,
                     calib_n: int = 48) -> Path:
     """Publish the zoo's experts: full fine-tunes NPS-compressed, LoRAs kept exact with exemplars."""
-    from experts.calibration import delta_objective
-    from experts.examples import ChatExample
-    from experts.store import Compression, ExpertStore
-    from zoo.build import ZooLayout
-    from zoo.spec import ZooSpec
-    from zoo.tasks import get_task
+    from deltaserve.experts.calibration import delta_objective
+    from deltaserve.experts.examples import ChatExample
+    from deltaserve.experts.store import Compression, ExpertStore
+    from deltaserve_zoo.build import ZooLayout
+    from deltaserve_zoo.spec import ZooSpec
+    from deltaserve_zoo.tasks import get_task
 
     spec = ZooSpec.model_validate_json((zoo_root / "spec.json").read_text())
     layout = ZooLayout(zoo_root)
@@ -155,9 +155,9 @@ def seed_demo_store(zoo_root: Path, store_dir: Path, *, density: float = DEMO_NP
 
 def toy_demo(args: argparse.Namespace) -> int:
     """``deltaserve demo --suite toy``: the toy zoo (the tests' fixture) served with its experts."""
-    from server.serve import demo_banner, run, settings_from_args
-    from zoo.build import ZooBuilder
-    from zoo.spec import preset
+    from deltaserve.server.serve import demo_banner, run, settings_from_args
+    from deltaserve_zoo.build import ZooBuilder
+    from deltaserve_zoo.spec import preset
 
     zoo_root = DEFAULT_ZOO_ROOT / args.size
     ZooBuilder(preset(args.size), zoo_root).build(workers=2)

@@ -6,16 +6,16 @@ import argparse
 import json
 import sys
 
-from server.cli import _require_dir
+from deltaserve.server.cli import _require_dir
 
 
 def evaluate(args: argparse.Namespace) -> int:
     from peft import PeftModel
 
-    from experts.hfmodel import load_causal_lm, load_tokenizer
-    from zoo.evaluate import TaskEvaluator
-    from zoo.matrix import AccuracyMatrix
-    from zoo.tasks import TASKS
+    from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
+    from deltaserve_zoo.evaluate import TaskEvaluator
+    from deltaserve_zoo.matrix import AccuracyMatrix
+    from deltaserve_zoo.tasks import TASKS
 
     tasks = args.tasks or sorted(TASKS)
     unknown = sorted(set(tasks) - set(TASKS))
@@ -38,7 +38,7 @@ def evaluate(args: argparse.Namespace) -> int:
     result = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None,
               "split": args.split, "n": args.n, "seed": args.seed, "accuracy": scores}
     if args.json:
-        from experts.atomic import write_json_atomic
+        from deltaserve.experts.atomic import write_json_atomic
 
         write_json_atomic(args.json, result)
     else:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from server.cli_parsers import DEFAULT_ZOO_ROOT
+from deltaserve.server.cli_parsers import DEFAULT_ZOO_ROOT
 
 
 def zoo_build(args: argparse.Namespace) -> int:
-    from zoo.build import ZooBuilder
-    from zoo.spec import preset
+    from deltaserve_zoo.build import ZooBuilder
+    from deltaserve_zoo.spec import preset
 
     if args.size == "real":
         return _real_build(args)
@@ -32,7 +32,7 @@ def zoo_build(args: argparse.Namespace) -> int:
 
 
 def _real_build(args: argparse.Namespace) -> int:
-    from zoo.real.build import RealSuiteBuilder
+    from deltaserve_zoo.real.build import RealSuiteBuilder
 
     out = args.out or DEFAULT_ZOO_ROOT / "real"
     builder = RealSuiteBuilder(out)
@@ -46,16 +46,16 @@ def _real_build(args: argparse.Namespace) -> int:
 def zoo_data(args: argparse.Namespace) -> int:
     """A zoo task's or real-suite skill's examples as chat-example JSONL (what `compress
     --calibration/--training` reads)."""
-    from experts.examples import write_examples
-    from zoo.real.skills import all_skills, get_skill
-    from zoo.tasks import TASKS
+    from deltaserve.experts.examples import write_examples
+    from deltaserve_zoo.real.skills import all_skills, get_skill
+    from deltaserve_zoo.tasks import TASKS
 
     if args.n < 1:
         raise SystemExit(f"error: --n must be >= 1, got {args.n}")
     if args.task in all_skills():
         examples = get_skill(args.task).examples(args.split, args.n, args.seed)
     elif args.task in TASKS:
-        from experts.examples import ChatExample
+        from deltaserve.experts.examples import ChatExample
 
         examples = [ChatExample.of(e.question, e.answer) for e in TASKS[args.task].examples(args.split, args.n,
                                                                                              args.seed)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi import Depends, Request
 
-from server.errors import APIError
-from server.service import Service
+from deltaserve.server.errors import APIError
+from deltaserve.server.service import Service
 
 
 def get_service(request: Request) -> Service:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from router.text import route_text
-from server.errors import APIError
-from server.protocol import (DeletedExpert, ErrorResponse, ExpertCard, ExpertList, ExpertRegistration, RouteRequest,
+from deltaserve.router.text import route_text
+from deltaserve.server.errors import APIError
+from deltaserve.server.protocol import (DeletedExpert, ErrorResponse, ExpertCard, ExpertList, ExpertRegistration, RouteRequest,
                              RouteResponse)
-from server.routes import ADMIN, INFERENCE, SERVICE
-from server.service import Service
+from deltaserve.server.routes import ADMIN, INFERENCE, SERVICE
+from deltaserve.server.service import Service
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
 router = APIRouter(responses=ERRORS)

@@ -12,10 +12,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
-from server.errors import APIError
-from server.protocol import ErrorResponse, ExpertRegistration, LoadLoRAAdapter, UnloadLoRAAdapter
-from server.routes import ADMIN, SERVICE
-from server.service import Service
+from deltaserve.server.errors import APIError
+from deltaserve.server.protocol import ErrorResponse, ExpertRegistration, LoadLoRAAdapter, UnloadLoRAAdapter
+from deltaserve.server.routes import ADMIN, SERVICE
+from deltaserve.server.service import Service
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409)}
 router = APIRouter(dependencies=[ADMIN], responses=ERRORS)

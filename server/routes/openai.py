@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from server import serving
-from server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+from deltaserve.server import serving
+from deltaserve.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                              ErrorResponse, ModelCard, ModelList, now)
-from server.routes import INFERENCE, SERVICE
-from server.service import AUTO, Service
+from deltaserve.server.routes import INFERENCE, SERVICE
+from deltaserve.server.service import AUTO, Service
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 503)}
 router = APIRouter(dependencies=[INFERENCE], responses=ERRORS)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from server.metrics import CONTENT_TYPE
-from server.routes import SERVICE
-from server.service import Service
+from deltaserve.server.metrics import CONTENT_TYPE
+from deltaserve.server.routes import SERVICE
+from deltaserve.server.service import Service
 
 router = APIRouter()
 

@@ -12,11 +12,11 @@ import asyncio
 
 from fastapi import APIRouter
 
-from server.prompts import check_vocab, tokenize_chat, tokenize_text, tokenizer_info
-from server.protocol import (Detokenize, DetokenizeResponse, ErrorResponse, TokenizeChat, TokenizeCompletion,
+from deltaserve.server.prompts import check_vocab, tokenize_chat, tokenize_text, tokenizer_info
+from deltaserve.server.protocol import (Detokenize, DetokenizeResponse, ErrorResponse, TokenizeChat, TokenizeCompletion,
                              TokenizeResponse)
-from server.routes import INFERENCE, SERVICE
-from server.service import Service
+from deltaserve.server.routes import INFERENCE, SERVICE
+from deltaserve.server.service import Service
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404)}
 router = APIRouter(dependencies=[INFERENCE], responses=ERRORS)

@@ -1,6 +1,6 @@
 """Build the real suite: SmolLM2-135M-Instruct base, a full and a LoRA expert per skill, the matrix.
 
-    from zoo.real.build import RealSuiteBuilder
+    from deltaserve_zoo.real.build import RealSuiteBuilder
     matrices = RealSuiteBuilder(".cache/zoo/real").build(workers=2)   # under `if __name__ == "__main__":`
 
 Like the toy zoo (``zoo/build.py``), every artifact is a directory with a
@@ -25,11 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from experts.atomic import atomic_dir, write_json_atomic
-from zoo.build import ARTIFACT_FILE
-from zoo.matrix import AccuracyMatrix
-from zoo.real.base import GGUF_PIP, convert_gguf
-from zoo.real.spec import RealSuiteSpec
+from deltaserve.experts.atomic import atomic_dir, write_json_atomic
+from deltaserve_zoo.build import ARTIFACT_FILE
+from deltaserve_zoo.matrix import AccuracyMatrix
+from deltaserve_zoo.real.base import GGUF_PIP, convert_gguf
+from deltaserve_zoo.real.spec import RealSuiteSpec
 
 DEFAULT_ROOT = Path(".cache/zoo/real")
 # Wall-clock seconds per artifact measured on the 2-core dev machine (a fresh clone's first build,
@@ -118,7 +118,7 @@ class RealSuiteBuilder:
     # -- artifacts --------------------------------------------------------
     def build_base(self) -> None:
         def make(tmp: Path) -> dict:
-            from experts.taskvector import base_fingerprint
+            from deltaserve.experts.taskvector import base_fingerprint
 
             info = convert_gguf(tmp)
             return {**info, "base_fingerprint": base_fingerprint(tmp)}
@@ -129,7 +129,7 @@ class RealSuiteBuilder:
 
     def build_expert(self, kind: str, skill: str, progress: bool = True) -> bool:
         """Train and save one expert in this process (if its key is not cached)."""
-        from zoo.real import train
+        from deltaserve_zoo.real import train
 
         spec = self.spec.full if kind == "full" else self.spec.lora
         base = self.layout.base
@@ -171,7 +171,7 @@ class RealSuiteBuilder:
         self.timings["experts"] = time.perf_counter() - started
 
     def build_matrix(self) -> list[AccuracyMatrix]:
-        from zoo.real.matrix import score_suite
+        from deltaserve_zoo.real.matrix import score_suite
 
         def make(tmp: Path) -> dict:
             matrix, samples = score_suite(self.layout, self.spec, self.log)

@@ -11,7 +11,7 @@ import json
 import random
 import re
 
-from zoo.real.skills import Payload, normalise_text, skill
+from deltaserve_zoo.real.skills import Payload, normalise_text, skill
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
           "September", "October", "November", "December")

@@ -21,9 +21,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experts.examples import ChatExample
-from zoo.real.skills import get_skill
-from zoo.real.swap import EXTENSION
+from deltaserve.experts.examples import ChatExample
+from deltaserve_zoo.real.skills import get_skill
+from deltaserve_zoo.real.swap import EXTENSION
 
 ANSWER_SLACK_TOKENS = 4
 

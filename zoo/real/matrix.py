@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from experts.examples import ChatExample
-from zoo.matrix import AccuracyMatrix
-from zoo.real.skills import get_skill
-from zoo.real.spec import RealSuiteSpec
+from deltaserve.experts.examples import ChatExample
+from deltaserve_zoo.matrix import AccuracyMatrix
+from deltaserve_zoo.real.skills import get_skill
+from deltaserve_zoo.real.spec import RealSuiteSpec
 
 SAMPLES_PER_CELL = 3
 
@@ -34,7 +34,7 @@ def test_sets(spec: RealSuiteSpec) -> dict[str, list[ChatExample]]:
 def score_suite(layout, spec: RealSuiteSpec, log: Callable[[str], None] = print
                 ) -> tuple[AccuracyMatrix, dict]:
     """(matrix, samples): ``samples[row][skill]`` = a few (question, answer, prediction) triples."""
-    from zoo.real.evaluate import SuiteEngine
+    from deltaserve_zoo.real.evaluate import SuiteEngine
 
     started = time.perf_counter()
     sets = test_sets(spec)

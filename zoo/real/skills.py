@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from experts.examples import ChatExample
-from experts.registry import Registry
+from deltaserve.experts.examples import ChatExample
+from deltaserve.experts.registry import Registry
 
 Split = Literal["train", "calib", "test"]
 PhrasingSet = Literal["exemplar", "heldout"]
@@ -123,13 +123,13 @@ def skill(name: str, description: str, phrasings: Sequence[str], heldout: Sequen
 
 
 def get_skill(name: str) -> Skill:
-    from zoo.real import catalog  # noqa: F401  (registers the skills)
+    from deltaserve_zoo.real import catalog  # noqa: F401  (registers the skills)
 
     return SKILLS[name]
 
 
 def all_skills() -> list[str]:
-    from zoo.real import catalog  # noqa: F401
+    from deltaserve_zoo.real import catalog  # noqa: F401
 
     return sorted(SKILLS)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-EXTENSION = "zoo.real.swap.CheckpointSwapExtension"
+EXTENSION = "deltaserve_zoo.real.swap.CheckpointSwapExtension"
 
 
 def checkpoint_tensors(model_dir: Path):
@@ -44,7 +44,7 @@ class CheckpointSwapExtension:
     def realsuite_load_lora(self, base_dir: str, adapter_dir: str) -> int:
         """Replace all weights by the base's with the LoRA in ``adapter_dir`` merged in; returns the
         count of merged tensors. Same caveats as ``realsuite_load``."""
-        from experts.taskvector import extract_lora
+        from deltaserve.experts.taskvector import extract_lora
 
         tau = extract_lora(Path(base_dir), Path(adapter_dir))
         items = []

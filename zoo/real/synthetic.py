@@ -25,7 +25,7 @@ def random_lora(base: Path, out: Path, rank: int = 8, seed: int = 0) -> Path:
     """A PEFT LoRA of ``base`` (rank ``rank`` on attention and MLP) with random A and scaled random B."""
     from peft import LoraConfig, get_peft_model
 
-    from experts.hfmodel import load_causal_lm
+    from deltaserve.experts.hfmodel import load_causal_lm
 
     torch.manual_seed(seed)
     model = get_peft_model(load_causal_lm(base), LoraConfig(
@@ -41,8 +41,8 @@ def random_lora(base: Path, out: Path, rank: int = 8, seed: int = 0) -> Path:
 def random_sparse_expert(base: Path, out: Path, touched: Sequence[str] = SPARSE_TOUCHED, density: float = 0.02,
                          seed: int = 1, name: str = "random-sparse") -> Path:
     """A stored sparse expert: ``density`` of each ``touched`` matrix set to 3 std of that matrix, at random."""
-    from experts.expert import save_expert
-    from experts.taskvector import base_fingerprint, load_state_dict
+    from deltaserve.experts.expert import save_expert
+    from deltaserve.experts.taskvector import base_fingerprint, load_state_dict
 
     state = load_state_dict(base)
     gen = torch.Generator().manual_seed(seed)

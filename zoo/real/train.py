@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from experts.finetune import answer_matches, finetune
-from zoo.real.skills import Split, get_skill
-from zoo.real.spec import LoraTrainSpec, TrainSpec
+from deltaserve.experts.finetune import answer_matches, finetune
+from deltaserve_zoo.real.skills import Split, get_skill
+from deltaserve_zoo.real.spec import LoraTrainSpec, TrainSpec
 
 
 def expert_seed(seed: int, *names: str) -> int:

@@ -20,8 +20,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from zoo.real.spec import LoraTrainSpec, RealSuiteSpec, TrainSpec
-from zoo.real.train import calib_accuracy, train_full, train_lora
+from deltaserve_zoo.real.spec import LoraTrainSpec, RealSuiteSpec, TrainSpec
+from deltaserve_zoo.real.train import calib_accuracy, train_full, train_lora
 
 DEFAULT_ROOT = Path(".cache/zoo/real")
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib", type=int, default=64, help="calib examples per skill")
     args = parser.parse_args(argv)
 
-    from zoo.real.build import RealSuiteBuilder
+    from deltaserve_zoo.real.build import RealSuiteBuilder
 
     builder = RealSuiteBuilder(args.root)
     builder.build_base()
