@@ -1,2 +1,3 @@
-"""Quality: compression, interpolation and merging tables (``tables``), the NPS probes (``probes``),
-the zoo training-recipe sweep (``zoo_recipes``)."""
+"""Quality: the real suite's compression, interpolation and merging tables (``real_compression``,
+``real_interpolation``, ``real_merging``), one NPS search timed (``nps_timing``), and the toy suites'
+tables (``tables``)."""

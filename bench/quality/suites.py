@@ -3,7 +3,7 @@
 ``llm_suite`` wraps the zoo's LLM full fine-tunes (exact match, teacher-forced
 answer loss); ``vision_suite``/``vision_suite_from`` the digits MLP bodies with
 their carried task heads. ``CellCache`` is the append-only jsonl that lets
-bench.quality.tables and bench.quality.probes resume.
+bench.quality.tables resume.
 """
 
 from __future__ import annotations
