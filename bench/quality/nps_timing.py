@@ -1,6 +1,6 @@
 """How long one NPS search takes on the real base, at the default budget, through the product's path.
 
-    .venv/bin/python -m bench.quality.nps_timing --skills iso_date    # -> results/real_quality/nps_timing.json
+    .venv/bin/python -m bench.quality.nps_timing --skills iso_date    # -> results/quality/real/nps_timing.json
 
 For each skill: the full fine-tune's task vector compressed by `compress --method nps` at r = 0.05 with
 every search option at its default (experts.compress.NpsOptions: 8 bands, up to 20 CMA-ES generations of
@@ -9,8 +9,8 @@ pycma's population, max weight 4), the objective the product builds from a calib
 prompts, as `deltaserve zoo data --split calib --n 64` writes them). Reported: the wall time of the whole
 compression (loading the base and the fine-tune, the search, writing the expert), the search's own
 seconds, candidates scored, seconds per candidate, why it stopped, and whether it found the same band
-weights as the compression table's cell for the same skill and density (results/real_quality/cells.jsonl),
-which was searched by an earlier version of the code. Run it with nothing else on the machine: it is a
+weights as the compression table's cell for the same skill and density (results/quality/real/cells.jsonl,
+searched by ``bench.quality.real_compression``). Run it with nothing else on the machine: it is a
 timing.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.common import REPO, built_real_suite, log, provenance
 
-OUT = REPO / "results" / "real_quality"
+OUT = REPO / "results" / "quality" / "real"
 DENSITY = 0.05
 CALIB = 64
 TARGET_S = 600.0

@@ -1,6 +1,6 @@
 """Compression on the real suite: accuracy retained vs bits per base parameter, every compressor.
 
-    .venv/bin/python -m bench.quality.real_compression --out results/real_quality
+    .venv/bin/python -m bench.quality.real_compression --out results/quality/real
 
 For each skill of the real suite (SmolLM2-135M-Instruct, zoo.real) the full
 fine-tune's task vector is compressed by every method at every setting, stored
@@ -256,7 +256,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(".cache/zoo/real"))
-    parser.add_argument("--out", type=Path, default=Path("results/real_quality"))
+    parser.add_argument("--out", type=Path, default=Path("results/quality/real"))
     parser.add_argument("--skills", nargs="*", help="default: every skill of the suite")
     parser.add_argument("--nps-generations", type=int, default=20)
     parser.add_argument("--nps-skills", nargs="*", help="skills that get NPS cells (default: all)")

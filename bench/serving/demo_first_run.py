@@ -1,7 +1,7 @@
 """Time `make demo` on a fresh clone to its first served chat answer.
 
     python3 -m bench.serving.demo_first_run [--clone /tmp/deltaserve-fresh] [--port 8000]
-    -> results/real_suite/demo-first-run.json
+    -> results/serving/demo-first-run.json
 
 Clones this repository (its committed HEAD) into ``--clone`` (which must not
 exist: no venv, no ``.cache``, no store), runs ``make demo`` there and polls
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clone", type=Path, default=Path("/tmp/deltaserve-fresh"))
     ap.add_argument("--port", type=int, default=8000, help="the demo's port (its default is 8000)")
     ap.add_argument("--limit-min", type=float, default=120)
-    ap.add_argument("--out", type=Path, default=REPO / "results" / "real_suite" / "demo-first-run.json")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "serving" / "demo-first-run.json")
     args = ap.parse_args(argv)
     if args.clone.exists():
         raise SystemExit(f"{args.clone} exists; a first run needs a fresh clone")

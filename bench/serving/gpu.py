@@ -1,7 +1,7 @@
 """GPU readiness: one unattended run (<= 8 minutes) that times serving on a CUDA machine.
 
     bash bench/serving/gpu.sh           # on a CUDA machine with vllm: installs, then runs the line below
-    python -m bench.serving.gpu --device cuda --out results/serve_bench/gpu.json
+    python -m bench.serving.gpu --device cuda --out results/serving/gpu.json
     .venv/bin/python -m bench.serving.gpu --device cpu --quick --out /tmp/gpu-check.json   # the CPU check
 
 Steps (each timed; the JSON says how long each took against the budget):
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench.common import REPO, log, provenance
 
-OUT = REPO / "results" / "serve_bench" / "gpu.json"
+OUT = REPO / "results" / "serving" / "gpu.json"
 BUDGET_S = 8 * 60
 
 

@@ -23,9 +23,9 @@ with the swap's breakdown (drain, RPC, decode, merge, load, retie, prefix-cache
 reset, resume; ``deltaserve_weight_swap_phase_seconds``). The server runs with
 its defaults (adaptive merge on: a dominant LoRA recipe is served merged).
 
-    .venv/bin/python -m bench.serving.traffic --out results/serve_bench/real_cpu.json
+    .venv/bin/python -m bench.serving.traffic --out results/serving/real_cpu.json
     .venv/bin/python -m bench.serving.traffic --suite synthetic --adaptive both    # random experts, any machine
-    .venv/bin/python -m bench.serving.traffic --suite toy --zoo .cache/zoo/demo --out results/serve_bench/cpu.json
+    .venv/bin/python -m bench.serving.traffic --suite toy --zoo .cache/zoo/demo --out results/serving/cpu.json
 """
 
 from __future__ import annotations
