@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deltaserve.experts.store import Compression
+    from deltaserve.experts.sources import Compression
     from deltaserve_zoo.real.build import RealSuiteBuilder
     from deltaserve_zoo.spec import ZooSpec
 

@@ -29,7 +29,8 @@ from pydantic import Field
 from torch import Tensor
 
 from deltaserve.experts import sparsify
-from deltaserve.experts.expert import EncodedDelta, ExpertManifest, save_expert
+from deltaserve.experts.manifest import ExpertManifest
+from deltaserve.experts.save import EncodedDelta, save_expert
 from deltaserve.experts.nps import Objective, nps_pruner, nps_search
 from deltaserve.experts.registry import NoOptions, Options, Registry
 from deltaserve.experts.taskvector import TaskVector, extract_full, extract_lora
@@ -233,7 +234,7 @@ def storage_codec(comp: Compressor, result: Compressed) -> str:
     falling with density) below about 25 %, the bitmask (``sparse``) above."""
     if comp.codec != "sparse":
         return comp.codec
-    from deltaserve.experts.codec_index import sparse_codec_for
+    from deltaserve.experts.codecs.sparse_ef import sparse_codec_for
 
     tensors = [d for d in result.deltas.values() if isinstance(d, Tensor)]
     total = sum(t.numel() for t in tensors)

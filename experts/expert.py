@@ -8,8 +8,7 @@ Layout of ``<store>/<expert>/`` (the manifest model: experts.manifest)::
     carried.safetensors    task-specific parameters stored whole (separate heads);
                            present only when the manifest lists some
 
-Derived fields (bytes, bits/param, density, rank, tensors, sha256) are
-computed by ``save_expert`` from what it writes, never taken from the caller.
+Writing is experts.save (``save_expert``); this module reads.
 ``load_expert`` reads only headers (cheap); tensors are read lazily, one
 parameter at a time. ``Expert.verify()`` does the full, data-reading check.
 """
@@ -17,30 +16,22 @@ parameter at a time. ``Expert.verify()`` does the full, data-reading check.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from deltaserve.experts.atomic import atomic_dir
 from deltaserve.experts.codecs import Codec, get_codec
-from deltaserve.experts.manifest import (CARRIED_FILE, FORMAT_VERSION, MANIFEST_FILE, NAME_PATTERN, PART_SEPARATOR,
-                              TENSORS_FILE, _TORCH_DTYPES, BaseMismatchError, ExpertFormatError, ExpertManifest,
-                              TensorSpec)
+from deltaserve.experts.manifest import (_TORCH_DTYPES, CARRIED_FILE, MANIFEST_FILE, PART_SEPARATOR, TENSORS_FILE,
+                                         BaseMismatchError, ExpertFormatError, ExpertManifest, TensorSpec, sha256_file)
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -48,117 +39,6 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _MAX_LISTED_PROBLEMS = 10
-
-
-@dataclass(frozen=True)
-class EncodedDelta:
-    """Parts already encoded by the expert's codec (e.g. ``encode_factors``) plus the base spec."""
-
-    parts: Mapping[str, Tensor]
-    shape: tuple[int, ...]
-    dtype: torch.dtype = torch.float32
-
-
-# --------------------------------------------------------------------------- save
-
-
-def save_expert(
-    directory: Path,
-    deltas: Mapping[str, Tensor | EncodedDelta],
-    *,
-    name: str,
-    base_fingerprint: str,
-    codec: str,
-    source: str,
-    method: Mapping[str, Any],
-    kind: Literal["full", "lora"] = "full",
-    value_dtype: torch.dtype = torch.float16,
-    encode_options: Mapping[str, Any] | None = None,
-    carried: Mapping[str, Tensor] | None = None,
-    calibration_score: float | None = None,
-    task: str | None = None,
-    created: str | None = None,
-) -> ExpertManifest:
-    """Encode ``deltas`` (param -> compressed dense delta, or EncodedDelta) and publish atomically.
-
-    A dense tensor's base spec is its own shape and dtype. ``encode_options``
-    go to ``codec.encode`` (e.g. ``{"rank": 8}`` for lowrank). An existing
-    expert at ``directory`` is replaced wholly. Returns the written manifest.
-    """
-    if not re.fullmatch(NAME_PATTERN, name):
-        raise ValueError(f"name {name!r} must match {NAME_PATTERN} (it is used in URLs and paths)")
-    codec_impl = get_codec(codec)
-    encoded = {param: _encode(codec_impl, param, delta, value_dtype, encode_options or {})
-               for param, delta in deltas.items()}
-    carried = dict(carried or {})
-    draft = ExpertManifest(**_derived_fields(codec_impl, encoded, carried), name=name,
-                           base_fingerprint=base_fingerprint, kind=kind, codec=codec, source=source,
-                           method=dict(method), calibration_score=calibration_score, task=task,
-                           created=created or datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    with atomic_dir(Path(directory)) as tmp:
-        flat = {f"{p}{PART_SEPARATOR}{k}": t.contiguous() for p, d in encoded.items() for k, t in d.parts.items()}
-        save_file(flat, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
-        digests = {TENSORS_FILE: sha256_file(tmp / TENSORS_FILE)}
-        if carried:
-            save_file({k: v.contiguous() for k, v in carried.items()}, str(tmp / CARRIED_FILE),
-                      metadata={"format": "pt"})
-            digests[CARRIED_FILE] = sha256_file(tmp / CARRIED_FILE)
-        manifest = ExpertManifest.model_validate({**draft.model_dump(), "sha256": digests})
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
-    return manifest
-
-
-def _encode(codec: Codec, param: str, delta: Tensor | EncodedDelta, value_dtype: torch.dtype,
-            options: Mapping[str, Any]) -> EncodedDelta:
-    if PART_SEPARATOR in param or not param:
-        raise ValueError(f"parameter name {param!r} must be non-empty and must not contain {PART_SEPARATOR!r}")
-    try:
-        if isinstance(delta, Tensor):
-            if delta.dtype not in _TORCH_DTYPES.values():
-                raise ValueError(f"dtype {delta.dtype} is not one of {sorted(_TORCH_DTYPES)}")
-            return EncodedDelta(codec.encode(delta, value_dtype=value_dtype, **options), tuple(delta.shape), delta.dtype)
-        if delta.dtype not in _TORCH_DTYPES.values():
-            raise ValueError(f"base dtype {delta.dtype} is not one of {sorted(_TORCH_DTYPES)}")
-        parts = dict(delta.parts)
-        problems = codec.check_parts({k: (tuple(v.shape), v.dtype) for k, v in parts.items()}, delta.shape)
-        if problems:
-            raise ValueError("; ".join(problems))
-        if not all(torch.isfinite(t).all() for t in parts.values() if t.is_floating_point()):
-            raise ValueError("parts hold NaN or Inf")
-        codec.decode(parts, delta.shape, torch.float32)  # full consistency check (mask counts etc.)
-        return EncodedDelta(parts, tuple(delta.shape), delta.dtype)
-    except ValueError as err:
-        raise ValueError(f"delta for parameter {param!r} ({codec.name} codec): {err}") from err
-
-
-def _derived_fields(codec: Codec, encoded: Mapping[str, EncodedDelta], carried: Mapping[str, Tensor]) -> dict:
-    if not encoded:
-        raise ValueError("deltas is empty: an expert needs at least one parameter")
-    base_params = sum(math.prod(d.shape) for d in encoded.values())
-    stored_bytes = sum(codec.nbytes(d.parts) for d in encoded.values())
-    kept = [codec.kept_count(d.parts) for d in encoded.values()]
-    ranks = [r for d in encoded.values() if (r := codec.rank(d.parts)) is not None]
-    return {
-        "format_version": FORMAT_VERSION,
-        "density": None if None in kept else sum(kept) / base_params,
-        "rank": max(ranks) if ranks else None,
-        "bytes": stored_bytes,
-        "carried_bytes": sum(t.numel() * t.element_size() for t in carried.values()),
-        "base_params": base_params,
-        "bits_per_param": 8 * stored_bytes / base_params,
-        "tensors": {p: {"shape": list(d.shape), "dtype": str(d.dtype).removeprefix("torch.")}
-                    for p, d in encoded.items()},
-        "carried": sorted(carried),
-    }
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- load
@@ -197,11 +77,10 @@ class Expert:
     def factors(self, name: str, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """``(A [r, in], B [out, r])`` of a low-rank expert's parameter (``delta = B @ A``)."""
         spec = self._spec(name)
-        factors = getattr(self.codec, "factors", None)
-        if factors is None:
+        if not self.codec.lowrank:
             raise ExpertFormatError(f"expert {self.manifest.name!r} is not low-rank (codec {self.manifest.codec})")
         with self._format_errors(name):
-            return factors(self.parts(name), spec.shape, dtype)
+            return self.codec.factors(self.parts(name), spec.shape, dtype)
 
     def decode(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
         """The dense delta of ``name`` (in the base dtype unless ``dtype`` is given)."""
@@ -221,11 +100,10 @@ class Expert:
         """``(flat indices, values as stored)`` of a sparse expert's kept entries of ``name``: ``add_into``
         is ``experts.bitpack.add_entries(target.view(-1), index, values, weight)`` of exactly these."""
         spec = self._spec(name)
-        entries = getattr(self.codec, "entries", None)
-        if entries is None:
+        if not self.codec.sparse_entries:
             raise ExpertFormatError(f"expert {self.manifest.name!r} is not sparse (codec {self.manifest.codec})")
         with self._format_errors(name):
-            return entries(self.parts(name), math.prod(spec.shape))
+            return self.codec.entries(self.parts(name), math.prod(spec.shape))
 
     def iter_deltas(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
         for name in self.param_names:

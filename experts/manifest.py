@@ -7,8 +7,10 @@ from the caller; this model checks they are consistent with each other.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -65,6 +67,11 @@ class ExpertManifest(BaseModel):
     carried: list[str] = Field(default_factory=list)
     sha256: dict[str, str] = Field(default_factory=dict, description="file name -> hex digest")
 
+    @property
+    def lowrank(self) -> bool:
+        """Stored as factors (its codec's ``lowrank`` capability): servable as a LoRA adapter."""
+        return CODECS[self.codec].lowrank
+
     @field_validator("codec")
     @classmethod
     def _known_codec(cls, value: str) -> str:
@@ -97,3 +104,12 @@ class ExpertManifest(BaseModel):
         if unknown := sorted(set(self.sha256) - {TENSORS_FILE, CARRIED_FILE}):
             raise ValueError(f"sha256 names unknown files {unknown}")
         return self
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -10,11 +10,18 @@ with bounds; :class:`NoOptions` when it takes none). ``parse_options`` is the
 one place user-supplied options (CLI flags, HTTP bodies, recipe strings) are
 checked: an unknown option is refused with the list of valid ones, a bad value
 with the field and the bound. ``describe`` feeds the CLI help, ``deltaserve
-methods`` and the README's tables.
+methods`` and the docs' Methods page.
+
+A family kept as a package (one file per member: ``experts/codecs/``,
+``experts/merge/``) names it with ``package=``: the first lookup imports every
+module of that package, so a new member is one new file and no list of
+members exists anywhere else.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -50,11 +57,27 @@ class NoOptions(Options):
 
 
 class Registry(Mapping[str, T]):
-    def __init__(self, kind: str, plural: str | None = None):
+    def __init__(self, kind: str, plural: str | None = None, *, package: str | None = None):
         self.kind = kind
         self.plural = plural or f"{kind}s"
+        self.package = package
         self._items: dict[str, T] = {}
         self._options: dict[str, type[Options]] = {}
+        self._discovered = package is None
+
+    def discover(self) -> None:
+        """Import every module of ``package`` (once; their decorators register the members)."""
+        if self._discovered:
+            return
+        self._discovered = True
+        package = importlib.import_module(self.package)
+        for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            importlib.import_module(f"{self.package}.{module.name}")
+
+    def rediscover(self) -> None:
+        """Look at the package's modules again (a module added since): members already registered stay."""
+        self._discovered = self.package is None
+        self.discover()
 
     def add(self, name: str, item: T, options: type[Options] = NoOptions) -> T:
         if name in self._items:
@@ -74,6 +97,7 @@ class Registry(Mapping[str, T]):
         return decorate
 
     def __getitem__(self, name: str) -> T:
+        self.discover()
         try:
             return self._items[name]
         except KeyError:
@@ -103,6 +127,7 @@ class Registry(Mapping[str, T]):
 
     def describe(self) -> list[dict[str, Any]]:
         """Every member with its options: ``[{"name", "options": [{"name", "type", "default", "doc"}]}]``."""
+        self.discover()
         rows = []
         for name in sorted(self._items):
             fields = []
@@ -117,13 +142,19 @@ class Registry(Mapping[str, T]):
         return rows
 
     def __iter__(self) -> Iterator[str]:
+        self.discover()
         return iter(self._items)
 
     def __len__(self) -> int:
+        self.discover()
         return len(self._items)
 
+    def __contains__(self, name: object) -> bool:
+        self.discover()
+        return name in self._items
+
     def __repr__(self) -> str:
-        return f"Registry({self.kind!r}, {sorted(self._items)})"
+        return f"Registry({self.kind!r}, {sorted(self)})"
 
 
 def _type_name(annotation: Any) -> str:

@@ -1,10 +1,17 @@
 """Turning a registration source into a staged expert folder: how a fine-tune is compressed
-(``Compression``), a PEFT LoRA kept exactly as its factors, and a staged expert's calibration score
-(experts.store publishes what these write)."""
+(``Compression``), a PEFT LoRA kept exactly as its factors, an expert folder copied, and a staged
+expert's calibration score (experts.store publishes what these write).
+
+Registration sources: an already-compressed expert folder (``manifest.json``), a PEFT LoRA adapter
+(``adapter_config.json``: kept exactly as its factors, lowrank codec, unless a compression is given) or
+a full fine-tuned HF model (``config.json``: its task vector compressed with the given method).
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,8 +19,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deltaserve.experts.codecs import get_codec
-from deltaserve.experts.expert import MANIFEST_FILE, EncodedDelta, ExpertManifest, load_expert, save_expert
+from deltaserve.experts.expert import load_expert
+from deltaserve.experts.manifest import MANIFEST_FILE, BaseMismatchError, ExpertManifest
+from deltaserve.experts.save import EncodedDelta, save_expert
 from deltaserve.experts.taskvector import lora_factors
+
+Writer = Callable[[Path], object]   # writes an expert folder at the given (staging) path
+
+
+class SourceError(ValueError):
+    """A registration source is not something the store can import; the message says why."""
 
 
 class Compression(BaseModel):
@@ -81,3 +96,48 @@ def save_lora_expert(base_dir: Path, adapter_dir: Path, out: Path, *, name: str,
     return save_expert(out, encoded, name=name, base_fingerprint=fingerprint, codec="lowrank",
                        source=str(adapter_dir), method={"name": "lora", "rank": rank}, kind="lora",
                        value_dtype=value_dtype, carried=carried)
+
+
+def source_kind(path: Path) -> str:
+    """'expert', 'lora' or 'full', from the marker files of a directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SourceError(f"{path} is not a directory")
+    if (path / MANIFEST_FILE).is_file():
+        return "expert"
+    if (path / "adapter_config.json").is_file():
+        return "lora"
+    if (path / "config.json").is_file():
+        return "full"
+    raise SourceError(f"{path} is neither an expert folder (manifest.json), a PEFT adapter "
+                     "(adapter_config.json) nor an HF model (config.json)")
+
+
+def source_writer(base_dir: Path, fingerprint: str, name: str, source: Path, compression: Compression | None,
+                  objective: Any = None, trainer: Any = None) -> Writer:
+    """What writes ``source`` as expert ``name`` into a staging folder (experts.store.ExpertStore.publish)."""
+    kind = source_kind(source)
+    if kind == "expert":
+        if compression is not None:
+            raise SourceError("an already-compressed expert folder is stored as is; drop `compression`")
+        return lambda stage: _copy_expert(source, stage, name)
+    if kind == "lora" and compression is None:
+        return lambda stage: save_lora_expert(base_dir, source, stage, name=name, fingerprint=fingerprint)
+    from deltaserve.experts.compress import compress_expert, extract
+
+    comp = compression or Compression()
+    tv = extract(base_dir, source if kind == "full" else None, source if kind == "lora" else None)
+    if tv.base_fingerprint != fingerprint:
+        raise BaseMismatchError(f"{source} was not made from this store's base")
+    return lambda stage: compress_expert(tv, stage, name=name, method=comp.method, options=comp.options,
+                                         objective=objective, trainer=trainer, task=comp.task,
+                                         value_dtype=comp.torch_dtype, progress=False)
+
+
+def _copy_expert(source: Path, stage: Path, name: str) -> None:
+    manifest = load_expert(source).manifest  # header check before copying anything
+    shutil.copytree(source, stage)
+    if manifest.name != name:  # the store's name wins: rewrite the manifest's name field
+        raw = json.loads((stage / MANIFEST_FILE).read_text())
+        raw["name"] = name
+        (stage / MANIFEST_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")

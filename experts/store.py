@@ -15,9 +15,7 @@ reader sees a whole expert, old or new, never none. Every expert must have been
 made for this store's base (fingerprint and shapes); others are refused.
 ``load_version(name, digest)`` finds the version a request was planned with,
 current or retired, and checks its digests.
-Registration sources (``import_source``): an already-compressed expert folder,
-a PEFT LoRA adapter (kept exactly as its factors, lowrank codec) or a full
-fine-tuned HF model (task vector compressed with the given method).
+Registration sources (``import_source``): experts.sources.
 """
 
 from __future__ import annotations
@@ -29,25 +27,22 @@ import json
 import os
 import re
 import shutil
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from deltaserve.experts.atomic import exchange, fsync_tree, pid_alive, write_json_atomic
-from deltaserve.experts.expert import (MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE, BaseMismatchError, Expert, ExpertFormatError,
-                            ExpertManifest, load_expert, load_pinned)
-from deltaserve.experts.sources import Compression, save_lora_expert, score_stage
+from deltaserve.experts.atomic import exchange, fsync_tree, write_json_atomic
+from deltaserve.experts.expert import Expert, load_expert, load_pinned
+from deltaserve.experts.manifest import MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE, ExpertManifest
+from deltaserve.experts.sources import Compression, score_stage, source_writer
 from deltaserve.experts.taskvector import _shapes, base_fingerprint
+from deltaserve.experts.versions import (RETIRE_GRACE_S, STAGING_PREFIX, collect_garbage, manifest_digest, retire,
+                                         retired_paths)
 
 GENERATION_FILE = "GENERATION"
 EXEMPLARS_FILE = "exemplars.json"
 LOCK_FILE = ".lock"
-RETIRED_DIR = ".retired"
-RETIRE_GRACE_S = 600.0
-STAGING_PREFIX = ".staging-"
-ORPHAN_STAGING_S = 3600.0   # staging of an unknown process (another host) is removed after this long
 MAX_EXEMPLARS = 10_000
 MAX_EXEMPLAR_CHARS = 4_000
 
@@ -69,21 +64,6 @@ class UnknownExpertError(StoreError, KeyError):
         return str(self.args[0])
 
 
-def source_kind(path: Path) -> str:
-    """'expert', 'lora' or 'full', from the marker files of a directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise StoreError(f"{path} is not a directory")
-    if (path / MANIFEST_FILE).is_file():
-        return "expert"
-    if (path / "adapter_config.json").is_file():
-        return "lora"
-    if (path / "config.json").is_file():
-        return "full"
-    raise StoreError(f"{path} is neither an expert folder (manifest.json), a PEFT adapter "
-                     "(adapter_config.json) nor an HF model (config.json)")
-
-
 class ExpertStore:
     def __init__(self, root: Path, base_dir: Path) -> None:
         self.root = Path(root)
@@ -94,20 +74,8 @@ class ExpertStore:
         self.collect_garbage()
 
     def collect_garbage(self, grace_s: float = RETIRE_GRACE_S) -> list[Path]:
-        """Remove leftovers: staging folders whose process is gone (or, for another host's, older than
-        ORPHAN_STAGING_S), trash, and retired versions older than ``grace_s``. Live staging of other
-        processes on this host is left alone."""
-        now, removed = time.time(), []
-        for path in self.root.glob(f"{STAGING_PREFIX}*"):
-            pid = path.name[len(STAGING_PREFIX):].split("-", 1)[0]
-            alive = pid_alive(int(pid)) if pid.isdigit() else False
-            if not alive and (pid.isdigit() or now - _mtime(path) > ORPHAN_STAGING_S):
-                removed.append(path)
-        removed += list(self.root.glob(".trash-*"))
-        removed += [p for p in (self.root / RETIRED_DIR).glob("*@*") if now - _mtime(p) > grace_s]
-        for path in removed:
-            shutil.rmtree(path, ignore_errors=True)
-        return removed
+        """Remove dead processes' staging folders and retired versions past their grace (experts.versions)."""
+        return collect_garbage(self.root, grace_s)
 
     # ------------------------------------------------------------------ reading
     def generation(self) -> int:
@@ -143,8 +111,8 @@ class ExpertStore:
         return self._settled(lambda: self._find_version(name, digest))
 
     def _find_version(self, name: str, digest: str) -> Path:
-        for path in (self.path(name), *self._retired_paths(name, digest)):
-            if _manifest_digest(path) == digest:
+        for path in (self.path(name), *retired_paths(self.root, check_name(name), digest)):
+            if manifest_digest(path) == digest:
                 return path
         raise UnknownExpertError(f"expert {name!r} version {digest[:12]} is no longer in the store")
 
@@ -186,23 +154,6 @@ class ExpertStore:
                 if locked:
                     raise UnknownExpertError(str(err)) from err
         raise AssertionError("unreachable")
-
-    def _retired_paths(self, name: str, digest: str) -> list[Path]:
-        """The retired copies of that version, newest first (a version retired twice has two: each
-        retirement gets its own folder, since a reader may hold either open)."""
-        found = (self.root / RETIRED_DIR).glob(f"{check_name(name)}@{digest[:16]}.*")
-        return sorted(found, key=_mtime, reverse=True)
-
-    def _retire(self, path: Path, name: str) -> None:
-        """Move a replaced or deleted version aside (kept RETIRE_GRACE_S for requests still using it)."""
-        try:
-            digest = load_expert(path).manifest.sha256.get(TENSORS_FILE, uuid.uuid4().hex)
-        except ExpertFormatError:
-            digest = uuid.uuid4().hex
-        target = self.root / RETIRED_DIR / f"{check_name(name)}@{digest[:16]}.{uuid.uuid4().hex[:8]}"
-        target.parent.mkdir(exist_ok=True)
-        os.replace(path, target)
-        os.utime(target)   # the grace period counts from retirement
 
     def exemplars(self, name: str) -> list[str]:
         path = self.path(name) / EXEMPLARS_FILE
@@ -282,14 +233,14 @@ class ExpertStore:
             os.replace(target, stage.with_name(stage.name + "-old"))
             os.rename(stage, target)
             stage = stage.with_name(stage.name + "-old")
-        self._retire(stage, name)
+        retire(self.root, stage, check_name(name))
 
     def delete(self, name: str) -> None:
         target = self.path(name)
         with self._locked():
             if not (target / MANIFEST_FILE).is_file():
                 raise UnknownExpertError(f"unknown expert {name!r}; known experts: {self.names()}")
-            self._retire(target, name)
+            retire(self.root, target, check_name(name))
             self._bump()
 
     def set_exemplars(self, name: str, texts: Sequence[str]) -> None:
@@ -303,33 +254,8 @@ class ExpertStore:
                       exemplars: Sequence[str] | None = None, replace: bool = False,
                       objective: Any = None, trainer: Any = None) -> ExpertManifest:
         """Register ``source`` (expert folder, PEFT adapter or HF fine-tune) as expert ``name``."""
-        source = Path(source)
-        kind = source_kind(source)
-        if kind == "expert":
-            if compression is not None:
-                raise StoreError("an already-compressed expert folder is stored as is; drop `compression`")
-
-            def write(stage: Path) -> None:
-                manifest = load_expert(source).manifest  # header check before copying anything
-                shutil.copytree(source, stage)
-                if manifest.name != name:  # the store's name wins: rewrite the manifest's name field
-                    raw = json.loads((stage / MANIFEST_FILE).read_text())
-                    raw["name"] = name
-                    (stage / MANIFEST_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-        elif kind == "lora" and compression is None:
-            def write(stage: Path) -> None:
-                save_lora_expert(self.base_dir, source, stage, name=name, fingerprint=self.fingerprint)
-        else:
-            from deltaserve.experts.compress import compress_expert, extract
-
-            comp = compression or Compression()
-            tv = extract(self.base_dir, source if kind == "full" else None, source if kind == "lora" else None)
-            if tv.base_fingerprint != self.fingerprint:
-                raise BaseMismatchError(f"{source} was not made from this store's base")
-
-            def write(stage: Path) -> None:
-                compress_expert(tv, stage, name=name, method=comp.method, options=comp.options, objective=objective,
-                                trainer=trainer, task=comp.task, value_dtype=comp.torch_dtype, progress=False)
+        check_name(name)
+        write = source_writer(self.base_dir, self.fingerprint, name, Path(source), compression, objective, trainer)
         return self.publish(name, write, exemplars=exemplars, replace=replace, objective=objective)
 
 
@@ -349,22 +275,3 @@ def check_exemplars(texts: Sequence[str] | None) -> list[str]:
         if len(text) > MAX_EXEMPLAR_CHARS:
             raise StoreError(f"exemplars[{i}] is {len(text)} characters; the limit is {MAX_EXEMPLAR_CHARS}")
     return texts
-
-
-__all__ = ["Compression", "ExpertExistsError", "ExpertStore", "StoreError", "UnknownExpertError",
-           "ExpertFormatError", "BaseMismatchError", "save_lora_expert", "source_kind", "check_name"]
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return time.time()
-
-
-def _manifest_digest(path: Path) -> str | None:
-    """The tensors' sha256 the manifest in ``path`` records (None if unreadable)."""
-    try:
-        return json.loads((path / MANIFEST_FILE).read_text())["sha256"][TENSORS_FILE]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltaserve.experts.expert import sha256_file
+from deltaserve.experts.manifest import sha256_file
 from deltaserve.router.features import CachedEncoder, minilm_path
 
 log = logging.getLogger(__name__)

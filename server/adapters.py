@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from deltaserve.experts.atomic import atomic_dir
 from deltaserve.experts.expert import Expert
-from deltaserve.experts.lora_merge import lora_concat
+from deltaserve.experts.merge.lora import lora_concat
 from deltaserve.experts.sparsify import lowrank as svd_factors
 
 LORA_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,7 +50,7 @@ def write_merged_adapter(out: Path, experts: Sequence[Expert], weights: Sequence
     """Write the exact merged adapter of ``sum w_i * expert_i`` to ``out``; returns its rank."""
     ranks = []
     for e in experts:
-        if e.manifest.codec != "lowrank":
+        if not e.manifest.lowrank:
             raise AdapterError(f"expert {e.manifest.name!r} is not low-rank (codec {e.manifest.codec})")
         ranks.append(e.manifest.rank or 0)
     rank = sum(ranks)

@@ -104,8 +104,9 @@ def _print_manifest(manifest, path: Path) -> None:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from deltaserve.experts.expert import ExpertFormatError
-    from deltaserve.experts.merge_model import METHOD_ALIASES, MergeError, merge_into_checkpoint
-    from deltaserve.experts.merging import MERGE_METHODS
+    from deltaserve.experts.merge.checkpoint import MergeError, merge_into_checkpoint
+    from deltaserve.experts.merge.registry import METHOD_ALIASES
+    from deltaserve.experts.merge import MERGE_METHODS
 
     _require_dir(args.base, "config.json", "--base")
     if args.weights and len(args.weights) != len(args.experts):
@@ -169,7 +170,8 @@ def _store(args: argparse.Namespace):
 
 def _cmd_store_add(args: argparse.Namespace) -> int:
     from deltaserve.experts.compress import COMPRESSORS
-    from deltaserve.experts.store import Compression, StoreError
+    from deltaserve.experts.sources import Compression
+    from deltaserve.experts.store import StoreError
 
     store = _store(args)
     compression, objective, trainer = None, None, None

@@ -11,8 +11,8 @@ DEFAULT_ZOO_ROOT = Path(".cache/zoo")
 
 def add_all(sub, handlers: dict[str, Callable], add_option_flags: Callable) -> None:
     from deltaserve.experts.compress import COMPRESSORS
-    from deltaserve.experts.merge_model import METHOD_ALIASES
-    from deltaserve.experts.merging import MERGE_METHODS
+    from deltaserve.experts.merge.registry import METHOD_ALIASES
+    from deltaserve.experts.merge import MERGE_METHODS
 
     _zoo(sub, handlers)
     _compress(sub.add_parser("compress", help="compress a fine-tune or LoRA into an expert directory"), COMPRESSORS,

@@ -41,7 +41,7 @@ class ExpertInfo:
 
     @property
     def lowrank(self) -> bool:
-        return self.manifest.codec == "lowrank"
+        return self.manifest.lowrank
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltaserve.experts.examples import ExampleError
 from deltaserve.experts.expert import ExpertFormatError
-from deltaserve.experts.merge_model import MergeError
+from deltaserve.experts.merge.checkpoint import MergeError
 from deltaserve.experts.registry import OptionsError, UnknownNameError
+from deltaserve.experts.sources import SourceError
 from deltaserve.experts.store import ExpertExistsError, StoreError, UnknownExpertError
 from deltaserve.server.recipes import RecipeError, UnknownModelError
 
@@ -71,6 +72,7 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ExampleError, 400),
     (ExpertFormatError, 400),
     (StoreError, 400),
+    (SourceError, 400),
     (MergeError, 400),
     (ValidationError, 400),
     (InvalidSampling, 400),

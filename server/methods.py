@@ -12,7 +12,7 @@ from deltaserve.experts.registry import Registry
 def families() -> list[tuple[str, Registry]]:
     from deltaserve.experts.codecs import CODECS
     from deltaserve.experts.compress import COMPRESSORS
-    from deltaserve.experts.merging import MERGE_METHODS
+    from deltaserve.experts.merge import MERGE_METHODS
     from deltaserve.router import ROUTERS
 
     return [("Compression methods (`compress --method`, `compression.method`)", COMPRESSORS),

@@ -30,7 +30,7 @@ from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, Tokenize
 from vllm.exceptions import VLLMValidationError
 from vllm.renderers.chat_utils import ChatCompletionMessageParam
 
-from deltaserve.experts.store import Compression
+from deltaserve.experts.sources import Compression
 from deltaserve.server.errors import APIError
 
 MAX_TEXT_DEPTH = 64

@@ -12,7 +12,7 @@ Accepted `model` strings (``parse_model``):
   so ``add-0.5*rev`` (task negation) works too; since names may contain ``-``, the
   longest known expert name wins (``code-v2`` is an expert, not ``code - v2``)
 * ``<method>:<expression>``          -> a non-linear merge on the dense path, e.g.
-  ``ties:add+rev`` (methods: experts.merging, aliases as in ``deltaserve merge``)
+  ``ties:add+rev`` (methods: experts.merge, aliases as in ``deltaserve merge``)
 * ``<method>(<k>=<v>,...):<expression>`` -> that merge with options, e.g.
   ``ties(density=0.3):add+rev`` or ``dare_ties(density=0.5,seed=3):add+rev``; the
   options are checked against the method's options model and are part of the key
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from typing import Any
 
-from deltaserve.experts.merge_model import METHOD_ALIASES
-from deltaserve.experts.merging import MERGE_METHODS
+from deltaserve.experts.merge.registry import METHOD_ALIASES
+from deltaserve.experts.merge import MERGE_METHODS
 from deltaserve.experts.registry import OptionsError, UnknownNameError
 
 MAX_TERMS = 8

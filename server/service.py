@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deltaserve.experts.store import Compression, ExpertStore
+from deltaserve.experts.sources import Compression
+
+from deltaserve.experts.store import ExpertStore
 from deltaserve.router.text import ChatMarkup
 from deltaserve.server.engine import Engine
 from deltaserve.server.engine_types import EngineProtocol

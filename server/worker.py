@@ -35,7 +35,7 @@ from torch import Tensor
 from deltaserve.experts.atomic import pid_alive
 from deltaserve.experts.bitpack import add_entries, flat_target
 from deltaserve.experts.expert import Expert, load_pinned
-from deltaserve.experts.merge_model import merged_params
+from deltaserve.experts.merge.checkpoint import merged_params
 from deltaserve.server.contracts import MergeRequest, SwapStats
 from deltaserve.server.vllm_patches import patch_cpu_lora_ops
 
@@ -144,7 +144,7 @@ class DeltaState:
 
     def weights(self, request: MergeRequest, targets: set[str], restore: set[str],
                 timing: dict[str, float] | None = None) -> Iterator[tuple[str, Tensor]]:
-        """The tensors to load: ``targets`` merged from the base (experts.merge_model), ``restore`` as the base.
+        """The tensors to load: ``targets`` merged from the base (experts.merge.checkpoint), ``restore`` as the base.
         ``timing["decode"]`` accumulates the seconds spent getting deltas (host cache or decoding)."""
         experts = [(self.expert(item.path, item.token), item.token) for item in request.items]
         timing = timing if timing is not None else {}
@@ -186,7 +186,7 @@ class DeltaState:
                 yield name, self.base[name]
                 continue
             start = time.perf_counter()
-            kept = [self.cache.entries(token, expert, name) if expert.manifest.codec in SPARSE_CODECS else None
+            kept = [self.cache.entries(token, expert, name) if expert.codec.sparse_entries else None
                     for expert, token, _ in mine]
             timing["decode"] += time.perf_counter() - start
             one = len(mine) == 1
@@ -206,15 +206,11 @@ class DeltaState:
             yield name, self.base[name]
 
 
-SPARSE_CODECS = ("sparse", "sparse_ef")
-IN_PLACE_CODECS = (*SPARSE_CODECS, "lowrank")
-
-
 def _adds_in_place(request: MergeRequest, experts: list[Expert]) -> bool:
     """Sparse or low-rank experts merged linearly (the common dense-path recipes: one compressed expert, a
     LoRA served merged, or a weighted blend of them): added in place instead of the decode-and-merge loop."""
     return (request.method == "task_arithmetic" and len(experts) >= 1 and not request.options
-            and all(e.manifest.codec in IN_PLACE_CODECS for e in experts))
+            and all(e.codec.sparse_entries or e.codec.lowrank for e in experts))
 
 
 def retie_output_embeddings(model: torch.nn.Module) -> bool:

@@ -66,7 +66,8 @@ class LiveServer(ServerProcess):
 
 def seed_micro_store(zoo, store: Path) -> None:
     """Two dense-path experts (sparse, ternary) and three LoRA-path experts, with exemplars."""
-    from deltaserve.experts.store import Compression, ExpertStore
+    from deltaserve.experts.sources import Compression
+    from deltaserve.experts.store import ExpertStore
     from deltaserve_zoo.tasks import get_task
 
     s = ExpertStore(store, zoo.layout.base)

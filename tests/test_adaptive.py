@@ -125,7 +125,7 @@ def test_uncertainty_router_needs_the_engines_lora_support(tmp_path):
 def test_switching_paths_never_changes_a_greedy_output(micro_zoo, tmp_path):
     """Through the real engine: a LoRA recipe served on the LoRA path, then merged once it dominates,
     then unmerged when base traffic mixes in; every greedy answer equals HF on the merged checkpoint."""
-    from deltaserve.experts.merge_model import merge_into_checkpoint
+    from deltaserve.experts.merge.checkpoint import merge_into_checkpoint
     from deltaserve.experts.store import ExpertStore
     from tests.conftest import LiveServer
     from tests.test_server_engine import QUESTIONS, _hf_greedy_texts

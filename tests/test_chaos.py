@@ -15,7 +15,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
-from deltaserve.experts.store import Compression, ExpertStore
+from deltaserve.experts.sources import Compression
+
+from deltaserve.experts.store import ExpertStore
 from tests.conftest import ADMIN_KEY, LiveServer
 
 CHAT = {"max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "How many vowels are in: banana"}]}

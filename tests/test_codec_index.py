@@ -1,4 +1,4 @@
-"""The Elias–Fano sparse codec (experts.codec_index): exact layout against a slow reference,
+"""The Elias–Fano sparse codec (experts.codecs.sparse_ef): exact layout against a slow reference,
 lossless round trips against the bitmask ``sparse`` codec, corrupt input, the expert format."""
 
 import hashlib
@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltaserve.experts.bitpack import pack_bits, pack_uints, unpack_uints
-from deltaserve.experts.codec_index import NAME, high_bit_count, index_part_bytes, low_bits, sparse_codec_for
+from deltaserve.experts.codecs.sparse_ef import NAME, high_bit_count, index_part_bytes, low_bits, sparse_codec_for
 from deltaserve.experts.codecs import CODECS, get_codec
-from deltaserve.experts.expert import ExpertFormatError, load_expert, save_expert
+from deltaserve.experts.expert import ExpertFormatError, load_expert
+from deltaserve.experts.save import save_expert
 
 EF, SPARSE = get_codec(NAME), get_codec("sparse")
 # Tolerance of one add_into against the compute-dtype reference, per target dtype (as tests/test_codecs.py).

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from deltaserve.experts.codecs import CODECS, codec, get_codec, pack_bits, unpack_bits
+from deltaserve.experts.bitpack import pack_bits, unpack_bits
+from deltaserve.experts.codecs import CODECS, codec, get_codec
 
 # Tolerance of one add_into against the float32 reference, per target dtype.
 ADD_TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}

@@ -4,13 +4,8 @@ import pytest
 import torch
 
 from deltaserve.experts.codecs import get_codec
-from deltaserve.experts.expert import (
-    BaseMismatchError,
-    EncodedDelta,
-    ExpertFormatError,
-    load_expert,
-    save_expert,
-)
+from deltaserve.experts.expert import BaseMismatchError, ExpertFormatError, load_expert
+from deltaserve.experts.save import EncodedDelta, save_expert
 
 FINGERPRINT = "base-abc123"
 

@@ -79,13 +79,6 @@ def test_product_files_and_functions_stay_small():
     assert not long_files and not long_functions, (long_files, long_functions)
 
 
-def test_readme_lists_every_registered_method_with_its_options():
-    from deltaserve.server.methods import families_markdown
-
-    assert families_markdown() in (REPO / "README.md").read_text(), \
-        "README's Methods tables differ from the registries: paste `deltaserve methods` into README.md"
-
-
 def test_one_installed_namespace_and_no_generic_top_level_packages(tmp_path):
     """``deltaserve.*`` imports from anywhere; ``server``, ``router``, ``experts`` and ``zoo`` are not
     installed as top-level packages (run outside the repository, so its folders are not on the path)."""

@@ -1,15 +1,21 @@
-"""experts.merging: registry, invariants, and mergekit / PEFT as oracles (seeded, tiny)."""
+"""experts.merge: registry, invariants, and mergekit / PEFT as oracles (seeded, tiny)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
 
-from deltaserve.experts import merging as mg
-from deltaserve.experts.lora_merge import lora_concat
+from deltaserve.experts.merge import MERGE_METHODS, get_merge_method, merge_method
+from deltaserve.experts.merge.lora import lora_concat
 from deltaserve.experts.sparsify import magnitude
 from oracles import DTYPES, RTOL, SHAPE, assert_rel, make_tau, peft_mu  # noqa: F401
+
+# The registry and every method by name, as one namespace (each method lives in its own module).
+mg = SimpleNamespace(MERGE_METHODS=MERGE_METHODS, get_merge_method=get_merge_method, merge_method=merge_method,
+                     **{name: MERGE_METHODS[name] for name in MERGE_METHODS})
 
 WEIGHTS = [0.5, 1.3, 0.8]
 UNIT = [1.0, 1.0, 1.0]

@@ -111,7 +111,7 @@ def oracles(micro_zoo, live_server, tmp_path_factory):
     """transformers models for the base, a LoRA expert (PEFT) and a dense expert (its merged checkpoint)."""
     from peft import PeftModel
 
-    from deltaserve.experts.merge_model import merge_into_checkpoint
+    from deltaserve.experts.merge.checkpoint import merge_into_checkpoint
     from deltaserve_zoo.build import load_llama
 
     merged = tmp_path_factory.mktemp("merged") / "upper"

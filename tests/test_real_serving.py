@@ -66,7 +66,7 @@ def _ask(server, model, i):
 
 
 def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
-    from deltaserve.experts.merge_model import merge_into_checkpoint
+    from deltaserve.experts.merge.checkpoint import merge_into_checkpoint
 
     config = json.loads((real_base / "config.json").read_text())
     assert config["tie_word_embeddings"] and config["num_key_value_heads"] == 3 and config["num_hidden_layers"] == 30

@@ -2,7 +2,7 @@ import pytest
 
 from deltaserve.experts.codecs import CODECS
 from deltaserve.experts.compress import COMPRESSORS
-from deltaserve.experts.merging import MERGE_METHODS
+from deltaserve.experts.merge import MERGE_METHODS
 from deltaserve.experts.registry import Registry, UnknownNameError
 from deltaserve_zoo.corpus import DOCTESTS, SKILLS
 from deltaserve_zoo.tasks import TASKS

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from deltaserve.experts.examples import ChatExample
-from deltaserve.experts.store import Compression, ExpertStore
+from deltaserve.experts.sources import Compression
+from deltaserve.experts.store import ExpertStore
 from deltaserve.server.app import create_app
 from deltaserve.server.settings import EngineConfig, RouterSettings, ServerSettings
 from tests.fake_engine import FakeEngine

@@ -49,7 +49,7 @@ def _server_texts(server, model, questions, max_tokens=MAX_TOKENS):
 def test_served_recipe_equals_transformers_on_the_merged_checkpoint(live_server, micro_zoo, tmp_path, model,
                                                                     weights, path, method, options):
     """Oracle: greedy server output == HF greedy on `deltaserve merge`'s checkpoint of the same recipe."""
-    from deltaserve.experts.merge_model import merge_into_checkpoint
+    from deltaserve.experts.merge.checkpoint import merge_into_checkpoint
 
     merged = tmp_path / "merged"
     merge_into_checkpoint(micro_zoo.layout.base, [live_server.store / n for n in weights], merged,

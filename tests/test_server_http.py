@@ -9,7 +9,9 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-from deltaserve.experts.store import Compression, ExpertStore
+from deltaserve.experts.sources import Compression
+
+from deltaserve.experts.store import ExpertStore
 from deltaserve.server.app import create_app
 from deltaserve.server.settings import EngineConfig, ServerSettings
 from tests.fake_engine import ANSWER_IDS, FakeEngine

@@ -9,7 +9,9 @@ import os
 import pytest
 import torch
 
-from deltaserve.experts.store import Compression, ExpertExistsError, ExpertStore, StoreError, UnknownExpertError
+from deltaserve.experts.sources import SourceError
+from deltaserve.experts.sources import Compression
+from deltaserve.experts.store import ExpertExistsError, ExpertStore, StoreError, UnknownExpertError
 from deltaserve.server.adapters import AdapterCache, write_merged_adapter
 from deltaserve.server.recipes import Recipe, RecipeError, parse_model
 from deltaserve.server.scheduler import WeightScheduler
@@ -256,7 +258,7 @@ def test_store_publish_is_atomic_generational_and_checks_the_base(micro_zoo, tmp
     assert store.names() == [] and store.generation() == 2
     with pytest.raises(UnknownExpertError):
         store.delete("up")
-    with pytest.raises(StoreError, match="neither"):
+    with pytest.raises(SourceError, match="neither"):
         store.import_source("x", tmp_path)
 
 
@@ -265,8 +267,9 @@ def test_single_sparse_expert_added_in_place_equals_the_merge_loop(micro_zoo, tm
     """The worker's fast path for one sparse or LoRA expert (base + w * tau, added in place) writes exactly the
     tensors merged_params writes; other codecs (ternary here) take the merge loop."""
     from deltaserve.experts.expert import load_expert
-    from deltaserve.experts.merge_model import merged_params
-    from deltaserve.experts.store import Compression, ExpertStore
+    from deltaserve.experts.merge.checkpoint import merged_params
+    from deltaserve.experts.sources import Compression
+    from deltaserve.experts.store import ExpertStore
     from deltaserve.server.contracts import MergeItem, MergeRequest
     from deltaserve.server.worker import DeltaState, _adds_in_place
 
@@ -296,8 +299,9 @@ def test_sparse_blend_summed_in_place_equals_the_merge_loop(micro_zoo, tmp_path,
     """A task-arithmetic blend of sparse and LoRA experts (overlapping supports, different codecs and densities)
     is summed in place, bit-identical to merged_params; a blend with a ternary expert takes the loop."""
     from deltaserve.experts.expert import load_expert
-    from deltaserve.experts.merge_model import merged_params
-    from deltaserve.experts.store import Compression, ExpertStore
+    from deltaserve.experts.merge.checkpoint import merged_params
+    from deltaserve.experts.sources import Compression
+    from deltaserve.experts.store import ExpertStore
     from deltaserve.server.contracts import MergeItem, MergeRequest
     from deltaserve.server.worker import DeltaState, _adds_in_place
 

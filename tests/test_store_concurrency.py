@@ -7,7 +7,9 @@ import subprocess
 import sys
 import threading
 
-from deltaserve.experts.store import RETIRED_DIR, ExpertStore
+from deltaserve.experts import store as store_module
+from deltaserve.experts.store import ExpertStore
+from deltaserve.experts.versions import RETIRED_DIR
 
 
 def test_opening_a_store_keeps_live_staging_and_removes_dead_staging(micro_zoo, tmp_path):
@@ -81,14 +83,14 @@ def test_a_version_between_swap_and_retirement_is_still_found(micro_zoo, tmp_pat
     store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
     store.import_source("hot", micro_zoo.layout.lora("upper"))
     old = store.load("hot").manifest.sha256["tensors.safetensors"]
-    swapped, release, retire = threading.Event(), threading.Event(), ExpertStore._retire
+    swapped, release, retire = threading.Event(), threading.Event(), store_module.retire
 
-    def slow_retire(self, path, name):
+    def slow_retire(root, path, name):
         swapped.set()
         assert release.wait(30)
-        retire(self, path, name)
+        retire(root, path, name)
 
-    monkeypatch.setattr(ExpertStore, "_retire", slow_retire)
+    monkeypatch.setattr(store_module, "retire", slow_retire)
     writer = threading.Thread(target=store.import_source, args=("hot", micro_zoo.layout.lora("length")),
                               kwargs={"replace": True})
     writer.start()

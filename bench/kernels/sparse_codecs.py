@@ -1,4 +1,4 @@
-"""The two sparse codecs side by side: bitmask ``sparse`` vs Elias–Fano ``sparse_ef`` (experts.codec_index).
+"""The two sparse codecs side by side: bitmask ``sparse`` vs Elias–Fano ``sparse_ef`` (experts.codecs.sparse_ef).
 
 Bytes: for every density r of ``--densities``, one random tensor of ``--bytes-shape``
 with exactly round(r * n) non-zeros at uniform positions (fp16 values) is encoded

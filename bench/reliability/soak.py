@@ -30,7 +30,7 @@ import psutil
 
 from bench.common import log, p99, provenance, scrape, seed_store
 from bench.servers import start_server, stop_server
-from deltaserve.experts.store import Compression
+from deltaserve.experts.sources import Compression
 from deltaserve_zoo.build import ZooLayout
 from deltaserve_zoo.tasks import get_task
 

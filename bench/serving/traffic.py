@@ -185,7 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def toy_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[list[str]], list[str]]:
     """(base, dense expert names, LoRA names, prompts per task, server flags) of a toy zoo."""
-    from deltaserve.experts.store import Compression
+    from deltaserve.experts.sources import Compression
     from deltaserve_zoo.build import ZooLayout
     from deltaserve_zoo.tasks import get_task
 

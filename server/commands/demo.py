@@ -41,7 +41,8 @@ def seed_real_store(builder, store_dir: Path, log=print) -> Path:
     """Publish the suite's experts (skipping those already in the store); returns the base directory."""
     from deltaserve.experts.calibration import DeltaObjective, TeacherForcedScorer
     from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
-    from deltaserve.experts.store import Compression, ExpertStore
+    from deltaserve.experts.sources import Compression
+    from deltaserve.experts.store import ExpertStore
     from deltaserve_zoo.real.skills import get_skill
 
     layout = builder.layout
@@ -129,7 +130,8 @@ def seed_demo_store(zoo_root: Path, store_dir: Path, *, density: float = DEMO_NP
     """Publish the zoo's experts: full fine-tunes NPS-compressed, LoRAs kept exact with exemplars."""
     from deltaserve.experts.calibration import delta_objective
     from deltaserve.experts.examples import ChatExample
-    from deltaserve.experts.store import Compression, ExpertStore
+    from deltaserve.experts.sources import Compression
+    from deltaserve.experts.store import ExpertStore
     from deltaserve_zoo.build import ZooLayout
     from deltaserve_zoo.spec import ZooSpec
     from deltaserve_zoo.tasks import get_task

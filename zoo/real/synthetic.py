@@ -41,7 +41,7 @@ def random_lora(base: Path, out: Path, rank: int = 8, seed: int = 0) -> Path:
 def random_sparse_expert(base: Path, out: Path, touched: Sequence[str] = SPARSE_TOUCHED, density: float = 0.02,
                          seed: int = 1, name: str = "random-sparse") -> Path:
     """A stored sparse expert: ``density`` of each ``touched`` matrix set to 3 std of that matrix, at random."""
-    from deltaserve.experts.expert import save_expert
+    from deltaserve.experts.save import save_expert
     from deltaserve.experts.taskvector import base_fingerprint, load_state_dict
 
     state = load_state_dict(base)

@@ -20,12 +20,8 @@ from torch import Tensor
 
 from deltaserve.experts.atomic import atomic_dir
 from deltaserve.experts.expert import Expert, load_expert
-from deltaserve.experts.merging import MERGE_METHODS, MergeMethod, get_merge_method
+from deltaserve.experts.merge.registry import MERGE_METHODS, MergeMethod, get_merge_method
 from deltaserve.experts.taskvector import base_fingerprint, load_state_dict
-
-# Short names accepted on the command line.
-METHOD_ALIASES = {"ta": "task_arithmetic"}
-
 
 class MergeError(ValueError):
     """The experts cannot be merged into this base."""
@@ -82,7 +78,7 @@ def merged_params(
     ``seed`` option draw from one random stream per parameter (seeded from the
     seed and the parameter's name), so the result does not depend on the order.
     """
-    merge = method if isinstance(method, MergeMethod) else get_merge_method(METHOD_ALIASES.get(method, method))
+    merge = method if isinstance(method, MergeMethod) else get_merge_method(method)
     checked = MERGE_METHODS.parse_options(merge.name, options or {}).model_dump()
     for name in names:
         if name not in base:
@@ -110,7 +106,7 @@ def merged_param(name: str, base: Tensor, deltas: Sequence[Tensor], merge: Any, 
     The result must be finite (PEFT's ``safe_merge`` rule): nothing is written otherwise.
     """
     if isinstance(merge, str):
-        merge = get_merge_method(METHOD_ALIASES.get(merge, merge))
+        merge = get_merge_method(merge)
     merged = merge(list(deltas), list(weights), **options)
     value = base.float() + scale * merged
     if not torch.isfinite(value).all():

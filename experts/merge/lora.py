@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from deltaserve.experts.merging import check_numbers
+from deltaserve.experts.merge.inputs import check_numbers
 from deltaserve.experts.sparsify import check_tensor
 
 __all__ = ["lora_concat"]

@@ -27,9 +27,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from deltaserve.experts.bitpack import (PartMeta, Parts, add_at_indices, check_input, check_value_dtype, compute_dtype,
-                             flat_target, meta_problems, pack_bits, parts_nbytes, require_parts, unpack_bits)
-from deltaserve.experts.codecs import codec
+from deltaserve.experts.bitpack import (PartMeta, Parts, add_at_indices, check_input, check_value_dtype,
+                                        compute_dtype, flat_target, meta_problems, pack_bits, parts_nbytes,
+                                        require_parts, unpack_bits)
+from deltaserve.experts.codecs.base import codec
 
 NAME = "sign"
 

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 
 from deltaserve.experts.bitpack import (VALUE_DTYPES, PartMeta, Parts, add_entries, check_input, check_value_dtype,
-                             flat_target, meta_problems, pack_bits, pack_uints, parts_nbytes,
-                             require_parts, unpack_bits, unpack_uints)
-from deltaserve.experts.codecs import codec
+                                        flat_target, meta_problems, pack_bits, pack_uints, parts_nbytes,
+                                        require_parts, unpack_bits, unpack_uints)
+from deltaserve.experts.codecs.base import codec
 
 NAME = "sparse_ef"
 _HIGH, _LOW, _VALUES = "index_high", "index_low", "values"
@@ -133,6 +133,7 @@ class EliasFanoSparseCodec:
     """Kept positions Elias–Fano coded (~log2(1/density) + 2 bits each) + the kept values in ``value_dtype``."""
 
     part_names = (_HIGH, _LOW, _VALUES)
+    sparse_entries = True
 
     def encode(self, tensor: Tensor, *, value_dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
         check_value_dtype(value_dtype)
