@@ -22,22 +22,23 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from deltaserve.experts import sparsify
+from deltaserve.experts import signs, sparsify
+from deltaserve.experts.lowrank import lowrank
 from deltaserve.experts.manifest import ExpertManifest
-from deltaserve.experts.save import EncodedDelta, save_expert
-from deltaserve.experts.nps import Objective, nps_pruner, nps_search
+from deltaserve.experts.nps import Objective, nps_search
+from deltaserve.experts.nps_bands import nps_pruner
+from deltaserve.experts.options import Density, Gamma, Seed
 from deltaserve.experts.registry import NoOptions, Options, Registry
+from deltaserve.experts.save import EncodedDelta, save_expert
 from deltaserve.experts.taskvector import TaskVector, extract_full, extract_lora
 
 Trainer = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]  # masks -> re-trained deltas (sparse_ft)
-Density = Annotated[float, Field(gt=0.0, le=1.0, description="kept fraction of the entries")]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="random seed")]
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class DareOptions(SparseOptions):
 
 
 class BreadcrumbsOptions(SparseOptions):
-    gamma: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of the largest magnitudes dropped as outliers")
+    gamma: Gamma = 0.01
 
 
 class LowRankOptions(Options):
@@ -163,14 +164,14 @@ def _breadcrumbs(deltas, options: BreadcrumbsOptions, context: CompressionContex
 @compressor("tswitch", codec="ternary", options=SparseOptions)
 def _tswitch(deltas, options: SparseOptions, context: CompressionContext) -> Compressed:
     """T-Switch: top-density mask, signs, one scale per tensor (ternary)."""
-    out = _per_tensor(deltas, lambda t: sparsify.ternary_dense(sparsify.ternary(t, options.density), dtype=t.dtype))
+    out = _per_tensor(deltas, lambda t: signs.ternary_dense(signs.ternary(t, options.density), dtype=t.dtype))
     return Compressed(out, {"name": "tswitch", "density": options.density})
 
 
 @compressor("bitdelta", codec="sign")
 def _bitdelta(deltas, options: NoOptions, context: CompressionContext) -> Compressed:
     """BitDelta: sign(tau) times one scale per tensor (mean |tau|), ~1 bit per changed parameter."""
-    return Compressed(_per_tensor(deltas, sparsify.bitdelta), {"name": "bitdelta"})
+    return Compressed(_per_tensor(deltas, signs.bitdelta), {"name": "bitdelta"})
 
 
 @compressor("lowrank", codec="lowrank", options=LowRankOptions)
@@ -185,7 +186,7 @@ def _lowrank(deltas, options: LowRankOptions, context: CompressionContext) -> Co
         if t.dim() != 2:
             dropped.append(name)
             continue
-        a, b = sparsify.lowrank(t.float(), rank=min(options.rank, *t.shape))
+        a, b = lowrank(t.float(), rank=min(options.rank, *t.shape))
         out[name] = EncodedDelta(codec.encode_factors(a, b, value_dtype=context.value_dtype), tuple(t.shape), t.dtype)
     return Compressed(out, {"name": "lowrank", "rank": options.rank, "dropped_1d": dropped})
 

@@ -1,4 +1,7 @@
-"""Compressors of task vectors (tau = theta_ft - theta_base): pure tensor -> tensor.
+"""Sparsifiers of task vectors (tau = theta_ft - theta_base): which entries to keep; pure tensor -> tensor.
+
+Sign-valued compressors (T-Switch, BitDelta) are in experts.signs, the low-rank factorisation in
+experts.lowrank; they share this module's checks and conventions.
 
 No I/O, no config. Every function validates its arguments and raises
 ``ValueError`` naming the parameter and the bad value.
@@ -19,17 +22,14 @@ Shared conventions
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "TernaryTensor", "breadcrumbs", "breadcrumbs_mask", "check_density", "check_tensor", "dare", "dare_mask",
-    "lowrank", "magnitude", "magnitude_global", "magnitude_mask", "ternary", "ternary_dense", "ties_trim",
-    "top_count",
+    "breadcrumbs", "breadcrumbs_mask", "check_density", "check_tensor", "dare", "dare_mask", "magnitude",
+    "magnitude_global", "magnitude_mask", "ties_trim", "top_count",
 ]  # fmt: skip
 
 
@@ -246,117 +246,3 @@ def breadcrumbs(tensor: Tensor, density: float, gamma: float) -> Tensor:
     (no rescale); see :func:`breadcrumbs_mask` for the exact counts.
     """
     return tensor * breadcrumbs_mask(tensor, density, gamma).to(tensor.dtype)
-
-
-# ------------------------------------------------------------------------- ternary
-
-
-@dataclass(frozen=True)
-class TernaryTensor:
-    """T-Switch ternary task vector: ``scale * sign`` on ``mask``, 0 elsewhere.
-
-    ``mask``: bool, the kept entries. ``sign``: int8, +1/-1 on kept entries and
-    0 elsewhere. ``scale``: one float per tensor, >= 0.
-    """
-
-    mask: Tensor
-    sign: Tensor
-    scale: float
-
-    def __post_init__(self) -> None:
-        if self.mask.dtype != torch.bool:
-            raise ValueError(f"mask must be bool, got {self.mask.dtype}")
-        if self.sign.dtype != torch.int8 or self.sign.shape != self.mask.shape:
-            raise ValueError(
-                f"sign must be int8 of shape {tuple(self.mask.shape)}, "
-                f"got {self.sign.dtype} {tuple(self.sign.shape)}"
-            )
-        if not bool((self.sign.abs() == self.mask.to(torch.int8)).all()):
-            raise ValueError("sign must be +1/-1 where mask is set and 0 elsewhere")
-        if not (math.isfinite(self.scale) and self.scale >= 0.0):
-            raise ValueError(f"scale must be finite and >= 0, got {self.scale!r}")
-
-    @property
-    def kept_count(self) -> int:
-        return int(self.mask.sum())
-
-
-def ternary(tensor: Tensor, density: float) -> TernaryTensor:
-    """T-Switch: keep the top-``density`` entries by ``|x|`` as sign * one scale.
-
-    Kept = :func:`magnitude_mask` minus exact zeros (a zero has no sign), so
-    ``kept_count <= top_count``. ``scale = ||tau_kept||_2 / ||sign_kept||_2 =
-    ||tau_kept||_2 / sqrt(kept_count)`` (0 when nothing is kept), computed in
-    float64; the reconstruction therefore has the L2 norm of ``tau_kept``.
-    """
-    mask = magnitude_mask(tensor, density) & (tensor != 0)
-    kept_count = int(mask.sum())
-    kept_norm = float(torch.linalg.vector_norm(tensor[mask].double())) if kept_count else 0.0
-    scale = kept_norm / math.sqrt(kept_count) if kept_count else 0.0
-    sign = torch.sign(tensor).to(torch.int8) * mask.to(torch.int8)
-    return TernaryTensor(mask=mask, sign=sign, scale=scale)
-
-
-def ternary_dense(t: TernaryTensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Reconstruct ``scale * sign * mask`` as a dense tensor of ``dtype``."""
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-    return t.sign.to(dtype) * t.scale
-
-
-# ------------------------------------------------------------------------ low rank
-
-
-def _energy_rank(singular_values: Tensor, energy: float) -> int:
-    """Smallest r with sum(S[:r]^2) >= energy * sum(S^2) (at least 1)."""
-    cumulative = torch.cumsum(singular_values.double() ** 2, dim=0)
-    if float(cumulative[-1]) == 0.0:
-        return 1
-    short = int((cumulative < energy * cumulative[-1]).sum())
-    return min(short + 1, singular_values.numel())
-
-
-def lowrank(matrix: Tensor, rank: int | None = None, energy: float | None = None) -> tuple[Tensor, Tensor]:
-    """Truncated SVD in the LoRA convention: returns ``(A, B)`` with B @ A ~ matrix.
-
-    ``B`` is [out, r] = U_r * sqrt(S_r), ``A`` is [r, in] = sqrt(S_r) * Vh_r
-    (singular values split symmetrically). ``B @ A`` is the best rank-r
-    approximation (Eckart-Young): its Frobenius error is
-    ``sqrt(sum of dropped S^2)``. Give exactly one of ``rank`` (1 <= rank <=
-    min(out, in)) or ``energy`` in (0, 1]: the smallest r whose kept squared
-    singular values reach that fraction of the total. The SVD runs in float32
-    for half inputs; the factors come back in ``matrix``'s dtype.
-    """
-    check_tensor(matrix, name="matrix")
-    if matrix.dim() != 2:
-        raise ValueError(f"matrix must be 2-D, got shape {tuple(matrix.shape)}")
-    if (rank is None) == (energy is None):
-        raise ValueError(f"give exactly one of rank or energy, got rank={rank!r}, energy={energy!r}")
-    if energy is not None:
-        energy = check_density(energy, "energy")
-    max_rank = min(matrix.shape)
-    valid_rank = isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= max_rank
-    if rank is not None and not valid_rank:
-        raise ValueError(f"rank must be an int in [1, {max_rank}], got {rank!r}")
-    work = matrix.float() if matrix.element_size() < 4 else matrix
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
-    r = rank if rank is not None else _energy_rank(s, float(energy))  # type: ignore[arg-type]
-    root = torch.sqrt(s[:r])
-    b = u[:, :r] * root
-    a = root[:, None] * vh[:r]
-    return a.to(matrix.dtype), b.to(matrix.dtype)
-
-
-def bitdelta(tensor: Tensor) -> Tensor:
-    """BitDelta (Liu et al., 2024): ``scale * sign(tau)`` with ``scale = mean |tau|``, the scale that
-    minimises the squared error for fixed signs. Rows (first dimension) that are all zero stay zero
-    (e.g. embedding rows a fine-tune never touched); in the other rows a zero entry gets ``+scale``."""
-    if tensor.dim() == 0:
-        return tensor.clone()
-    grid = tensor.reshape(tensor.shape[0] if tensor.dim() > 1 else 1, -1)
-    kept = (grid != 0).any(dim=1)
-    if not bool(kept.any()):
-        return torch.zeros_like(tensor)
-    scale = grid[kept].abs().double().mean().to(tensor.dtype)
-    signs = torch.where(grid < 0, -1.0, 1.0).to(tensor.dtype)
-    return (signs * scale * kept.unsqueeze(1).to(tensor.dtype)).reshape(tensor.shape)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from deltaserve.experts import sparsify
+from deltaserve.experts import signs as sparsify
 from deltaserve.experts.codecs import get_codec
 
 SIGN = get_codec("sign")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from deltaserve.experts.nps import band_ids, nps_prune, nps_search
+from deltaserve.experts.nps import nps_search
+from deltaserve.experts.nps_bands import band_ids, nps_prune
 from deltaserve.experts.sparsify import magnitude, magnitude_global
 
 
@@ -89,7 +90,7 @@ def test_max_weight_bounds_the_search(taus):
 @pytest.mark.parametrize("density", [0.001, 0.02, 0.3, 0.95])
 def test_band_pruner_equals_nps_prune(bands, density):
     """The per-candidate fast path keeps exactly nps_prune's entries and values (tie-free random tau)."""
-    from deltaserve.experts.nps import BandPruner
+    from deltaserve.experts.nps_bands import BandPruner
 
     g = torch.Generator().manual_seed(bands)
     tau = {"a": torch.randn(120, 80, generator=g), "b": torch.randn(900, generator=g) * 3,
@@ -107,7 +108,7 @@ def test_band_pruner_equals_nps_prune(bands, density):
 
 
 def test_band_pruner_keeps_exactly_k_with_ties():
-    from deltaserve.experts.nps import BandPruner
+    from deltaserve.experts.nps_bands import BandPruner
 
     tau = {"t": torch.tensor([1.0, -1.0, 1.0, 0.5, 0.5, -0.5, 0.25, 0.0, 0.0, 2.0])}
     for density in (0.1, 0.3, 0.5, 0.7):

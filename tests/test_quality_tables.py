@@ -79,7 +79,7 @@ def test_real_merging_nps_row_prunes_each_tau_with_its_searched_band_weights(tmp
     pruning), then summed; the weights come from the compression bench's NPS cells, and a missing
     skill names the command that makes its cell."""
     from bench.quality import real_merging as rm
-    from deltaserve.experts.nps import BandPruner
+    from deltaserve.experts.nps_bands import BandPruner
     from deltaserve.experts.sparsify import magnitude_global
 
     g = torch.Generator().manual_seed(0)

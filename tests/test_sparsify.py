@@ -8,7 +8,9 @@ import mergekit.sparsify as mk_sparsify
 import pytest
 import torch
 
+from deltaserve.experts import signs as sg
 from deltaserve.experts import sparsify as sp
+from deltaserve.experts.lowrank import lowrank
 from oracles import DTYPES, RTOL, SHAPE, assert_rel, make_tau, peft_mu  # noqa: F401
 
 N = SHAPE[0] * SHAPE[1]
@@ -163,7 +165,7 @@ def test_breadcrumbs_matches_mergekit_magnitude_outliers(dtype, density, gamma):
 def test_ternary_scale_formula_and_norm(dtype):
     tau = make_tau(dtype)
     tau.view(-1)[:5] = 0.0  # exact zeros have no sign and are never kept
-    t = sp.ternary(tau, 0.2)
+    t = sg.ternary(tau, 0.2)
     keep = sp.magnitude_mask(tau, 0.2)
     assert t.kept_count == int(keep.sum()) == max(1, int(0.2 * N))
     assert torch.equal(t.sign, torch.sign(tau).to(torch.int8) * keep)
@@ -171,20 +173,20 @@ def test_ternary_scale_formula_and_norm(dtype):
     assert t.scale == pytest.approx(float(kept_norm) / math.sqrt(t.kept_count), rel=1e-12)
     sign_norm = torch.linalg.vector_norm(t.sign[keep].double())
     assert t.scale == pytest.approx(float(kept_norm / sign_norm), rel=1e-12)
-    dense = sp.ternary_dense(t, dtype=dtype)
+    dense = sg.ternary_dense(t, dtype=dtype)
     assert float(torch.linalg.vector_norm(dense.double())) == pytest.approx(float(kept_norm), rel=RTOL[dtype])
     assert torch.equal(dense != 0, keep) and torch.equal(torch.sign(dense), torch.sign(tau) * keep)
     assert not torch.equal(dense, sp.magnitude(tau, 0.2))  # values really were quantised
-    dense_zero = sp.ternary_dense(sp.ternary(torch.zeros(SHAPE, dtype=dtype), 0.5), dtype=dtype)
+    dense_zero = sg.ternary_dense(sg.ternary(torch.zeros(SHAPE, dtype=dtype), 0.5), dtype=dtype)
     assert not dense_zero.any()
 
 
 def test_ternary_tensor_rejects_bad_fields():
     mask = torch.tensor([True, False])
     with pytest.raises(ValueError, match="sign"):
-        sp.TernaryTensor(mask=mask, sign=torch.tensor([1, 1], dtype=torch.int8), scale=1.0)
+        sg.TernaryTensor(mask=mask, sign=torch.tensor([1, 1], dtype=torch.int8), scale=1.0)
     with pytest.raises(ValueError, match="scale"):
-        sp.TernaryTensor(mask=mask, sign=torch.tensor([-1, 0], dtype=torch.int8), scale=-1.0)
+        sg.TernaryTensor(mask=mask, sign=torch.tensor([-1, 0], dtype=torch.int8), scale=-1.0)
 
 
 # ------------------------------------------------------------------------- low rank
@@ -194,7 +196,7 @@ def test_ternary_tensor_rejects_bad_fields():
 @pytest.mark.parametrize("rank", [1, 5, 16])
 def test_lowrank_is_the_best_rank_r_approximation(dtype, rank):
     matrix = make_tau(dtype)
-    a, b = sp.lowrank(matrix, rank=rank)
+    a, b = lowrank(matrix, rank=rank)
     assert a.shape == (rank, SHAPE[1]) and b.shape == (SHAPE[0], rank) and a.dtype == b.dtype == dtype
     s = torch.linalg.svdvals(matrix.double())
     error = float(torch.linalg.matrix_norm((matrix - b @ a).double()))
@@ -211,7 +213,7 @@ def test_lowrank_is_the_best_rank_r_approximation(dtype, rank):
 @pytest.mark.parametrize("energy", [0.3, 0.9, 1.0])
 def test_lowrank_energy_picks_the_smallest_sufficient_rank(energy):
     matrix = make_tau(torch.float64)
-    a, _ = sp.lowrank(matrix, energy=energy)
+    a, _ = lowrank(matrix, energy=energy)
     r = a.shape[0]
     s2 = torch.linalg.svdvals(matrix) ** 2
     fraction = torch.cumsum(s2, 0) / s2.sum()
@@ -229,7 +231,7 @@ def test_bad_density_names_the_parameter(density):
         lambda: sp.magnitude(tau, density),
         lambda: sp.breadcrumbs(tau, density, 0.01),
         lambda: sp.dare(tau, density, torch.Generator()),
-        lambda: sp.ternary(tau, density),
+        lambda: sg.ternary(tau, density),
         lambda: sp.magnitude_global({"t": tau}, density),
     ):
         with pytest.raises(ValueError, match="density"):
@@ -256,6 +258,6 @@ def test_other_bad_arguments_name_the_parameter():
         ({"energy": 0.0}, "energy"),
     ):
         with pytest.raises(ValueError, match=name):
-            sp.lowrank(tau, **kwargs)
+            lowrank(tau, **kwargs)
     with pytest.raises(ValueError, match="2-D"):
-        sp.lowrank(tau.reshape(-1), rank=1)
+        lowrank(tau.reshape(-1), rank=1)

@@ -68,7 +68,7 @@ def nps_weights(skills: list[str], cells: Path = CELLS) -> list[list[float]]:
 def merged_deltas(taus: list[dict], method: str, options: dict, scale: float,
                   band_weights: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
     from deltaserve.experts.merge import get_merge_method
-    from deltaserve.experts.nps import BandPruner
+    from deltaserve.experts.nps_bands import BandPruner
     from deltaserve.experts.sparsify import dare, magnitude
 
     names = sorted({n for t in taus for n in t})

@@ -42,7 +42,7 @@ from deltaserve.experts.compress import compress_expert
 from deltaserve.experts.expert import load_expert
 from deltaserve.experts.save import save_expert
 from deltaserve.experts.merge import get_merge_method
-from deltaserve.experts.nps import band_ids, nps_prune
+from deltaserve.experts.nps_bands import band_ids, nps_prune
 from deltaserve.experts.taskvector import TaskVector
 
 COMPRESSORS = ("magnitude", "dare", "tswitch", "lowrank", "nps")

@@ -10,7 +10,7 @@ from torch import Tensor
 from deltaserve.experts.bitpack import (CHUNK_ENTRIES, VALUE_DTYPES, PartMeta, Parts, check_input, check_value_dtype,
                                         compute_dtype, flat_target, meta_problems, parts_nbytes, require_parts)
 from deltaserve.experts.codecs.base import codec
-from deltaserve.experts.sparsify import lowrank as svd_factors
+from deltaserve.experts.lowrank import lowrank as svd_factors
 
 
 @codec("lowrank")
