@@ -21,11 +21,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from deltaserve.server import errors
-from deltaserve.server.engine_types import EngineProtocol
+from deltaserve.server.auth import bearer_token
+from deltaserve.server.engine.types import EngineProtocol
 from deltaserve.server.routes import experts, lora, openai, ops, tokenize
 from deltaserve.server.service import Service
 from deltaserve.server.settings import ServerSettings
-from deltaserve.server.supervisor import EngineSupervisor
+from deltaserve.server.engine.supervisor import EngineSupervisor
 
 INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -76,8 +77,7 @@ class OpsKey:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and self.keys and scope["path"] in self.PATHS:
             header = dict(scope.get("headers", ())).get(b"authorization", b"").decode("latin-1")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if token not in self.keys:
+            if bearer_token(header) not in self.keys:
                 response = JSONResponse(errors.error_body("this endpoint needs an API key", 401), status_code=401)
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)

@@ -1,9 +1,10 @@
 """Errors at the HTTP edge: one table maps exceptions to statuses, one place renders them.
 
-Handlers raise domain exceptions (``UnknownExpertError``, ``RecipeError``,
-``StoreError``, ...) or :class:`APIError` for conditions that only exist in the
-HTTP layer; :data:`ERROR_STATUS` decides the status by the exception's class
-(the most specific entry wins). Every error body has OpenAI's shape,
+Everything below the routes raises domain exceptions (server.exceptions, and
+the experts' and recipes' own: ``UnknownExpertError``, ``RecipeError``,
+``StoreError``, ...) that carry the offending parameter; :data:`ERROR_STATUS`
+decides the status by the exception's class (the first match wins), and this
+is the only place outside the routes that knows HTTP statuses. Every error body has OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``. An unexpected exception is
 logged with its request id and answered with a 500 that names only that id —
 never the exception's text.
@@ -28,37 +29,12 @@ from deltaserve.experts.merge.checkpoint import MergeError
 from deltaserve.experts.registry import OptionsError, UnknownNameError
 from deltaserve.experts.sources import SourceError
 from deltaserve.experts.store import ExpertExistsError, StoreError, UnknownExpertError
+from deltaserve.server.exceptions import (BodyTooLarge, Forbidden, InvalidRequest, RequestError, Unauthenticated,
+                                          Unavailable)
 from deltaserve.server.recipes import RecipeError, UnknownModelError
 
 log = logging.getLogger("deltaserve")
 REQUEST_ID_HEADER = "x-request-id"
-
-
-class APIError(Exception):
-    """An error the HTTP layer itself detects (auth, paths, limits); carries its status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine is not running (starting, restarting or dead): a 503."""
-
-
-class ExpertUnavailable(RuntimeError):
-    """An expert the request needs is in the store but cannot be read or applied (corrupt data, a
-    failed swap): a 503 that names the expert."""
-
-
-class BodyTooLarge(ValueError):
-    """The request body is larger than the server accepts: a 413."""
-
-
-class InvalidSampling(ValueError):
-    """vLLM refused the request's sampling parameters: a 400."""
-
-    param = "sampling"
 
 
 # Domain exception -> HTTP status. Subclasses come before their bases; the first match wins.
@@ -75,10 +51,11 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (SourceError, 400),
     (MergeError, 400),
     (ValidationError, 400),
-    (InvalidSampling, 400),
+    (InvalidRequest, 400),
+    (Unauthenticated, 401),
+    (Forbidden, 403),
     (BodyTooLarge, 413),
-    (EngineUnavailable, 503),
-    (ExpertUnavailable, 503),
+    (Unavailable, 503),
     (RecursionError, 400),     # JSON nested too deeply to parse
 )
 
@@ -102,7 +79,7 @@ def status_of(err: BaseException) -> int | None:
 
 def describe(err: BaseException) -> tuple[str, str | None]:
     """(message, param) safe to send to a client for an expected error."""
-    if isinstance(err, APIError):
+    if isinstance(err, RequestError):
         return err.message, err.param
     if isinstance(err, RecursionError):
         return "the request body is nested too deeply", None
@@ -198,10 +175,6 @@ def install(app: FastAPI, on_error: Callable[[Request, int], None] = lambda requ
         on_error(request, status)
         return JSONResponse(error_body(message, status, param), status_code=status,
                             headers={REQUEST_ID_HEADER: request_id(request)})
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, err: APIError) -> JSONResponse:
-        return respond(request, err.status, err.message, err.param)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:

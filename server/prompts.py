@@ -18,9 +18,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from vllm.exceptions import VLLMValidationError
+from deltaserve.server.vllm_compat import VLLMValidationError
 
-from deltaserve.server.errors import APIError
+from deltaserve.server.exceptions import InvalidRequest, from_vllm
 
 # apply_chat_template's own parameters: a chat_template_kwargs entry may not override them.
 RESERVED_TEMPLATE_KWARGS = frozenset({
@@ -46,7 +46,7 @@ def _vllm_checked(fn, *args: Any) -> Any:
     try:
         return fn(*args)
     except VLLMValidationError as err:
-        raise APIError(400, str(err.args[0]) if err.args else str(err), err.parameter) from None
+        raise from_vllm(err) from None
 
 
 def _tok_params(req: Any, max_model_len: int) -> Any:
@@ -69,7 +69,7 @@ def check_vocab(tokenizer: Any, ids: list[int], param: str) -> None:
     size = len(tokenizer)
     bad = [i for i in ids if not 0 <= i < size]
     if bad:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{size - 1})", param)
+        raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{size - 1})", param)
 
 
 def completion_prompts(tokenizer: Any, req: Any, max_model_len: int) -> list[Prompt]:
@@ -96,7 +96,7 @@ def plain_messages(messages: list[Any]) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise APIError(400, f"messages[{i}] is not a chat message with a role and content", f"messages.{i}")
+            raise InvalidRequest(f"messages[{i}] is not a chat message with a role and content", f"messages.{i}")
         out.append({"role": "system" if m["role"] == "developer" else m["role"],
                     "content": _text_content(m.get("content"), i)})
     return out
@@ -114,7 +114,7 @@ def _text_content(content: Any, i: int) -> str:
         else:
             others.add(str(part.get("type", "?")) if isinstance(part, dict) else type(part).__name__)
     if others:
-        raise APIError(400, f"only text content is served; messages[{i}] has {sorted(others)}",
+        raise InvalidRequest(f"only text content is served; messages[{i}] has {sorted(others)}",
                        f"messages.{i}.content")
     return "\n".join(texts)
 
@@ -122,19 +122,19 @@ def _text_content(content: Any, i: int) -> str:
 def render_chat(tokenizer: Any, req: Any, messages: list[dict[str, str]]) -> str:
     """The chat as text, rendered with the model's template and the request's template options."""
     if getattr(req, "chat_template", None) is not None:
-        raise APIError(400, "request chat templates are not trusted; the model's own template is used",
+        raise InvalidRequest("request chat templates are not trusted; the model's own template is used",
                        "chat_template")
     if getattr(req, "tools", None):
-        raise APIError(400, "tools are not served", "tools")
+        raise InvalidRequest("tools are not served", "tools")
     kwargs = dict(req.chat_template_kwargs or {})
     if reserved := sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS):
-        raise APIError(400, f"chat_template_kwargs may not set {reserved}", "chat_template_kwargs")
+        raise InvalidRequest(f"chat_template_kwargs may not set {reserved}", "chat_template_kwargs")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, documents=getattr(req, "documents", None),
                                              add_generation_prompt=req.add_generation_prompt,
                                              continue_final_message=req.continue_final_message, **kwargs)
     except Exception as err:  # noqa: BLE001 - template errors are the client's input
-        raise APIError(400, f"cannot render these messages with the model's chat template: {err}",
+        raise InvalidRequest(f"cannot render these messages with the model's chat template: {err}",
                        "messages") from None
 
 

@@ -114,7 +114,7 @@ def lora_rank(flag: str, store_dir: Path) -> int:
 def adaptive_settings(args: argparse.Namespace):
     from pydantic import ValidationError
 
-    from deltaserve.server.adaptive import AdaptiveSettings
+    from deltaserve.server.engine.adaptive import AdaptiveSettings
 
     try:
         return AdaptiveSettings(**_router_options(args.adaptive_option, "--adaptive-option"),

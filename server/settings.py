@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deltaserve.server.adaptive import AdaptiveSettings
+from deltaserve.server.engine.adaptive import AdaptiveSettings
 
 
 class EngineConfig(BaseModel):

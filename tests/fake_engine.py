@@ -11,10 +11,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from deltaserve.server.adaptive import AdaptiveSettings, MergePolicy
-from deltaserve.server.engine import Engine
-from deltaserve.server.engine_types import ExpertInfo, Plan
-from deltaserve.server.errors import EngineUnavailable
+from deltaserve.server.engine.adaptive import AdaptiveSettings, MergePolicy
+from deltaserve.server.engine.planner import plan_recipe
+from deltaserve.server.engine.types import ExpertInfo, Plan
+from deltaserve.server.exceptions import EngineUnavailable
 from deltaserve.server.recipes import Recipe
 
 ANSWER = ["fa", "ke"]
@@ -77,7 +77,7 @@ class FakeEngine:
         return True
 
     def plan(self, recipe: Recipe, *, arriving: bool = False) -> Plan:
-        return Engine.plan(self, recipe, arriving=arriving)   # the real planning rules
+        return plan_recipe(recipe, self.experts, self.config)   # the real planning rules
 
 
     async def generate(self, prompt_ids: list[int], params: Any, plan: Plan, request_id: str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from deltaserve.server.adaptive import AdaptiveSettings, MergePolicy
+from deltaserve.server.engine.adaptive import AdaptiveSettings, MergePolicy
 
 
 class Clock:
@@ -93,8 +93,8 @@ def test_engine_plans_a_merged_lora_recipe_on_the_dense_path():
     from pathlib import Path
     from types import SimpleNamespace
 
-    from deltaserve.server.engine import Engine
-    from deltaserve.server.engine_types import ExpertInfo
+    from deltaserve.server.engine.core import Engine
+    from deltaserve.server.engine.types import ExpertInfo
     from deltaserve.server.recipes import Recipe
 
     manifest = SimpleNamespace(rank=8, codec="lowrank", sha256={"tensors.safetensors": "ab" * 32})

@@ -124,7 +124,7 @@ def test_every_vllm_request_field_has_a_policy():
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-    from deltaserve.server.protocol import NO_EFFECT, REFUSED, SAMPLING, SERVED, field_policy
+    from deltaserve.server.protocol.generation import NO_EFFECT, REFUSED, SAMPLING, SERVED, field_policy
 
     fields = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
     assert {f for f in fields if field_policy(f) == "unknown"} == set()

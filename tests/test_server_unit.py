@@ -12,10 +12,11 @@ import torch
 from deltaserve.experts.sources import SourceError
 from deltaserve.experts.sources import Compression
 from deltaserve.experts.store import ExpertExistsError, ExpertStore, StoreError, UnknownExpertError
-from deltaserve.server.adapters import AdapterCache, write_merged_adapter
+from deltaserve.server.engine.adapters import AdapterCache, write_merged_adapter
 from deltaserve.server.recipes import Recipe, RecipeError, parse_model
-from deltaserve.server.scheduler import WeightScheduler
-from deltaserve.server.worker import HostDeltaCache, fused_siblings
+from deltaserve.server.engine.scheduler import WeightScheduler
+from deltaserve.server.worker.host_cache import HostDeltaCache
+from deltaserve.server.worker.state import fused_siblings
 
 EXPERTS = frozenset({"add", "rev", "code-v2", "m.1"})
 
@@ -270,8 +271,8 @@ def test_single_sparse_expert_added_in_place_equals_the_merge_loop(micro_zoo, tm
     from deltaserve.experts.merge.checkpoint import merged_params
     from deltaserve.experts.sources import Compression
     from deltaserve.experts.store import ExpertStore
-    from deltaserve.server.contracts import MergeItem, MergeRequest
-    from deltaserve.server.worker import DeltaState, _adds_in_place
+    from deltaserve.server.engine.contracts import MergeItem, MergeRequest
+    from deltaserve.server.worker.state import DeltaState, _adds_in_place
 
     store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
     if codec_method == "lora":
@@ -302,8 +303,8 @@ def test_sparse_blend_summed_in_place_equals_the_merge_loop(micro_zoo, tmp_path,
     from deltaserve.experts.merge.checkpoint import merged_params
     from deltaserve.experts.sources import Compression
     from deltaserve.experts.store import ExpertStore
-    from deltaserve.server.contracts import MergeItem, MergeRequest
-    from deltaserve.server.worker import DeltaState, _adds_in_place
+    from deltaserve.server.engine.contracts import MergeItem, MergeRequest
+    from deltaserve.server.worker.state import DeltaState, _adds_in_place
 
     store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
     specs = [("upper", "magnitude", 0.3), ("upper", "dare", 0.2), (micro_zoo.spec.tasks[-1], "lora", None),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import Depends, Request
 
-from deltaserve.server.errors import APIError
+from deltaserve.server.auth import check_key
 from deltaserve.server.service import Service
 
 
@@ -15,18 +15,7 @@ def get_service(request: Request) -> Service:
 
 def _check_key(request: Request, admin: bool) -> None:
     settings = request.app.state.service.settings
-    required = settings.admin_keys if admin else settings.api_keys
-    if not required:
-        return
-    allowed = settings.admin_keys if admin else settings.api_keys + settings.admin_keys
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if not token:
-        raise APIError(401, "missing bearer token: send 'Authorization: Bearer <key>'")
-    if token not in allowed:
-        if admin and token in settings.api_keys:
-            raise APIError(403, "this key may not manage experts")
-        raise APIError(401, "invalid API key")
+    check_key(request.headers.get("authorization"), settings.api_keys, settings.admin_keys, admin=admin)
 
 
 async def _inference_key(request: Request) -> None:

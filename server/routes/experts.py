@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from deltaserve.router.text import route_text
-from deltaserve.server.errors import APIError
-from deltaserve.server.protocol import (DeletedExpert, ErrorResponse, ExpertCard, ExpertList, ExpertRegistration, RouteRequest,
-                             RouteResponse)
+from deltaserve.server.exceptions import ExpertUnavailable, InvalidRequest
+from deltaserve.server.protocol.admin import DeletedExpert, ExpertCard, ExpertList, ExpertRegistration, RouteRequest, RouteResponse
+from deltaserve.server.protocol.common import ErrorResponse
 from deltaserve.server.routes import ADMIN, INFERENCE, SERVICE
 from deltaserve.server.service import Service
 
@@ -28,7 +28,7 @@ async def get_expert(name: str, service: Service = SERVICE) -> ExpertCard:
     if await service.engine.refresh():
         await service.refresh_routing()
     if name in service.engine.unavailable:
-        raise APIError(503, f"expert {name!r} is in the store but cannot be served: "
+        raise ExpertUnavailable(f"expert {name!r} is in the store but cannot be served: "
                             f"{service.engine.unavailable[name]}")
     return service.expert_card(name)
 
@@ -51,7 +51,7 @@ async def route(req: RouteRequest, service: Service = SERVICE) -> RouteResponse:
     elif req.prompt is not None:
         text = route_text(prompt=req.prompt, markup=service.markup)
     else:
-        raise APIError(400, "give `messages` or `prompt` to route", "messages")
+        raise InvalidRequest("give `messages` or `prompt` to route", "messages")
     recipe, decision = await service.resolve(req.model, text, record=False)
     plan = service.engine.plan(recipe)
     return RouteResponse(model=req.model, recipe=recipe.label(service.base_name), path=plan.path,

@@ -12,8 +12,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
-from deltaserve.server.errors import APIError
-from deltaserve.server.protocol import ErrorResponse, ExpertRegistration, LoadLoRAAdapter, UnloadLoRAAdapter
+from deltaserve.server.exceptions import InvalidRequest
+from deltaserve.server.protocol.admin import ExpertRegistration
+from deltaserve.server.protocol.common import ErrorResponse
+from deltaserve.server.protocol.tokenize import LoadLoRAAdapter, UnloadLoRAAdapter
 from deltaserve.server.routes import ADMIN, SERVICE
 from deltaserve.server.service import Service
 
@@ -24,7 +26,7 @@ router = APIRouter(dependencies=[ADMIN], responses=ERRORS)
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(req: LoadLoRAAdapter, service: Service = SERVICE) -> PlainTextResponse:
     if req.is_3d_lora_weight:
-        raise APIError(400, "3D (mixture-of-experts) LoRA weights are not served", "is_3d_lora_weight")
+        raise InvalidRequest("3D (mixture-of-experts) LoRA weights are not served", "is_3d_lora_weight")
     await service.register(ExpertRegistration(name=req.lora_name, path=req.lora_path, replace=req.load_inplace))
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 

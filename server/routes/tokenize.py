@@ -13,8 +13,9 @@ import asyncio
 from fastapi import APIRouter
 
 from deltaserve.server.prompts import check_vocab, tokenize_chat, tokenize_text, tokenizer_info
-from deltaserve.server.protocol import (Detokenize, DetokenizeResponse, ErrorResponse, TokenizeChat, TokenizeCompletion,
-                             TokenizeResponse)
+from deltaserve.server.vllm_compat import DetokenizeResponse, TokenizeResponse
+from deltaserve.server.protocol.common import ErrorResponse
+from deltaserve.server.protocol.tokenize import Detokenize, TokenizeChat, TokenizeCompletion
 from deltaserve.server.routes import INFERENCE, SERVICE
 from deltaserve.server.service import Service
 

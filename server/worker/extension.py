@@ -1,0 +1,124 @@
+"""The vLLM worker extension of the dense path: W = W_base + sum_i w_i * decode(tau_i), in place.
+
+vLLM mixes ``DeltaWorkerExtension`` into its Worker (``worker_extension_cls``)
+and the engine calls its methods with ``collective_rpc``; they run in the
+worker process (on every rank), next to the weights. What the worker keeps and
+how a recipe's tensors are computed: server.worker.state.
+
+Weights go through ``model_runner.reload_weights(weights_iterator=...)``: it
+runs the model's own loader (name mapping, q/k/v and gate/up fusion, the CPU
+backend's weight repacking), so it works on vLLM-CPU and on GPU alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import threading
+import time
+
+import torch
+
+from deltaserve.experts.atomic import pid_alive
+from deltaserve.server.engine.contracts import MergeRequest, SwapStats
+from deltaserve.server.vllm_patches import patch_cpu_lora_ops
+from deltaserve.server.worker.state import DeltaState
+
+patch_cpu_lora_ops()   # this module is imported in vLLM's worker process: fix its CPU LoRA ops there
+
+
+def retie_output_embeddings(model: torch.nn.Module) -> bool:
+    """With tied embeddings, a delta on ``embed_tokens`` is also one on the output projection.
+
+    vLLM ties ``lm_head`` to ``embed_tokens`` when it loads the model, but an in-place reload only
+    re-processes the layers it loaded weights into: on the CPU backend the head's GEMM keeps a copy
+    packed from the *old* embedding (and the reload may even put the old tensor back on the head).
+    So after a reload that touched the embeddings, tie the head to the current embedding weight
+    again and re-run its post-load processing. Returns whether the model ties them."""
+    config = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    modules = dict(model.named_modules())
+    head = modules.get("lm_head")
+    embed = next((m for n, m in modules.items() if n.endswith("embed_tokens")), None)
+    if not config or head is None or embed is None:
+        return False
+    head.weight = embed.weight
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+    return True
+
+
+def watch_parent(pid: int, interval_s: float = 0.25) -> None:
+    """Exit this engine process soon after the server process ``pid`` dies, even by kill -9.
+
+    The worker runs under vLLM's EngineCore, which runs under the server. The kernel's
+    parent-death signal kills this worker when EngineCore dies; a polling thread notices the
+    server's death and takes EngineCore (recorded now, while it is our parent) down with it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    engine_core = os.getppid()
+
+    def poll() -> None:
+        while pid_alive(pid):
+            time.sleep(interval_s)
+        if engine_core not in (pid, 0, 1):
+            with contextlib.suppress(OSError):
+                os.kill(engine_core, signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=poll, name="deltaserve-parent-watch", daemon=True).start()
+
+
+class DeltaWorkerExtension:
+    """Methods vLLM adds to its Worker; call them with ``collective_rpc("deltaserve_...")``."""
+
+    def deltaserve_setup(self, base_dir: str, host_cache_bytes: int, server_pid: int | None = None) -> dict:
+        """Load the host copy of the base; with ``server_pid``, exit when that process is gone."""
+        self._deltaserve = DeltaState(base_dir, host_cache_bytes)
+        if server_pid:
+            watch_parent(server_pid)
+        return {"base_params": len(self._deltaserve.base)}
+
+    def deltaserve_apply(self, request: dict) -> dict:
+        """Make the weights ``base + merge(request)`` (a ``MergeRequest`` dump); no items restores the base.
+
+        Returns the swap's ``SwapStats`` dump.
+        """
+        state: DeltaState = self._deltaserve
+        req = MergeRequest.model_validate(request)
+        start = time.perf_counter()
+        hits, misses, evictions = state.cache.hits, state.cache.misses, state.cache.evictions
+        touched = {n for item in req.items for n in state.expert(item.path, item.token).param_names}
+        missing = sorted(n for n in touched if n not in state.base)
+        if missing:
+            raise KeyError(f"expert parameters not in the base model: {missing[:5]}")
+        targets = state.expand(touched)
+        restore = state.expand(state.applied - targets) - targets
+        phases: dict[str, float] = {}
+        items = list(state.weights(req, targets, restore, phases))
+        phases["merge"] = time.perf_counter() - start - phases["decode"]
+        bytes_touched = sum(t.numel() * t.element_size() for _, t in items)
+        try:
+            loading = time.perf_counter()
+            self.model_runner.reload_weights(weights_iterator=iter(items))
+            phases["load"] = time.perf_counter() - loading
+            if any(name.endswith("embed_tokens.weight") for name, _ in items):
+                retie_output_embeddings(self.model_runner.get_model())
+            phases["retie"] = time.perf_counter() - loading - phases["load"]
+        except Exception:
+            state.applied |= targets   # unknown state: the next apply rewrites all of it from the base
+            raise
+        state.applied = targets
+        return SwapStats(key=req.key, seconds=time.perf_counter() - start, bytes=bytes_touched, params=len(items),
+                         host_hits=state.cache.hits - hits, host_misses=state.cache.misses - misses,
+                         host_evictions=state.cache.evictions - evictions,
+                         host_bytes=state.cache.bytes, phases=phases).model_dump()
+
+    def deltaserve_forget(self, token: str) -> dict:
+        """Drop an expert's decoded deltas (it was deleted or replaced)."""
+        state: DeltaState = self._deltaserve
+        state.cache.drop(token)
+        state.experts.pop(token, None)
+        return {"host_bytes": state.cache.bytes}
