@@ -3,7 +3,7 @@ operations on them that are not about building a response (server.serving does t
 
 * ``resolve``: a request's ``model`` -> the recipe to serve (and the routing decision);
 * ``expert_card`` / ``register`` / ``delete``: the expert admin operations;
-* ``refresh_routing``: keep the router's experts and exemplars in step with the store.
+* ``sync`` / ``refresh_routing``: keep the engine's and the router's experts in step with the store.
 """
 
 from __future__ import annotations
@@ -146,40 +146,32 @@ class Service:
         await asyncio.to_thread(self.store.import_source, body.name, path, compression=body.compression,
                                 exemplars=body.exemplars, replace=body.replace, objective=objective,
                                 trainer=trainer)
-        await self.engine.refresh(force=True)
-        await self.refresh_routing()
+        await self.sync(force=True)
         return self.expert_card(body.name)
 
     def _compression_helpers(self, compression: Compression | None, calibration: Any = None) -> tuple[Any, Any]:
-        """The calibration objective (NPS's search, and every expert's measured quality) and sparse_ft's
-        trainer, from the examples the request names."""
-        from deltaserve.experts.compress import get_compressor
+        """The calibration objective and sparse_ft's trainer from the examples the request names
+        (experts.compress.compression_helpers; a missing set is a 400 naming its field)."""
+        from deltaserve.experts.compress import MissingExamples, compression_helpers
 
-        needs = get_compressor(compression.method).needs if compression is not None else ()
-        objective = trainer = None
         source, param = calibration, "calibration"
         if compression is not None and compression.calibration is not None:
             source, param = compression.calibration, "compression.calibration"
-        if source is not None or "objective" in needs:
-            from deltaserve.experts.calibration import delta_objective
+        training = compression.training if compression is not None else None
+        try:
+            return compression_helpers(
+                self.settings.engine.base_dir, compression.method if compression else None,
+                compression.options if compression else None,
+                None if source is None else self._examples(source, param),
+                None if training is None else self._examples(training, "compression.training"))
+        except MissingExamples as err:
+            param = "compression.calibration" if err.param == "calibration" else "compression.training"
+            raise InvalidRequest(f"this compression method needs `{param}`: chat examples as a JSONL path under a "
+                                 "registration root, or a list of {\"messages\": [...]} objects", param) from None
 
-            if source is None:
-                param = "compression.calibration"
-            examples = self._examples(source, param)
-            objective = delta_objective(self.settings.engine.base_dir, examples)
-        if "trainer" in needs:
-            from deltaserve.experts.finetune import masked_trainer
-
-            examples = self._examples(compression.training, "compression.training")
-            trainer = masked_trainer(self.settings.engine.base_dir, examples, compression.options)
-        return objective, trainer
-
-    def _examples(self, source: str | list | None, param: str) -> list:
+    def _examples(self, source: str | list, param: str) -> list:
         from deltaserve.experts.examples import ChatExample, read_examples
 
-        if source is None:
-            raise InvalidRequest(f"this compression method needs `{param}`: chat examples as a JSONL path under a "
-                                "registration root, or a list of {\"messages\": [...]} objects", param)
         if isinstance(source, str):
             return read_examples(self.allowed_path(source, param))
         if len(source) > MAX_INLINE_EXAMPLES:
@@ -188,8 +180,15 @@ class Service:
 
     async def delete(self, name: str) -> None:
         await asyncio.to_thread(self.store.delete, name)
-        await self.engine.refresh(force=True)
-        await self.refresh_routing()
+        await self.sync(force=True)
+
+    async def sync(self, force: bool = False) -> bool:
+        """Follow the store: the engine's experts (re-read when its generation moved, or ``force``), then the
+        router's; returns whether anything changed."""
+        changed = await self.engine.refresh(force=force)
+        if changed:
+            await self.refresh_routing()
+        return changed
 
     async def refresh_routing(self) -> None:
         """The router's experts, exemplars and quality (each expert's calibration score) from the store."""
@@ -211,8 +210,7 @@ class Service:
             await asyncio.sleep(self.settings.store_poll_s)
             rounds += 1
             try:
-                if await self.engine.refresh():
-                    await self.refresh_routing()
+                await self.sync()
                 if rounds % GC_EVERY_POLLS == 0:
                     await asyncio.to_thread(self.store.collect_garbage)
             except Exception:  # noqa: BLE001 - keep polling; the next round may succeed

@@ -35,7 +35,7 @@ def _step(token_id: int, top: int | None) -> dict:
 
 class FakeEngine:
     def __init__(self, config: Any, store: Any, tokenizer: Any) -> None:
-        self.config, self.store, self.tokenizer = config, store, tokenizer
+        self.config, self.store, self.tokenizer = config.resolved(store.root), store, tokenizer
         self.experts: dict[str, ExpertInfo] = {}
         self.unavailable: dict[str, str] = {}
         self.generation = -1

@@ -97,9 +97,9 @@ def test_engine_plans_a_merged_lora_recipe_on_the_dense_path():
     from deltaserve.server.engine.types import ExpertInfo
     from deltaserve.server.recipes import Recipe
 
-    manifest = SimpleNamespace(rank=8, codec="lowrank", sha256={"tensors.safetensors": "ab" * 32})
+    manifest = SimpleNamespace(rank=8, codec="lowrank", lowrank=True, sha256={"tensors.safetensors": "ab" * 32})
     info = ExpertInfo("lo", manifest, Path("/nowhere"))
-    engine = SimpleNamespace(experts={"lo": info}, config=SimpleNamespace(max_lora_rank=16, enable_lora=True),
+    engine = SimpleNamespace(experts={"lo": info}, config=SimpleNamespace(lora_rank=16, enable_lora=True),
                              adaptive=MergePolicy(AdaptiveSettings(min_requests=2, prior_swap_s=0), clock=Clock()))
     engine.adaptive.observe_request("lora", 10, 1.0)
     recipe = Recipe((("lo", 1.0),))

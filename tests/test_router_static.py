@@ -140,14 +140,14 @@ def test_the_server_flag_and_setting_choose_the_encoder():
 
     from pydantic import ValidationError
 
-    from deltaserve.server.serve import add_serve_arguments
+    from deltaserve.server.commands import serve
     from deltaserve.server.settings import RouterSettings
 
     parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
+    serve.add_arguments(parser)
     need = ["--base", "b", "--store", "s"]
-    assert parser.parse_args(need).router_encoder == "minilm"
-    assert parser.parse_args([*need, "--router-encoder", "static"]).router_encoder == "static"
+    assert serve.settings(parser.parse_args(need)).router.encoder == "minilm"
+    assert serve.settings(parser.parse_args([*need, "--router-encoder", "static"])).router.encoder == "static"
     assert RouterSettings(name="gate", encoder="static").encoder == "static"
     with pytest.raises(ValidationError, match="'minilm' or 'static'"):
         RouterSettings(name="gate", encoder="bert")

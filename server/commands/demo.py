@@ -18,8 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from deltaserve.server.cli_parsers import DEFAULT_ZOO_ROOT
+from deltaserve.server.commands import serve as serve_command
+from deltaserve.server.commands._shared import DEFAULT_ZOO_ROOT
 
+HELP = ("build the real suite (SmolLM2-135M-Instruct + skill experts), publish its experts into a store and serve "
+        "them with routing")
 REAL_ROOT = Path(".cache/zoo/real")
 EXEMPLARS_PER_SKILL = 48
 CALIBRATION_PER_SKILL = 64
@@ -69,24 +72,33 @@ def seed_real_store(builder, store_dir: Path, log=print) -> Path:
     return layout.base
 
 
-def demo(args: argparse.Namespace) -> int:
-    if getattr(args, "suite", "real") == "toy":
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    serve_command.add_arguments(p, defaults={("store_dir",): Path("store/demo"), ("router", "name"): "knn"},
+                                exclude=(("engine", "base_dir"),))
+    p.add_argument("--suite", choices=["real", "toy"], default="real",
+                   help="real: SmolLM2-135M-Instruct and its skills; toy: the tests' tiny zoo")
+    p.add_argument("--size", default="demo", help="toy zoo size (with --suite toy)")
+    p.add_argument("--no-serve", action="store_true", help="prepare the store and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.suite == "toy":
         return toy_demo(args)
-    from deltaserve.server.serve import run, settings_from_args
     from deltaserve_zoo.real.build import RealSuiteBuilder
 
     started = time.perf_counter()
     builder = RealSuiteBuilder(REAL_ROOT)
     for matrix in builder.build(workers=2):
         matrix.print(title="real suite: test-split accuracy through vLLM")
-    base = seed_real_store(builder, args.store)
+    settings = serve_command.settings(args, engine__base_dir=REAL_ROOT / "base")
+    if settings.engine.max_model_len < DEMO_MAX_MODEL_LEN:
+        settings.engine.max_model_len = DEMO_MAX_MODEL_LEN
+    base = seed_real_store(builder, settings.store_dir)
     print(f"real suite and store ready in {time.perf_counter() - started:.0f} s", flush=True)
     if args.no_serve:
         return 0
-    args.max_model_len = max(args.max_model_len, DEMO_MAX_MODEL_LEN)
-    settings = settings_from_args(args, base)
-    print(f"starting the engine (base {base}, store {args.store}) ...", file=sys.stderr, flush=True)
-    return run(settings, args.host, args.port, args.log_level, banner(args.host, args.port))
+    print(f"starting the engine (base {base}, store {settings.store_dir}) ...", file=sys.stderr, flush=True)
+    return serve_command.serve(settings, banner(settings.host, settings.port))
 
 
 def banner(host: str, port: int) -> str:
@@ -157,16 +169,36 @@ def seed_demo_store(zoo_root: Path, store_dir: Path, *, density: float = DEMO_NP
 
 def toy_demo(args: argparse.Namespace) -> int:
     """``deltaserve demo --suite toy``: the toy zoo (the tests' fixture) served with its experts."""
-    from deltaserve.server.serve import demo_banner, run, settings_from_args
     from deltaserve_zoo.build import ZooBuilder
     from deltaserve_zoo.spec import preset
 
     zoo_root = DEFAULT_ZOO_ROOT / args.size
     ZooBuilder(preset(args.size), zoo_root).build(workers=2)
-    base = seed_demo_store(zoo_root, args.store)
+    settings = serve_command.settings(args, engine__base_dir=zoo_root / "base")
+    base = seed_demo_store(zoo_root, settings.store_dir)
     if args.no_serve:
         return 0
-    settings = settings_from_args(args, base)
-    banner = demo_banner(args.host, args.port, "auto" if args.router != "none" else "upper", "upper-lora")
-    print(f"starting the engine (base {base}, store {args.store}) ...", file=sys.stderr, flush=True)
-    return run(settings, args.host, args.port, args.log_level, banner)
+    example = "auto" if settings.router.name != "none" else "upper"
+    print(f"starting the engine (base {base}, store {settings.store_dir}) ...", file=sys.stderr, flush=True)
+    return serve_command.serve(settings, toy_banner(settings.host, settings.port, example, "upper-lora"))
+
+
+def toy_banner(host: str, port: int, example_model: str, expert: str) -> str:
+    url = f"http://{host}:{port}"
+    body = json.dumps({"model": example_model, "messages": [{"role": "user", "content": "Upper-case the text lantern"}],
+                       "max_tokens": 20})
+    return f"""
+deltaserve demo is up on {url}
+
+  curl {url}/v1/models
+  curl {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'
+  curl {url}/v1/completions -H 'content-type: application/json' \\
+       -d '{{"model": "0.5*{expert}+0.5*count-vowels-lora", "prompt": "Q: How many vowels are in banana?\\nA: ", "max_tokens": 8}}'
+
+  python - <<'EOF'
+from openai import OpenAI
+client = OpenAI(base_url="{url}/v1", api_key="unused")
+r = client.chat.completions.create(model="auto", messages=[{{"role": "user", "content": "What is the largest digit in 3917?"}}])
+print(r.choices[0].message.content, r.model_extra["deltaserve"]["recipe"])
+EOF
+"""

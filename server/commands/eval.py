@@ -6,10 +6,24 @@ import argparse
 import json
 import sys
 
-from deltaserve.server.cli import _require_dir
+from pathlib import Path
+
+from deltaserve.server.commands._shared import require_dir
+
+HELP = "exact-match accuracy of a model (optionally + PEFT adapter) on zoo tasks"
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="HF causal LM directory")
+    p.add_argument("--adapter", type=Path, help="PEFT adapter directory applied on top of --model")
+    p.add_argument("--tasks", nargs="+", help="task names (default: all)")
+    p.add_argument("--split", choices=["train", "calib", "test"], default="test")
+    p.add_argument("--n", type=int, default=200, help="examples per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the result here instead of stdout")
+
+
+def run(args: argparse.Namespace) -> int:
     from peft import PeftModel
 
     from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
@@ -23,9 +37,9 @@ def evaluate(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
     if args.n < 1:
         raise SystemExit(f"error: --n must be >= 1, got {args.n}")
-    _require_dir(args.model, "config.json", "--model")
+    require_dir(args.model, "config.json", "--model")
     if args.adapter:
-        _require_dir(args.adapter, "adapter_config.json", "--adapter")
+        require_dir(args.adapter, "adapter_config.json", "--adapter")
     model = load_causal_lm(args.model)
     label = str(args.model)
     if args.adapter:
@@ -45,6 +59,3 @@ def evaluate(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2)
         print()
     return 0
-
-
-# ---------------------------------------------------------------------------- demo

@@ -1,14 +1,38 @@
 """``deltaserve zoo build|data``: build the zoo (toy sizes or the real suite), export its task data.
 
-The zoo (top-level package ``zoo``) provides models and tasks for the demo, the
+The zoo (package ``deltaserve_zoo``) provides models and tasks for the demo, the
 benchmarks and the tests; only the zoo/eval/demo commands import it.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from deltaserve.server.cli_parsers import DEFAULT_ZOO_ROOT
+from deltaserve.server.commands._shared import DEFAULT_ZOO_ROOT
+
+HELP = "build the model zoo, export its task data"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="zoo_command", required=True)
+    build = sub.add_parser("build", help="build (or reuse cached) base, experts, vision suite and matrix")
+    build.add_argument("--size", default="demo", help="real (SmolLM2-135M-Instruct suite), or a toy size: micro, demo")
+    build.add_argument("--out", type=Path, help=f"output directory (default {DEFAULT_ZOO_ROOT}/SIZE)")
+    build.add_argument("--workers", type=int, default=2,
+                       help="processes training experts in parallel (each single-threaded)")
+    build.set_defaults(func=zoo_build)
+    data = sub.add_parser("data", help="write a zoo task's examples as chat-example JSONL")
+    data.add_argument("--task", required=True)
+    data.add_argument("--split", choices=["train", "calib", "test"], default="calib")
+    data.add_argument("--n", type=int, default=64, help="examples")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    data.set_defaults(func=zoo_data)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.func(args)
 
 
 def zoo_build(args: argparse.Namespace) -> int:

@@ -48,12 +48,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deltaserve.server.settings_flags import cli
+
 log = logging.getLogger("deltaserve")
 
 
 class AdaptiveSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    enabled: bool = Field(True, description="serve a dominant LoRA recipe from merged weights")
+    enabled: bool = Field(True, description="serve a LoRA recipe that dominates the traffic from merged weights "
+                                            "(base speed), unmerge when traffic mixes",
+                          json_schema_extra=cli("--adaptive-merge", "onoff"))
     window_requests: int = Field(8, ge=1, description="the shares are computed over the last this many requests")
     window_s: float = Field(60.0, gt=0.0, description="... that arrived within this many seconds")
     enter_share: float = Field(0.9, gt=0.5, le=1.0, description="share of the window to start merging")

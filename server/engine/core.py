@@ -47,7 +47,7 @@ def prepared_params(params: Any, stream: bool) -> Any:
 
 class Engine:
     def __init__(self, config: EngineConfig, store: ExpertStore, metrics: Metrics) -> None:
-        self.config = config
+        self.config = config = config.resolved(store.root)
         self.store = store
         self.metrics = metrics
         self.llm: Any = None
@@ -80,7 +80,7 @@ class Engine:
         args = AsyncEngineArgs(
             model=str(c.base_dir), served_model_name=c.served_name, dtype=c.vllm_dtype(), seed=c.seed,
             max_model_len=c.max_model_len, gpu_memory_utilization=c.gpu_memory_utilization,
-            enforce_eager=c.enforce_eager, enable_lora=c.enable_lora, max_lora_rank=c.max_lora_rank,
+            enforce_eager=c.enforce_eager, enable_lora=c.enable_lora, max_lora_rank=c.lora_rank,
             max_loras=c.max_loras,
             max_cpu_loras=max(c.max_loras, c.adapter_cache_size), worker_extension_cls=WORKER_EXTENSION,
         )

@@ -25,7 +25,7 @@ def lora_servable(recipe: Recipe, experts: tuple[ExpertInfo, ...], config: Engin
     """Whether ``recipe`` can be one merged LoRA adapter on this engine."""
     rank = sum(i.manifest.rank or 0 for i in experts)
     return (config.enable_lora and recipe.method == "task_arithmetic" and all(i.lowrank for i in experts)
-            and rank <= config.max_lora_rank)
+            and rank <= config.lora_rank)
 
 
 def plan_recipe(recipe: Recipe, experts: Mapping[str, ExpertInfo], config: EngineConfig,

@@ -17,16 +17,14 @@ router = APIRouter(responses=ERRORS)
 
 @router.get("/v1/experts", response_model=ExpertList, dependencies=[INFERENCE])
 async def list_experts(service: Service = SERVICE) -> ExpertList:
-    if await service.engine.refresh():   # changed by another replica: the router must follow too
-        await service.refresh_routing()
+    await service.sync()   # another replica may have changed the store
     return ExpertList(data=[service.expert_card(n) for n in sorted(service.engine.experts)],
                       store_generation=service.engine.generation, unavailable=service.engine.unavailable)
 
 
 @router.get("/v1/experts/{name}", response_model=ExpertCard, dependencies=[INFERENCE])
 async def get_expert(name: str, service: Service = SERVICE) -> ExpertCard:
-    if await service.engine.refresh():
-        await service.refresh_routing()
+    await service.sync()
     if name in service.engine.unavailable:
         raise ExpertUnavailable(f"expert {name!r} is in the store but cannot be served: "
                             f"{service.engine.unavailable[name]}")

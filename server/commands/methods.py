@@ -1,7 +1,7 @@
-"""Every registered family and its options, as the tables README's "Methods" section shows.
+"""``deltaserve methods``: every registered family and its options, as tables (the docs' Methods page).
 
-``deltaserve methods`` prints this; a test checks that README.md contains it
-verbatim, so the README cannot drift from the registries.
+``deltaserve methods`` prints this; the docs' Methods page is generated from it
+(docs/hooks.py), so the docs cannot drift from the registries.
 """
 
 from __future__ import annotations
@@ -35,3 +35,15 @@ def families_markdown() -> str:
 
 def _default(value: object) -> str:
     return "none" if value is None else str(value)
+
+
+HELP = "list compressors, codecs, merge methods and routers with their options"
+
+
+def add_arguments(p) -> None:
+    """No arguments."""
+
+
+def run(args) -> int:
+    print(families_markdown())
+    return 0

@@ -1,4 +1,5 @@
-"""Command-line flags derived from a registry's options models (experts.registry).
+"""Command-line flags derived from a registry's options models (experts.registry), for the commands that
+name a compressor or merge method.
 
 Every option of every member becomes one ``--flag`` (``max_weight`` ->
 ``--max-weight``) with its type, bounds and description, and the help says
