@@ -282,33 +282,3 @@ def compress_expert(
         carried=tv.carried, calibration_score=result.calibration_score, task=task,
     )
 
-
-class MissingExamples(ValueError):
-    """A compression method needs examples that were not given; ``param`` is which (calibration, training)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def compression_helpers(base_dir: Path, method: str | None, options: Any, calibration: Any = None,
-                        training: Any = None) -> tuple[Objective | None, Trainer | None]:
-    """What a registration needs besides the task vector, from chat examples (experts.examples):
-    the calibration objective (NPS's search; and, given calibration examples with any method, the measured
-    quality stored as the expert's calibration score) and sparse_ft's trainer. ``MissingExamples`` names
-    what a method needs and was not given. The CLI and the HTTP API both call this."""
-    needs = get_compressor(method).needs if method is not None else ()
-    objective = trainer = None
-    if calibration is None and "objective" in needs:
-        raise MissingExamples(f"{method} scores candidates on calibration examples", "calibration")
-    if calibration is not None:
-        from deltaserve.experts.calibration import delta_objective
-
-        objective = delta_objective(base_dir, calibration)
-    if "trainer" in needs:
-        if training is None:
-            raise MissingExamples(f"{method} re-trains the kept entries on training examples", "training")
-        from deltaserve.experts.finetune import masked_trainer
-
-        trainer = masked_trainer(base_dir, training, COMPRESSORS.parse_options(method, options or {}))
-    return objective, trainer

@@ -65,7 +65,19 @@ class Metrics:
                                        registry=r)
         self.registered_experts = Gauge("deltaserve_registered_experts", "Experts in the store", registry=r)
         self.store_generation = Gauge("deltaserve_store_generation", "Store generation counter", registry=r)
-        # Routing: decisions, confidence, fallbacks, latency.
+        self._routing_metrics(r)
+        self._swap_phase_metrics(r)
+        self._adaptive_metrics(r)
+        for path in PATHS:
+            self.queue_depth.labels(path)
+            self.latency.labels(path)
+            self.ttft.labels(path)
+        for tier in TIERS:
+            for family in (self.cache_hits, self.cache_misses, self.cache_evictions, self.cache_bytes):
+                family.labels(tier)
+
+    def _routing_metrics(self, r: CollectorRegistry) -> None:
+        """Routing of `model: auto`: decisions, confidence, fallbacks, latency."""
         self.route_decisions = Counter(
             "deltaserve_route_decisions", "Routing decisions by router and chosen expert (fallback recipes as 'fallback')",
             ["router", "expert"], registry=r)
@@ -78,15 +90,6 @@ class Metrics:
         self.router_latency = Histogram(
             "deltaserve_router_latency_seconds", "Time to route one request", ["router"],
             buckets=FAST_BUCKETS, registry=r)
-        self._swap_phase_metrics(r)
-        self._adaptive_metrics(r)
-        for path in PATHS:
-            self.queue_depth.labels(path)
-            self.latency.labels(path)
-            self.ttft.labels(path)
-        for tier in TIERS:
-            for family in (self.cache_hits, self.cache_misses, self.cache_evictions, self.cache_bytes):
-                family.labels(tier)
 
     def _swap_phase_metrics(self, r: CollectorRegistry) -> None:
         """Where a dense-path swap's time goes (server.engine records it)."""
@@ -98,7 +101,7 @@ class Metrics:
             self.swap_phase_seconds.labels(phase)
 
     def _adaptive_metrics(self, r: CollectorRegistry) -> None:
-        """Adaptive merge/unmerge (server.adaptive)."""
+        """Adaptive merge/unmerge (server.engine.adaptive)."""
         self.adaptive_merged = Gauge(
             "deltaserve_adaptive_merged", "1 while a LoRA recipe is served from merged weights", registry=r)
         self.adaptive_switches = Counter(
@@ -111,7 +114,7 @@ class Metrics:
             self.adaptive_switches.labels(to)
 
     def record_swap(self, stats: Any, seconds: float, n_items: int, phases: dict[str, float]) -> None:
-        """One dense-path swap: its ``server.contracts.SwapStats``, wall seconds, experts merged, and phases."""
+        """One dense-path swap: its ``server.engine.contracts.SwapStats``, wall seconds, experts merged, and phases."""
         self.swaps.inc()
         self.swap_seconds.observe(seconds)
         self.swap_bytes.inc(stats.bytes)

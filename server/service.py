@@ -152,7 +152,7 @@ class Service:
     def _compression_helpers(self, compression: Compression | None, calibration: Any = None) -> tuple[Any, Any]:
         """The calibration objective and sparse_ft's trainer from the examples the request names
         (experts.compress.compression_helpers; a missing set is a 400 naming its field)."""
-        from deltaserve.experts.compress import MissingExamples, compression_helpers
+        from deltaserve.experts.sources import MissingExamples, compression_helpers
 
         source, param = calibration, "calibration"
         if compression is not None and compression.calibration is not None:

@@ -41,8 +41,8 @@ def compression_helpers(method: str | None, base: Path, args: argparse.Namespace
                         options: dict[str, Any]) -> tuple[Any, Any]:
     """NPS's objective / sparse_ft's trainer / the measured quality from the examples files given
     (experts.compress.compression_helpers); a missing file exits naming its flag."""
-    from deltaserve.experts.compress import MissingExamples
-    from deltaserve.experts.compress import compression_helpers as helpers
+    from deltaserve.experts.sources import MissingExamples
+    from deltaserve.experts.sources import compression_helpers as helpers
     from deltaserve.experts.examples import ExampleError, read_examples
 
     try:
