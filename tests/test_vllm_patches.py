@@ -1,6 +1,5 @@
-"""deltaserve's vLLM-CPU LoRA patches: adapter-less rows (slot -1) get no adapter, other rows are unchanged; the
-patches apply only on a tested vLLM on CPU, target by target where vLLM's signature is the expected one, and
-the ``patched`` fixture puts vLLM's methods back after each test."""
+"""vLLM-CPU LoRA patches: slot -1 rows get no adapter, other rows are unchanged; they apply only on a tested vLLM
+on CPU, target by target where the signature is the recorded one; the fixture puts vLLM's methods back."""
 
 import dataclasses
 import logging
@@ -65,9 +64,7 @@ def test_the_patches_are_in_place_inside_the_fixture_and_gone_after_it(vllm_meth
         assert {name: replaced_by(PunicaWrapperCPU.__dict__[name]) for name in NAMES} == found
     assert {name: PunicaWrapperCPU.__dict__.get(name) for name in NAMES} == originals
     assert originals["update_metadata"] is None and patched_targets() == []
-    gen = torch.Generator().manual_seed(0)
-    weights, x = torch.randn(2, 1, 4, 16, generator=gen), torch.randn(3, 16, generator=gen)
-    out = torch.zeros(3, 4)
+    weights, x, out = torch.randn(2, 1, 4, 16), torch.randn(3, 16), torch.zeros(3, 4)
     _wrapper([0, -1, 1], n_slots=2)._shrink_decode(out, x, weights, 1.0)
     torch.testing.assert_close(out[1], weights[1, 0] @ x[1])
 
@@ -83,8 +80,7 @@ def test_a_changed_vllm_signature_keeps_vllms_method_with_a_warning(vllm_methods
     """A method whose parameters differ from the recorded ones (vLLM changed it, or the record says another
     signature) stays vLLM's object, with a warning naming the target and the difference; the others patch."""
     def shrink_decode(self, y, x, w_t_all, scale, lora_ids):
-        pass
-
+        return None
     vllm_expand = PunicaWrapperCPU.__dict__["_expand_decode"]
     monkeypatch.setattr(PunicaWrapperCPU, "_shrink_decode", shrink_decode)
     monkeypatch.setattr(vllm_patches, "PATCHES", tuple(
@@ -164,8 +160,7 @@ def test_grouped_ops_equal_the_per_row_definition(patched):
         out = torch.full((6, 4), 7.0)
         wrapper._shrink_decode(out, x, a, 0.5)
         torch.testing.assert_close(out, 0.5 * _reference(x, a, indices))
-        h = torch.randn(6, 4, generator=gen)
-        y0 = torch.randn(6, 20, generator=gen)
+        h, y0 = torch.randn(6, 4, generator=gen), torch.randn(6, 20, generator=gen)
         y = y0.clone()
         wrapper._expand_slice_decode(y, h, b, 5, 12, True)
         torch.testing.assert_close(y[:, 5:17], y0[:, 5:17] + _reference(h, b, indices))
