@@ -30,7 +30,7 @@ _FENCE = re.compile(r"^(```|~~~)")
 
 
 def methods_markdown() -> str:
-    from deltaserve.server.methods import families_markdown
+    from deltaserve.server.commands.methods import families_markdown
 
     return families_markdown()
 

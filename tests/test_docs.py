@@ -108,7 +108,7 @@ def test_every_marker_marks_a_bash_or_python_block():
 
 
 def test_methods_page_is_the_registries_tables():
-    from deltaserve.server.methods import families_markdown
+    from deltaserve.server.commands.methods import families_markdown
 
     source = (REPO / "docs" / "methods.md").read_text(encoding="utf-8")
     rendered = load_hooks().render_generated(source)
