@@ -197,7 +197,7 @@ def test_runnable_blocks_run_in_the_repository(block):
 
 @pytest.fixture(scope="module")
 def real_base():
-    """The real base (built once per machine, like tests/test_real_serving.py's fixture of the same name)."""
+    """The real base (built once per machine; the same as the shared fixture of this name, which marks ``real``)."""
     from deltaserve_zoo.real.build import RealSuiteBuilder
 
     builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
@@ -231,6 +231,7 @@ def docs_server(real_base, tmp_path_factory):
     server.stop()
 
 
+@pytest.mark.engine     # the server is a ServerProcess without test keys (the examples send none), not a LiveServer
 @pytest.mark.parametrize("block", blocks_of("server"), ids=lambda b: b.id)
 def test_runnable_blocks_run_against_a_live_server(block, docs_server, tmp_path):
     proc = run_block(block, tmp_path, url=docs_server.url)
