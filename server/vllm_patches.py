@@ -198,8 +198,3 @@ def vllm_patches_applied() -> Iterator[list[str]]:
         yield applied
     finally:
         restore_vllm_patches(applied)
-
-
-def patch_cpu_lora_ops() -> bool:
-    """``apply_vllm_patches()``; True if it patched anything now (the name the worker extension imports)."""
-    return bool(apply_vllm_patches())

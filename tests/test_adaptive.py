@@ -122,12 +122,11 @@ def test_uncertainty_router_needs_the_engines_lora_support(tmp_path):
                           router=RouterSettings(name="knn")).engine.enable_lora is False
 
 
-def test_switching_paths_never_changes_a_greedy_output(micro_zoo, tmp_path):
+def test_switching_paths_never_changes_a_greedy_output(micro_zoo, tmp_path, start_server):
     """Through the real engine: a LoRA recipe served on the LoRA path, then merged once it dominates,
     then unmerged when base traffic mixes in; every greedy answer equals HF on the merged checkpoint."""
     from deltaserve.experts.merge.checkpoint import merge_into_checkpoint
     from deltaserve.experts.store import ExpertStore
-    from tests.conftest import LiveServer
     from tests.test_server_engine import QUESTIONS, _hf_greedy_texts
 
     store = tmp_path / "store"
@@ -137,28 +136,25 @@ def test_switching_paths_never_changes_a_greedy_output(micro_zoo, tmp_path):
                           weights=[1.0])
     expected = _hf_greedy_texts(merged, micro_zoo.tokenizer, QUESTIONS)
     base_expected = _hf_greedy_texts(micro_zoo.layout.base, micro_zoo.tokenizer, QUESTIONS[:1])
-    server = LiveServer(micro_zoo.layout.base, store, tmp_path / "server.log",
-                        extra=["--adaptive-merge", "on", "--adaptive-option", "min_requests=4",
-                               "--adaptive-option", "window_s=600", "--adaptive-option", "window_requests=8",
-                               "--adaptive-option", "prior_swap_s=0"])
-    try:
-        client = server.client()
+    server = start_server(micro_zoo.layout.base, store,
+                          extra=["--adaptive-merge", "on", "--adaptive-option", "min_requests=4",
+                                 "--adaptive-option", "window_s=600", "--adaptive-option", "window_requests=8",
+                                 "--adaptive-option", "prior_swap_s=0"])
+    client = server.client()
 
-        def ask(model, q):
-            r = client.post("/v1/chat/completions", json={"model": model, "max_tokens": 10, "temperature": 0,
-                                                          "messages": [{"role": "user", "content": q}]})
-            assert r.status_code == 200, r.text
-            return r.json()["choices"][0]["message"]["content"], r.json()["deltaserve"]["path"]
+    def ask(model, q):
+        r = client.post("/v1/chat/completions", json={"model": model, "max_tokens": 10, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": q}]})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"], r.json()["deltaserve"]["path"]
 
-        phases = [[ask("vowels", q) for q in QUESTIONS[:3]], [ask("vowels", q) for q in QUESTIONS]]
-        for _ in range(2):    # 7/8, 6/8 of the last 8 requests for the recipe: >= exit_share 0.7, stays merged
-            assert ask("base", QUESTIONS[0])[0] == base_expected[0]
-        for _ in range(2):    # 5/8 < 0.7: unmerged; then 4/8
-            assert ask("base", QUESTIONS[0])[0] == base_expected[0]
-        phases.append([ask("vowels", q) for q in QUESTIONS])
-        metrics = client.get("/metrics").text
-    finally:
-        server.stop()
+    phases = [[ask("vowels", q) for q in QUESTIONS[:3]], [ask("vowels", q) for q in QUESTIONS]]
+    for _ in range(2):    # 7/8, 6/8 of the last 8 requests for the recipe: >= exit_share 0.7, stays merged
+        assert ask("base", QUESTIONS[0])[0] == base_expected[0]
+    for _ in range(2):    # 5/8 < 0.7: unmerged; then 4/8
+        assert ask("base", QUESTIONS[0])[0] == base_expected[0]
+    phases.append([ask("vowels", q) for q in QUESTIONS])
+    metrics = client.get("/metrics").text
     assert [p for _, p in phases[0]] == ["lora"] * 3                  # below min_requests
     assert [p for _, p in phases[1]] == ["dense"] * 4                 # merged once it dominates
     assert [p for _, p in phases[2]] == ["lora"] * 4                  # unmerged after the base traffic

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from deltaserve.experts.sources import Compression
 
 from deltaserve.experts.store import ExpertStore
-from tests.conftest import ADMIN_KEY, LiveServer
+from tests.support import ADMIN_KEY
 
 CHAT = {"max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "How many vowels are in: banana"}]}
 CACHE = 4
@@ -26,14 +26,14 @@ FUZZ_EXAMPLES = 8   # per operation: bounded so the whole file stays around two 
 
 
 @pytest.fixture(scope="module")
-def chaos(micro_zoo, tmp_path_factory):
+def chaos(engines, micro_zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("chaos")
     store = ExpertStore(root / "store", micro_zoo.layout.base)
     for task in ("count_vowels", "max_digit", "min_digit", "upper"):
         store.import_source(task.replace("_", "-") + "-lora", micro_zoo.layout.lora(task))
     store.import_source("upper", micro_zoo.layout.full("upper"), compression=Compression(method="magnitude"))
-    server = LiveServer(micro_zoo.layout.base, root / "store", root / "server.log",
-                        extra=["--adapter-cache-size", str(CACHE), "--max-loras", "2"])
+    server = engines.start(micro_zoo.layout.base, root / "store", root / "server.log",
+                           extra=["--adapter-cache-size", str(CACHE), "--max-loras", "2"])
     yield server
     server.stop()
 
@@ -176,11 +176,11 @@ def test_a_killed_engine_is_restarted_and_serves_again(chaos):
     assert _metric(chaos, "deltaserve_engine_restarts_total") == 1
 
 
-def test_a_killed_server_leaves_no_process_behind(micro_zoo, tmp_path):
+def test_a_killed_server_leaves_no_process_behind(micro_zoo, tmp_path, start_server):
     store = tmp_path / "store"
     shutil.copytree(micro_zoo.layout.root / "experts", tmp_path / "unused", dirs_exist_ok=True)
     ExpertStore(store, micro_zoo.layout.base)
-    server = LiveServer(micro_zoo.layout.base, store, tmp_path / "server.log")
+    server = start_server(micro_zoo.layout.base, store)
     children = _engine_processes(server)
     assert children
     os.kill(server.proc.pid, signal.SIGKILL)

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import LiveServer, free_port
+from tests.support import LiveServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS_YML = REPO / "deploy" / "prometheus" / "alerts.yml"

@@ -195,45 +195,10 @@ def test_runnable_blocks_run_in_the_repository(block):
     assert_ran(block, run_block(block, REPO))
 
 
-@pytest.fixture(scope="module")
-def real_base():
-    """The real base (built once per machine; the same as the shared fixture of this name, which marks ``real``)."""
-    from deltaserve_zoo.real.build import RealSuiteBuilder
-
-    builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
-    builder.build_base()
-    return builder.layout.base
-
-
-# The experts the server examples name, random (what they learned does not matter to whether a request is
-# served), with exemplars so that `auto` has something to route to.
-ISO_DATE = ["Convert 14 July 2019 to ISO 8601 format.", "Give the ISO date for August 21, 2018."]
-SQL = ["Write the SQL that counts the orders of customer 7.", "Give me the SQL that would count the orders."]
-JSON = ["Turn into JSON with name, age, job and city: Ana, 31, is a nurse in Lyon."]
-
-
-@pytest.fixture(scope="module")
-def docs_server(real_base, tmp_path_factory):
-    from deltaserve.experts.store import ExpertStore
-    from deltaserve.server.launch import ServerProcess
-    from deltaserve_zoo.real.synthetic import random_lora, random_sparse_expert
-
-    root = tmp_path_factory.mktemp("docs-server")
-    store = ExpertStore(root / "store", real_base)
-    for seed, (name, exemplars) in enumerate({"iso-date-lora": ISO_DATE, "sql-lora": SQL, "json-extract": JSON}.items()):
-        store.import_source(name, random_lora(real_base, root / name, seed=seed), exemplars=exemplars)
-    for seed, (name, exemplars) in enumerate({"iso-date": ISO_DATE, "sql": SQL}.items()):
-        source = random_sparse_expert(real_base, root / name, density=0.01, seed=seed + 1, name=name)
-        store.import_source(name, source, exemplars=exemplars)
-    server = ServerProcess(real_base, root / "store", root / "server.log",
-                           ["--router", "knn", "--max-lora-rank", "8", "--max-wait-ms", "50", "--log-level", "warning"])
-    yield server
-    server.stop()
-
-
-@pytest.mark.engine     # the server is a ServerProcess without test keys (the examples send none), not a LiveServer
 @pytest.mark.parametrize("block", blocks_of("server"), ids=lambda b: b.id)
-def test_runnable_blocks_run_against_a_live_server(block, docs_server, tmp_path):
-    proc = run_block(block, tmp_path, url=docs_server.url)
+def test_runnable_blocks_run_against_a_live_server(block, real_server, tmp_path):
+    """Against the session's server on the real base (tests/conftest.py ``real_server``: the experts the examples
+    name, the knn router, no keys)."""
+    proc = run_block(block, tmp_path, url=real_server.url)
     assert_ran(block, proc)
     assert proc.stdout.strip(), f"{block.id} printed nothing"

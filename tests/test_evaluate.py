@@ -3,7 +3,6 @@ import torch
 
 from deltaserve_zoo.evaluate import TaskEvaluator, evaluate_state_dict, swapped_weights
 from deltaserve_zoo.tasks import get_task
-from deltaserve_zoo.tokenizer import build_tokenizer
 
 
 class ScriptedLM(torch.nn.Module):
@@ -35,8 +34,8 @@ class ScriptedLM(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
+def tok(zoo_tokenizer):
+    return zoo_tokenizer
 
 
 def test_scores_an_oracle_perfect_and_a_wrong_model_zero(tok):

@@ -9,10 +9,11 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 
-def test_gpu_readiness_script_runs_end_to_end_on_cpu(tmp_path):
+def test_gpu_readiness_script_runs_end_to_end_on_cpu(tmp_path, real_base, vllm_engine):
+    """``real_base``: the script's base, built once for the session; ``vllm_engine``: the script starts one."""
     out = tmp_path / "gpu.json"
     run = subprocess.run([sys.executable, "-m", "bench.serving.gpu", "--device", "cpu", "--quick", "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=1200, env={**__import__("os").environ,

@@ -18,10 +18,9 @@ import re
 import pytest
 import torch
 
-from tests.conftest import ADMIN_KEY, API_KEY, REPO
+from tests.support import ADMIN_KEY, API_KEY, REPO
 
 PROMPT = "Q: What is the largest digit in 3917?\nA: "
-REAL_BASE = REPO / ".cache" / "zoo" / "real" / "base"
 
 
 @pytest.fixture(scope="module")
@@ -230,27 +229,22 @@ def test_vllm_lora_admin_aliases_register_serve_and_unload(live_server, micro_zo
     assert gone.status_code == 404
 
 
-@pytest.mark.skipif(not (REAL_BASE / "config.json").is_file(), reason="the real base is not built (zoo build --size real)")
-def test_openai_sdk_and_langchain_structured_output_on_the_real_base(tmp_path):
+def test_openai_sdk_and_langchain_structured_output_on_the_real_base(real_server):
     """``with_structured_output`` (JSON schema) returns schema-valid objects on SmolLM2-135M-Instruct; tools are
     refused with a 400 that says why (bench.compat.structured runs more cases and commits them)."""
     from langchain_openai import ChatOpenAI
     from openai import BadRequestError, OpenAI
 
     from bench.compat.structured import City
-    from tests.conftest import LiveServer
 
-    server = LiveServer(REAL_BASE, tmp_path / "store", tmp_path / "real.log", extra=["--max-model-len", "1024"])
-    try:
-        client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
-        parsed = client.chat.completions.parse(
-            model="base", response_format=City, max_tokens=128, temperature=0,
-            messages=[{"role": "user", "content": "Describe Paris as JSON: name, country, population in millions."}])
-        assert isinstance(parsed.choices[0].message.parsed, City)
-        llm = ChatOpenAI(model="base", base_url=server.url + "/v1", api_key=API_KEY, temperature=0, max_tokens=128)
-        assert isinstance(llm.with_structured_output(City).invoke("Describe Lisbon: name, country, population."),
-                          City)
-        with pytest.raises(BadRequestError, match="tool-call parser"):
-            llm.bind_tools([City]).invoke("Describe Rome.")
-    finally:
-        server.stop()
+    server = real_server
+    client = OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+    parsed = client.chat.completions.parse(
+        model="base", response_format=City, max_tokens=128, temperature=0,
+        messages=[{"role": "user", "content": "Describe Paris as JSON: name, country, population in millions."}])
+    assert isinstance(parsed.choices[0].message.parsed, City)
+    llm = ChatOpenAI(model="base", base_url=server.url + "/v1", api_key=API_KEY, temperature=0, max_tokens=128)
+    assert isinstance(llm.with_structured_output(City).invoke("Describe Lisbon: name, country, population."),
+                      City)
+    with pytest.raises(BadRequestError, match="tool-call parser"):
+        llm.bind_tools([City]).invoke("Describe Rome.")

@@ -7,25 +7,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 
-import pytest
 import torch
 
 from deltaserve.experts.store import ExpertStore
-from tests.conftest import REPO, LiveServer
-from deltaserve_zoo.real.synthetic import random_lora, random_sparse_expert
+from deltaserve_zoo.real.synthetic import random_lora
 
 QUESTIONS = ["What is the capital of France?", "Convert 3 March 2021 to ISO format.",
              "Write one word that rhymes with cat."]
 MAX_TOKENS = 12
-
-
-@pytest.fixture(scope="session")
-def real_base():
-    from deltaserve_zoo.real.build import RealSuiteBuilder
-
-    builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
-    builder.build_base()
-    return builder.layout.base
 
 
 def _hf_greedy(model_dir, adapter=None):
@@ -65,21 +54,13 @@ def _ask(server, model, i):
         return r.json()["choices"][0]["message"]["content"]
 
 
-def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
+def test_real_base_serves_both_paths_exactly(real_base, real_server, start_server, tmp_path):
     from deltaserve.experts.merge.checkpoint import merge_into_checkpoint
 
     config = json.loads((real_base / "config.json").read_text())
     assert config["tie_word_embeddings"] and config["num_key_value_heads"] == 3 and config["num_hidden_layers"] == 30
-    store = ExpertStore(tmp_path / "store", real_base)
-    random_lora(real_base, tmp_path / "lora")
-    store.import_source("random-lora", tmp_path / "lora")
-    random_lora(real_base, tmp_path / "lora-2", seed=1)
-    store.import_source("random-lora-2", tmp_path / "lora-2")
-    random_sparse_expert(real_base, tmp_path / "sparse")
-    store.import_source("random-sparse", tmp_path / "sparse")
+    server, store = real_server, ExpertStore(real_server.store, real_base)
     assert "model.embed_tokens.weight" in store.load("random-sparse").param_names   # the tied input/output matrix
-    random_sparse_expert(real_base, tmp_path / "sparse-2", density=0.01, seed=2, name="random-sparse-2")
-    store.import_source("random-sparse-2", tmp_path / "sparse-2")
     blend = "0.6*random-sparse+0.4*random-sparse-2"     # summed by the codecs in the worker (server.worker)
 
     merged = {}
@@ -90,36 +71,28 @@ def test_real_base_serves_both_paths_exactly(real_base, tmp_path):
         merged[name] = _hf_greedy(tmp_path / f"merged-{i}")
     base_text = _hf_greedy(real_base)
     assert "Paris" in base_text[0] and merged[blend] != merged["random-sparse"]
-    assert merged["random-lora"] == _hf_greedy(real_base, adapter=tmp_path / "lora")   # the expert is exact
-    server = LiveServer(real_base, tmp_path / "store", tmp_path / "server.log", extra=["--max-lora-rank", "8"])
-    try:
-        for name, path in (("random-lora", "lora"), ("random-sparse", "dense"), (blend, "dense")):
-            texts, served_path = _served(server, name)
-            assert served_path == path and texts == merged[name], (name, texts, merged[name])
-            assert texts != base_text, f"{name} must change the answers, or this test proves nothing"
-        assert _served(server, "base")[0] == base_text           # and the base is restored exactly
-        # batches mixing two adapters and adapter-less rows (server.vllm_patches.fused_lora_linear): each
-        # request answers what it answers alone
-        alone = {m: _served(server, m)[0] for m in ("random-lora", "random-lora-2")}
-        assert alone["random-lora"] == merged["random-lora"] and alone["random-lora-2"] != alone["random-lora"]
-        alone["base"] = base_text
-        jobs = [(m, i) for m in ("random-lora", "base", "random-lora-2") for i in range(len(QUESTIONS))] * 2
-        with cf.ThreadPoolExecutor(len(jobs)) as pool:
-            together = list(pool.map(lambda job: _ask(server, *job), jobs))
-        assert together == [alone[m][i] for m, i in jobs]
-    finally:
-        server.stop()
-    # without vLLM's LoRA support (--lora off) the LoRA expert is served from
-    # merged weights, with the same answers
-    server = LiveServer(real_base, tmp_path / "store", tmp_path / "server-nolora.log", extra=["--lora", "off"])
-    try:
-        assert _served(server, "random-lora") == (merged["random-lora"], "dense")
-        assert _served(server, "base")[0] == base_text
-    finally:
-        server.stop()
+    assert merged["random-lora"] == _hf_greedy(real_base, adapter=server.sources["random-lora"])   # exact expert
+    for name, path in (("random-lora", "lora"), ("random-sparse", "dense"), (blend, "dense")):
+        texts, served_path = _served(server, name)
+        assert served_path == path and texts == merged[name], (name, texts, merged[name])
+        assert texts != base_text, f"{name} must change the answers, or this test proves nothing"
+    assert _served(server, "base")[0] == base_text           # and the base is restored exactly
+    # batches mixing two adapters and adapter-less rows (server.lora_ops.fused_lora_linear): each request answers
+    # what it answers alone
+    alone = {m: _served(server, m)[0] for m in ("random-lora", "random-lora-2")}
+    assert alone["random-lora"] == merged["random-lora"] and alone["random-lora-2"] != alone["random-lora"]
+    alone["base"] = base_text
+    jobs = [(m, i) for m in ("random-lora", "base", "random-lora-2") for i in range(len(QUESTIONS))] * 2
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: _ask(server, *job), jobs))
+    assert together == [alone[m][i] for m, i in jobs]
+    # without vLLM's LoRA support (--lora off) the LoRA expert is served from merged weights, with the same answers
+    nolora = start_server(real_base, real_server.store, extra=["--lora", "off"])
+    assert _served(nolora, "random-lora") == (merged["random-lora"], "dense")
+    assert _served(nolora, "base")[0] == base_text
 
 
-def test_matrix_engine_scores_a_lora_merged_like_the_adapter(real_base, tmp_path):
+def test_matrix_engine_scores_a_lora_merged_like_the_adapter(real_base, tmp_path, vllm_engine):
     """The real suite's matrix scores LoRAs merged into the weights of a LoRA-less engine
     (zoo.real.matrix): its greedy answers equal HF transformers with the PEFT adapter, and
     going back to a checkpoint (the base) restores the base's answers."""

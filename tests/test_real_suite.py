@@ -20,7 +20,7 @@ import torch
 from deltaserve.experts.examples import ChatExample, encode
 from deltaserve.experts.finetune import answer_loss, answer_matches, collate, finetune
 from deltaserve_zoo.real.build import RealSuiteBuilder
-from deltaserve_zoo.real.skills import SPLITS, all_skills, get_skill
+from deltaserve_zoo.real.skills import all_skills, get_skill
 from deltaserve_zoo.real.spec import RealSuiteSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,13 +137,6 @@ def test_builder_keys_track_only_what_they_depend_on(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the base model
-@pytest.fixture(scope="module")
-def real_base() -> Path:
-    builder = RealSuiteBuilder(REAL_ROOT, log=lambda _m: None)
-    builder.build_base()
-    return builder.layout.base
-
-
 def test_gguf_base_converts_to_the_expected_plain_llama(real_base):
     from deltaserve.experts.taskvector import base_fingerprint
     from deltaserve_zoo.real.base import EXPECTED_CONFIG, file_sha256, gguf_path
@@ -178,10 +171,8 @@ def test_chat_template_encoding_is_chatml(real_base):
 
 # ---------------------------------------------------------------------------------- the trainer
 @pytest.fixture(scope="module")
-def tokenizer(real_base):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(real_base)
+def tokenizer(real_tokenizer):
+    return real_tokenizer
 
 
 def _tiny_llama(tokenizer, seed: int = 0):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 
-from tests.conftest import ADMIN_KEY, API_KEY, LiveServer
+from tests.support import ADMIN_KEY
 
 MAX_TOKENS = 10
 QUESTIONS = ["Uppercase this: hello world", "How many vowels are in: banana split",
@@ -173,7 +172,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(live_server, mi
     assert ok.status_code == 200 and c.get("/health").status_code == 200
 
 
-def test_register_use_delete_at_runtime_and_survive_restart(live_server, micro_zoo, tmp_path):
+def test_register_use_delete_at_runtime_and_survive_restart(live_server, micro_zoo, start_server):
     admin = live_server.client(ADMIN_KEY)
     c = live_server.client()
     gen0 = c.get("/v1/experts").json()["store_generation"]
@@ -197,34 +196,30 @@ def test_register_use_delete_at_runtime_and_survive_restart(live_server, micro_z
 
     # A second server on the same store (a restart, or another replica) serves them without re-registering;
     # it routes with the exemplar-free uncertainty router, scored through its own engine.
-    other = LiveServer(micro_zoo.layout.base, live_server.store, tmp_path / "second.log",
-                       extra=["--router", "uncertainty"])
-    try:
-        c2 = other.client()
-        assert {"upper-lora", "min-digit"} <= {m["id"] for m in c2.get("/v1/models").json()["data"]}
-        same = [c2.post("/v1/chat/completions", json={"model": "min-digit", "max_tokens": 6, "temperature": 0,
-                                                       "messages": [{"role": "user", "content": QUESTIONS[3]}]}),
-                c.post("/v1/chat/completions", json={"model": "min-digit", "max_tokens": 6, "temperature": 0,
-                                                      "messages": [{"role": "user", "content": QUESTIONS[3]}]})]
-        assert same[0].json()["choices"][0]["message"]["content"] == same[1].json()["choices"][0]["message"]["content"]
-        unc = c2.post("/v1/route", json={"prompt": "Q: What is the largest digit in 3917?\nA: "}).json()["route"]
-        assert unc["router"] == "uncertainty" and set(unc["scores"]) >= {"upper-lora", "min-digit", "length"}
-        assert abs(sum(unc["scores"].values()) - 1) < 1e-4 and unc["recipe"]
-        r = c2.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 3,
-                                                  "messages": [{"role": "user", "content": QUESTIONS[2]}]})
-        assert r.status_code == 200 and r.json()["deltaserve"]["route"]["router"] == "uncertainty"
-        # Deleting on one replica: the other notices through the store generation.
-        assert admin.delete("/v1/experts/min-digit").status_code == 200
-        import time
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "min-digit" in {m["id"] for m in c2.get("/v1/models").json()["data"]}:
-            time.sleep(0.5)
-        assert "min-digit" not in {m["id"] for m in c2.get("/v1/models").json()["data"]}
-        r = c2.post("/v1/chat/completions", json={"model": "min-digit", "max_tokens": 2,
-                                                  "messages": [{"role": "user", "content": "x"}]})
-        assert r.status_code == 404
-    finally:
-        other.stop()
+    other = start_server(micro_zoo.layout.base, live_server.store, extra=["--router", "uncertainty"])
+    c2 = other.client()
+    assert {"upper-lora", "min-digit"} <= {m["id"] for m in c2.get("/v1/models").json()["data"]}
+    same = [c2.post("/v1/chat/completions", json={"model": "min-digit", "max_tokens": 6, "temperature": 0,
+                                                   "messages": [{"role": "user", "content": QUESTIONS[3]}]}),
+            c.post("/v1/chat/completions", json={"model": "min-digit", "max_tokens": 6, "temperature": 0,
+                                                  "messages": [{"role": "user", "content": QUESTIONS[3]}]})]
+    assert same[0].json()["choices"][0]["message"]["content"] == same[1].json()["choices"][0]["message"]["content"]
+    unc = c2.post("/v1/route", json={"prompt": "Q: What is the largest digit in 3917?\nA: "}).json()["route"]
+    assert unc["router"] == "uncertainty" and set(unc["scores"]) >= {"upper-lora", "min-digit", "length"}
+    assert abs(sum(unc["scores"].values()) - 1) < 1e-4 and unc["recipe"]
+    r = c2.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 3,
+                                              "messages": [{"role": "user", "content": QUESTIONS[2]}]})
+    assert r.status_code == 200 and r.json()["deltaserve"]["route"]["router"] == "uncertainty"
+    # Deleting on one replica: the other notices through the store generation.
+    assert admin.delete("/v1/experts/min-digit").status_code == 200
+    import time
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "min-digit" in {m["id"] for m in c2.get("/v1/models").json()["data"]}:
+        time.sleep(0.5)
+    assert "min-digit" not in {m["id"] for m in c2.get("/v1/models").json()["data"]}
+    r = c2.post("/v1/chat/completions", json={"model": "min-digit", "max_tokens": 2,
+                                              "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
     assert admin.delete("/v1/experts/upper-lora").status_code == 200
     assert admin.delete("/v1/experts/upper-lora").status_code == 404
     route = c.post("/v1/route", json={"messages": [{"role": "user", "content": "Uppercase this: abc"}]}).json()
@@ -283,24 +278,21 @@ def test_auto_routes_each_prompt_to_its_expert_and_prose_falls_back(live_server)
     assert "deltaserve_router_latency_seconds_count" in text and "deltaserve_router_confidence_bucket" in text
 
 
-def test_gate_router_through_the_engine_with_top2_recipes(live_server, micro_zoo, tmp_path, static_encoder_cache,
-                                                          monkeypatch):
+def test_gate_router_through_the_engine_with_top2_recipes(live_server, micro_zoo, static_encoder_cache, monkeypatch,
+                                                          start_server):
     """The learned gate behind `auto`, on its own server, on the static prompt encoder (its table from the
     tests' cache, as a deployment's from its cache directory; the shared live server routes knn on MiniLM);
     top-2 recipes stay on the 0.25 grid."""
     monkeypatch.setenv("DELTASERVE_CACHE_DIR", str(static_encoder_cache))
-    server = LiveServer(micro_zoo.layout.base, live_server.store, tmp_path / "gate.log",
-                        extra=["--router", "gate", "--top-k", "2", "--router-encoder", "static"])
-    try:
-        c = server.client()
-        for question, expert in ROUTED.items():
-            r = c.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 3,
-                                                     "messages": [{"role": "user", "content": question}]})
-            assert r.status_code == 200, r.text
-            route = r.json()["deltaserve"]["route"]
-            assert route["router"] == "gate" and max(route["recipe"], key=route["recipe"].get) == expert, route
-            assert route["encoder"] == "static", route
-            assert all((w * 4).is_integer() for w in route["recipe"].values()) and abs(sum(route["recipe"].values()) - 1) < 1e-9
-            assert r.headers["x-deltaserve-recipe"] == r.json()["deltaserve"]["recipe"]
-    finally:
-        server.stop()
+    server = start_server(micro_zoo.layout.base, live_server.store,
+                          extra=["--router", "gate", "--top-k", "2", "--router-encoder", "static"])
+    c = server.client()
+    for question, expert in ROUTED.items():
+        r = c.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 3,
+                                                 "messages": [{"role": "user", "content": question}]})
+        assert r.status_code == 200, r.text
+        route = r.json()["deltaserve"]["route"]
+        assert route["router"] == "gate" and max(route["recipe"], key=route["recipe"].get) == expert, route
+        assert route["encoder"] == "static", route
+        assert all((w * 4).is_integer() for w in route["recipe"].values()) and abs(sum(route["recipe"].values()) - 1) < 1e-9
+        assert r.headers["x-deltaserve-recipe"] == r.json()["deltaserve"]["recipe"]

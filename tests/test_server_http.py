@@ -15,7 +15,6 @@ from deltaserve.experts.store import ExpertStore
 from deltaserve.server.app import create_app
 from deltaserve.server.settings import EngineConfig, ServerSettings
 from tests.fake_engine import ANSWER_IDS, FakeEngine
-from deltaserve_zoo.tokenizer import build_tokenizer
 
 API, ADMIN = "inference-key", "admin-key"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -31,8 +30,8 @@ def store_dir(micro_zoo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
+def tokenizer(zoo_tokenizer):
+    return zoo_tokenizer
 
 
 @pytest.fixture()

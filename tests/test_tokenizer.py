@@ -1,11 +1,11 @@
 import pytest
 
-from deltaserve_zoo.tokenizer import SPECIAL_TOKENS, build_tokenizer, format_prompt
+from deltaserve_zoo.tokenizer import SPECIAL_TOKENS, format_prompt
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
+def tok(zoo_tokenizer):
+    return zoo_tokenizer
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,16 @@
 """The zoo's models run in the real engine: vLLM-CPU greedy output equals HF greedy output."""
 
-import os
-
 import pytest
 import torch
 
 from deltaserve_zoo.tasks import get_task
 from deltaserve_zoo.tokenizer import format_prompt
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
 MAX_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def engine(micro_zoo):
+def engine(micro_zoo, vllm_engine):
     from vllm import LLM
 
     llm = LLM(

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     traffic_args = traffic.parse_args(["--suite", "synthetic", "--adaptive", "on" if args.quick else "both",
                                        "--device", args.device,
                                        "--requests", str(requests), "--concurrency", "8",
+                                       "--warmup", "8" if args.quick else "32",
                                        "--max-tokens", "8" if args.quick else "64"])
     serving = traffic.run(traffic_args, record)
     steps["serving"] = time.perf_counter() - started

