@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,7 @@ def provenance(command: str | None = None, argv: Sequence[str] | None = None) ->
     import torch
 
     return {"command": command or command_line(argv), "git_commit": git_commit(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "platform": platform.platform()}
 

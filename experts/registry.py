@@ -101,7 +101,8 @@ class Registry(Mapping[str, T]):
         try:
             return self._items[name]
         except KeyError:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; known {self.plural}: {sorted(self._items)}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; "
+                                   f"known {self.plural}: {sorted(self._items)}") from None
 
     def options_model(self, name: str) -> type[Options]:
         self[name]  # a miss lists the known names

@@ -63,7 +63,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
-        hint = f" (found {pickled}: pickle-based checkpoints are never loaded; convert them to safetensors)" if pickled else ""
+        hint = (f" (found {pickled}: pickle-based checkpoints are never loaded; convert them to safetensors)"
+                if pickled else "")
         raise TaskVectorError(f"{model_dir} has no *.safetensors weights{hint}")
     return files
 
@@ -139,7 +140,8 @@ def extract_full(base_dir: Path, finetuned_dir: Path) -> TaskVector:
     check_same_architecture(base_dir, finetuned_dir)
     base, tuned = load_state_dict(base_dir), load_state_dict(finetuned_dir)
     missing = sorted(set(base) - set(tuned))
-    shapes = [f"{n}: {tuple(base[n].shape)} vs {tuple(tuned[n].shape)}" for n in base if n in tuned and base[n].shape != tuned[n].shape]
+    shapes = [f"{n}: {tuple(base[n].shape)} vs {tuple(tuned[n].shape)}"
+              for n in base if n in tuned and base[n].shape != tuned[n].shape]
     if missing or shapes:
         problems = ([f"missing {len(missing)} base parameters, e.g. {missing[:3]}"] if missing else []) + shapes[:5]
         raise TaskVectorError(f"{finetuned_dir} does not match base {base_dir}: " + "; ".join(problems))
@@ -154,10 +156,12 @@ def _adapter_config(adapter_dir: Path) -> dict:
         raise TaskVectorError(f"{adapter_dir} has no adapter_config.json (not a PEFT adapter directory)")
     config = json.loads(path.read_text())
     if config.get("peft_type") != "LORA":
-        raise TaskVectorError(f"{adapter_dir}: only LoRA adapters are supported, got peft_type={config.get('peft_type')!r}")
+        raise TaskVectorError(f"{adapter_dir}: only LoRA adapters are supported, "
+                              f"got peft_type={config.get('peft_type')!r}")
     unsupported = [k for k in ("use_dora", "fan_in_fan_out") if config.get(k)]
     if unsupported or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise TaskVectorError(f"{adapter_dir}: unsupported LoRA options {unsupported or ['rank_pattern/alpha_pattern']}")
+        raise TaskVectorError(f"{adapter_dir}: unsupported LoRA options "
+                              f"{unsupported or ['rank_pattern/alpha_pattern']}")
     return config
 
 
@@ -192,7 +196,8 @@ def lora_factors(base_dir: Path, adapter_dir: Path) -> tuple[dict[str, LoraFacto
             raise TaskVectorError(f"{adapter_dir}: {name} has no matching base weight or lacks lora_A/lora_B")
         a, b = pair["A"], pair["B"]
         if (b.shape[0], a.shape[1]) != base[name] or a.shape[0] != b.shape[1]:
-            raise TaskVectorError(f"{adapter_dir}: {name} factors {tuple(b.shape)}@{tuple(a.shape)} do not fit base {base[name]}")
+            raise TaskVectorError(f"{adapter_dir}: {name} factors {tuple(b.shape)}@{tuple(a.shape)} "
+                                  f"do not fit base {base[name]}")
         factors[name] = LoraFactors(a, b, scaling)
     if not factors:
         raise TaskVectorError(f"{adapter_dir} holds no lora_A/lora_B weights")

@@ -24,7 +24,7 @@ from deltaserve.router.text import route_text
 from deltaserve.router.uncertainty import UncertaintyRouter, hf_nll_scorer
 
 __all__ = [
-    "DEFAULT_MAX_DISTANCE", "DEFAULT_MIN_CONFIDENCE", "ENCODERS", "ROUTERS", "BaseHiddenStates", "Decision", "GateRouter",
-    "KnnRouter", "Policy", "Router", "RoutingService", "SentenceEncoder", "UncertaintyRouter", "hf_nll_scorer",
-    "make_encoder", "make_router", "quantised_recipe", "register_router", "route_text",
+    "DEFAULT_MAX_DISTANCE", "DEFAULT_MIN_CONFIDENCE", "ENCODERS", "ROUTERS", "BaseHiddenStates", "Decision",
+    "GateRouter", "KnnRouter", "Policy", "Router", "RoutingService", "SentenceEncoder", "UncertaintyRouter",
+    "hf_nll_scorer", "make_encoder", "make_router", "quantised_recipe", "register_router", "route_text",
 ]

@@ -155,7 +155,8 @@ ROUTERS: Registry[type] = Registry("router")
 DEPENDENCIES = ("encoder", "uncertainty_scorer")
 
 
-def register_router(name: str, options: type[Options] = NoOptions, needs: tuple[str, ...] = ()) -> Callable[[type], type]:
+def register_router(name: str, options: type[Options] = NoOptions,
+                    needs: tuple[str, ...] = ()) -> Callable[[type], type]:
     """Class decorator: register a router class under ``name`` with its options model.
 
     ``needs`` names what the router is built with besides its options: ``encoder``

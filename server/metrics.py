@@ -79,7 +79,8 @@ class Metrics:
     def _routing_metrics(self, r: CollectorRegistry) -> None:
         """Routing of `model: auto`: decisions, confidence, fallbacks, latency."""
         self.route_decisions = Counter(
-            "deltaserve_route_decisions", "Routing decisions by router and chosen expert (fallback recipes as 'fallback')",
+            "deltaserve_route_decisions",
+            "Routing decisions by router and chosen expert (fallback recipes as 'fallback')",
             ["router", "expert"], registry=r)
         self.route_confidence = Histogram(
             "deltaserve_router_confidence", "Router confidence of each decision", ["router"],

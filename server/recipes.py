@@ -32,7 +32,8 @@ from deltaserve.experts.registry import OptionsError, UnknownNameError
 
 MAX_TERMS = 8
 MAX_ABS_WEIGHT = 10.0
-_TERM = re.compile(r"\s*(?P<sign>[+-])?\s*(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*\*\s*)?(?P<name>[a-z0-9][a-z0-9_.-]*)\s*")
+_TERM = re.compile(r"\s*(?P<sign>[+-])?\s*(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*\*\s*)?"
+                   r"(?P<name>[a-z0-9][a-z0-9_.-]*)\s*")
 _METHOD = re.compile(r"^\s*(?P<method>[a-z_]+)\s*(?:\((?P<options>[^()]*)\))?\s*$")
 _NUMBER = re.compile(r"\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?")
 
@@ -158,7 +159,8 @@ def parse_model(model: str, *, base_name: str, experts: set[str] | frozenset[str
     while pos < len(text):
         m = _TERM.match(text, pos)
         if not m or m.end() == pos or (pos > 0 and not m["sign"]):
-            raise RecipeError(_unknown_model(model, base_name, experts, detail=f"cannot parse at {text[pos:pos + 20]!r}"))
+            raise RecipeError(_unknown_model(model, base_name, experts,
+                                             detail=f"cannot parse at {text[pos:pos + 20]!r}"))
         name = m["name"]
         while name not in experts and "-" in name:   # 'a-0.5*b': names may hold '-', so back off to a known one
             name = name[: name.rindex("-")]

@@ -8,7 +8,8 @@ from deltaserve_zoo.matrix import AccuracyMatrix
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "deltaserve.server.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "deltaserve.server.cli", *args], capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_eval_cli_matches_the_zoo_matrix(micro_zoo, tmp_path):

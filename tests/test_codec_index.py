@@ -177,7 +177,8 @@ BASE = parts_for(64, [3, 7, 40])  # low width 4; index_high: 3 + (63 >> 4) = 6 b
 SIZE = "for 3 kept entries of 64 parameters"
 HIGH, LOW, VALUES = BASE["index_high"], BASE["index_low"], BASE["values"]
 CORRUPT = [  # (what, replaced parts, message)
-    ("truncated index_high", {"index_high": HIGH[:0]}, rf"'index_high' is torch.uint8 \[0\], expected uint8 \[1\] {SIZE}"),
+    ("truncated index_high", {"index_high": HIGH[:0]},
+     rf"'index_high' is torch.uint8 \[0\], expected uint8 \[1\] {SIZE}"),
     ("truncated index_low", {"index_low": LOW[:1]}, rf"'index_low' is torch.uint8 \[1\], expected uint8 \[2\] {SIZE}"),
     ("longer index_low", {"index_low": LOW.repeat(2)}, r"'index_low' is torch.uint8 \[4\], expected uint8 \[2\]"),
     ("index_high not uint8", {"index_high": HIGH.to(torch.int8)}, r"'index_high' is torch.int8 \[1\], expected uint8"),
@@ -188,8 +189,10 @@ CORRUPT = [  # (what, replaced parts, message)
     ("fewer values", {"values": VALUES[:2]}, r"part 'index_high' codes 3 entries but part 'values' holds 2"),
     ("values not float", {"values": VALUES.to(torch.int32)}, r"part 'values' is torch.int32 \[3\], expected 1-D"),
     ("values 2-D", {"values": VALUES.view(3, 1)}, r"part 'values' is torch.float32 \[3, 1\]"),
-    ("decreasing", {"index_low": pack_uints(torch.tensor([7, 3, 8]), 4)}, r"not strictly increasing \(entry 1: 3 after 7"),
-    ("duplicate", {"index_low": pack_uints(torch.tensor([7, 7, 8]), 4)}, r"not strictly increasing \(entry 1: 7 after 7"),
+    ("decreasing", {"index_low": pack_uints(torch.tensor([7, 3, 8]), 4)},
+     r"not strictly increasing \(entry 1: 3 after 7"),
+    ("duplicate", {"index_low": pack_uints(torch.tensor([7, 7, 8]), 4)},
+     r"not strictly increasing \(entry 1: 7 after 7"),
 ]
 
 
@@ -230,7 +233,8 @@ def test_check_parts_from_metadata_alone():
     assert EF.check_parts(meta, (4096,)) == [
         "part 'index_low' is torch.uint8 [2], expected uint8 [4] for 3 kept entries of 4096 parameters"]
     assert EF.check_parts({**meta, "values": ((3,), torch.int8)}, (64,))[0].startswith("part 'values' is torch.int8")
-    assert EF.check_parts({"values": meta["values"]}, (64,)) == ["missing part 'index_high'", "missing part 'index_low'"]
+    assert EF.check_parts({"values": meta["values"]}, (64,)) == ["missing part 'index_high'",
+                                                                 "missing part 'index_low'"]
     unknown_dtype = EF.check_parts({**meta, "index_high": ((1,), "F8_E4M3")}, (64,))
     assert unknown_dtype[0].startswith("part 'index_high' is F8_E4M3 [1]")
 

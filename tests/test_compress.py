@@ -70,7 +70,8 @@ def test_nps_needs_an_objective_and_unknown_methods_list_the_known(tv, tmp_path)
         compress_expert(tv, tmp_path / "n", name="n", method="nps")
     with pytest.raises(KeyError, match="known"):
         compress_expert(tv, tmp_path / "x", name="x", method="zip")
-    assert set(COMPRESSORS) == {"dense", "magnitude", "dare", "breadcrumbs", "tswitch", "bitdelta", "lowrank", "nps", "sparse_ft"}
+    assert set(COMPRESSORS) == {"dense", "magnitude", "dare", "breadcrumbs", "tswitch", "bitdelta", "lowrank", "nps",
+                                "sparse_ft"}
 
 
 def test_options_are_checked_against_the_methods_model(tv, tmp_path):
@@ -125,7 +126,8 @@ def test_sparse_ft_keeps_the_magnitude_support_with_the_trainers_values(tv, tmp_
 
     manifest = compress_expert(tv, tmp_path / "s", name="s", method="sparse_ft", density=0.05, trainer=trainer,
                                value_dtype=torch.float32)
-    assert manifest.codec == "sparse_ef" and manifest.method["name"] == "sparse_ft" and manifest.method["density"] == 0.05
+    assert manifest.codec == "sparse_ef" and manifest.method["name"] == "sparse_ft"
+    assert manifest.method["density"] == 0.05
     expert = load_expert(tmp_path / "s")
     name = "model.layers.1.self_attn.q_proj.weight"
     mask = magnitude_mask(tv.deltas[name], 0.05)

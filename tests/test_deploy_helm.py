@@ -119,8 +119,10 @@ SETUPS = {
     "hostPath-existingSecret": ({"baseModel": {"source": "hostPath", "hostPath": {"path": "/srv/base"}},
                                  "auth": {"existingSecret": "my-keys"}, "store": {"existingClaim": "shared"},
                                  "server": {"registerRoots": ["/incoming"]},
-                                 "extraVolumes": [{"name": "incoming", "persistentVolumeClaim": {"claimName": "uploads"}}],
-                                 "extraVolumeMounts": [{"name": "incoming", "mountPath": "/incoming", "readOnly": True}]},
+                                 "extraVolumes": [{"name": "incoming",
+                                                   "persistentVolumeClaim": {"claimName": "uploads"}}],
+                                 "extraVolumeMounts": [{"name": "incoming", "mountPath": "/incoming",
+                                                        "readOnly": True}]},
                                 ()),
     "initCopy-no-auth": ({"baseModel": {"source": "initCopy", "initCopy": {"image": "reg/base-model:1"}},
                           "auth": {"create": False}, "server": {"cacheBytes": 4294967296, "maxWaitMs": 200}}, ()),
@@ -148,8 +150,8 @@ def test_helm_lint_strict_is_clean(values_file):
 def test_values_schema_accepts_shipped_values_and_rejects_bad_ones(chart):
     chart.validate_schema(chart.values)
     chart.validate_schema(chart.merge_values(ha_values()))
-    for bad in ({"server": {"router": "random"}}, {"server": {"routerEncoder": "bert"}}, {"baseModel": {"source": "s3"}},
-                {"gpu": {"count": 0}}, {"replicas": 3}):
+    for bad in ({"server": {"router": "random"}}, {"server": {"routerEncoder": "bert"}},
+                {"baseModel": {"source": "s3"}}, {"gpu": {"count": 0}}, {"replicas": 3}):
         with pytest.raises(helm_python.HelmValuesError):
             chart.validate_schema(chart.merge_values(bad))
 
@@ -345,7 +347,8 @@ def test_selectors_and_references_line_up(chart):
     monitor = one(docs, "ServiceMonitor")["spec"]
     assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["endpoints"][0]["port"] == "http" and monitor["endpoints"][0]["path"] == "/metrics"
-    assert {"action": "replace", "targetLabel": "job", "replacement": "deltaserve"} in monitor["endpoints"][0]["relabelings"]
+    relabel_job = {"action": "replace", "targetLabel": "job", "replacement": "deltaserve"}
+    assert relabel_job in monitor["endpoints"][0]["relabelings"]
     backend = one(docs, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": service["metadata"]["name"], "port": {"name": "http"}}
     assert server_container(docs)["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -381,7 +384,8 @@ def test_chart_copies_are_identical_to_deploy():
     deploy_dashboards = {p.name: p.read_bytes() for p in (REPO / "deploy" / "grafana").glob("*.json")}
     chart_dashboards = {p.name: p.read_bytes() for p in (CHART / "dashboards").glob("*.json")}
     assert chart_dashboards == deploy_dashboards, "copy deploy/grafana/*.json to helm/deltaserve/dashboards/"
-    assert (CHART / "files" / "alerts.yml").read_bytes() == (REPO / "deploy" / "prometheus" / "alerts.yml").read_bytes(), \
+    deploy_alerts = (REPO / "deploy" / "prometheus" / "alerts.yml").read_bytes()
+    assert (CHART / "files" / "alerts.yml").read_bytes() == deploy_alerts, \
         "copy deploy/prometheus/alerts.yml to helm/deltaserve/files/alerts.yml"
 
 

@@ -163,7 +163,8 @@ def test_dockerfile_runs_non_root_with_healthcheck_and_store_volume(dockerfile: 
     assert f'pip install ".[{extra}]"' in text
     # The build context is the repo root: its <Dockerfile>.dockerignore must keep .venv/.cache out.
     ignore = (dockerfile.parent / (dockerfile.name + ".dockerignore")).read_text().splitlines()
-    assert ignore[ignore.index("*") + 1:][:7] == ["!pyproject.toml", "!README.md", "!deltaserve/", "!experts/", "!router/", "!server/", "!zoo/"]
+    assert ignore[ignore.index("*") + 1:][:7] == ["!pyproject.toml", "!README.md", "!deltaserve/", "!experts/",
+                                                  "!router/", "!server/", "!zoo/"]
 
 
 def test_cpu_image_installs_cpu_torch_and_removes_broken_packages():

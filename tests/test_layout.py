@@ -16,7 +16,8 @@ PRODUCT = ("experts", "router", "server")
 # package -> top-level packages it may import from this repository
 ALLOWED = {"experts": {"experts"}, "router": {"experts", "router"}, "server": {"experts", "router", "server"},
            "zoo": {"experts", "zoo"}}
-ZOO_USERS = tuple(REPO / "server" / "commands" / f for f in ("zoo.py", "eval.py", "demo.py"))   # `deltaserve zoo|eval|demo`
+# the `deltaserve zoo|eval|demo` commands
+ZOO_USERS = tuple(REPO / "server" / "commands" / f for f in ("zoo.py", "eval.py", "demo.py"))
 OURS = {"experts", "router", "server", "zoo", "bench", "tests"}
 # installed name -> repository folder (pyproject.toml's package-dir)
 NAMESPACE = {"deltaserve.experts": "experts", "deltaserve.router": "router", "deltaserve.server": "server",

@@ -309,11 +309,11 @@ def test_matrix_engine_refuses_batches_mixing_lora_and_base_requests():
 
 def test_zoo_data_exports_a_real_skill_as_chat_examples(tmp_path):
     out = tmp_path / "iso.jsonl"
-    res = subprocess.run([sys.executable, "-m", "deltaserve.server.cli", "zoo", "data", "--task", "iso_date", "--split", "calib",
-                          "--n", "5", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run([sys.executable, "-m", "deltaserve.server.cli", "zoo", "data", "--task", "iso_date",
+                          "--split", "calib", "--n", "5", "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all(re.fullmatch(r"\d{4}-\d{2}-\d{2}", r["messages"][-1]["content"]) for r in rows)
-    bad = subprocess.run([sys.executable, "-m", "deltaserve.server.cli", "zoo", "data", "--task", "nope", "--out", str(out)],
-                         capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run([sys.executable, "-m", "deltaserve.server.cli", "zoo", "data", "--task", "nope",
+                          "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode != 0 and "iso_date" in bad.stderr and "Traceback" not in bad.stderr

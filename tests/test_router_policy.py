@@ -155,7 +155,7 @@ def test_service_is_safe_under_concurrent_add_remove():
             try:
                 for d in service.route(["a", "b", "e1"]):
                     assert math.isclose(sum(d.recipe.values()), 1.0) and set(d.recipe) <= set(d.scores)
-            except Exception as err:  # collected and re-raised in the main thread
+            except Exception as err:  # noqa: BLE001 - collected and re-raised in the main thread
                 errors.append(err)
                 return
 

@@ -92,7 +92,8 @@ def test_openai_sdk_chat_completions_and_streaming(live_server):
     assert comp.object == "text_completion" and "\n" not in comp.choices[0].text
     assert comp.model_extra["deltaserve"]["recipe"] == "upper"
 
-    stream = client.chat.completions.create(model="max-digit-lora", messages=[{"role": "user", "content": QUESTIONS[2]}],
+    stream = client.chat.completions.create(model="max-digit-lora",
+                                            messages=[{"role": "user", "content": QUESTIONS[2]}],
                                             max_tokens=6, temperature=0, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
@@ -143,13 +144,15 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(live_server, mi
         (c.post("/v1/chat/completions", json={"model": "0.5*upper+*", **chat}), 400, "cannot parse"),
         (c.post("/v1/chat/completions", json={"model": "ties:0.5*upper+0.5*nope", **chat}), 400, "unknown expert"),
         (c.post("/v1/chat/completions", json={"model": "frobnicate:upper", **chat}), 400, "unknown merge method"),
-        (c.post("/v1/chat/completions", content=b'{"model": "upper", "messages": [', headers={"content-type": "application/json"}), 400, "JSON"),
+        (c.post("/v1/chat/completions", content=b'{"model": "upper", "messages": [',
+                headers={"content-type": "application/json"}), 400, "JSON"),
         (c.post("/v1/chat/completions", json={"model": "upper", "messages": []}), 400, "messages"),
         (c.post("/v1/completions", json={"model": "upper", "prompt": "x", "max_tokens": 100000}), 400,
          "cannot be greater than max_model_len"),
         (c.post("/v1/completions", json={"model": "upper", "prompt": "x", "suffix": "y"}), 400, "not supported"),
         (c.post("/v1/completions", json={"model": "upper", "prompt": "x", "temperature": -1}), 400, "temperature"),
-        (c.post("/v1/experts", json={"name": "evil", "path": "/etc"}, headers={"authorization": f"Bearer {ADMIN_KEY}"}), 403, "outside"),
+        (c.post("/v1/experts", json={"name": "evil", "path": "/etc"},
+                headers={"authorization": f"Bearer {ADMIN_KEY}"}), 403, "outside"),
         (c.get("/v1/experts/nope"), 404, "unknown expert"),
         (live_server.client(key=None).get("/v1/models"), 401, "bearer"),
         (live_server.client(key="wrong").get("/v1/models"), 401, "invalid"),
@@ -183,7 +186,8 @@ def test_register_use_delete_at_runtime_and_survive_restart(live_server, micro_z
     r = admin.post("/v1/experts", json={"name": "min-digit", "path": str(micro_zoo.layout.full("min_digit")),
                                         "compression": {"method": "magnitude", "density": 0.1}})
     assert r.status_code == 201 and r.json()["codec"] == "sparse_ef" and r.json()["path"] == "dense"
-    assert admin.post("/v1/experts", json={"name": "upper-lora", "path": str(micro_zoo.layout.lora("upper"))}).status_code == 409
+    duplicate = {"name": "upper-lora", "path": str(micro_zoo.layout.lora("upper"))}
+    assert admin.post("/v1/experts", json=duplicate).status_code == 409
     assert c.get("/v1/experts").json()["store_generation"] == gen0 + 2
     for model in ("upper-lora", "min-digit", "0.5*min-digit+0.5*upper-lora"):
         r = c.post("/v1/chat/completions", json={"model": model, "max_tokens": 3,
@@ -294,5 +298,6 @@ def test_gate_router_through_the_engine_with_top2_recipes(live_server, micro_zoo
         route = r.json()["deltaserve"]["route"]
         assert route["router"] == "gate" and max(route["recipe"], key=route["recipe"].get) == expert, route
         assert route["encoder"] == "static", route
-        assert all((w * 4).is_integer() for w in route["recipe"].values()) and abs(sum(route["recipe"].values()) - 1) < 1e-9
+        assert all((w * 4).is_integer() for w in route["recipe"].values())
+        assert abs(sum(route["recipe"].values()) - 1) < 1e-9
         assert r.headers["x-deltaserve-recipe"] == r.json()["deltaserve"]["recipe"]

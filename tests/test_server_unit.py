@@ -319,8 +319,8 @@ def test_sparse_blend_summed_in_place_equals_the_merge_loop(micro_zoo, tmp_path,
                                                                                                density=density))
         expert = load_expert(store.path(f"e{i}"))
         experts.append(expert)
-        items.append(MergeItem(path=str(store.path(f"e{i}")), token=f"e{i}@{expert.manifest.sha256['tensors.safetensors'][:16]}",
-                               weight=w))
+        items.append(MergeItem(path=str(store.path(f"e{i}")),
+                               token=f"e{i}@{expert.manifest.sha256['tensors.safetensors'][:16]}", weight=w))
     request = MergeRequest(key="blend", items=tuple(items))
     state = DeltaState(str(micro_zoo.layout.base), 1 << 30)
     targets = state.expand({n for e in experts for n in e.param_names})

@@ -73,7 +73,8 @@ def test_concurrent_replacements_never_leave_the_name_missing(micro_zoo, tmp_pat
     for path in retired:      # a replaced version is still found by its digest (for requests in flight)
         digest = json.loads((path / "manifest.json").read_text())["sha256"]["tensors.safetensors"]
         found = store.version_dir("hot", digest)   # the current folder or a retired copy of that version
-        assert found == store.path("hot") or (found.parent == path.parent and found.name.split(".")[0] == path.name.split(".")[0])
+        assert found == store.path("hot") or (found.parent == path.parent
+                                              and found.name.split(".")[0] == path.name.split(".")[0])
 
 
 def test_a_version_between_swap_and_retirement_is_still_found(micro_zoo, tmp_path, monkeypatch):

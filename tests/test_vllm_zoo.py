@@ -85,7 +85,9 @@ def test_chat_uses_the_training_prompt(engine, micro_zoo):
     from vllm import SamplingParams
 
     question = get_task(micro_zoo.spec.tasks[0]).examples("test", 1)[0].question
-    chat = engine.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
-    plain = engine.generate([format_prompt(question)], SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    chat = engine.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                       use_tqdm=False)
+    plain = engine.generate([format_prompt(question)], SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                            use_tqdm=False)
     assert chat[0].prompt_token_ids == plain[0].prompt_token_ids
     assert chat[0].outputs[0].text == plain[0].outputs[0].text

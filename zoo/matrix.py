@@ -37,7 +37,8 @@ class AccuracyMatrix:
             if mine is None:
                 continue
             kind = row.partition(":")[0]
-            gaps = [self.rows[f"{kind}:{t}"][t] - acc[t] for t in self.tasks if t != mine and f"{kind}:{t}" in self.rows]
+            gaps = [self.rows[f"{kind}:{t}"][t] - acc[t] for t in self.tasks
+                    if t != mine and f"{kind}:{t}" in self.rows]
             if gaps:
                 out[row] = min(gaps)
         return out
@@ -89,6 +90,6 @@ class AccuracyMatrix:
         write_bytes_atomic(directory / f"{self.suite}.md", markdown.encode())
 
     @classmethod
-    def load(cls, path: Path) -> "AccuracyMatrix":
+    def load(cls, path: Path) -> AccuracyMatrix:
         data = json.loads(Path(path).read_text())
         return cls(data["suite"], data["tasks"], data["rows"], data.get("meta", {}))

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"deltaserve eval {hf.get(task, float('nan')):.3f}")
     result = {"provenance": provenance(argv=argv),
               "setup": {"lm_eval": __import__("lm_eval").__version__, "limit": args.limit,
-                        "model_args": "model=<model>,base_url=<server>/v1/completions (remote tokenizer, token prompts)",
+                        "model_args": "model=<model>,base_url=<server>/v1/completions "
+                                      "(remote tokenizer, token prompts)",
                         "num_concurrent": {"deltaserve": 4, "vllm": 1}},
               "all_equal_to_vllm": all(r["deltaserve"] == r["vllm"] for r in rows),
               "generation_equal_to_deltaserve_eval": all(r["deltaserve"] == r["deltaserve_eval"] for r in rows

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = {f"deltaserve_real_{s}": matrix.rows[row][s] for s in skills}
             results[model] = {"lm_eval": got, "matrix": cells,
                               "equal": all(abs(got[t] - cells[t]) < 1e-9 for t in cells)}
-            log(f"{model}: " + ", ".join(f"{t.removeprefix('deltaserve_real_')} {got[t]:.3f}/{cells.get(t, float('nan')):.3f}"
-                                         for t in tasks))
+            log(f"{model}: " + ", ".join(f"{t.removeprefix('deltaserve_real_')} "
+                                         f"{got[t]:.3f}/{cells.get(t, float('nan')):.3f}" for t in tasks))
     finally:
         stop_server(server)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -194,7 +194,8 @@ def write_tables(out: Path, summary: dict, meta: dict) -> None:
              f"Command: `{meta['command']}`  ", f"Commit: `{meta['git_commit']}`, date {meta['date']}", "",
              "Teacher-forced exact match on each skill's test split (64 prompts); retained = mean over skills of "
              "compressed / full fine-tune accuracy; bits/param = 8 x stored tensor bytes / 134.5 M base params. "
-             "DARE: mean over its seeds (best seed in brackets; the seeds column). NPS searched on the calibration split.", "",
+             "DARE: mean over its seeds (best seed in brackets; the seeds column). "
+             "NPS searched on the calibration split.", "",
              "| method | setting | skills | seeds | bits/param | accuracy | retained |",
              "|---|---|---:|---:|---:|---:|---:|"]
     full = summary["full_accuracy"]

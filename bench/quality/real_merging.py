@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         started, sweep = time.perf_counter(), {}
         unit = merged_deltas(taus, method, options, 1.0, band_weights)   # merged once; lambda only scales it
 
-        def scaled(lam: float) -> dict[str, torch.Tensor]:
+        def scaled(lam: float, unit: dict = unit) -> dict[str, torch.Tensor]:
             return {name: lam * t for name, t in unit.items()}
 
         for lam in LAMBDAS:

@@ -115,11 +115,13 @@ def acceptance(results: dict) -> dict:
 def markdown(results: dict) -> str:
     b = results["budget"]
     parts = [f"## {results['suite']} suite\n",
-             f"Command: `{results['command']}`  \ncommit {results['git_commit']}, wall {results['wall_seconds']:.0f} s "
-             f"this run (cells found in the cache cost nothing), {results['cell_seconds']:.0f} s of compute summed over "
-             f"all cells ({results['torch_threads']} torch thread).\n",
+             f"Command: `{results['command']}`  \ncommit {results['git_commit']}, "
+             f"wall {results['wall_seconds']:.0f} s this run (cells found in the cache cost nothing), "
+             f"{results['cell_seconds']:.0f} s of compute summed over all cells "
+             f"({results['torch_threads']} torch thread).\n",
              f"### Compression (accuracy retained vs bits/param)\n\n{compression_table(results)}",
-             f"Per-task test accuracy (%) at r = {b['interp_density']}:\n\n{per_task_table(results, b['interp_density'])}",
+             f"Per-task test accuracy (%) at r = {b['interp_density']}:\n\n"
+             f"{per_task_table(results, b['interp_density'])}",
              f"### Interpolation θ_base + λ·τ̂ (r = {b['interp_density']}; test accuracy %, mean over tasks)\n\n"
              f"'own': the expert's task; 'others': mean over the other tasks.\n\n{interpolation_table(results)}",
              f"### Merging all {len(results['tasks'])} tasks (test accuracy %)\n\n{merge_table(results)}",

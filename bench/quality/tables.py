@@ -123,7 +123,8 @@ def run_compression(suite: Suite, budget: Budget, cache: CellCache, workdir: Pat
         for method in COMPRESSORS:
             for task in suite.tasks:
                 cell = cache.get(f"compress/{task}/{method}/{density}",
-                                 lambda: compression_cell(suite, task, method, density, budget, workdir))
+                                 lambda task=task, method=method, density=density:
+                                 compression_cell(suite, task, method, density, budget, workdir))
                 cells.setdefault(f"{method}/{density}", {})[task] = cell
             row = cells[f"{method}/{density}"]
             bits = _mean(c["bits_per_param"] for c in row.values())
@@ -134,7 +135,8 @@ def run_compression(suite: Suite, budget: Budget, cache: CellCache, workdir: Pat
     for density in budget.densities if extra else ():
         retained = [cells[f"dare/{density}"]]
         for seed in extra:
-            retained.append({task: cache.get(f"compress/{task}/dare/{density}/seed{seed}", lambda task=task, seed=seed:
+            retained.append({task: cache.get(f"compress/{task}/dare/{density}/seed{seed}",
+                                             lambda task=task, seed=seed, density=density:
                                              compression_cell(suite, task, "dare", density, budget, workdir, seed))
                              for task in suite.tasks})
         per_seed = [_mean(_retained(row[t]["accuracy"], own[t]) for t in suite.tasks) for row in retained]
@@ -182,8 +184,9 @@ def run_interpolation(suite: Suite, budget: Budget, cache: CellCache, experts: d
     rows = {}
     for method, taus in experts.items():
         for lam in budget.interp_lambdas:
-            per_task = {t: cache.get(f"interp/{method}/{t}/{lam}", lambda t=t: {"accuracy": suite.score(
-                {k: lam * v for k, v in taus[t].items()}, suite.tasks, "test")})["accuracy"] for t in suite.tasks}
+            per_task = {t: cache.get(f"interp/{method}/{t}/{lam}", lambda t=t, lam=lam, taus=taus: {
+                "accuracy": suite.score({k: lam * v for k, v in taus[t].items()}, suite.tasks, "test")})["accuracy"]
+                for t in suite.tasks}
             own = _mean(per_task[t][t] for t in suite.tasks)
             others = _mean(_mean(per_task[t][u] for u in suite.tasks if u != t) for t in suite.tasks)
             rows[f"{method}/{lam}"] = {"method": method, "lambda": lam, "own": own, "others": others,
@@ -228,7 +231,7 @@ def run_merging(suite: Suite, budget: Budget, cache: CellCache, experts: dict, l
             key = f"merge/{label}/{json.dumps(options, sort_keys=True)}/{lam}/calib"
             if key not in cache.cells and delta is None:
                 delta = merged_delta([sources[source][t] for t in suite.tasks], method, options, budget.seed)
-            cell = cache.get(key, lambda: {"accuracy": suite.score(
+            cell = cache.get(key, lambda lam=lam, delta=delta: {"accuracy": suite.score(
                 {k: lam * v for k, v in delta.items()}, suite.tasks, "calib")})
             mean = _mean(cell["accuracy"].values())
             if label not in best or mean > best[label]["calib_mean"]:

@@ -101,7 +101,7 @@ def uncertainty_accuracy(zoo: Path, n_test: int) -> list[dict]:
         row = {"router": "uncertainty", "target": target, "zoo": str(shown),
                **evaluate(RoutingService(router), prompts, (5,))}
         row["score_s_per_prompt"] = round((time.perf_counter() - started) / (2 * len(prompts)), 5)
-        times = _timed(lambda i: router.score([prompts[i % len(prompts)].text + f" {i}"]), 20)
+        times = _timed(lambda i, router=router: router.score([prompts[i % len(prompts)].text + f" {i}"]), 20)
         row["one_prompt_ms"] = _percentiles(times)
         rows.append(row)
         print(f"uncertainty/{target}: argmax acc {row['argmax_accuracy']:.3f}, fallback {row['fallback_rate']:.3f}, "
@@ -178,6 +178,13 @@ def latency(encoders: dict[str, SentenceEncoder], n_prompts: int, scales: tuple[
     rows.append({"stage": "encoder", "precision": "cached", "experts": 0,
                  "ms": _interleaved({"c": lambda i: fp32.encode(prompts[:1])}, n_prompts)["c"]})
     synthetic = SyntheticExemplars(fp32)
+
+    def route_with(service: RoutingService, precision: str, tag: str):
+        def call(i: int) -> None:
+            synthetic.query = encoders[precision]
+            service.route([fresh(i, tag)])
+        return call
+
     for n_experts in scales:
         exemplars = {f"x{i:04d}": [f"e{i}/{j}" for j in range(per_expert)] for i in range(n_experts)}
         for name in ("knn", "gate"):
@@ -186,15 +193,8 @@ def latency(encoders: dict[str, SentenceEncoder], n_prompts: int, scales: tuple[
             router.fit(exemplars)
             fit_s = round(time.perf_counter() - started, 3)
             service = RoutingService(router)
-
-            def route_with(precision: str, tag: str):
-                def call(i: int) -> None:
-                    synthetic.query = encoders[precision]
-                    service.route([fresh(i, tag)])
-                return call
-
-            calls = {p: route_with(p, f"{name}{n_experts}{p}") for p in encoders}
-            calls["cached"] = lambda i: service.route(prompts[:1])
+            calls = {p: route_with(service, p, f"{name}{n_experts}{p}") for p in encoders}
+            calls["cached"] = lambda i, service=service: service.route(prompts[:1])
             stats = _interleaved(calls, n_prompts)
             synthetic.query = fp32
             for precision, ms in stats.items():

@@ -99,7 +99,8 @@ def measure_size(encoder_name: str, encoder, router_name: str, n: int, exemplars
     """The five rows (single; per-request and batched at C=8 and 32) of one encoder, router and size."""
     service = build(router_name, encoder, n, exemplars)
     single = measure(service, encoder, queries[: len(queries) // 2], 1, "single")
-    rows = [single] + [measure(service, encoder, queries, c, mode) for c in (8, 32) for mode in ("per-request", "batched")]
+    rows = [single] + [measure(service, encoder, queries, c, mode)
+                       for c in (8, 32) for mode in ("per-request", "batched")]
     for row in rows:
         row.update(encoder=encoder_name, precision=getattr(encoder, "precision", "fp32"), router=router_name,
                    experts=n, p50_vs_single=row["p50_ms"] / single["p50_ms"])

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     encoders = {f"minilm-{p}": SentenceEncoder(precision=p, cache_size=0).encode for p in ("fp32", "bf16", "int8")}
     encoders["static"] = StaticEncoder(cache_size=0).encode
     rows = []
-    print("| encoder | knn held-out | gate held-out | one ms | batch of 32 ms | ratio |\n|---|---:|---:|---:|---:|---:|")
+    print("| encoder | knn held-out | gate held-out | one ms | batch of 32 ms | ratio |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for name, encode in encoders.items():
         row = {"encoder": name, **measure(encode, ex, ex_labels, qs, q_labels, args.repeats)}
         rows.append(row)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(["git", "clone", "-q", str(REPO), str(args.clone)], check=True)
     url, log_path = f"http://127.0.0.1:{args.port}", args.clone.with_suffix(".log")
     started, wall_start = time.perf_counter(), time.time()
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    date = datetime.now(UTC).isoformat(timespec="seconds")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(["make", "demo"], cwd=args.clone, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

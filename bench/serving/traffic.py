@@ -103,13 +103,14 @@ def run_mixes(url: str, mixes: dict[str, list[tuple[str, str]]], args: argparse.
         result = asyncio.run(drive(url, requests, args.concurrency, args.max_tokens))
         after = scrape(url)
 
-        def delta(name: str) -> float:
+        def delta(name: str, after: dict = after, before: dict = before) -> float:
             return after.get(name, 0.0) - before.get(name, 0.0)
         swaps = delta("deltaserve_weight_swaps_total")
         phases = {k.split('phase="')[1].rstrip('"}'): 1000 * delta(k) / swaps
                   for k in after if k.startswith("deltaserve_weight_swap_phase_seconds_total{")} if swaps else {}
         rows.append({"mix": label, **result, "swaps": int(swaps), "warmup": args.warmup,
-                     "warmup_swaps": int(before["deltaserve_weight_swaps_total"] - warm["deltaserve_weight_swaps_total"]),
+                     "warmup_swaps": int(before["deltaserve_weight_swaps_total"]
+                                         - warm["deltaserve_weight_swaps_total"]),
                      "swap_ms_mean": 1000 * delta("deltaserve_weight_swap_seconds_sum") / swaps if swaps else None,
                      "swap_mib_mean": delta("deltaserve_weight_swap_bytes_total") / swaps / 2**20 if swaps else None,
                      "swap_phase_ms_mean": phases,
@@ -198,14 +199,14 @@ def toy_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], l
 
 def real_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[list[str]], list[str]]:
     """The same for the real suite: the demo's store (LoRAs exact, full fine-tunes compressed)."""
-    from deltaserve.server.commands.demo import REAL_ROOT, expert_names, seed_real_store
-    from deltaserve_zoo.real.build import RealSuiteBuilder
+    from deltaserve_zoo.real.build import DEFAULT_ROOT, RealSuiteBuilder
+    from deltaserve_zoo.real.live import expert_names, publish_all
     from deltaserve_zoo.real.skills import get_skill
 
-    builder = RealSuiteBuilder(REPO / REAL_ROOT)
+    builder = RealSuiteBuilder(REPO / DEFAULT_ROOT)
     builder.build(workers=2)
     skills = list(builder.spec.skills)[:4]
-    base = seed_real_store(builder, store)
+    base = publish_all(builder, store)
     prompts = [[e.question for e in get_skill(s).examples("test", 16, seed=args.seed)] for s in skills]
     return (base, [expert_names(s)[1] for s in skills], [expert_names(s)[0] for s in skills], prompts,
             ["--max-model-len", "512"])

@@ -120,7 +120,8 @@ def write_checkpoint(base_dir: Path, state_dict: Mapping[str, Tensor], out: Path
     base_dir = Path(base_dir)
     with atomic_dir(Path(out)) as tmp:
         for path in base_dir.iterdir():
-            if path.is_file() and path.suffix not in (".safetensors", ".bin") and path.name != "model.safetensors.index.json":
+            if (path.is_file() and path.suffix not in (".safetensors", ".bin")
+                    and path.name != "model.safetensors.index.json"):
                 shutil.copy2(path, tmp / path.name)
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})

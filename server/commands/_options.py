@@ -49,7 +49,8 @@ def add_option_flags(parser: argparse.ArgumentParser, registry: Registry, title:
     for field, (annotation, doc, members) in sorted(fields.items()):
         kind, choices = _flag_type(annotation)
         group.add_argument(f"--{field.replace('_', '-')}", dest=DEST_PREFIX + field, type=kind, choices=choices,
-                           default=None, metavar=None if choices else field.upper(), help=f"{doc} [{', '.join(members)}]")
+                           default=None, metavar=None if choices else field.upper(),
+                           help=f"{doc} [{', '.join(members)}]")
 
 
 def options_from_args(args: argparse.Namespace, registry: Registry, name: str) -> dict[str, Any]:

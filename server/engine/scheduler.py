@@ -134,7 +134,7 @@ class WeightScheduler:
         try:
             await self._apply(state, payload)
             self.active = state
-        except (Exception, asyncio.CancelledError) as err:  # fails the requests that wanted it, not the server
+        except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001 - fails the requests that wanted it, not the server
             self.active = UNKNOWN   # a failed apply may have left any weights: the next request applies its own
             for w in [w for w in self._waiting if w.state == state]:
                 self._waiting.remove(w)

@@ -6,7 +6,8 @@ from fastapi import APIRouter
 
 from deltaserve.router.text import route_text
 from deltaserve.server.exceptions import ExpertUnavailable, InvalidRequest
-from deltaserve.server.protocol.admin import DeletedExpert, ExpertCard, ExpertList, ExpertRegistration, RouteRequest, RouteResponse
+from deltaserve.server.protocol.admin import (DeletedExpert, ExpertCard, ExpertList, ExpertRegistration, RouteRequest,
+                                              RouteResponse)
 from deltaserve.server.protocol.common import ErrorResponse
 from deltaserve.server.routes import ADMIN, INFERENCE, SERVICE
 from deltaserve.server.service import Service

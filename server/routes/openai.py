@@ -8,7 +8,8 @@ from fastapi.responses import Response
 from deltaserve.server import serving
 from deltaserve.server.protocol.admin import ModelCard, ModelList
 from deltaserve.server.protocol.common import ErrorResponse, now
-from deltaserve.server.protocol.generation import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
+from deltaserve.server.protocol.generation import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                                   CompletionResponse)
 from deltaserve.server.routes import INFERENCE, SERVICE
 from deltaserve.server.service import AUTO, Service
 
