@@ -44,6 +44,16 @@ class TensorSpec(BaseModel):
     dtype: DTypeName
 
 
+class CalibrationDetail(BaseModel):
+    """How an expert answers its calibration examples (experts.calibration), teacher-forced."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    exact: float = Field(ge=0.0, le=1.0, description="share of examples answered exactly (greedy exact match)")
+    token_accuracy: float = Field(ge=0.0, le=1.0, description="share of answer tokens that are the argmax")
+    nll: float = Field(ge=0.0, description="mean answer-token negative log-likelihood")
+    examples: int = Field(ge=1, description="calibration examples scored")
+
+
 class ExpertManifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -60,7 +70,9 @@ class ExpertManifest(BaseModel):
     bits_per_param: float = Field(ge=0.0, description="8 * bytes / base_params")
     source: str = Field(description="where the expert came from (path or description)")
     method: dict[str, Any] = Field(description="compressor name and options, e.g. {'name': 'nps', ...}")
-    calibration_score: float | None = None
+    calibration_score: float | None = Field(None, description="the graded calibration score routers compare: exact "
+                                                               "match + token accuracy / (examples + 1)")
+    calibration: CalibrationDetail | None = Field(None, description="the calibration score's parts")
     task: str | None = None
     created: str = Field(description="ISO 8601 timestamp")
     tensors: dict[str, TensorSpec] = Field(min_length=1)

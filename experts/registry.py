@@ -88,6 +88,12 @@ class Registry(Mapping[str, T]):
         self._options[name] = options
         return item
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (a plugin unloaded, a test's throwaway member); a miss lists the known names."""
+        item = self[name]
+        del self._items[name], self._options[name]
+        return item
+
     def register(self, name: str, options: type[Options] = NoOptions) -> Callable[[T], T]:
         """Decorator: register the decorated object under ``name`` with its options model."""
 

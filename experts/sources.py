@@ -70,14 +70,19 @@ class Compression(BaseModel):
 
 
 def score_stage(stage: Path, objective: Any) -> None:
-    """Give a staged expert without a calibration score one: ``objective(decoded deltas)``, i.e. its
-    measured quality on the calibration examples (kept as is when the compressor already scored it)."""
+    """Measure a staged expert on the calibration examples: ``objective(decoded deltas)`` is its calibration
+    score (kept as is when the compressor already scored it), and an objective that reports the score's parts
+    (``evaluate``, experts.calibration) records them too."""
     manifest_path = stage / MANIFEST_FILE
     raw = json.loads(manifest_path.read_text())
-    if raw.get("calibration_score") is not None:
-        return
-    expert = load_expert(stage)
-    raw["calibration_score"] = float(objective(dict(expert.iter_deltas(torch.float32))))
+    deltas = dict(load_expert(stage).iter_deltas(torch.float32))
+    evaluate = getattr(objective, "evaluate", None)
+    score = evaluate(deltas) if evaluate is not None else None
+    if score is not None:
+        raw["calibration"] = {"exact": score.exact, "token_accuracy": score.token_accuracy, "nll": score.nll,
+                              "examples": score.n}
+    if raw.get("calibration_score") is None:
+        raw["calibration_score"] = float(score.graded if score is not None else objective(deltas))
     manifest_path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 

@@ -113,7 +113,8 @@ class Service:
         return ExpertCard(
             id=name, kind=m.kind, codec=m.codec, density=m.density, rank=m.rank, bytes=m.bytes,
             bits_per_param=m.bits_per_param, base_params=m.base_params, base_fingerprint=m.base_fingerprint,
-            source=m.source, method=m.method, task=m.task, calibration_score=m.calibration_score, created=m.created,
+            source=m.source, method=m.method, task=m.task, calibration_score=m.calibration_score,
+            calibration=m.calibration.model_dump() if m.calibration else None, created=m.created,
             path=self.engine.plan(Recipe(((name, 1.0),))).path, exemplars=len(self.store.exemplars(name)))
 
     def allowed_path(self, raw: str, param: str = "path") -> Path:

@@ -167,7 +167,8 @@ def real_server(engines, real_base, tmp_path_factory):
     ``sources`` maps each expert to the folder it was registered from."""
     root = tmp_path_factory.mktemp("real")
     sources = seed_real_store(real_base, root / "store", root / "sources")
-    server = engines.start(real_base, root / "store", root / "server.log",
-                           extra=["--max-lora-rank", "8", "--max-model-len", "1024", "--router", "knn"], keys=False)
+    server = engines.start(real_base, root / "store", root / "server.log", roots=(root,), keys=False,
+                           extra=["--max-lora-rank", "8", "--max-model-len", "1024", "--router", "knn"])
+    server.root = root        # tests may register experts they write under it
     server.sources = sources
     return server

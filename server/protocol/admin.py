@@ -82,6 +82,8 @@ class ExpertCard(BaseModel):
     method: dict[str, Any]
     task: str | None
     calibration_score: float | None
+    calibration: dict[str, Any] | None = Field(None, description="the calibration score's parts: exact, "
+                                                                 "token_accuracy, nll, examples")
     created: str
     path: PathName
     exemplars: int

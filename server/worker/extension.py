@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import threading
@@ -25,6 +26,20 @@ from deltaserve.experts.atomic import pid_alive
 from deltaserve.server.engine.contracts import MergeRequest, SwapStats
 from deltaserve.server.vllm_patches import apply_vllm_patches, patched_targets
 from deltaserve.server.worker.state import DeltaState
+
+
+class UntouchedLayers(logging.Filter):
+    """A recipe's swap reloads only the layers it changes; vLLM warns "<Layer>: Failed to load weights" for
+    every other layer on every swap (and for the rotary embedding and the tied head, which have no weights of
+    their own). Those layers keep their weights, as intended: the lines are dropped."""
+
+    LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to load weights" not in record.getMessage()
+
+
+_UNTOUCHED = UntouchedLayers()
 
 
 def retie_output_embeddings(model: torch.nn.Module) -> bool:
@@ -78,6 +93,7 @@ class DeltaWorkerExtension:
         fixes are applied after the model loaded, which is in time with ``enforce_eager`` (the default):
         the ops run eagerly at every step."""
         self._deltaserve = DeltaState(base_dir, host_cache_bytes)
+        logging.getLogger(UntouchedLayers.LOGGER).addFilter(_UNTOUCHED)
         apply_vllm_patches()
         if server_pid:
             watch_parent(server_pid)

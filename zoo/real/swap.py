@@ -11,6 +11,7 @@ inside its worker process (``worker_extension_cls``), so it stays light.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from safetensors import safe_open
@@ -29,6 +30,21 @@ def checkpoint_tensors(model_dir: Path):
                 yield name, fh.get_tensor(name)
 
 
+class _WeightlessLayers(logging.Filter):
+    """vLLM warns "<Layer>: Failed to load weights" on every reload for layers the checkpoint has no tensor of
+    (the rotary embedding, the head tied to the embeddings): nothing is missing, the lines are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to load weights" not in record.getMessage()
+
+
+_QUIET = _WeightlessLayers()
+
+
+def _quiet_reloads() -> None:
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_QUIET)   # once: same object
+
+
 class CheckpointSwapExtension:
     """Methods vLLM mixes into its Worker; call with ``llm.collective_rpc("realsuite_load", ...)``."""
 
@@ -37,6 +53,7 @@ class CheckpointSwapExtension:
 
         Loaded LoRA adapters are dropped by vLLM here; the prefix cache must be reset by the caller.
         """
+        _quiet_reloads()
         items = list(checkpoint_tensors(Path(model_dir)))
         self.model_runner.reload_weights(weights_iterator=iter(items))
         return len(items)
@@ -46,6 +63,7 @@ class CheckpointSwapExtension:
         count of merged tensors. Same caveats as ``realsuite_load``."""
         from deltaserve.experts.taskvector import extract_lora
 
+        _quiet_reloads()
         tau = extract_lora(Path(base_dir), Path(adapter_dir))
         items = []
         for name, tensor in checkpoint_tensors(Path(base_dir)):
