@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field
@@ -177,9 +177,9 @@ def _bitdelta(deltas, options: NoOptions, context: CompressionContext) -> Compre
 @compressor("lowrank", codec="lowrank", options=LowRankOptions)
 def _lowrank(deltas, options: LowRankOptions, context: CompressionContext) -> Compressed:
     """Truncated SVD of every matrix; 1-D deltas (norm weights) are dropped (recorded)."""
-    from deltaserve.experts.codecs import get_codec
+    from deltaserve.experts.codecs import FactorCodec, get_codec
 
-    codec = get_codec("lowrank")
+    codec = cast(FactorCodec, get_codec("lowrank"))
     out: dict[str, Tensor | EncodedDelta] = {}
     dropped = []
     for name, t in deltas.items():
@@ -197,12 +197,11 @@ def _nps(deltas, options: NpsOptions, context: CompressionContext) -> Compressed
     if context.objective is None:
         raise ValueError("nps needs a calibration objective: calibration examples (a JSONL file of chat examples)")
     per_tensor = options.banding == "per-tensor"
-    search = dict(bands=options.bands, generations=options.generations, patience=options.patience,
-                  population=options.population,
-                  per_tensor=per_tensor, max_weight=options.max_weight, sigma0=options.sigma0)
     prune = nps_pruner(deltas, options.bands, options.density, per_tensor)   # the stored expert is what was scored
     result = nps_search(deltas, context.objective, density=options.density, seed=options.seed,
-                        progress=context.progress, pruner=prune, **search)
+                        progress=context.progress, pruner=prune, bands=options.bands,
+                        generations=options.generations, patience=options.patience, population=options.population,
+                        per_tensor=per_tensor, max_weight=options.max_weight, sigma0=options.sigma0)
     pruned = prune(list(result.weights))
     method = {"name": "nps", **options.model_dump(), "weights": list(result.weights),
               "objective": getattr(context.objective, "name", "custom"), "baseline_score": result.baseline_score,
@@ -244,9 +243,11 @@ def storage_codec(comp: Compressor, result: Compressed) -> str:
 
 
 def extract(base_dir: Path, finetuned_dir: Path | None = None, adapter_dir: Path | None = None) -> TaskVector:
-    if (finetuned_dir is None) == (adapter_dir is None):
-        raise ValueError("give exactly one of a fine-tuned model directory or a PEFT adapter directory")
-    return extract_full(base_dir, finetuned_dir) if finetuned_dir else extract_lora(base_dir, adapter_dir)
+    if finetuned_dir is not None and adapter_dir is None:
+        return extract_full(base_dir, finetuned_dir)
+    if adapter_dir is not None and finetuned_dir is None:
+        return extract_lora(base_dir, adapter_dir)
+    raise ValueError("give exactly one of a fine-tuned model directory or a PEFT adapter directory")
 
 
 def compress_expert(

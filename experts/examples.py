@@ -74,7 +74,7 @@ class ChatExample:
 def read_examples(path: Path, limit: int = MAX_EXAMPLES) -> list[ChatExample]:
     """Examples from a JSONL file; every problem names the file and line."""
     path = Path(path)
-    out = []
+    out: list[ChatExample] = []
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():

@@ -23,13 +23,14 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import cast
 
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from deltaserve.experts.codecs import Codec, get_codec
+from deltaserve.experts.codecs import Codec, FactorCodec, SparseEntriesCodec, get_codec
 from deltaserve.experts.manifest import (_TORCH_DTYPES, CARRIED_FILE, MANIFEST_FILE, PART_SEPARATOR, TENSORS_FILE,
                                          BaseMismatchError, ExpertFormatError, ExpertManifest, TensorSpec, sha256_file)
 
@@ -80,7 +81,7 @@ class Expert:
         if not self.codec.lowrank:
             raise ExpertFormatError(f"expert {self.manifest.name!r} is not low-rank (codec {self.manifest.codec})")
         with self._format_errors(name):
-            return self.codec.factors(self.parts(name), spec.shape, dtype)
+            return cast(FactorCodec, self.codec).factors(self.parts(name), spec.shape, dtype)
 
     def decode(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
         """The dense delta of ``name`` (in the base dtype unless ``dtype`` is given)."""
@@ -103,7 +104,7 @@ class Expert:
         if not self.codec.sparse_entries:
             raise ExpertFormatError(f"expert {self.manifest.name!r} is not sparse (codec {self.manifest.codec})")
         with self._format_errors(name):
-            return self.codec.entries(self.parts(name), math.prod(spec.shape))
+            return cast(SparseEntriesCodec, self.codec).entries(self.parts(name), math.prod(spec.shape))
 
     def iter_deltas(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
         for name in self.param_names:
@@ -124,11 +125,12 @@ class Expert:
             raise BaseMismatchError(f"expert {self.manifest.name!r} was made for base "
                                     f"{self.manifest.base_fingerprint!r}, not {fingerprint!r}")
         problems = []
-        for name, spec in (self.manifest.tensors.items() if shapes is not None else ()):
-            if name not in shapes:
-                problems.append(f"base has no parameter {name!r}")
-            elif tuple(shapes[name]) != spec.shape:
-                problems.append(f"{name!r} is {list(shapes[name])} in the base, {list(spec.shape)} in the expert")
+        if shapes is not None:
+            for name, spec in self.manifest.tensors.items():
+                if name not in shapes:
+                    problems.append(f"base has no parameter {name!r}")
+                elif tuple(shapes[name]) != spec.shape:
+                    problems.append(f"{name!r} is {list(shapes[name])} in the base, {list(spec.shape)} in the expert")
         if problems:
             raise BaseMismatchError(f"expert {self.manifest.name!r}: " + _join(problems))
 
@@ -157,7 +159,7 @@ class Expert:
         for name in self.param_names:
             if not torch.isfinite(self.decode(name, torch.float32)).all():
                 raise ExpertFormatError(f"{self.directory / TENSORS_FILE}: parameter {name!r} holds NaN or Inf")
-        density = None if None in kept else sum(kept) / self.manifest.base_params
+        density = None if None in kept else sum(k for k in kept if k is not None) / self.manifest.base_params
         if density != self.manifest.density and not (
                 density is not None and self.manifest.density is not None
                 and math.isclose(density, self.manifest.density, rel_tol=1e-9)):

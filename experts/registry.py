@@ -67,7 +67,7 @@ class Registry(Mapping[str, T]):
 
     def discover(self) -> None:
         """Import every module of ``package`` (once; their decorators register the members)."""
-        if self._discovered:
+        if self._discovered or self.package is None:   # no package: _discovered is always True
             return
         self._discovered = True
         package = importlib.import_module(self.package)

@@ -111,7 +111,7 @@ def _derived_fields(codec: Codec, encoded: Mapping[str, EncodedDelta], carried: 
     ranks = [r for d in encoded.values() if (r := codec.rank(d.parts)) is not None]
     return {
         "format_version": FORMAT_VERSION,
-        "density": None if None in kept else sum(kept) / base_params,
+        "density": None if None in kept else sum(k for k in kept if k is not None) / base_params,
         "rank": max(ranks) if ranks else None,
         "bytes": stored_bytes,
         "carried_bytes": sum(t.numel() * t.element_size() for t in carried.values()),

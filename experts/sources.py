@@ -13,12 +13,12 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deltaserve.experts.codecs import get_codec
+from deltaserve.experts.codecs import FactorCodec, get_codec
 from deltaserve.experts.expert import load_expert
 from deltaserve.experts.manifest import MANIFEST_FILE, BaseMismatchError, ExpertManifest
 from deltaserve.experts.save import EncodedDelta, save_expert
@@ -89,7 +89,7 @@ def score_stage(stage: Path, objective: Any) -> None:
 def save_lora_expert(base_dir: Path, adapter_dir: Path, out: Path, *, name: str, fingerprint: str) -> ExpertManifest:
     """A PEFT LoRA kept exactly: per adapted weight, A and scaling*B (lowrank codec, adapter dtype)."""
     factors, carried = lora_factors(base_dir, adapter_dir)
-    codec = get_codec("lowrank")
+    codec = cast(FactorCodec, get_codec("lowrank"))
     dtype = next(iter(factors.values())).A.dtype
     value_dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     encoded = {}
@@ -172,7 +172,7 @@ def compression_helpers(base_dir: Path, method: str | None, options: Any, calibr
         from deltaserve.experts.calibration import delta_objective
 
         objective = delta_objective(base_dir, calibration)
-    if "trainer" in needs:
+    if method is not None and "trainer" in needs:   # (needs is empty without a method)
         if training is None:
             raise MissingExamples(f"{method} re-trains the kept entries on training examples", "training")
         from deltaserve.experts.finetune import masked_trainer

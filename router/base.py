@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 from deltaserve.experts.registry import NoOptions, Options, Registry
 
@@ -151,7 +151,17 @@ def quantised_recipe(scores: Mapping[str, float], top_k: int, units: int) -> dic
     return {name: round(parts[name] / units, 6) for name in sorted(parts) if parts[name] > 0}
 
 
-ROUTERS: Registry[type] = Registry("router")
+class RouterClass(Protocol):
+    """A registered router class: ``register_router`` sets ``name`` and ``needs``; constructed as
+    ``cls(*needs, **options)``."""
+
+    name: str
+    needs: tuple[str, ...]
+
+    def __call__(self, *dependencies: Any, **options: Any) -> Router: ...
+
+
+ROUTERS: Registry[RouterClass] = Registry("router")
 DEPENDENCIES = ("encoder", "uncertainty_scorer")
 
 
@@ -166,10 +176,11 @@ def register_router(name: str, options: type[Options] = NoOptions,
     if unknown := sorted(set(needs) - set(DEPENDENCIES)):
         raise ValueError(f"router {name!r} needs unknown dependencies {unknown}; known: {list(DEPENDENCIES)}")
 
-    def register(cls: type) -> type:
+    def register(cls: type[Any]) -> type[Any]:
         cls.name = name
         cls.needs = tuple(needs)
-        return ROUTERS.add(name, cls, options)
+        ROUTERS.add(name, cast(RouterClass, cls), options)   # it is one now that name and needs are set
+        return cls
 
     return register
 

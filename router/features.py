@@ -61,7 +61,7 @@ class CachedEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), dim) float32, rows L2-normalised."""
         keys = [hashlib.sha1(t.encode("utf-8", "surrogatepass")).digest() for t in texts]
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        out: np.ndarray = np.empty((len(texts), self.dim), dtype=np.float32)
         todo: dict[bytes, list[int]] = {}
         with self._lock:
             for i, key in enumerate(keys):
@@ -162,9 +162,10 @@ class SentenceEncoder(CachedEncoder):
         self.max_length = min(max_length, st.max_seq_length)
         model = st[0].auto_model.eval()
         if precision == "auto":
-            candidates = {p: _with_precision(model, p) for p in ("fp32", "bf16")}
+            probed: tuple[Precision, ...] = ("fp32", "bf16")
+            candidates = {p: _with_precision(model, p) for p in probed}
             timed = {p: self._probe_seconds(m) for p, m in candidates.items()}
-            precision = min(timed, key=timed.get)
+            precision = min(timed, key=timed.__getitem__)
             log.info("MiniLM precision auto: %s (probe fp32 %.1f ms, bf16 %.1f ms)", precision,
                      1000 * timed["fp32"], 1000 * timed["bf16"])
             self.model = candidates[precision]

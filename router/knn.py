@@ -61,7 +61,7 @@ class KnnRouter(ExemplarRouter):
         distances, labels = index.query(self.encoder.encode(texts))
         shares = neighbour_votes(distances, labels, len(index.snapshot.names), self.temperature)
         names = index.snapshot.names
-        out = []
+        out: list[ScoredText] = []
         for row, nearest in zip(shares, distances[:, 0]):
             hit = np.flatnonzero(row)
             out.append(({names[i]: float(row[i]) for i in hit}, float(nearest)))

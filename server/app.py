@@ -62,7 +62,7 @@ def create_app(settings: ServerSettings, *, engine: EngineProtocol | None = None
         app.add_middleware(OpsKey, keys=settings.api_keys + settings.admin_keys)
     for module in (openai, experts, ops, tokenize, lora):
         app.include_router(module.router)
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]  # FastAPI's documented override
     return app
 
 

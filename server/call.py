@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from deltaserve.server import choices as shape
@@ -136,7 +136,7 @@ class Call:
             self._chat_prompt_fields(body, outputs[0])
         return body
 
-    async def _items(self) -> AsyncIterator[tuple[int, Any]]:
+    async def _items(self) -> AsyncGenerator[tuple[int, Any], None]:
         """(prompt index, engine output — or the exception that ended that prompt) in arrival order; one prompt
         is read straight from the engine, several through a queue."""
         if len(self.prompts) == 1:

@@ -42,7 +42,7 @@ def completion_logprobs(token_ids: Sequence[int], steps: Sequence[Mapping[int, A
     tops: list[dict[str, float] | None] = []
     for token_id, step in zip(token_ids, steps):
         chosen = step.get(token_id) if step is not None else None
-        if chosen is None:
+        if step is None or chosen is None:
             token = token_text(None, token_id, tokenizer, as_ids)
             values.append(None)
             tops.append(None)
@@ -63,7 +63,7 @@ def chat_logprobs(token_ids: Sequence[int], steps: Sequence[Mapping[int, Any] | 
     content = []
     for token_id, step in zip(token_ids, steps):
         chosen = step.get(token_id) if step is not None else None
-        if chosen is None:
+        if step is None or chosen is None:
             token = token_text(None, token_id, tokenizer, as_ids)
             content.append({"token": token, "logprob": MIN_LOGPROB, "bytes": _utf8(token), "top_logprobs": []})
             continue

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+from types import ModuleType
 
 from deltaserve.server import commands
 
 
-def command_modules() -> dict[str, object]:
+def command_modules() -> dict[str, ModuleType]:
     """Every command module by name (the module names under server.commands)."""
     return {m.name: importlib.import_module(f"{commands.__name__}.{m.name}")
             for m in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,7 +38,7 @@ REQUEST_ID_HEADER = "x-request-id"
 
 
 # Domain exception -> HTTP status. Subclasses come before their bases; the first match wins.
-ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (UnknownModelError, 404),
     (UnknownExpertError, 404),
     (ExpertExistsError, 409),
@@ -197,6 +197,6 @@ def install(app: FastAPI, on_error: Callable[[Request, int], None] = lambda requ
         app.add_exception_handler(cls, _domain)
 
 
-def _problem(e: dict) -> str:
+def _problem(e: Mapping[str, Any]) -> str:
     where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
     return f"{where}: {e.get('msg')}"

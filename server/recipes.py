@@ -150,7 +150,8 @@ def parse_model(model: str, *, base_name: str, experts: set[str] | frozenset[str
         return Recipe()
     if text in experts:
         return Recipe(((text, 1.0),))
-    method, options = "task_arithmetic", {}
+    method = "task_arithmetic"
+    options: dict[str, Any] = {}
     if ":" in text:
         head, text = text.split(":", 1)
         method, options = parse_method(head)

@@ -55,7 +55,7 @@ class Flag:
 
 
 def _meta(field: FieldInfo) -> dict[str, Any]:
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    extra: dict[str, Any] = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     return dict(extra.get("cli") or {})
 
 

@@ -2,6 +2,6 @@
 :mod:`deltaserve.experts.codecs.base`, one module per codec beside it (sparse,
 sparse_ef, ternary, sign, lowrank, dense). ``CODECS`` imports them all on first use."""
 
-from deltaserve.experts.codecs.base import CODECS, Codec, codec, get_codec
+from deltaserve.experts.codecs.base import CODECS, Codec, FactorCodec, SparseEntriesCodec, codec, get_codec
 
-__all__ = ["CODECS", "Codec", "codec", "get_codec"]
+__all__ = ["CODECS", "Codec", "FactorCodec", "SparseEntriesCodec", "codec", "get_codec"]

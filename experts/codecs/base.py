@@ -32,7 +32,7 @@ Bitmasks use ``numpy.packbits`` semantics (experts.bitpack).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -56,13 +56,27 @@ class Codec(Protocol):
     def rank(self, parts: Parts) -> int | None: ...
 
 
+class FactorCodec(Codec, Protocol):
+    """What a codec with ``lowrank = True`` adds: its parts are the factors of ``delta = B @ A``."""
+
+    def factors(self, parts: Parts, shape: Sequence[int], dtype: torch.dtype) -> tuple[Tensor, Tensor]: ...
+    def encode_factors(self, A: Tensor, B: Tensor, *,
+                       value_dtype: torch.dtype = torch.float16) -> dict[str, Tensor]: ...
+
+
+class SparseEntriesCodec(Codec, Protocol):
+    """What a codec with ``sparse_entries = True`` adds: the kept entries that ``add_into`` adds."""
+
+    def entries(self, parts: Parts, numel: int) -> tuple[Tensor, Tensor]: ...
+
+
 CODECS: Registry[Codec] = Registry("codec", package="deltaserve.experts.codecs")
 
 
 def codec(name: str) -> Callable[[type], type]:
     """Register a codec class under ``name`` (one instance is kept); capabilities default to off."""
 
-    def register(cls: type) -> type:
+    def register(cls: type[Any]) -> type[Any]:
         cls.name = name
         for capability in ("lowrank", "sparse_entries"):
             if not isinstance(getattr(cls, capability, False), bool):

@@ -41,7 +41,7 @@ class MergeMethod:
         if unknown := sorted(set(runtime) - {p.name for p in keywords}):
             raise ValueError(f"merge method {name!r}: runtime arguments {unknown} are not keyword-only parameters")
         hints = typing.get_type_hints(fn, include_extras=True)
-        fields = {}
+        fields: dict[str, typing.Any] = {}   # name -> (annotation, default), create_model's field definitions
         for p in keywords:
             if p.name in runtime:
                 continue

@@ -16,7 +16,7 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +83,7 @@ def write_merged_adapter(out: Path, experts: Sequence[Expert], weights: Sequence
     return rank
 
 
-def _write_peft(out: Path, tensors: dict, rank: int, target_modules: Sequence[str], base_model: str = "") -> None:
+def _write_peft(out: Path, tensors: dict, rank: int, target_modules: Iterable[str], base_model: str = "") -> None:
     """A plain PEFT LoRA folder (r = lora_alpha = rank, so scaling 1), published atomically."""
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,

@@ -162,7 +162,7 @@ class MergePolicy:
         want = None
         if top and share >= (s.exit_share if top == was else s.enter_share) and overhead is not None:
             history = list(self._history)
-            runs = sum(1 for i, k in enumerate(history) if k != top and (i == 0 or history[i - 1] == top))
+            runs: float = sum(1 for i, k in enumerate(history) if k != top and (i == 0 or history[i - 1] == top))
             horizon = len(history) / len(keys)     # windows the history spans: 1 to 4
             runs /= horizon
             benefit = keys.count(top) * (self._tokens.value or 0.0) * overhead / max(self._concurrency, default=1)

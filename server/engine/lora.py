@@ -46,12 +46,13 @@ class LoraAdapters:
             self.metrics.cache_misses.labels("device").inc()
             experts = [self.load(i) for i in plan.experts]
             try:
-                adapter, evicted = await asyncio.to_thread(
+                built = await asyncio.to_thread(
                     self.cache.build, key, experts, list(plan.recipe.weights), self.base_shapes, str(self.base_dir))
             except ExpertFormatError as err:
                 log.error("building the adapter of %r failed", plan.recipe.key, exc_info=err)
                 raise ExpertUnavailable(f"recipe {plan.recipe.key!r} cannot be served: one of its experts failed "
                                         "its checks (see the server log)") from None
+            adapter, evicted = built   # unpacked here: mypy does not narrow `adapter` when unpacking an await
             self.metrics.adapter_builds.inc()
             self.metrics.cache_evictions.labels("device").inc(len(evicted))
             await self.drop(evicted, llm)
@@ -65,8 +66,8 @@ class LoraAdapters:
         key = f"proxy|{info.token}"
         adapter = self.cache.acquire(key)
         if adapter is None:
-            adapter, evicted = await asyncio.to_thread(self.cache.build_proxy, key, self.load(info), PROXY_RANK,
-                                                       self.base_shapes)
+            built = await asyncio.to_thread(self.cache.build_proxy, key, self.load(info), PROXY_RANK, self.base_shapes)
+            adapter, evicted = built
             await self.drop(evicted, llm)
         return lora_request(adapter, "proxy"), adapter
 

@@ -28,34 +28,35 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 
 UNKNOWN = object()   # the weights' state after a failed apply
+S = TypeVar("S", bound=Hashable)   # the weight states that ``apply`` takes
 
 
 @dataclass
-class _Waiter:
-    state: Hashable
+class _Waiter(Generic[S]):
+    state: S
     payload: Any
     since: float
     future: asyncio.Future = field(repr=False)
 
 
-class WeightScheduler:
-    def __init__(self, apply: Callable[[Hashable, Any], Awaitable[None]], *, max_wait_s: float = 0.5,
+class WeightScheduler(Generic[S]):
+    def __init__(self, apply: Callable[[S, Any], Awaitable[None]], *, max_wait_s: float = 0.5,
                  initial_state: Hashable = "") -> None:
         self._apply = apply
         self.max_wait_s = max_wait_s
-        self.active = initial_state
+        self.active = initial_state   # a state of S, or UNKNOWN after a failed apply
         self.inflight = 0
-        self._waiting: deque[_Waiter] = deque()
+        self._waiting: deque[_Waiter[S]] = deque()
         self._switching = False
         self._timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ public
     @contextlib.asynccontextmanager
-    async def hold(self, state: Hashable, payload: Any = None) -> AsyncIterator[None]:
+    async def hold(self, state: S, payload: Any = None) -> AsyncIterator[None]:
         """Run the body while the engine's weights are in ``state`` (``payload`` is passed to apply)."""
         await self._acquire(state, payload)
         try:
@@ -73,8 +74,8 @@ class WeightScheduler:
                 w.future.set_exception(error)
         self.active = state
 
-    def waiting(self) -> dict[Hashable, int]:
-        counts: dict[Hashable, int] = {}
+    def waiting(self) -> dict[S, int]:
+        counts: dict[S, int] = {}
         for w in self._waiting:
             counts[w.state] = counts.get(w.state, 0) + 1
         return counts
@@ -83,7 +84,7 @@ class WeightScheduler:
     def _draining(self, now: float) -> bool:
         return any(w.state != self.active and now - w.since >= self.max_wait_s for w in self._waiting)
 
-    async def _acquire(self, state: Hashable, payload: Any) -> None:
+    async def _acquire(self, state: S, payload: Any) -> None:
         now = time.monotonic()
         if state == self.active and not self._switching and not self._draining(now):
             self.inflight += 1
@@ -130,7 +131,7 @@ class WeightScheduler:
             self._kick()
         self._timer = asyncio.get_running_loop().call_later(delay, fire)
 
-    async def _switch(self, state: Hashable, payload: Any) -> None:
+    async def _switch(self, state: S, payload: Any) -> None:
         try:
             await self._apply(state, payload)
             self.active = state

@@ -28,7 +28,7 @@ async def mean_nll(llm: Any, ids: list[int], params: Any, lora: Any) -> float:
     """Mean NLL of the greedy answer to ``ids`` under adapter ``lora``."""
     from deltaserve.server.vllm_compat import TokensPrompt
 
-    last = None
+    last: Any = None
     async for out in llm.generate(TokensPrompt(prompt_token_ids=ids), params, f"score-{uuid.uuid4().hex}",
                                   lora_request=lora):
         last = out

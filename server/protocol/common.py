@@ -43,9 +43,9 @@ class Body(BaseModel):
 
 
 # Fields vLLM's own "before" validators read as containers: a wrong shape must be a 400, not their TypeError.
-CONTAINER_FIELDS = {"messages": list, "tools": list, "structured_outputs": dict, "response_format": dict,
-                    "stream_options": dict, "kv_transfer_params": dict, "ec_transfer_params": dict,
-                    "chat_template_kwargs": dict, "tool_choice": (str, dict)}
+CONTAINER_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "messages": list, "tools": list, "structured_outputs": dict, "response_format": dict, "stream_options": dict,
+    "kv_transfer_params": dict, "ec_transfer_params": dict, "chat_template_kwargs": dict, "tool_choice": (str, dict)}
 
 
 class VllmBody(Body):

@@ -15,7 +15,7 @@ field no table names.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -98,6 +98,11 @@ def field_policy(name: str) -> str:
 
 class _Generation(VllmBody):
     """What deltaserve adds to vLLM's completion and chat requests."""
+
+    if TYPE_CHECKING:   # from the vLLM request class that each concrete request below also derives from
+        stream_options: Any
+
+        def to_sampling_params(self, max_tokens: int, default_sampling_params: dict[str, Any]) -> Any: ...
 
     model_config = ConfigDict(extra="allow")   # OpenAI-compatible servers accept unknown fields (as vLLM)
     model: str = Field(max_length=1000, description="the base, an expert, a recipe expression, or `auto`")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
 from deltaserve.router.text import route_text
@@ -12,7 +14,7 @@ from deltaserve.server.protocol.common import ErrorResponse
 from deltaserve.server.routes import ADMIN, INFERENCE, SERVICE
 from deltaserve.server.service import Service
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)}
 router = APIRouter(responses=ERRORS)
 
 

@@ -9,6 +9,8 @@ keep this server's table (403 outside the roots, 409 a name that exists, 404 an 
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
@@ -19,7 +21,7 @@ from deltaserve.server.protocol.tokenize import LoadLoRAAdapter, UnloadLoRAAdapt
 from deltaserve.server.routes import ADMIN, SERVICE
 from deltaserve.server.service import Service
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409)}
 router = APIRouter(dependencies=[ADMIN], responses=ERRORS)
 
 

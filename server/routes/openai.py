@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from fastapi.responses import Response
 
@@ -13,7 +15,7 @@ from deltaserve.server.protocol.generation import (ChatCompletionRequest, ChatCo
 from deltaserve.server.routes import INFERENCE, SERVICE
 from deltaserve.server.service import AUTO, Service
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 503)}
 router = APIRouter(dependencies=[INFERENCE], responses=ERRORS)
 
 

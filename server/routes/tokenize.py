@@ -9,6 +9,7 @@ base's tokenizer; ``model``, when given, must be servable.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter
 
@@ -19,7 +20,7 @@ from deltaserve.server.protocol.tokenize import Detokenize, TokenizeChat, Tokeni
 from deltaserve.server.routes import INFERENCE, SERVICE
 from deltaserve.server.service import Service
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404)}
 router = APIRouter(dependencies=[INFERENCE], responses=ERRORS)
 
 

