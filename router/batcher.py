@@ -1,15 +1,15 @@
 """RouteBatcher: concurrent routing calls share one router call (one encoder batch).
 
-Under concurrency each request used to route alone in a worker thread: N
-threads each ran MiniLM on one prompt, competing for the same cores (and the
-event loop's small default thread pool queued the rest). Encoding a batch of
-prompts costs far less than encoding them one by one, so the batcher collects
+Routing each request alone in a worker thread would run N encoder calls on one
+prompt each, competing for the same cores (and the event loop's small default
+thread pool would queue the rest). Encoding a batch of prompts costs far less
+than encoding them one by one, so the batcher collects
 the texts that arrive within ``window_s`` of the first one (at most
 ``max_batch``), routes them with one ``RoutingService.route`` call in one
 thread, and hands each caller its own decision. While a batch is being routed
 the next one collects, so at most one routing call runs at a time.
 
-A lone request pays at most ``window_s`` (2 ms by default) more than before.
+A lone request pays at most ``window_s`` (2 ms by default) for the batching.
 Repeated prompts are not re-encoded: the encoders cache features by text
 (router.features.CachedEncoder). Each decision's ``latency_s`` is that
 caller's own wall time: waiting for its batch plus routing it.
