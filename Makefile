@@ -63,7 +63,7 @@ types: install
 	$(BIN)/mypy -p deltaserve.experts -p deltaserve.router -p deltaserve.server
 
 docs: install
-	$(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache site
