@@ -22,7 +22,7 @@ Scores = dict[str, float]
 ScoredText = tuple[Scores, float | None]
 
 # Calibrated on the zoo with all-MiniLM-L6-v2 features (the SentenceEncoder), by
-#   .venv/bin/python bench/routing_calibrate.py --out results/routing/calibration.json
+#   .venv/bin/python -m bench.routing.calibrate --out results/routing/calibration.json
 # -> max_distance 0.68 (99th percentile 0.625 of leave-one-phrasing-out calib
 # distances + 0.05 margin), min_confidence 0.4; 19/20 OOD texts fall back
 # (results/routing/README.md). Cosine distances: these numbers belong to that

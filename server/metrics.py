@@ -1,4 +1,4 @@
-"""Prometheus metrics: every name is ``deltaserve_``-prefixed and listed in README.
+"""Prometheus metrics: every name is ``deltaserve_``-prefixed and listed in docs/operations.md.
 
 One ``Metrics`` object per server owns its own ``CollectorRegistry`` (so tests
 can run several servers in one process). Label values are bounded: ``path`` is

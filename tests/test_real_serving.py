@@ -77,8 +77,8 @@ def test_real_base_serves_both_paths_exactly(real_base, real_server, start_serve
         assert served_path == path and texts == merged[name], (name, texts, merged[name])
         assert texts != base_text, f"{name} must change the answers, or this test proves nothing"
     assert _served(server, "base")[0] == base_text           # and the base is restored exactly
-    # batches mixing two adapters and adapter-less rows (server.lora_ops.fused_lora_linear): each request answers
-    # what it answers alone
+    # batches mixing two adapters and adapter-less rows (fused_lora_linear in server/lora_ops.py, called by
+    # server/punica_methods.py, applied by server/vllm_patches.py): each request answers what it answers alone
     alone = {m: _served(server, m)[0] for m in ("random-lora", "random-lora-2")}
     assert alone["random-lora"] == merged["random-lora"] and alone["random-lora-2"] != alone["random-lora"]
     alone["base"] = base_text

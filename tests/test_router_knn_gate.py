@@ -13,7 +13,7 @@ from deltaserve_zoo.exemplars import SEEN_PHRASINGS, UNSEEN_PHRASINGS, ZOO_TASKS
 from deltaserve.router.features import SentenceEncoder
 from deltaserve.router.knn import neighbour_votes
 
-# Not the calibration texts (bench/routing_calibrate.py OOD_TEXTS): fresh prose for the OOD check.
+# Not the calibration texts (OOD_TEXTS of `python -m bench.routing.calibrate`): fresh prose for the OOD check.
 PROSE = [
     "Our flight to Lisbon was delayed by three hours because of fog.",
     "Why do cats purr when they are happy?",

@@ -27,8 +27,9 @@ class _Frozen(BaseModel):
 class LlamaSpec(_Frozen):
     """Shape of the tiny Llama (vLLM-CPU needs head_dim 32 or 64).
 
-    The default (3 layers, 4 heads of 32) won bench/zoo_recipe_sweep.py: 2-layer
-    shapes learned the copy-style tasks only partly, and LoRA on them hardly at all.
+    The default (3 layers, 4 heads of 32) won the zoo recipe sweep (git tag toy-era-archive,
+    bench/quality/zoo_recipes.py there): 2-layer shapes learned the copy-style tasks only
+    partly, and LoRA on them hardly at all.
     """
 
     hidden_size: int = Field(128, ge=32, multiple_of=32, description="model width")
@@ -109,7 +110,8 @@ PRESETS: dict[str, ZooSpec] = {
         eval_examples=40,
         vision=VisionSpec(hidden_size=32, base_epochs=15, probe_epochs=5, finetune_epochs=8),
     ),
-    # Recipe from bench/zoo_recipe_sweep.py (results/zoo_sweep/): full fine-tunes at
+    # Recipe from the zoo recipe sweep kept in the git tag toy-era-archive
+    # (bench/quality/zoo_recipes.py, results/zoo_sweep/ there): full fine-tunes at
     # lr 3e-3 were unstable; lr 1e-3 and LoRA lr 5e-3 converge. On the CPU build the
     # full experts reached loss <= 0.04 in 400 steps; the LoRA of `upper` needs 800
     # (500 steps: loss 2.43, 0 % exact match; 800: loss 0.01, 100 %).

