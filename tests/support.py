@@ -73,7 +73,7 @@ def seed_real_store(base: Path, store: Path, work: Path) -> dict[str, Path]:
     attention and MLP (dense path) — ``random-*`` for the serving tests, and the names the docs' examples use,
     with exemplars; returns each expert's source folder."""
     from deltaserve.experts.store import ExpertStore
-    from deltaserve_zoo.real.synthetic import random_lora, random_sparse_expert
+    from deltaserve_zoo.real.synthetic import publish_synthetic, random_lora, random_sparse_expert
 
     s = ExpertStore(store, base)
     sources = {"random-lora": random_lora(base, work / "lora"), "random-lora-2": random_lora(base, work / "lora-2",
@@ -90,4 +90,5 @@ def seed_real_store(base: Path, store: Path, work: Path) -> dict[str, Path]:
     for seed, (name, exemplars) in enumerate({"iso-date": ISO_DATE, "sql": SQL}.items()):
         sources[name] = random_sparse_expert(base, work / name, density=0.01, seed=11 + seed, name=name)
         s.import_source(name, sources[name], exemplars=exemplars)
+    publish_synthetic(base, store, work / "synthetic")     # the serving benchmark's (tests/test_gpu_script.py)
     return sources

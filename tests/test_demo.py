@@ -29,7 +29,7 @@ def test_experts_are_trained_and_registered_live_through_the_admin_api(real_base
         for card in (cards[lora], cards[full]):
             assert card["calibration"]["examples"] == 8 and 0 <= card["calibration"]["exact"] <= 1
         assert {lora, full} <= {m["id"] for m in c.get("/v1/models").json()["data"]}
-    registered = [line for line in lines if "registered" in line]
+    registered = [line for line in lines if "] registered " in line]
     assert len(registered) == 2 and lora in registered[0] and full in registered[1]     # the LoRA first
     assert "exact match" in registered[0] and "token accuracy" in registered[0]
     assert LivePublisher(root, real_server.url, log=lines.append, spec=spec).run() == 0   # nothing to redo

@@ -1,7 +1,7 @@
-"""bench/serving/gpu.py, the unattended GPU readiness run, checked on the CPU (--device cpu --quick):
-it builds the real base and random experts, drives every traffic mix through a real server (a real run
-compares adaptive merging off and on; --quick runs one server), profiles the swaps and times the
-7B-shaped kernels, and writes one JSON."""
+"""bench/serving/gpu.py, the unattended GPU readiness run, checked on the CPU (--device cpu --quick): it drives
+every traffic mix through a real server (here the session's real-base server, whose store holds the synthetic
+suite's random experts; a real run builds them and starts its own servers, adaptive merging off and on),
+profiles the swaps and times the 7B-shaped kernels, and writes one JSON."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ import sys
 from tests.support import REPO
 
 
-def test_gpu_readiness_script_runs_end_to_end_on_cpu(tmp_path, real_base, vllm_engine):
-    """``real_base``: the script's base, built once for the session; ``vllm_engine``: the script starts one."""
+def test_gpu_readiness_script_runs_end_to_end_on_cpu(tmp_path, real_server):
     out = tmp_path / "gpu.json"
-    run = subprocess.run([sys.executable, "-m", "bench.serving.gpu", "--device", "cpu", "--quick", "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "bench.serving.gpu", "--device", "cpu", "--quick", "--out", str(out),
+                          "--url", real_server.url],
                          cwd=REPO, capture_output=True, text=True, timeout=1200, env={**__import__("os").environ,
                                                                                        "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["environment"]["vllm"] and result["git_commit"] and result["date"]
     rows = result["serving"]["rows"]
-    assert [r["adaptive"] for r in rows] == ["on"] * 7                     # --quick: one server
+    assert [r["adaptive"] for r in rows] == ["server"] * 7                 # the server given, as it runs
     assert all(r["requests"] == 8 and r["tokens"] == 64 for r in rows)      # ignore_eos: 8 tokens each
     assert {r["mix"][0] for r in rows} == set("abcdef")
     mix = {r["mix"][:2]: r for r in rows}

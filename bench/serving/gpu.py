@@ -3,6 +3,7 @@
     bash bench/serving/gpu.sh           # on a CUDA machine with vllm: installs, then runs the line below
     python -m bench.serving.gpu --device cuda --out results/serving/gpu.json
     .venv/bin/python -m bench.serving.gpu --device cpu --quick --out /tmp/gpu-check.json   # the CPU check
+    (tests/test_gpu_script.py runs the CPU check against the tests' real-base server: --url)
 
 Steps (each timed; the JSON says how long each took against the budget):
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="few requests and one 7B layer: checks the script runs")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--url", help="serve the mixes on this running server (its store holding the synthetic suite's "
+                                  "experts) instead of starting one: the CPU check reuses the tests' server")
     args = ap.parse_args(argv)
     record = {**provenance(argv=argv), "environment": environment(args.device), "budget_s": BUDGET_S}
     from bench.kernels import swap as kernels
@@ -70,11 +73,13 @@ def main(argv: list[str] | None = None) -> int:
                                        "--device", args.device,
                                        "--requests", str(requests), "--concurrency", "8",
                                        "--warmup", "8" if args.quick else "32",
-                                       "--max-tokens", "8" if args.quick else "64"])
+                                       "--max-tokens", "8" if args.quick else "64",
+                                       *(["--url", args.url] if args.url else [])])
     serving = traffic.run(traffic_args, record)
     steps["serving"] = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
-        kernels.main(["--device", args.device, "--layers", str(layers), "--out", f"{tmp}/k.json"])
+        kernels.main(["--device", args.device, "--layers", str(layers), "--repeat", "1" if args.quick else "5",
+                      "--out", f"{tmp}/k.json"])
         kernel = json.loads(Path(tmp, "k.json").read_text())
     steps["kernels_7b_layers"] = time.perf_counter() - started - steps["serving"]
     total = time.perf_counter() - started

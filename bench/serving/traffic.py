@@ -165,6 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "real base with random LoRAs and random sparse experts (no training: speed only)")
     ap.add_argument("--adaptive", choices=["on", "off", "both"], default="on",
                     help="the server's --adaptive-merge; both: one server each, off first")
+    ap.add_argument("--url", help="drive this running server instead of starting one (its store must hold the suite's "
+                                  "experts, e.g. --suite synthetic's; its own flags stand, rows say adaptive "
+                                  "'server')")
     ap.add_argument("--lora-off", action="store_true",
                     help="also run mixes a, b1, b2 and d on a server with --lora off (no LoRA kernels in vLLM: "
                          "LoRA recipes from merged weights), each also as a ratio to the LoRA-enabled server's (a)")
@@ -215,25 +218,23 @@ def real_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], 
 def synthetic_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[str], list[str], list[list[str]],
                                                                    list[str]]:
     """The real base with 4 random LoRAs (exemplars: 4 skills' calib questions, for `auto`) and 4 random
-    sparse experts: serving speed does not depend on what an expert learned, so no training is needed."""
-    from deltaserve.experts.store import ExpertStore
+    sparse experts (zoo.real.synthetic.publish_synthetic): serving speed does not depend on what an expert
+    learned, so no training is needed."""
     from deltaserve_zoo.real.build import RealSuiteBuilder
-    from deltaserve_zoo.real.skills import get_skill
-    from deltaserve_zoo.real.synthetic import SPARSE_TOUCHED, random_lora, random_sparse_expert
+    from deltaserve_zoo.real.synthetic import publish_synthetic
 
     builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
     builder.build_base()
-    base = builder.layout.base
-    skills = list(builder.spec.skills)[:4]
-    s = ExpertStore(store, base)
-    work = store.parent / "synthetic"
-    for i, skill in enumerate(skills):
-        calib = [e.question for e in get_skill(skill).examples("calib", 32, seed=1)]
-        s.import_source(f"lora-{i}", random_lora(base, work / f"lora-{i}", seed=i), exemplars=calib)
-        s.import_source(f"sparse-{i}", random_sparse_expert(base, work / f"sparse-{i}", SPARSE_TOUCHED, 0.01, i))
-    prompts = [[e.question for e in get_skill(s).examples("test", 16, seed=args.seed)] for s in skills]
-    return base, [f"sparse-{i}" for i in range(4)], [f"lora-{i}" for i in range(4)], prompts, \
-        ["--max-model-len", "512"]
+    names, loras = publish_synthetic(builder.layout.base, store, store.parent / "synthetic")
+    return builder.layout.base, names, loras, synthetic_prompts(args.seed), ["--max-model-len", "512"]
+
+
+def synthetic_prompts(seed: int) -> list[list[str]]:
+    """Test questions of the 4 skills whose calib questions the synthetic LoRAs have as exemplars."""
+    from deltaserve_zoo.real.skills import get_skill
+    from deltaserve_zoo.real.synthetic import SYNTHETIC_SKILLS
+
+    return [[e.question for e in get_skill(s).examples("test", 16, seed=seed)] for s in SYNTHETIC_SKILLS]
 
 
 SETUPS = {"real": real_setup, "toy": toy_setup, "synthetic": synthetic_setup}
@@ -256,7 +257,34 @@ def serve_mixes(base: Path, store: Path, log: Path, flags: list[str], mixes: dic
     return [{**r, "adaptive": adaptive, "lora": lora} for r in rows]
 
 
+def run_against(args: argparse.Namespace, record: dict) -> dict:
+    """The mixes against the running server at ``args.url`` (``--suite synthetic``'s experts in its store)."""
+    from deltaserve_zoo.real.synthetic import synthetic_names
+
+    if args.suite != "synthetic":
+        raise SystemExit("--url drives --suite synthetic's experts (lora-0..3, sparse-0..3) on a running server")
+    names, loras = synthetic_names()
+    rows = [{**r, "adaptive": "server", "lora": "on"}
+            for r in run_mixes(args.url, traffic_mixes(names, loras, synthetic_prompts(args.seed), args.requests,
+                                                        args.seed), args)]
+    return summary(rows, args, record, args.url)
+
+
+def summary(rows: list[dict], args: argparse.Namespace, record: dict, base: object) -> dict:
+    reference = rows[0]["tokens_per_s"]   # base-only traffic on the first (LoRA-enabled) server
+    for r in rows:
+        r["throughput_vs_lora_engine_a"] = r["tokens_per_s"] / reference
+    copy_gbs = copy_bandwidth(256 << 20, device=args.device)   # well beyond the caches: the DRAM/HBM bandwidth
+    print_table(rows)
+    swap = swap_summary(rows, copy_gbs)
+    return {**record, "suite": args.suite, "base": str(base), "requests": args.requests,
+            "concurrency": args.concurrency, "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms,
+            "device": args.device, "copy_gb_per_s": copy_gbs, "swap": swap, "rows": rows}
+
+
 def run(args: argparse.Namespace, record: dict) -> dict:
+    if args.url:
+        return run_against(args, record)
     tmp = tempfile.TemporaryDirectory(prefix="deltaserve-bench-")
     store = args.store or Path(tmp.name) / "store"
     base, names, loras, prompts, flags = SETUPS[args.suite](args, store)
@@ -267,15 +295,7 @@ def run(args: argparse.Namespace, record: dict) -> dict:
     if args.lora_off:
         subset = {k: v for k, v in mixes.items() if k in LORA_OFF_MIXES}
         rows += serve_mixes(base, store, Path(tmp.name) / "server-nolora.log", flags, subset, args, "on", "off")
-    reference = rows[0]["tokens_per_s"]   # base-only traffic on the first (LoRA-enabled) server
-    for r in rows:
-        r["throughput_vs_lora_engine_a"] = r["tokens_per_s"] / reference
-    copy_gbs = copy_bandwidth(256 << 20, device=args.device)   # well beyond the caches: the DRAM/HBM bandwidth
-    print_table(rows)
-    swap = swap_summary(rows, copy_gbs)
-    return {**record, "suite": args.suite, "base": str(base), "requests": args.requests,
-            "concurrency": args.concurrency, "max_tokens": args.max_tokens, "max_wait_ms": args.max_wait_ms,
-            "device": args.device, "copy_gb_per_s": copy_gbs, "swap": swap, "rows": rows}
+    return summary(rows, args, record, base)
 
 
 def main(argv: list[str] | None = None) -> int:

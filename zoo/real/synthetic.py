@@ -54,3 +54,26 @@ def random_sparse_expert(base: Path, out: Path, touched: Sequence[str] = SPARSE_
     save_expert(out, deltas, name=name, base_fingerprint=base_fingerprint(base), codec="sparse_ef",
                 source="random sparse task vector", method={"name": "random"}, value_dtype=torch.float32)
     return out
+
+
+#: The skills whose calib questions the synthetic LoRAs have as exemplars (the serving benchmark's `auto`).
+SYNTHETIC_SKILLS = ("iso_date", "unit_convert", "json_extract", "sentiment")
+
+
+def synthetic_names() -> tuple[list[str], list[str]]:
+    """(sparse experts, LoRA experts) ``publish_synthetic`` registers."""
+    return [f"sparse-{i}" for i in range(len(SYNTHETIC_SKILLS))], [f"lora-{i}" for i in range(len(SYNTHETIC_SKILLS))]
+
+
+def publish_synthetic(base: Path, store: Path, work: Path) -> tuple[list[str], list[str]]:
+    """4 random LoRAs (exemplars: the calib questions of SYNTHETIC_SKILLS) and 4 random sparse experts at 1 %
+    into the store at ``store`` (sources written under ``work``); returns ``synthetic_names()``."""
+    from deltaserve.experts.store import ExpertStore
+    from deltaserve_zoo.real.skills import get_skill
+
+    s = ExpertStore(store, base)
+    for i, skill in enumerate(SYNTHETIC_SKILLS):
+        calib = [e.question for e in get_skill(skill).examples("calib", 32, seed=1)]
+        s.import_source(f"lora-{i}", random_lora(base, work / f"lora-{i}", seed=i), exemplars=calib)
+        s.import_source(f"sparse-{i}", random_sparse_expert(base, work / f"sparse-{i}", SPARSE_TOUCHED, 0.01, i))
+    return synthetic_names()
