@@ -16,6 +16,7 @@ has: say so when you quote the install time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -65,23 +66,30 @@ def _healthy(url: str) -> bool:
         return response.status == 200
 
 
-def first_run(clone: Path, url: str, log: Path, limit_s: float) -> dict:
-    started = time.perf_counter()
+@contextlib.contextmanager
+def make_demo(clone: Path, log: Path):
+    """``make demo`` in ``clone`` (output to ``log``), stopped with its whole process group afterwards."""
     with open(log, "w") as out:
         proc = subprocess.Popen(["make", "demo"], cwd=clone, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            _, healthy = _until(lambda: _healthy(url), proc, started, limit_s)
-            base = _chat(url, "base")
-            base_s = round(time.perf_counter() - started, 1)
-            routed, routed_s = _until(lambda: (a := _chat(url, "auto"))["recipe"] != "base" and a,
-                                      proc, started, limit_s, every_s=5)
-            experts, all_s = _until(lambda: len((e := _get(url + "/v1/experts"))["data"]) >= EXPERTS and e,
-                                    proc, started, limit_s, every_s=10)
-            answers = {m: _chat(url, m) for m in ("base", "auto", "iso-date-lora", "iso-date")}
+            yield proc
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(60)
+
+
+def first_run(clone: Path, url: str, log: Path, limit_s: float) -> dict:
+    started = time.perf_counter()
+    with make_demo(clone, log) as proc:
+        _, healthy = _until(lambda: _healthy(url), proc, started, limit_s)
+        base = _chat(url, "base")
+        base_s = round(time.perf_counter() - started, 1)
+        routed, routed_s = _until(lambda: (a := _chat(url, "auto"))["recipe"] != "base" and a,
+                                  proc, started, limit_s, every_s=5)
+        experts, all_s = _until(lambda: len((e := _get(url + "/v1/experts"))["data"]) >= EXPERTS and e,
+                                proc, started, limit_s, every_s=10)
+        answers = {m: _chat(url, m) for m in ("base", "auto", "iso-date-lora", "iso-date")}
     return {"healthy_s": healthy, "base_answer_s": base_s, "base_answer": base, "first_expert_answer_s": routed_s,
             "first_expert_answer": routed, "all_registered_s": all_s,
             "registered": {e["id"]: e["created"] for e in experts["data"]}, "answers": answers}
@@ -89,16 +97,10 @@ def first_run(clone: Path, url: str, log: Path, limit_s: float) -> dict:
 
 def later_run(clone: Path, url: str, log: Path, limit_s: float) -> dict:
     started = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["make", "demo"], cwd=clone, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            _until(lambda: _healthy(url), proc, started, limit_s)
-            answer = _chat(url, "auto")
-            return {"first_answer_s": round(time.perf_counter() - started, 1), "auto": answer}
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+    with make_demo(clone, log) as proc:
+        _until(lambda: _healthy(url), proc, started, limit_s)
+        answer = _chat(url, "auto")
+        return {"first_answer_s": round(time.perf_counter() - started, 1), "auto": answer}
 
 
 def main(argv: list[str] | None = None) -> int:

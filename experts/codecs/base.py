@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from deltaserve.experts.bitpack import PartMeta, Parts
+from deltaserve.experts.bitpack import PartMeta, Parts, parts_nbytes
 from deltaserve.experts.registry import Registry
 
 
@@ -68,6 +68,23 @@ class SparseEntriesCodec(Codec, Protocol):
     """What a codec with ``sparse_entries = True`` adds: the kept entries that ``add_into`` adds."""
 
     def entries(self, parts: Parts, numel: int) -> tuple[Tensor, Tensor]: ...
+
+
+class CodecDefaults:
+    """What most codecs share, to inherit: the stored bytes are the parts' bytes, no mask count, no rank,
+    no capability."""
+
+    lowrank: ClassVar[bool] = False
+    sparse_entries: ClassVar[bool] = False
+
+    def nbytes(self, parts: Parts) -> int:
+        return parts_nbytes(parts)
+
+    def kept_count(self, parts: Parts) -> int | None:
+        return None
+
+    def rank(self, parts: Parts) -> int | None:
+        return None
 
 
 CODECS: Registry[Codec] = Registry("codec", package="deltaserve.experts.codecs")

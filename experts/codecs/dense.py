@@ -8,12 +8,12 @@ import torch
 from torch import Tensor
 
 from deltaserve.experts.bitpack import (VALUE_DTYPES, PartMeta, Parts, add_flat_chunks, check_input,
-                                        check_value_dtype, flat_target, meta_problems, parts_nbytes, require_parts)
-from deltaserve.experts.codecs.base import codec
+                                        check_value_dtype, flat_target, meta_problems, require_parts)
+from deltaserve.experts.codecs.base import CodecDefaults, codec
 
 
 @codec("dense")
-class DenseCodec:
+class DenseCodec(CodecDefaults):
     """The whole tensor in ``value_dtype`` (reference codec)."""
 
     part_names = ("values",)
@@ -38,9 +38,6 @@ class DenseCodec:
         flat = flat_target(target)
         add_flat_chunks(flat, self._values(parts, tuple(target.shape)).reshape(-1), weight)
 
-    def nbytes(self, parts: Parts) -> int:
-        return parts_nbytes(parts)
-
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]:
         problems = meta_problems(part_meta, self.part_names)
         if problems:
@@ -50,9 +47,3 @@ class DenseCodec:
             problems.append(f"part 'values' is {values_dtype} {list(values_shape)}, expected {list(shape)} "
                             f"of {VALUE_DTYPES}")
         return problems
-
-    def kept_count(self, parts: Parts) -> int | None:
-        return None
-
-    def rank(self, parts: Parts) -> int | None:
-        return None

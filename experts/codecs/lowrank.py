@@ -8,13 +8,13 @@ import torch
 from torch import Tensor
 
 from deltaserve.experts.bitpack import (CHUNK_ENTRIES, VALUE_DTYPES, PartMeta, Parts, check_input, check_value_dtype,
-                                        compute_dtype, flat_target, meta_problems, parts_nbytes, require_parts)
-from deltaserve.experts.codecs.base import codec
+                                        compute_dtype, flat_target, meta_problems, require_parts)
+from deltaserve.experts.codecs.base import CodecDefaults, codec
 from deltaserve.experts.lowrank import lowrank as svd_factors
 
 
 @codec("lowrank")
-class LowRankCodec:
+class LowRankCodec(CodecDefaults):
     """Factors ``A`` [r, in] and ``B`` [out, r] with delta = B @ A (LoRA convention).
 
     Any LoRA scaling (alpha / r) must be folded into ``B`` by the caller.
@@ -72,9 +72,6 @@ class LowRankCodec:
             block = target[start:start + rows_per_chunk]
             block.copy_(block.to(compute) + weight * (B[start:start + rows_per_chunk] @ A))
 
-    def nbytes(self, parts: Parts) -> int:
-        return parts_nbytes(parts)
-
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]:
         problems = meta_problems(part_meta, self.part_names)
         if problems:
@@ -88,9 +85,6 @@ class LowRankCodec:
         if a_dtype not in VALUE_DTYPES or b_dtype not in VALUE_DTYPES:
             problems.append(f"factor dtypes {a_dtype}, {b_dtype} not in {VALUE_DTYPES}")
         return problems
-
-    def kept_count(self, parts: Parts) -> int | None:
-        return None
 
     def rank(self, parts: Parts) -> int | None:
         return int(parts["A"].shape[0])

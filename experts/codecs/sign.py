@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from deltaserve.experts.bitpack import (PartMeta, Parts, add_at_indices, check_input, check_value_dtype,
-                                        compute_dtype, flat_target, meta_problems, pack_bits, parts_nbytes,
-                                        require_parts, unpack_bits)
-from deltaserve.experts.codecs.base import codec
+                                        compute_dtype, flat_target, meta_problems, pack_bits, require_parts,
+                                        unpack_bits)
+from deltaserve.experts.codecs.base import CodecDefaults, codec
 
 NAME = "sign"
 
@@ -43,8 +43,9 @@ def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
 
 
 @codec(NAME)
-class SignCodec:
-    """Packed bitmask of the changed rows + one sign bit per entry of those rows + one float32 scale (BitDelta)."""
+class SignCodec(CodecDefaults):
+    """Packed bitmask of the changed rows + one sign bit per entry of those rows + one float32 scale (BitDelta).
+    No kept count: kept rows are stored whole, so a density would say nothing about the bytes."""
 
     part_names = ("rows", "sign", "scale")
 
@@ -94,9 +95,6 @@ class SignCodec:
         index = (kept_rows.nonzero() * cols + torch.arange(cols)).reshape(-1)
         add_at_indices(flat, index, values)
 
-    def nbytes(self, parts: Parts) -> int:
-        return parts_nbytes(parts)
-
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]:
         problems = meta_problems(part_meta, self.part_names)
         if problems:
@@ -113,9 +111,3 @@ class SignCodec:
         if part_meta["scale"] != ((1,), torch.float32):
             out.append(f"part 'scale' is {part_meta['scale'][1]} {list(part_meta['scale'][0])}, expected float32 [1]")
         return out
-
-    def kept_count(self, parts: Parts) -> int | None:
-        return None   # kept rows are stored whole: a density would say nothing about the bytes
-
-    def rank(self, parts: Parts) -> int | None:
-        return None

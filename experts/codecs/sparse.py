@@ -9,13 +9,13 @@ import torch
 from torch import Tensor
 
 from deltaserve.experts.bitpack import (VALUE_DTYPES, PartMeta, Parts, add_entries, check_input, check_value_dtype,
-                                        flat_target, mask_problems, meta_problems, pack_bits, parts_nbytes,
-                                        require_parts, unpack_bits)
-from deltaserve.experts.codecs.base import codec
+                                        flat_target, mask_problems, meta_problems, pack_bits, require_parts,
+                                        unpack_bits)
+from deltaserve.experts.codecs.base import CodecDefaults, codec
 
 
 @codec("sparse")
-class SparseCodec:
+class SparseCodec(CodecDefaults):
     """Packed 1-bit mask + the non-zero values (row-major) in ``value_dtype``."""
 
     part_names = ("mask", "values")
@@ -59,9 +59,6 @@ class SparseCodec:
                              f"{index.numel()} entries")
         return index, values
 
-    def nbytes(self, parts: Parts) -> int:
-        return parts_nbytes(parts)
-
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]:
         problems = meta_problems(part_meta, self.part_names)
         if problems:
@@ -76,6 +73,3 @@ class SparseCodec:
 
     def kept_count(self, parts: Parts) -> int | None:
         return parts["values"].numel()
-
-    def rank(self, parts: Parts) -> int | None:
-        return None

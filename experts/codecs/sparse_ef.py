@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 
 from deltaserve.experts.bitpack import (VALUE_DTYPES, PartMeta, Parts, add_entries, check_input, check_value_dtype,
-                                        flat_target, meta_problems, pack_bits, pack_uints, parts_nbytes,
-                                        require_parts, unpack_bits, unpack_uints)
-from deltaserve.experts.codecs.base import codec
+                                        flat_target, meta_problems, pack_bits, pack_uints, require_parts, unpack_bits,
+                                        unpack_uints)
+from deltaserve.experts.codecs.base import CodecDefaults, codec
 
 NAME = "sparse_ef"
 _HIGH, _LOW, _VALUES = "index_high", "index_low", "values"
@@ -129,7 +129,7 @@ def sparse_codec_for(density: float) -> str:
 
 
 @codec(NAME)
-class EliasFanoSparseCodec:
+class EliasFanoSparseCodec(CodecDefaults):
     """Kept positions Elias–Fano coded (~log2(1/density) + 2 bits each) + the kept values in ``value_dtype``."""
 
     part_names = (_HIGH, _LOW, _VALUES)
@@ -168,9 +168,6 @@ class EliasFanoSparseCodec:
         """``(flat indices int64, values as stored)`` of the kept entries: what ``add_into`` adds."""
         return self._index(parts, numel), parts[_VALUES]
 
-    def nbytes(self, parts: Parts) -> int:
-        return parts_nbytes(parts)
-
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]:
         problems = meta_problems(part_meta, self.part_names)
         if problems:
@@ -186,6 +183,3 @@ class EliasFanoSparseCodec:
 
     def kept_count(self, parts: Parts) -> int | None:
         return parts[_VALUES].numel()
-
-    def rank(self, parts: Parts) -> int | None:
-        return None

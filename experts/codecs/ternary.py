@@ -10,12 +10,12 @@ from torch import Tensor
 
 from deltaserve.experts.bitpack import (PartMeta, Parts, add_at_indices, check_input, check_value_dtype,
                                         compute_dtype, flat_target, mask_problems, meta_problems, pack_bits,
-                                        parts_nbytes, require_parts, unpack_bits)
-from deltaserve.experts.codecs.base import codec
+                                        require_parts, unpack_bits)
+from deltaserve.experts.codecs.base import CodecDefaults, codec
 
 
 @codec("ternary")
-class TernaryCodec:
+class TernaryCodec(CodecDefaults):
     """Packed mask + packed sign bits of the kept entries (1 = negative) + one float32 scale.
 
     ``value_dtype`` is accepted for a uniform signature and ignored: the scale
@@ -67,9 +67,6 @@ class TernaryCodec:
         values = self._kept_values(negative, scale, compute_dtype(flat.dtype))
         add_at_indices(flat, mask.nonzero().squeeze(1), weight * values)
 
-    def nbytes(self, parts: Parts) -> int:
-        return parts_nbytes(parts)
-
     def check_parts(self, part_meta: PartMeta, shape: Sequence[int]) -> list[str]:
         problems = meta_problems(part_meta, self.part_names)
         if problems:
@@ -87,6 +84,3 @@ class TernaryCodec:
 
     def kept_count(self, parts: Parts) -> int | None:
         return int(torch.count_nonzero(unpack_bits(parts["mask"], parts["mask"].numel() * 8)))
-
-    def rank(self, parts: Parts) -> int | None:
-        return None

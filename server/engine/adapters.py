@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from deltaserve.experts.atomic import atomic_dir
+from deltaserve.experts.atomic import atomic_dir, pid_alive
 from deltaserve.experts.expert import Expert
 from deltaserve.experts.merge.lora import lora_concat
 from deltaserve.experts.lowrank import lowrank as svd_factors
@@ -217,19 +217,10 @@ def clean_stale_roots(parent: Path, prefix: str = "deltaserve-adapters-") -> lis
     removed = []
     for path in Path(parent).glob(f"{prefix}*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
