@@ -12,7 +12,6 @@ adapter's folder is removed and vLLM is told to drop it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 from collections import OrderedDict
