@@ -52,7 +52,9 @@ def test_recipe_of_is_canonical_and_hashable():
 
 # ---------------------------------------------------------------------------- scheduler
 
-class FakeEngine:
+class RecordedSwaps:
+    """The scheduler's injected apply step, recording the weight states it was asked for (not an engine)."""
+
     def __init__(self, swap_s=0.01):
         self.swap_s, self.applied, self.active_during = swap_s, [], []
 
@@ -63,7 +65,7 @@ class FakeEngine:
 
 def test_scheduler_batches_one_recipe_and_swaps_between_groups():
     async def main():
-        eng = FakeEngine()
+        eng = RecordedSwaps()
         s = WeightScheduler(eng.apply, max_wait_s=10.0)
         seen = []
 
@@ -81,7 +83,7 @@ def test_scheduler_batches_one_recipe_and_swaps_between_groups():
 
 def test_scheduler_max_wait_bounds_starvation_under_a_busy_recipe():
     async def main():
-        eng = FakeEngine(swap_s=0.0)
+        eng = RecordedSwaps(swap_s=0.0)
         s = WeightScheduler(eng.apply, max_wait_s=0.05, initial_state="hot")
         stop = asyncio.Event()
 
@@ -121,7 +123,7 @@ def test_scheduler_failed_swap_fails_only_its_requests():
 
 def test_scheduler_cancelled_waiter_leaves_no_trace():
     async def main():
-        eng = FakeEngine(swap_s=0.0)
+        eng = RecordedSwaps(swap_s=0.0)
         s = WeightScheduler(eng.apply, max_wait_s=10.0, initial_state="a")
         release = asyncio.Event()
 
