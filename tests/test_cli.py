@@ -7,6 +7,21 @@ import pytest
 from deltaserve_zoo.matrix import AccuracyMatrix
 
 
+def _cli_in_process(capsys, *args) -> tuple[int, str]:
+    """``deltaserve ARGS`` in this process (for refusals, which load nothing): exit status and what a user
+    sees on stderr (argparse's message, or the SystemExit message Python prints at exit)."""
+    from deltaserve.server.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    if isinstance(code, str):
+        return 1, err + code
+    return code or 0, err
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "deltaserve.server.cli", *args], capture_output=True, text=True,
                           timeout=300)
@@ -40,12 +55,12 @@ def test_eval_cli_matches_the_zoo_matrix(micro_zoo, tmp_path):
           "--out", "/tmp/x"], "--density: invalid options for merge method 'ties'"),
     ],
 )
-def test_bad_arguments_give_a_clear_error(micro_zoo, args, message):
+def test_bad_arguments_give_a_clear_error(micro_zoo, args, message, capsys):
     args = [a.format(base=micro_zoo.layout.base) for a in args]
-    res = _cli(*args)
-    assert res.returncode != 0
-    assert message in res.stderr
-    assert "Traceback" not in res.stderr
+    code, err = _cli_in_process(capsys, *args)
+    assert code != 0
+    assert message in err
+    assert "Traceback" not in err
 
 
 def test_compress_then_inspect(micro_zoo, tmp_path):
@@ -60,21 +75,22 @@ def test_compress_then_inspect(micro_zoo, tmp_path):
     assert "ternary" in res.stdout and "bits/param" in res.stdout and "upper-tswitch" in res.stdout
 
 
-def test_inspect_and_compress_refuse_bad_inputs(micro_zoo, tmp_path):
+def test_inspect_and_compress_refuse_bad_inputs(micro_zoo, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")
-    res = _cli("inspect", str(broken))
-    assert res.returncode != 0 and "Traceback" not in res.stderr and "manifest" in res.stderr
-    res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
-               "--method", "nps", "--out", str(tmp_path / "x"))
-    assert res.returncode != 0 and "needs --calibration" in res.stderr
-    res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
-               "--density", "1.5", "--out", str(tmp_path / "x"))
-    assert res.returncode != 0 and "--density" in res.stderr
-    res = _cli("compress", "--base", str(micro_zoo.layout.base), "--finetuned", str(micro_zoo.layout.full("upper")),
-               "--max-weight", "0.5", "--out", str(tmp_path / "x"))
-    assert res.returncode != 0 and "max_weight" in res.stderr and "Traceback" not in res.stderr
+    code, err = _cli_in_process(capsys, "inspect", str(broken))
+    assert code != 0 and "Traceback" not in err and "manifest" in err
+    base, full = str(micro_zoo.layout.base), str(micro_zoo.layout.full("upper"))
+    code, err = _cli_in_process(capsys, "compress", "--base", base, "--finetuned", full, "--method", "nps",
+                                "--out", str(tmp_path / "x"))
+    assert code != 0 and "needs --calibration" in err
+    code, err = _cli_in_process(capsys, "compress", "--base", base, "--finetuned", full, "--density", "1.5",
+                                "--out", str(tmp_path / "x"))
+    assert code != 0 and "--density" in err
+    code, err = _cli_in_process(capsys, "compress", "--base", base, "--finetuned", full, "--max-weight", "0.5",
+                                "--out", str(tmp_path / "x"))
+    assert code != 0 and "max_weight" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
 
 
