@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -44,10 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def quiet() -> None:
     """The demo's log is for people: no deprecation or future warnings from the libraries, here or in vLLM's
-    processes (they inherit the environment)."""
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    processes (they inherit the environment), nor vLLM's notes on what it deprecates in the way the engine calls
+    it (work for the next vLLM upgrade, server/vllm_compat.py, not for a demo's user), nor the multiprocessing
+    resource tracker's note when the demo stops its trainings."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning,"
+                                            "ignore::UserWarning:multiprocessing.resource_tracker")
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
+    logging.getLogger("vllm.v1.engine.input_processor").addFilter(
+        lambda record: "deprecated" not in record.getMessage())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     publisher = start_publisher(settings)
     try:
-        return serve_command.serve(settings, banner(settings.host, settings.port))
+        return serve_command.serve(settings, banner(settings.host, settings.port), access_log=False)
     finally:
         stop_publisher(publisher)
 
@@ -85,7 +91,7 @@ def start_publisher(settings: Any) -> Any:
     ctx = multiprocessing.get_context("spawn")
     process = ctx.Process(target=_publish, name="deltaserve-demo-experts",
                           args=(str(REAL_ROOT), local_url(settings.host, settings.port),
-                                settings.admin_keys[0] if settings.admin_keys else None))
+                                settings.admin_keys[0] if settings.admin_keys else None, os.getpid()))
     process.start()
     return process
 
@@ -100,8 +106,9 @@ def stop_publisher(process: Any) -> None:
     process.join(10)
 
 
-def _publish(root: str, url: str, admin_key: str | None) -> None:
-    os.setpgrp()    # the trainings it spawns share its group: the demo stops them together
+def _publish(root: str, url: str, admin_key: str | None, demo_pid: int) -> None:
+    os.setpgrp()    # the trainings it spawns share its group: stopped together
+    _exit_with(demo_pid)
     quiet()
     from deltaserve_zoo.real.live import LivePublisher
 
@@ -109,6 +116,22 @@ def _publish(root: str, url: str, admin_key: str | None) -> None:
         LivePublisher(Path(root), url, admin_key, log=lambda line: print(line, flush=True)).run()
     except Exception as err:  # noqa: BLE001 - the server keeps serving what it has; say why no more arrive
         print(f"experts: stopped: {err}", file=sys.stderr, flush=True)
+
+
+def _exit_with(pid: int, interval_s: float = 1.0) -> None:
+    """End this process group when process ``pid`` is gone: the demo may not get to stop the publisher
+    (uvicorn ends its process with the signal that stopped it, and kill -9 runs no code at all)."""
+    import threading
+    import time
+
+    from deltaserve.experts.atomic import pid_alive
+
+    def watch() -> None:
+        while pid_alive(pid):
+            time.sleep(interval_s)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="deltaserve-demo-watch", daemon=True).start()
 
 
 def banner(host: str, port: int) -> str:

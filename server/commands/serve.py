@@ -32,14 +32,15 @@ def settings(args: argparse.Namespace, **fixed: Any) -> Any:
     return settings_from_args(ServerSettings, args, args.settings_flags, **fixed)
 
 
-def serve(settings: Any, banner: str = "") -> int:
-    """Run the server with ``settings`` until it is stopped (``banner`` printed once it is ready)."""
+def serve(settings: Any, banner: str = "", access_log: bool = True) -> int:
+    """Run the server with ``settings`` until it is stopped (``banner`` printed once it is ready; ``access_log``:
+    uvicorn's line per request)."""
     import uvicorn
 
     from deltaserve.server.app import create_app
 
     app = create_app(settings, on_ready=(lambda: print(banner, flush=True)) if banner else None)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=access_log,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 

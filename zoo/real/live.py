@@ -89,8 +89,10 @@ class LivePublisher:
             jobs = self.jobs({e["id"] for e in client.get("/v1/experts").json()["data"]})
             if not jobs:
                 return 0
-            self.log(f"experts: training {len(jobs)} in the background ({self.workers} at a time), each registered "
-                     "as soon as it is ready; watch GET /v1/experts")
+            missing = set(self.builder.missing())
+            train = sum(f"{kind}:{skill}" in missing for kind, skill in jobs)
+            self.log(f"experts: {len(jobs)} to register, {train} of them trained first in the background "
+                     f"({self.workers} at a time); each is registered as soon as it is ready: watch GET /v1/experts")
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx) as pool:
                 futures = [(job, pool.submit(_expert_job, self.builder.layout.root, self.builder.spec, *job))
