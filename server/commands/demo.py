@@ -44,10 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def quiet() -> None:
-    """The demo's log is for people: vLLM logs its errors only (``VLLM_LOGGING_LEVEL``), no deprecation or
-    future warnings from the libraries, here or in vLLM's processes (they inherit the environment), nor vLLM's notes on what it deprecates in the way the engine calls
-    it (work for the next vLLM upgrade, server/vllm_compat.py, not for a demo's user), nor the multiprocessing
-    resource tracker's note when the demo stops its trainings."""
+    """The demo's log is for people: vLLM logs its errors only (``VLLM_LOGGING_LEVEL``); no deprecation or
+    future warnings from the libraries, here or in vLLM's processes (they inherit the environment); none of
+    vLLM's notes on what it deprecates in the way the engine calls it (work for the next vLLM upgrade,
+    server/vllm_compat.py, not for a demo's user); not the multiprocessing resource tracker's note when the
+    demo stops its trainings."""
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning,"
                                             "ignore::UserWarning:multiprocessing.resource_tracker")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")   # vLLM's start-up chatter; set it to INFO to see it
