@@ -28,6 +28,10 @@ class EngineConfig(BaseModel):
     base_dir: Path = Field(description="base HF model directory", json_schema_extra=cli("--base", required=True))
     served_name: str = Field("base", description="the base model's name in the API")
     max_model_len: int = Field(256, ge=16, description="longest prompt + completion in tokens")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="ranks the base is sharded over (vLLM tensor "
+                                                                 "parallelism): GPUs, or CPU core groups on "
+                                                                 "vLLM-CPU (VLLM_CPU_OMP_THREADS_BIND, set from "
+                                                                 "the cores this process may use unless given)")
     dtype: str = Field("auto", description="weights dtype; 'auto': the checkpoint's on GPU, float32 on CPU")
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="share of GPU memory vLLM may use")
     kv_cache_gib: int = Field(1, ge=1, description="vLLM-CPU KV cache GiB (VLLM_CPU_KVCACHE_SPACE) when unset")
@@ -49,6 +53,11 @@ class EngineConfig(BaseModel):
     max_wait_ms: float = Field(200.0, ge=0.0, description="dense path: longest a request waits while another "
                                                           "recipe is served")
     enforce_eager: bool = Field(True, description="vLLM without CUDA graphs / compilation (predictable start)",
+                                json_schema_extra=cli(kind="onoff"))
+    plain_weights: bool = Field(False, description="vLLM-CPU: keep linear weights plain (torch's linear) instead of "
+                                                   "packing them for vLLM's GEMM kernels, so dense swaps write the "
+                                                   "weights in place as on a GPU (no repacking) at some cost per "
+                                                   "token; GPUs keep plain weights anyway",
                                 json_schema_extra=cli(kind="onoff"))
     adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings,
                                        description="an adaptive-merge setting (server.engine.adaptive), e.g. "

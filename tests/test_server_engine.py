@@ -200,8 +200,12 @@ def test_register_use_delete_at_runtime_and_survive_restart(live_server, micro_z
 
     # A second server on the same store (a restart, or another replica) serves them without re-registering;
     # it routes with the exemplar-free uncertainty router, scored through its own engine.
-    other = start_server(micro_zoo.layout.base, live_server.store, extra=["--router", "uncertainty"])
+    # It keeps plain weights (--plain-weights on): its dense swaps are written in place (server.worker.loading),
+    # where the session's server reloads through vLLM; both answer the same.
+    other = start_server(micro_zoo.layout.base, live_server.store,
+                         extra=["--router", "uncertainty", "--plain-weights", "on"])
     c2 = other.client()
+    assert c2.get("/health").json()["dense_swaps"] == "in_place" and c.get("/health").json()["dense_swaps"] == "reload"
     assert {"upper-lora", "min-digit"} <= {m["id"] for m in c2.get("/v1/models").json()["data"]}
     same = [c2.post("/v1/chat/completions", json={"model": "min-digit", "max_tokens": 6, "temperature": 0,
                                                    "messages": [{"role": "user", "content": QUESTIONS[3]}]}),

@@ -8,7 +8,7 @@ a field cannot be added on one side and forgotten on the other.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +33,8 @@ class MergeRequest(BaseModel):
 class SwapStats(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     key: str
+    mode: Literal["in_place", "reload"] = Field("reload", description="how the weights were written "
+                                                                     "(server.worker.loading)")
     seconds: float
     bytes: int
     params: int

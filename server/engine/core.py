@@ -45,6 +45,31 @@ def prepared_params(params: Any, stream: bool) -> Any:
     return params
 
 
+def parallel_args(tensor_parallel_size: int) -> dict[str, Any]:
+    """vLLM's arguments for ``tensor_parallel_size`` ranks: one process per rank (the ``mp`` executor); on
+    vLLM-CPU each rank needs its own cores, so ``VLLM_CPU_OMP_THREADS_BIND`` is set (unless it is) to
+    ``tensor_parallel_size`` groups of the cores this process may use."""
+    if tensor_parallel_size == 1:
+        return {}
+    from deltaserve.server.vllm_compat import current_platform
+
+    if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
+    return {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "mp"}
+
+
+def cpu_thread_binding(ranks: int, cores: list[int] | None = None) -> str:
+    """``ranks`` groups of ``cores`` (default: this process's) in vLLM-CPU's ``0-3|4-7`` form."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
+    per = len(cores) // ranks
+    if per < 1:
+        raise ValueError(f"tensor_parallel_size {ranks} needs at least {ranks} cores; this process may use "
+                         f"{len(cores)}")
+    groups = [cores[i * per:(i + 1) * per] for i in range(ranks)]
+    return "|".join(f"{g[0]}-{g[-1]}" if g == list(range(g[0], g[-1] + 1)) and len(g) > 1 else ",".join(map(str, g))
+                    for g in groups)
+
+
 class Engine:
     def __init__(self, config: EngineConfig, store: ExpertStore, metrics: Metrics) -> None:
         self.config = config = config.resolved(store.root)
@@ -57,6 +82,7 @@ class Engine:
         self.generation = -1
         self.restarting = False
         self.restarts = 0
+        self.ranks: list[dict] = []   # what each rank's worker runs (its deltaserve_setup answer)
         root = Path(config.adapter_root or default_adapter_root())
         clean_stale_roots(root)
         cache = AdapterCache(root / f"deltaserve-adapters-{os.getpid()}-{uuid.uuid4().hex[:6]}",
@@ -76,18 +102,21 @@ class Engine:
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.kv_cache_gib))
         c = self.config
+        parallel = parallel_args(c.tensor_parallel_size)
         self.tokenizer = AutoTokenizer.from_pretrained(str(c.base_dir))
         args = AsyncEngineArgs(
             model=str(c.base_dir), served_model_name=c.served_name, dtype=c.vllm_dtype(), seed=c.seed,
             max_model_len=c.max_model_len, gpu_memory_utilization=c.gpu_memory_utilization,
             enforce_eager=c.enforce_eager, enable_lora=c.enable_lora, max_lora_rank=c.lora_rank,
             max_loras=c.max_loras,
-            max_cpu_loras=max(c.max_loras, c.adapter_cache_size), worker_extension_cls=WORKER_EXTENSION,
+            max_cpu_loras=max(c.max_loras, c.adapter_cache_size), worker_extension_cls=WORKER_EXTENSION, **parallel,
         )
         self.llm = AsyncLLM.from_engine_args(args)
-        ranks = await self.llm.collective_rpc("deltaserve_setup",
-                                              args=(str(c.base_dir), c.host_cache_bytes, os.getpid()))
-        log.info("engine ready on %d rank(s); vLLM fixes applied: %s", len(ranks),
+        ranks = await self.llm.collective_rpc("deltaserve_setup", args=(str(c.base_dir), c.host_cache_bytes,
+                                                                        os.getpid(), c.plain_weights))
+        self.ranks = ranks
+        log.info("engine ready on %d rank(s); dense swaps %s; vLLM fixes applied: %s", len(ranks),
+                 "in place" if ranks[0]["swap"] == "in_place" else "through vLLM's reload",
                  ", ".join(ranks[0].get("vllm_patches", [])) or "none (not needed here)")
         await self.refresh()
 

@@ -18,8 +18,10 @@ async def health(service: Service = SERVICE) -> Response:
         await service.engine.check_health()
     except Exception:  # noqa: BLE001 - any engine failure is "unhealthy"; details stay in the logs
         return JSONResponse({"status": "unhealthy"}, status_code=503)
+    ranks = getattr(service.engine, "ranks", [])
     return JSONResponse({"status": "ok", "experts": len(service.engine.experts),
-                         "store_generation": service.engine.generation})
+                         "store_generation": service.engine.generation, "ranks": len(ranks),
+                         "dense_swaps": ranks[0]["swap"] if ranks else None})
 
 
 @router.get("/metrics")

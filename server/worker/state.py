@@ -11,18 +11,19 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from deltaserve.experts.bitpack import add_entries, flat_target
 from deltaserve.experts.expert import Expert, load_pinned
 from deltaserve.experts.merge.checkpoint import merged_params
 from deltaserve.server.engine.contracts import MergeRequest
+from deltaserve.server.worker.base_weights import BaseWeights
 from deltaserve.server.worker.host_cache import HostDeltaCache
+from deltaserve.server.worker.loading import LoadMode
 
 # Siblings that vLLM fuses into one module and that must be reloaded together.
 _FUSED = (
@@ -32,7 +33,7 @@ _FUSED = (
 _MEMBERS = {0: ("q", "k", "v"), 1: ("gate", "up")}
 
 
-def fused_siblings(name: str, known: set[str] | dict) -> list[str]:
+def fused_siblings(name: str, known: Container[str]) -> list[str]:
     """``name`` plus the members of its fused module that exist in ``known``."""
     for i, pattern in enumerate(_FUSED):
         m = pattern.match(name)
@@ -47,13 +48,8 @@ class DeltaState:
 
     def __init__(self, base_dir: str, host_cache_bytes: int) -> None:
         self.base_dir = Path(base_dir)
-        self.base: dict[str, Tensor] = {}
-        for path in sorted(self.base_dir.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as fh:
-                for key in fh.keys():
-                    self.base[key] = fh.get_tensor(key)
-        if not self.base:
-            raise FileNotFoundError(f"no *.safetensors weights in {self.base_dir}")
+        self.base = BaseWeights(self.base_dir)
+        self.mode: LoadMode = "reload"   # how swaps reach the weights (server.worker.loading)
         self.cache = HostDeltaCache(host_cache_bytes)
         self.experts: dict[str, Expert] = {}
         self.applied: set[str] = set()   # parameters that currently differ from the base

@@ -1,0 +1,41 @@
+"""The base's weights as the worker reads them: straight from its safetensors files, on demand.
+
+Every recipe is computed from the base, so the worker needs base tensors — but only the ones a swap
+touches, and only while it computes them. ``BaseWeights`` knows which file holds which tensor and maps
+it when asked: the tensor is a view of the memory-mapped file, mapped while the tensor lives, so a
+process holds no copy of the base between swaps, and the pages the kernel caches for the files are
+shared by every process (every rank of a tensor-parallel engine). The views are copy-on-write: clone
+one before writing into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from safetensors import safe_open
+from torch import Tensor
+
+
+class BaseWeights(Mapping[str, Tensor]):
+    def __init__(self, base_dir: Path) -> None:
+        self._where: dict[str, str] = {}
+        for path in sorted(Path(base_dir).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as fh:
+                self._where.update((key, str(path)) for key in fh.keys())
+        if not self._where:
+            raise FileNotFoundError(f"no *.safetensors weights in {base_dir}")
+
+    def __getitem__(self, name: str) -> Tensor:
+        with safe_open(self._where[name], framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
