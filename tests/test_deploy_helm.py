@@ -291,6 +291,9 @@ def test_gpu_requests(chart):
     assert not [a for a in cpu["args"] if a.startswith(("--gpu-memory-utilization", "--max-model-len"))]
     two = server_container(render(chart, {"gpu": {"enabled": True, "count": 2}}))
     assert two["resources"]["limits"]["nvidia.com/gpu"] == 2 and two["resources"]["limits"]["memory"] == "16Gi"
+    # the base sharded over every GPU of the replica
+    assert "--tensor-parallel-size=2" in two["args"] and "--tensor-parallel-size=1" in ha["args"]
+    assert not [a for a in cpu["args"] if a.startswith("--tensor-parallel-size")]
 
 
 def test_base_model_sources(setup):

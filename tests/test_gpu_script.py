@@ -23,6 +23,8 @@ def test_gpu_readiness_script_runs_end_to_end_on_cpu(tmp_path, real_server):
     assert result["environment"]["vllm"] and result["git_commit"] and result["date"]
     rows = result["serving"]["rows"]
     assert [r["adaptive"] for r in rows] == ["server"] * 7                 # the server given, as it runs
+    assert {r["swap_mode"] for r in rows} == {"reload"}                    # vLLM-CPU packs its weights
+    assert result["serving_tp2"] is None                                   # no GPUs here
     assert all(r["requests"] == 8 and r["tokens"] == 64 for r in rows)      # ignore_eos: 8 tokens each
     assert {r["mix"][0] for r in rows} == set("abcdef")
     mix = {r["mix"][:2]: r for r in rows}

@@ -15,7 +15,10 @@ Steps (each timed; the JSON says how long each took against the budget):
    mixed, ``auto`` (uniform and 70 % one skill) — once with adaptive merging off
    (the LoRA path as vLLM runs it) and once on (a dominant LoRA served merged);
    ratios to base-only traffic, and the dense swap against this device's copy
-   bandwidth (the HBM floor on a GPU) with its breakdown;
+   bandwidth (the HBM floor on a GPU) with its breakdown — on a GPU the swap is written
+   in place, rank by rank (server.worker.loading; the rows say ``swap_mode``); with two
+   or more GPUs the mixes again on a random Llama sharded over two of them
+   (``serving_tp2``, tensor parallel; SmolLM2's 9 heads do not split in two);
 3. the dense path's decode-and-add kernels on a Llama-2-7B-shaped layer stack
    against the same copy bandwidth (bench.kernels.swap).
 """
@@ -53,6 +56,12 @@ def environment(device: str) -> dict:
     return env
 
 
+def torch_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -77,16 +86,28 @@ def main(argv: list[str] | None = None) -> int:
                                        *(["--url", args.url] if args.url else [])])
     serving = traffic.run(traffic_args, record)
     steps["serving"] = time.perf_counter() - started
+    tp_serving = None
+    if args.device.startswith("cuda") and not args.url and torch_gpus() >= 2:   # a base over two GPUs
+        from bench.serving.tp_memory import tp_base
+
+        tp_args = traffic.parse_args(["--suite", "synthetic", "--base", str(tp_base()), "--adaptive", "on",
+                                      "--device", args.device,
+                                      "--requests", str(requests), "--concurrency", "8", "--max-tokens", "64",
+                                      "--tensor-parallel-size", "2"])
+        tp_serving = traffic.run(tp_args, record)
+        steps["serving_tp2"] = time.perf_counter() - started - steps["serving"]
     with tempfile.TemporaryDirectory() as tmp:
         kernels.main(["--device", args.device, "--layers", str(layers), "--repeat", "1" if args.quick else "5",
                       "--out", f"{tmp}/k.json"])
         kernel = json.loads(Path(tmp, "k.json").read_text())
-    steps["kernels_7b_layers"] = time.perf_counter() - started - steps["serving"]
+    steps["kernels_7b_layers"] = time.perf_counter() - started - sum(steps.values())
     total = time.perf_counter() - started
     log(f"done in {total:.0f} s (budget {BUDGET_S} s): " + ", ".join(f"{k} {v:.0f} s" for k, v in steps.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**record, "steps_s": steps, "total_s": total, "within_budget": total <= BUDGET_S,
                                     "serving": {k: v for k, v in serving.items() if k not in record},
+                                    "serving_tp2": tp_serving and {k: v for k, v in tp_serving.items()
+                                                                   if k not in record},
                                     "kernels_7b": {k: v for k, v in kernel.items() if k not in record}},
                                    indent=2) + "\n")
     return 0

@@ -182,6 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the swaps of switching into it are reported as warmup_swaps")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=200.0)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="the server's ranks (vLLM tensor parallel)")
+    ap.add_argument("--base", type=Path, help="--suite synthetic on this base instead of the real one (e.g. a "
+                                              "zoo.families checkpoint whose heads split over the ranks)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path)
     return ap.parse_args(argv)
@@ -223,10 +226,14 @@ def synthetic_setup(args: argparse.Namespace, store: Path) -> tuple[Path, list[s
     from deltaserve_zoo.real.build import RealSuiteBuilder
     from deltaserve_zoo.real.synthetic import publish_synthetic
 
-    builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
-    builder.build_base()
-    names, loras = publish_synthetic(builder.layout.base, store, store.parent / "synthetic")
-    return builder.layout.base, names, loras, synthetic_prompts(args.seed), ["--max-model-len", "512"]
+    if args.base is not None:
+        base = args.base
+    else:
+        builder = RealSuiteBuilder(REPO / ".cache" / "zoo" / "real")
+        builder.build_base()
+        base = builder.layout.base
+    names, loras = publish_synthetic(base, store, store.parent / "synthetic")
+    return base, names, loras, synthetic_prompts(args.seed), ["--max-model-len", "512"]
 
 
 def synthetic_prompts(seed: int) -> list[list[str]]:
@@ -249,12 +256,21 @@ def serve_mixes(base: Path, store: Path, log: Path, flags: list[str], mixes: dic
     """Start one server (``--adaptive-merge adaptive --lora lora``), drive every mix, stop it; rows with ratios
     to its (a)."""
     proc, url = start_server(base, store, log, ["--max-wait-ms", str(args.max_wait_ms), "--router", "knn",
-                                                "--adaptive-merge", adaptive, "--lora", lora, *flags])
+                                                "--adaptive-merge", adaptive, "--lora", lora,
+                                                "--tensor-parallel-size", str(args.tensor_parallel_size), *flags])
     try:
+        swaps = health(url)["dense_swaps"]
         rows = run_mixes(url, mixes, args)
     finally:
         stop_server(proc)
-    return [{**r, "adaptive": adaptive, "lora": lora} for r in rows]
+    return [{**r, "adaptive": adaptive, "lora": lora, "tp": args.tensor_parallel_size, "swap_mode": swaps}
+            for r in rows]
+
+
+def health(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url + "/health", timeout=30).json()
 
 
 def run_against(args: argparse.Namespace, record: dict) -> dict:
@@ -264,7 +280,7 @@ def run_against(args: argparse.Namespace, record: dict) -> dict:
     if args.suite != "synthetic":
         raise SystemExit("--url drives --suite synthetic's experts (lora-0..3, sparse-0..3) on a running server")
     names, loras = synthetic_names()
-    rows = [{**r, "adaptive": "server", "lora": "on"}
+    rows = [{**r, "adaptive": "server", "lora": "on", "swap_mode": health(args.url)["dense_swaps"]}
             for r in run_mixes(args.url, traffic_mixes(names, loras, synthetic_prompts(args.seed), args.requests,
                                                         args.seed), args)]
     return summary(rows, args, record, args.url)

@@ -65,9 +65,21 @@ def synthetic_names() -> tuple[list[str], list[str]]:
     return [f"sparse-{i}" for i in range(len(SYNTHETIC_SKILLS))], [f"lora-{i}" for i in range(len(SYNTHETIC_SKILLS))]
 
 
+def sparse_touched(base: Path) -> tuple[str, ...]:
+    """SPARSE_TOUCHED's kind of matrices for any Llama-shaped base: the embeddings, layer 0's q and k, a middle
+    layer's down projection and the last layer's gate projection."""
+    import json
+
+    layers = json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"]
+    return ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.k_proj.weight", f"model.layers.{layers // 2}.mlp.down_proj.weight",
+            f"model.layers.{layers - 1}.mlp.gate_proj.weight")
+
+
 def publish_synthetic(base: Path, store: Path, work: Path) -> tuple[list[str], list[str]]:
     """4 random LoRAs (exemplars: the calib questions of SYNTHETIC_SKILLS) and 4 random sparse experts at 1 %
-    into the store at ``store`` (sources written under ``work``); returns ``synthetic_names()``."""
+    (``sparse_touched``) into the store at ``store`` (sources written under ``work``); returns
+    ``synthetic_names()``."""
     from deltaserve.experts.store import ExpertStore
     from deltaserve_zoo.real.skills import get_skill
 
@@ -75,5 +87,5 @@ def publish_synthetic(base: Path, store: Path, work: Path) -> tuple[list[str], l
     for i, skill in enumerate(SYNTHETIC_SKILLS):
         calib = [e.question for e in get_skill(skill).examples("calib", 32, seed=1)]
         s.import_source(f"lora-{i}", random_lora(base, work / f"lora-{i}", seed=i), exemplars=calib)
-        s.import_source(f"sparse-{i}", random_sparse_expert(base, work / f"sparse-{i}", SPARSE_TOUCHED, 0.01, i))
+        s.import_source(f"sparse-{i}", random_sparse_expert(base, work / f"sparse-{i}", sparse_touched(base), 0.01, i))
     return synthetic_names()
