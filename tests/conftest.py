@@ -114,13 +114,29 @@ def vllm_engine():
 
 
 class Engines:
-    """Starts ``LiveServer``s and stops whatever is still running when the session ends."""
+    """Starts ``LiveServer``s and stops whatever is still running when the session ends. A session server
+    (``shared``) stops as soon as the last test that uses its fixture has run: four vLLM servers at once
+    (two session servers, a test's own, the next one starting) come close to this machine's memory."""
 
     def __init__(self) -> None:
         self.running: list[LiveServer] = []
+        self.shared: dict[str, LiveServer] = {}
+        self.last_user: dict[str, str] | None = None
 
-    def start(self, base, store, log, extra: list[str] | None = None, roots=(), keys: bool = True) -> LiveServer:
-        server = LiveServer(base, store, log, extra, roots=roots, keys=keys)
+    def release_after(self, item) -> None:
+        """Stop the session servers whose fixture no test after ``item`` uses."""
+        if self.last_user is None:
+            self.last_user = {}
+            for other in item.session.items:
+                for name in other.fixturenames:
+                    self.last_user[name] = other.nodeid
+        for name in [n for n in self.shared if self.last_user.get(n) == item.nodeid]:
+            self.shared.pop(name).stop()
+
+    def start(self, base, store, log, extra: list[str] | None = None, roots=(), keys: bool = True,
+              wait: bool = True) -> LiveServer:
+        """A server; ``wait=False`` returns while it starts (call its ``wait_healthy`` before using it)."""
+        server = LiveServer(base, store, log, extra, roots=roots, keys=keys, wait=wait)
         self.running.append(server)
         return server
 
@@ -129,11 +145,18 @@ class Engines:
             server.stop()
 
 
+POOL = Engines()
+
+
 @pytest.fixture(scope="session")
 def engines():
-    pool = Engines()
-    yield pool
-    pool.stop_all()
+    yield POOL
+    POOL.stop_all()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    POOL.release_after(item)
 
 
 @pytest.fixture
@@ -157,7 +180,9 @@ def live_server(engines, micro_zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("live")
     store = root / "store"
     seed_micro_store(micro_zoo, store)
-    return engines.start(micro_zoo.layout.base, store, root / "server.log", extra=["--router", "knn"])
+    server = engines.start(micro_zoo.layout.base, store, root / "server.log", extra=["--router", "knn"])
+    engines.shared["live_server"] = server
+    return server
 
 
 @pytest.fixture(scope="session")
@@ -171,4 +196,5 @@ def real_server(engines, real_base, tmp_path_factory):
                            extra=["--max-lora-rank", "8", "--max-model-len", "1024", "--router", "knn"])
     server.root = root        # tests may register experts they write under it
     server.sources = sources
+    engines.shared["real_server"] = server
     return server

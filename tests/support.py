@@ -23,12 +23,12 @@ class LiveServer(ServerProcess):
     fixture), which stops it and marks the test ``engine``."""
 
     def __init__(self, base: Path, store: Path, log: Path, extra: list[str] | None = None,
-                 roots: tuple[Path, ...] = (), keys: bool = True) -> None:
+                 roots: tuple[Path, ...] = (), keys: bool = True, wait: bool = True) -> None:
         args = [*(["--api-key", API_KEY, "--admin-key", ADMIN_KEY] if keys else []), "--register-root", str(MICRO_ZOO),
                 "--register-root", str(store.parent), *(a for root in roots for a in ("--register-root", str(root))),
                 "--max-wait-ms", "50", "--store-poll-s", "0.5", "--log-level", "warning", "--adaptive-merge", "off",
                 *(extra or [])]
-        super().__init__(base, store, log, args, timeout_s=SERVER_START_TIMEOUT_S)
+        super().__init__(base, store, log, args, timeout_s=SERVER_START_TIMEOUT_S, wait=wait)
 
     def client(self, key: str | None = API_KEY):
         import httpx

@@ -354,3 +354,20 @@ def test_free_port_is_below_the_ephemeral_range_and_bindable():
     assert 1024 <= port < _ephemeral_range()[0]
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_a_failed_start_reports_the_root_cause_lines_before_the_tail(tmp_path):
+    """A worker's error sits far above the engine's own traceback: the report puts it first, with the machine."""
+    from deltaserve.server.launch import ServerProcess
+
+    log = tmp_path / "server.log"
+    log.write_text("\n".join(["starting"] * 5 + ["(Worker pid=7) ERROR RuntimeError: shm_open failed: No space left"]
+                             + [f"  File \"x.py\", line {i}, in f" for i in range(100)]
+                             + ["RuntimeError: Engine core initialization failed."]) + "\n")
+    server = object.__new__(ServerProcess)
+    server.log_path = log
+    report = server.failure_report(tail=5)
+    head, tail = report.split("--- log tail:")
+    assert head.startswith("machine: ") and "MemAvailable" in head
+    assert "shm_open failed" in head and "Engine core initialization failed" in head and "File " not in head
+    assert "shm_open failed" not in tail and tail.strip().endswith("Engine core initialization failed.")
