@@ -3,6 +3,8 @@
 - ``<!-- generated: methods -->`` in a page becomes ``families_markdown()``: the tables of every registry
   (compression methods, codecs, merge methods, routers) with their options, as ``deltaserve methods``
   prints them.
+- ``<!-- generated: families -->`` becomes the model-family support table from ``results/families.json``
+  (what ``tests/test_families.py`` measured; the test fails when the file says otherwise).
 - ``<!-- generated: cli -->`` becomes the ``--help`` of every ``deltaserve`` subcommand, sub-subcommands
   (``zoo build``, ``store add``, ...) included, from ``build_parser()``.
 - A link from a page to a file outside ``docs/`` (``../results/README.md``, ``../helm/deltaserve/values.yaml``)
@@ -62,7 +64,24 @@ def cli_markdown() -> str:
             os.environ["COLUMNS"] = old
 
 
-GENERATED = {"methods": methods_markdown, "cli": cli_markdown}
+FAMILY_COLUMNS = ("base", "lora", "dense", "merge", "router")
+
+
+def families_markdown() -> str:
+    """The support table: one row per family the families test ran (``results/families.json``, written by
+    ``tests/test_families.py``), what each path measured against HF transformers."""
+    import json
+
+    recorded = json.loads((REPO / "results" / "families.json").read_text())
+    rows = ["| family | vLLM model class | " + " | ".join(FAMILY_COLUMNS) + " |",
+            "|---|---|" + "---|" * len(FAMILY_COLUMNS)]
+    for name, row in sorted(recorded["families"].items()):
+        rows.append(f"| {name} (`{row['config']}`) | `{row['model']}` | "
+                    + " | ".join(row[c] for c in FAMILY_COLUMNS) + " |")
+    return "\n".join(rows) + f"\n\nMade by `{recorded['command']}`.\n"
+
+
+GENERATED = {"methods": methods_markdown, "cli": cli_markdown, "families": families_markdown}
 
 
 def render_generated(markdown: str) -> str:

@@ -71,6 +71,7 @@ async def serve(service: Service, req, recipe: Recipe, route: dict | None, promp
         await call.open_stream()
         return StreamingResponse(call.stream(), media_type="text/event-stream", headers=headers)
     body = await call.final()
-    body["deltaserve"] = ServedAs(recipe=call.label, path=plan.path, weights=dict(recipe.terms),
+    body["deltaserve"] = ServedAs(recipe=call.label, path=plan.path, reason=plan.reason or None,
+                                  weights=dict(recipe.terms),
                                   method=recipe.method, options=recipe.option_dict, route=route).model_dump()
     return JSONResponse(body, headers=headers)

@@ -94,21 +94,32 @@ def test_engine_plans_a_merged_lora_recipe_on_the_dense_path():
     from types import SimpleNamespace
 
     from deltaserve.server.engine.core import Engine
+    from deltaserve.server.engine.planner import LoraSupport
     from deltaserve.server.engine.types import ExpertInfo
     from deltaserve.server.recipes import Recipe
 
-    manifest = SimpleNamespace(rank=8, codec="lowrank", lowrank=True, sha256={"tensors.safetensors": "ab" * 32})
+    manifest = SimpleNamespace(rank=8, codec="lowrank", lowrank=True, sha256={"tensors.safetensors": "ab" * 32},
+                               tensors={"w.weight": None})
     info = ExpertInfo("lo", manifest, Path("/nowhere"))
     engine = SimpleNamespace(experts={"lo": info}, config=SimpleNamespace(lora_rank=16, enable_lora=True),
-                             adaptive=MergePolicy(AdaptiveSettings(min_requests=2, prior_swap_s=0), clock=Clock()))
+                             adaptive=MergePolicy(AdaptiveSettings(min_requests=2, prior_swap_s=0), clock=Clock()),
+                             lora_support=LoraSupport())
     engine.adaptive.observe_request("lora", 10, 1.0)
     recipe = Recipe((("lo", 1.0),))
     assert Engine.plan(engine, recipe, arriving=True).path == "lora"
     plan = Engine.plan(engine, recipe, arriving=True)
     assert plan.path == "dense" and plan.state.weights.startswith(recipe.key + "|")
+    assert "adaptive policy" in plan.reason
     assert Engine.plan(engine, Recipe()).path == "base"
-    engine.config.enable_lora, engine.adaptive = False, MergePolicy(AdaptiveSettings(enabled=False))
-    assert Engine.plan(engine, recipe, arriving=True).path == "dense"   # no LoRA kernels: merged weights
+    engine.adaptive = MergePolicy(AdaptiveSettings(enabled=False))
+    engine.lora_support = LoraSupport(names=frozenset({"other.weight"}))     # vLLM's LoRA does not adapt w
+    plan = Engine.plan(engine, recipe, arriving=True)
+    assert plan.path == "dense" and plan.reason == "vLLM's LoRA cannot adapt w.weight on this model (expert lo)"
+    engine.lora_support = LoraSupport(off="vLLM does not support LoRA for X")
+    assert Engine.plan(engine, recipe).reason == "vLLM does not support LoRA for X"
+    engine.config.enable_lora = False
+    plan = Engine.plan(engine, recipe, arriving=True)
+    assert plan.path == "dense" and "--lora off" in plan.reason   # no LoRA kernels: merged weights
 
 
 def test_uncertainty_router_needs_the_engines_lora_support(tmp_path):

@@ -16,7 +16,7 @@ from deltaserve.server.engine.adapters import AdapterCache, write_merged_adapter
 from deltaserve.server.recipes import Recipe, RecipeError, parse_model
 from deltaserve.server.engine.scheduler import WeightScheduler
 from deltaserve.server.worker.host_cache import HostDeltaCache
-from deltaserve.server.worker.state import fused_siblings
+from deltaserve.server.worker.layout import probe_layout
 
 EXPERTS = frozenset({"add", "rev", "code-v2", "m.1"})
 
@@ -145,14 +145,62 @@ def test_scheduler_cancelled_waiter_leaves_no_trace():
 
 # ---------------------------------------------------------------------------- worker helpers
 
-def test_fused_siblings_complete_qkv_and_gate_up():
-    known = {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"} | {
-        f"model.layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
-    assert fused_siblings("model.layers.0.self_attn.k_proj.weight", known) == [
-        f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
-    assert fused_siblings("model.layers.0.mlp.up_proj.weight", known) == [
-        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"]
-    assert fused_siblings("model.layers.0.self_attn.o_proj.weight", known) == ["model.layers.0.self_attn.o_proj.weight"]
+class _PropertyLoaded(torch.nn.Parameter):
+    """As vLLM's BasevLLMParameter: the loader behind a property whose deleter drops it."""
+
+    _loader = None
+
+    @property
+    def weight_loader(self):
+        if self._loader is None:
+            raise AttributeError("weight_loader attribute has been deleted")
+        return self._loader
+
+    @weight_loader.setter
+    def weight_loader(self, value):
+        self._loader = value
+
+    @weight_loader.deleter
+    def weight_loader(self):
+        self._loader = None
+
+
+def test_layout_probe_groups_the_tensors_of_one_module_and_writes_nothing():
+    """A model whose loader stacks q/k/v into one parameter and two experts into another, as vLLM's do; the
+    loaders are put back as they were (a plain attribute, none, or vLLM's property)."""
+    class Stacked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(4, 12, bias=False)
+            self.o = torch.nn.Linear(4, 4, bias=False)
+            self.experts = _PropertyLoaded(torch.zeros(2, 4, 4))
+            self.experts.weight_loader = lambda p, w, expert_id, return_success: p.data[expert_id].copy_(w)
+            self.qkv.weight.weight_loader = lambda p, w, shard: p.data[shard * 4:(shard + 1) * 4].copy_(w)
+
+        def load_weights(self, weights):
+            params = dict(self.named_parameters())
+            for name, w in weights:
+                if ".experts." in name:
+                    params["experts"].weight_loader(params["experts"], w, expert_id=int(name.split(".")[2]),
+                                                   return_success=True)
+                elif name.split(".")[1] in "qkv":
+                    params["qkv.weight"].weight_loader(params["qkv.weight"], w, "qkv".index(name.split(".")[1]))
+                elif name in ("m.o.weight",):
+                    getattr(params["o.weight"], "weight_loader", lambda p, w: p.data.copy_(w))(params["o.weight"], w)
+
+    model = Stacked()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base = {**{f"m.{x}.weight": torch.ones(4, 4) for x in "qkvo"},
+            **{f"m.experts.{i}.weight": torch.ones(4, 4) for i in range(2)}, "m.unknown.weight": torch.ones(4)}
+    layout = probe_layout(model, base)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())      # nothing written
+    assert not hasattr(model.o.weight, "weight_loader") and model.qkv.weight.weight_loader is not None
+    model.load_weights([("m.experts.1.weight", torch.ones(4, 4))])   # the property's loader survived the probe
+    assert model.experts[1].eq(1).all() and model.experts[0].eq(0).all()
+    assert layout.siblings({"m.k.weight"}) == {"m.q.weight", "m.k.weight", "m.v.weight"}
+    assert layout.siblings({"m.experts.1.weight"}) == {"m.experts.0.weight", "m.experts.1.weight"}
+    assert layout.siblings({"m.o.weight"}) == {"m.o.weight"}
+    assert layout.unloadable(base) == ["m.unknown.weight"]
 
 
 def test_host_cache_is_lru_by_bytes():

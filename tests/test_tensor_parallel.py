@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from deltaserve.server.engine.core import cpu_thread_binding
+from deltaserve.server.engine.platform import cpu_thread_binding
 from tests.test_server_engine import QUESTIONS
 
 MAX_TOKENS = 10

@@ -15,7 +15,7 @@ import json
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from deltaserve.experts.expert import Expert
 from deltaserve.experts.merge.lora import lora_concat
 from deltaserve.experts.lowrank import lowrank as svd_factors
 
+#: The projections a proxy adapts when the engine has not said what vLLM's LoRA adapts (server.worker.layout).
 LORA_MODULE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -45,7 +46,7 @@ class MergedAdapter:
 
 
 def write_merged_adapter(out: Path, experts: Sequence[Expert], weights: Sequence[float], base_shapes: dict,
-                         *, base_model: str = "") -> int:
+                         *, base_model: str = "", adaptable: Container[str] | None = None) -> int:
     """Write the exact merged adapter of ``sum w_i * expert_i`` to ``out``; returns its rank."""
     ranks = []
     for e in experts:
@@ -54,12 +55,13 @@ def write_merged_adapter(out: Path, experts: Sequence[Expert], weights: Sequence
         ranks.append(e.manifest.rank or 0)
     rank = sum(ranks)
     names = sorted({n for e in experts for n in e.param_names})
-    for name in names:
-        if not name.endswith(".weight") or name.rsplit(".", 2)[-2] not in LORA_MODULE_SUFFIXES:
-            raise AdapterError(f"{name!r} is not a linear projection vLLM can adapt")
+    for name in names:   # the planner sends only what vLLM's LoRA adapts on this model (server.engine.planner)
+        if not name.endswith(".weight") or len(base_shapes.get(name, ())) != 2:
+            raise AdapterError(f"{name!r} is not a linear projection's weight")
     # Every module with a target suffix gets an entry, zero if no expert adapts it.
     suffixes = sorted({n.rsplit(".", 2)[-2] for n in names})
-    modules = sorted(n for n in base_shapes if n.endswith(".weight") and n.rsplit(".", 2)[-2] in suffixes)
+    modules = sorted(n for n in base_shapes if n.endswith(".weight") and n.rsplit(".", 2)[-2] in suffixes
+                     and (adaptable is None or n in adaptable))
     tensors = {}
     for name in modules:
         out_f, in_f = base_shapes[name]
@@ -145,16 +147,17 @@ class AdapterCache:
             return ended + self._trim()
 
     def build(self, key: str, experts: Sequence[Expert], weights: Sequence[float], base_shapes: dict,
-              base_model: str = "") -> tuple[MergedAdapter, list[MergedAdapter]]:
+              base_model: str = "", adaptable: Container[str] | None = None
+              ) -> tuple[MergedAdapter, list[MergedAdapter]]:
         """Build (or return) the adapter for ``key``, pinned; returns it and the adapters evicted to make room."""
         return self._build(key, lambda path: write_merged_adapter(path, experts, weights, base_shapes,
-                                                                  base_model=base_model),
+                                                                  base_model=base_model, adaptable=adaptable),
                            tuple(e.manifest.name for e in experts))
 
-    def build_proxy(self, key: str, expert: Expert, rank: int, base_shapes: dict
-                    ) -> tuple[MergedAdapter, list[MergedAdapter]]:
+    def build_proxy(self, key: str, expert: Expert, rank: int, base_shapes: dict,
+                    adaptable: Container[str] | None = None) -> tuple[MergedAdapter, list[MergedAdapter]]:
         """A rank-``rank`` SVD adapter approximating a full-rank expert's projections (scoring only), pinned."""
-        return self._build(key, lambda path: write_svd_adapter(path, expert, rank, base_shapes),
+        return self._build(key, lambda path: write_svd_adapter(path, expert, rank, base_shapes, adaptable),
                            (expert.manifest.name,))
 
     def _build(self, key: str, write, experts: tuple[str, ...]) -> tuple[MergedAdapter, list[MergedAdapter]]:
@@ -220,15 +223,18 @@ def clean_stale_roots(parent: Path, prefix: str = "deltaserve-adapters-") -> lis
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-    return True
 
 
-def write_svd_adapter(out: Path, expert: Expert, rank: int, base_shapes: dict) -> int:
-    """Truncated SVD of each adapted projection of ``expert`` as a PEFT LoRA (r = alpha = rank)."""
+def write_svd_adapter(out: Path, expert: Expert, rank: int, base_shapes: dict,
+                      adaptable: Container[str] | None = None) -> int:
+    """Truncated SVD of each projection of ``expert`` that vLLM's LoRA adapts (``adaptable``: checkpoint names;
+    default: Llama's projection names) as a PEFT LoRA (r = alpha = rank)."""
     tensors, suffixes = {}, set()
     for name in expert.param_names:
-        if not name.endswith(".weight") or name.rsplit(".", 2)[-2] not in LORA_MODULE_SUFFIXES:
-            continue   # embeddings, norms: outside what a LoRA can express; the proxy ignores them
+        if adaptable is not None and name not in adaptable:
+            continue   # embeddings, norms, MoE experts: outside what vLLM's LoRA adapts; the proxy ignores them
+        if adaptable is None and (not name.endswith(".weight") or name.rsplit(".", 2)[-2] not in LORA_MODULE_SUFFIXES):
+            continue
         delta = expert.decode(name, torch.float32)
         r = min(rank, *delta.shape)
         a, b = svd_factors(delta, rank=r)

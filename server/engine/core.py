@@ -24,7 +24,8 @@ from deltaserve.server.engine import scoring
 from deltaserve.server.engine.adapters import AdapterCache, MergedAdapter, clean_stale_roots, default_adapter_root
 from deltaserve.server.engine.adaptive import MergePolicy
 from deltaserve.server.engine.lora import LoraAdapters
-from deltaserve.server.engine.planner import lora_servable, plan_recipe
+from deltaserve.server.engine.planner import LoraSupport, lora_servable, plan_recipe
+from deltaserve.server.engine.platform import lora_unavailable, parallel_args
 from deltaserve.server.engine.scheduler import WeightScheduler
 from deltaserve.server.engine.swap import WeightSwap
 from deltaserve.server.engine.types import ExpertInfo, Plan, WeightState
@@ -45,31 +46,6 @@ def prepared_params(params: Any, stream: bool) -> Any:
     return params
 
 
-def parallel_args(tensor_parallel_size: int) -> dict[str, Any]:
-    """vLLM's arguments for ``tensor_parallel_size`` ranks: one process per rank (the ``mp`` executor); on
-    vLLM-CPU each rank needs its own cores, so ``VLLM_CPU_OMP_THREADS_BIND`` is set (unless it is) to
-    ``tensor_parallel_size`` groups of the cores this process may use."""
-    if tensor_parallel_size == 1:
-        return {}
-    from deltaserve.server.vllm_compat import current_platform
-
-    if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
-    return {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "mp"}
-
-
-def cpu_thread_binding(ranks: int, cores: list[int] | None = None) -> str:
-    """``ranks`` groups of ``cores`` (default: this process's) in vLLM-CPU's ``0-3|4-7`` form."""
-    cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
-    per = len(cores) // ranks
-    if per < 1:
-        raise ValueError(f"tensor_parallel_size {ranks} needs at least {ranks} cores; this process may use "
-                         f"{len(cores)}")
-    groups = [cores[i * per:(i + 1) * per] for i in range(ranks)]
-    return "|".join(f"{g[0]}-{g[-1]}" if g == list(range(g[0], g[-1] + 1)) and len(g) > 1 else ",".join(map(str, g))
-                    for g in groups)
-
-
 class Engine:
     def __init__(self, config: EngineConfig, store: ExpertStore, metrics: Metrics) -> None:
         self.config = config = config.resolved(store.root)
@@ -83,6 +59,7 @@ class Engine:
         self.restarting = False
         self.restarts = 0
         self.ranks: list[dict] = []   # what each rank's worker runs (its deltaserve_setup answer)
+        self.lora_support = LoraSupport()
         root = Path(config.adapter_root or default_adapter_root())
         clean_stale_roots(root)
         cache = AdapterCache(root / f"deltaserve-adapters-{os.getpid()}-{uuid.uuid4().hex[:6]}",
@@ -104,10 +81,13 @@ class Engine:
         c = self.config
         parallel = parallel_args(c.tensor_parallel_size)
         self.tokenizer = AutoTokenizer.from_pretrained(str(c.base_dir))
+        off = lora_unavailable(c.base_dir) if c.enable_lora else ""
+        if off:
+            log.warning("LoRA is off: %s; LoRA experts are served on the dense path", off)
         args = AsyncEngineArgs(
             model=str(c.base_dir), served_model_name=c.served_name, dtype=c.vllm_dtype(), seed=c.seed,
             max_model_len=c.max_model_len, gpu_memory_utilization=c.gpu_memory_utilization,
-            enforce_eager=c.enforce_eager, enable_lora=c.enable_lora, max_lora_rank=c.lora_rank,
+            enforce_eager=c.enforce_eager, enable_lora=c.enable_lora and not off, max_lora_rank=c.lora_rank,
             max_loras=c.max_loras,
             max_cpu_loras=max(c.max_loras, c.adapter_cache_size), worker_extension_cls=WORKER_EXTENSION, **parallel,
         )
@@ -115,6 +95,9 @@ class Engine:
         ranks = await self.llm.collective_rpc("deltaserve_setup", args=(str(c.base_dir), c.host_cache_bytes,
                                                                         os.getpid(), c.plain_weights))
         self.ranks = ranks
+        names = ranks[0].get("lora_names")
+        self.lora_support = LoraSupport(off, frozenset(names) if names is not None else None)
+        self.lora.names = self.lora_support.names
         log.info("engine ready on %d rank(s); dense swaps %s; vLLM fixes applied: %s", len(ranks),
                  "in place" if ranks[0]["swap"] == "in_place" else "through vLLM's reload",
                  ", ".join(ranks[0].get("vllm_patches", [])) or "none (not needed here)")
@@ -213,9 +196,9 @@ class Engine:
         adaptive policy (server.engine.adaptive), which may serve a dominant LoRA recipe merged."""
         if arriving:
             infos = tuple(self.experts[n] for n in recipe.names)
-            lora = bool(recipe.terms) and lora_servable(recipe, infos, self.config)
+            lora = bool(recipe.terms) and lora_servable(recipe, infos, self.config, self.lora_support)
             self.adaptive.arrive(recipe.key if lora else None)
-        return plan_recipe(recipe, self.experts, self.config, self.adaptive.merged)
+        return plan_recipe(recipe, self.experts, self.config, self.adaptive.merged, self.lora_support)
 
     async def scoring_adapter(self, name: str) -> tuple[Any, MergedAdapter]:
         """A pinned LoRA of ``name`` to score it with: its own merged adapter if it is on the LoRA path, else a

@@ -37,6 +37,7 @@ class LoraAdapters:
                  base_shapes: dict, base_dir: Path) -> None:
         self.cache, self.metrics, self.load = cache, metrics, load
         self.base_shapes, self.base_dir = base_shapes, base_dir
+        self.names: frozenset[str] | None = None   # what vLLM's LoRA adapts on this model (server.worker.layout)
 
     async def acquire(self, plan: Plan, llm: Any) -> tuple[Any, MergedAdapter]:
         """The vLLM ``LoRARequest`` of a LoRA-path plan and its adapter, pinned until ``release``."""
@@ -47,7 +48,8 @@ class LoraAdapters:
             experts = [self.load(i) for i in plan.experts]
             try:
                 built = await asyncio.to_thread(
-                    self.cache.build, key, experts, list(plan.recipe.weights), self.base_shapes, str(self.base_dir))
+                    self.cache.build, key, experts, list(plan.recipe.weights), self.base_shapes, str(self.base_dir),
+                    self.names)
             except ExpertFormatError as err:
                 log.error("building the adapter of %r failed", plan.recipe.key, exc_info=err)
                 raise ExpertUnavailable(f"recipe {plan.recipe.key!r} cannot be served: one of its experts failed "
@@ -66,7 +68,8 @@ class LoraAdapters:
         key = f"proxy|{info.token}"
         adapter = self.cache.acquire(key)
         if adapter is None:
-            built = await asyncio.to_thread(self.cache.build_proxy, key, self.load(info), PROXY_RANK, self.base_shapes)
+            built = await asyncio.to_thread(self.cache.build_proxy, key, self.load(info), PROXY_RANK, self.base_shapes,
+                                          self.names)
             adapter, evicted = built
             await self.drop(evicted, llm)
         return lora_request(adapter, "proxy"), adapter

@@ -67,6 +67,7 @@ class Plan:
     recipe: Recipe
     state: WeightState
     experts: tuple[ExpertInfo, ...] = ()
+    reason: str = ""   # why a recipe of experts is not on the LoRA path
 
     def merge_request(self) -> MergeRequest:
         if self.path != "dense":

@@ -165,6 +165,7 @@ class ServedAs(BaseModel):
 
     recipe: str
     path: PathName
+    reason: str | None = Field(None, description="why a recipe of experts takes the dense path, not LoRA")
     weights: dict[str, float]
     method: str
     options: dict[str, Any] = Field(default_factory=dict)

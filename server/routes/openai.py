@@ -48,6 +48,7 @@ async def model(model_id: str, service: Service = SERVICE) -> ModelCard:
     return ModelCard(id=model_id, created=created, root=service.base_name, parent=service.base_name,
                      max_model_len=service.settings.engine.max_model_len,
                      deltaserve={"kind": "recipe", "recipe": recipe.label(service.base_name), "path": plan.path,
+                                 "reason": plan.reason or None,
                                  "weights": dict(recipe.terms), "method": recipe.method,
                                  "options": recipe.option_dict})
 

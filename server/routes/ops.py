@@ -19,8 +19,12 @@ async def health(service: Service = SERVICE) -> Response:
     except Exception:  # noqa: BLE001 - any engine failure is "unhealthy"; details stay in the logs
         return JSONResponse({"status": "unhealthy"}, status_code=503)
     ranks = getattr(service.engine, "ranks", [])
+    support = getattr(service.engine, "lora_support", None)
+    off = "--lora off" if not service.settings.engine.enable_lora else getattr(support, "off", "")
+    lora = f"off: {off}" if off else "on"
     return JSONResponse({"status": "ok", "experts": len(service.engine.experts),
                          "store_generation": service.engine.generation, "ranks": len(ranks),
+                         "model": ranks[0].get("model") if ranks else None, "lora": lora,
                          "dense_swaps": ranks[0]["swap"] if ranks else None})
 
 

@@ -13,22 +13,35 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from torch import Tensor
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
 
 class BaseWeights(Mapping[str, Tensor]):
     def __init__(self, base_dir: Path) -> None:
         self._where: dict[str, str] = {}
+        self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for path in sorted(Path(base_dir).glob("*.safetensors")):
             with safe_open(str(path), framework="pt") as fh:
-                self._where.update((key, str(path)) for key in fh.keys())
+                for key in fh.keys():
+                    self._where[key] = str(path)
+                    sl = fh.get_slice(key)
+                    self._specs[key] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
         if not self._where:
             raise FileNotFoundError(f"no *.safetensors weights in {base_dir}")
 
     def __getitem__(self, name: str) -> Tensor:
         with safe_open(self._where[name], framework="pt") as fh:
             return fh.get_tensor(name)
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of ``name``, from the file's header (nothing read)."""
+        return self._specs[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self._where

@@ -26,6 +26,7 @@ import torch
 from deltaserve.experts.atomic import pid_alive
 from deltaserve.server.engine.contracts import MergeRequest, SwapStats
 from deltaserve.server.vllm_patches import apply_vllm_patches, patched_targets
+from deltaserve.server.worker.layout import lora_names, probe_layout
 from deltaserve.server.worker.loading import keep_plain_weights, keeps_plain_weights, load
 from deltaserve.server.worker.state import DeltaState
 
@@ -106,11 +107,15 @@ class DeltaWorkerExtension:
         apply_vllm_patches()
         if plain_weights:
             keep_plain_weights(self.model_runner, state.base)
-        state.mode = "in_place" if keeps_plain_weights(self.model_runner.get_model()) else "reload"
+        model = self.model_runner.get_model()
+        state.mode = "in_place" if keeps_plain_weights(model) else "reload"
+        state.layout = probe_layout(model, state.base)
         if server_pid:
             watch_parent(server_pid)
         return {"rank": getattr(self, "rank", 0), "base_params": len(state.base), "swap": state.mode,
-                "vllm_patches": patched_targets()}
+                "vllm_patches": patched_targets(), "model": type(model).__name__,
+                "lora_names": lora_names(self.model_runner, state.layout),
+                "unloadable": state.layout.unloadable(state.base)}
 
     def deltaserve_apply(self, request: dict) -> dict:
         """Make the weights ``base + merge(request)`` (a ``MergeRequest`` dump); no items restores the base.
@@ -122,9 +127,9 @@ class DeltaWorkerExtension:
         start = time.perf_counter()
         hits, misses, evictions = state.cache.hits, state.cache.misses, state.cache.evictions
         touched = {n for item in req.items for n in state.expert(item.path, item.token).param_names}
-        missing = sorted(n for n in touched if n not in state.base)
+        missing = sorted(n for n in touched if n not in state.base) or state.layout.unloadable(touched)
         if missing:
-            raise KeyError(f"expert parameters not in the base model: {missing[:5]}")
+            raise KeyError(f"expert parameters the base model does not load: {missing[:5]}")
         targets = state.expand(touched)
         restore = state.expand(state.applied - targets) - targets
         phases: dict[str, float] = {}
@@ -133,7 +138,7 @@ class DeltaWorkerExtension:
         bytes_touched = sum(t.numel() * t.element_size() for _, t in items)
         try:
             loading = time.perf_counter()
-            load(self.model_runner, items, state.mode)
+            load(self.model_runner, items, state.mode, state.layout.modules_of(name for name, _ in items))
             phases["load"] = time.perf_counter() - loading
             if any(name.endswith("embed_tokens.weight") for name, _ in items):
                 retie_output_embeddings(self.model_runner.get_model())

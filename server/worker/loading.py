@@ -22,8 +22,11 @@ LoadMode = Literal["in_place", "reload"]
 
 
 def keeps_plain_weights(model: Any) -> bool:
-    """Every parameter holds its values, so the model's loaders can write a swap into them in place."""
-    return all(p.numel() > 0 for p in model.parameters())
+    """Every parameter holds its values in the checkpoint's layout, so the model's loaders can write a swap
+    into them in place (no packed linear weights, no MoE experts in a kernel layout: server.worker.moe)."""
+    from deltaserve.server.worker.moe import packed_moe_layers
+
+    return all(p.numel() > 0 for p in model.parameters()) and not packed_moe_layers(model)
 
 
 def keep_plain_weights(model_runner: Any, base: Any) -> None:
@@ -51,9 +54,14 @@ def keep_plain_weights(model_runner: Any, base: Any) -> None:
     model.load_weights((name, base[name]) for name in base)
 
 
-def load(model_runner: Any, items: Iterable[tuple[str, Tensor]], mode: LoadMode) -> None:
-    """Load checkpoint-named tensors into the running model, in place or through vLLM's reload."""
+def load(model_runner: Any, items: Iterable[tuple[str, Tensor]], mode: LoadMode,
+         modules: Iterable[str] = ()) -> None:
+    """Load checkpoint-named tensors into the running model, in place or through vLLM's reload; ``modules``:
+    the modules they load into (server.worker.layout), whose MoE experts are repacked after a reload."""
     if mode == "in_place":
         model_runner.get_model().load_weights(iter(items))
     else:
+        from deltaserve.server.worker.moe import refresh_moe_kernels
+
         model_runner.reload_weights(weights_iterator=iter(items))
+        refresh_moe_kernels(model_runner.get_model(), modules)

@@ -2,16 +2,16 @@
 loaded, the host cache, and the merged tensors of a recipe (W_base + merge(tau)).
 
 Every recipe is computed from the base (never from the previous recipe), so switching back to the
-base restores it bit-exactly. A fused module must be reloaded whole (reloading q alone corrupts k and
-v), so a touched q/k/v or gate/up weight brings its siblings along.
+base restores it bit-exactly. Through vLLM's reload pass a module is rebuilt from what it is given, so a
+touched tensor brings every tensor of its module along (q with k and v, an MoE expert with its layer's
+others: server.worker.layout, asked of the model); written in place, a tensor goes alone.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import time
-from collections.abc import Container, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,25 +23,8 @@ from deltaserve.experts.merge.checkpoint import merged_params
 from deltaserve.server.engine.contracts import MergeRequest
 from deltaserve.server.worker.base_weights import BaseWeights
 from deltaserve.server.worker.host_cache import HostDeltaCache
+from deltaserve.server.worker.layout import ModelLayout
 from deltaserve.server.worker.loading import LoadMode
-
-# Siblings that vLLM fuses into one module and that must be reloaded together.
-_FUSED = (
-    re.compile(r"^(?P<prefix>.*\.self_attn\.)(?P<member>q|k|v)_proj\.(?P<suffix>weight|bias)$"),
-    re.compile(r"^(?P<prefix>.*\.mlp\.)(?P<member>gate|up)_proj\.(?P<suffix>weight|bias)$"),
-)
-_MEMBERS = {0: ("q", "k", "v"), 1: ("gate", "up")}
-
-
-def fused_siblings(name: str, known: Container[str]) -> list[str]:
-    """``name`` plus the members of its fused module that exist in ``known``."""
-    for i, pattern in enumerate(_FUSED):
-        m = pattern.match(name)
-        if m:
-            group = [f"{m['prefix']}{member}_proj.{m['suffix']}" for member in _MEMBERS[i]]
-            return [g for g in group if g in known]
-    return [name]
-
 
 class DeltaState:
     """Everything the extension keeps in the worker process."""
@@ -50,6 +33,7 @@ class DeltaState:
         self.base_dir = Path(base_dir)
         self.base = BaseWeights(self.base_dir)
         self.mode: LoadMode = "reload"   # how swaps reach the weights (server.worker.loading)
+        self.layout = ModelLayout()      # set at setup (server.worker.layout.probe_layout)
         self.cache = HostDeltaCache(host_cache_bytes)
         self.experts: dict[str, Expert] = {}
         self.applied: set[str] = set()   # parameters that currently differ from the base
@@ -71,7 +55,8 @@ class DeltaState:
         return cached
 
     def expand(self, names: set[str]) -> set[str]:
-        return {s for n in names for s in fused_siblings(n, self.base)}
+        """The tensors a swap of ``names`` must load: their modules' others too when reloading."""
+        return self.layout.siblings(names) if self.mode == "reload" else set(names)
 
     def weights(self, request: MergeRequest, targets: set[str], restore: set[str],
                 timing: dict[str, float] | None = None) -> Iterator[tuple[str, Tensor]]:

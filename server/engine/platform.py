@@ -1,0 +1,50 @@
+"""What vLLM needs and can do for this base on this platform, asked before the engine starts: the arguments
+of tensor parallelism (and vLLM-CPU's per-rank cores) and whether vLLM can run LoRA on the model at all."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def parallel_args(tensor_parallel_size: int) -> dict[str, Any]:
+    """vLLM's arguments for ``tensor_parallel_size`` ranks: one process per rank (the ``mp`` executor); on
+    vLLM-CPU each rank needs its own cores, so ``VLLM_CPU_OMP_THREADS_BIND`` is set (unless it is) to
+    ``tensor_parallel_size`` groups of the cores this process may use."""
+    if tensor_parallel_size == 1:
+        return {}
+    from deltaserve.server.vllm_compat import current_platform
+
+    if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
+    return {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "mp"}
+
+
+def cpu_thread_binding(ranks: int, cores: list[int] | None = None) -> str:
+    """``ranks`` groups of ``cores`` (default: this process's) in vLLM-CPU's ``0-3|4-7`` form."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
+    per = len(cores) // ranks
+    if per < 1:
+        raise ValueError(f"tensor_parallel_size {ranks} needs at least {ranks} cores; this process may use "
+                         f"{len(cores)}")
+    groups = [cores[i * per:(i + 1) * per] for i in range(ranks)]
+    return "|".join(f"{g[0]}-{g[-1]}" if g == list(range(g[0], g[-1] + 1)) and len(g) > 1 else ",".join(map(str, g))
+                    for g in groups)
+
+
+
+def lora_unavailable(base_dir: Path | str) -> str:
+    """Why vLLM cannot run LoRA on this base here ("" when it can), from vLLM's own tables: the model class
+    vLLM resolves for the checkpoint must support LoRA (``SupportsLoRA``), and a mixture-of-experts model's
+    LoRA kernels are Triton kernels (vLLM-CPU without Triton fails at start with LoRA enabled)."""
+    from deltaserve.server.vllm_compat import HAS_TRITON, AsyncEngineArgs, ModelRegistry, supports_lora
+
+    model_config = AsyncEngineArgs(model=str(base_dir)).create_model_config()
+    cls, arch = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
+    if not supports_lora(cls):
+        return f"vLLM does not support LoRA for {arch}"
+    if model_config.is_moe and not HAS_TRITON:
+        return (f"vLLM runs LoRA on {arch}'s mixture-of-experts layers with Triton kernels, and this platform "
+                "has no Triton")
+    return ""
