@@ -128,23 +128,45 @@ def _shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_same_architecture(base_dir: Path, other_dir: Path) -> None:
+def first_offending_tensor(base: dict[str, tuple[int, ...]], other: dict[str, tuple[int, ...]],
+                           vocab_size: int | None = None) -> str | None:
+    """The first base tensor (in name order) ``other`` lacks or shapes differently, said for a user; a wrong
+    vocabulary is named as such (the embedding's or the head's first dimension is the base's vocab_size)."""
+    for name in sorted(base):
+        if name not in other:
+            extra = sorted(set(other) - set(base))
+            hint = f" (it has {extra[0]!r} instead)" if extra else ""
+            return f"{name!r} is missing{hint}"
+        if other[name] != base[name]:
+            vocab = (f"; vocabulary size {other[name][0]} vs the base's {vocab_size}"
+                     if vocab_size is not None and base[name][0] == vocab_size != other[name][0] else "")
+            return f"{name!r} has shape {other[name]}, the base's is {base[name]}{vocab}"
+    return None
+
+
+def _config_diffs(base_dir: Path, other_dir: Path) -> list[str]:
     base, other = _config(base_dir), _config(other_dir)
-    diffs = [f"{k}: base {base.get(k)!r} vs {other.get(k)!r}" for k in _ARCH_FIELDS if base.get(k) != other.get(k)]
-    if diffs:
-        raise TaskVectorError(f"{other_dir} does not belong to base {base_dir}: " + "; ".join(diffs))
+    return [f"{k}: base {base.get(k)!r} vs {other.get(k)!r}" for k in _ARCH_FIELDS if base.get(k) != other.get(k)]
+
+
+def check_same_architecture(base_dir: Path, other_dir: Path) -> None:
+    """Raise naming the first offending tensor (then the config fields that differ) unless ``other_dir``'s
+    tensors and architecture are the base's."""
+    diffs = _config_diffs(base_dir, other_dir)
+    base, other = _shapes(base_dir), _shapes(other_dir)
+    tensor = first_offending_tensor(base, other, _config(base_dir).get("vocab_size"))
+    extra = sorted(set(other) - set(base))
+    if tensor is None and diffs and extra:     # another family with the base's tensors and more of its own
+        tensor = f"{extra[0]!r} is not in the base"
+    if tensor or diffs:
+        first = [f"first offending tensor {tensor}"] if tensor else []
+        raise TaskVectorError(f"{other_dir} does not fit base {base_dir}: " + "; ".join(first + diffs))
 
 
 def extract_full(base_dir: Path, finetuned_dir: Path) -> TaskVector:
     """tau = finetuned - base for every base parameter (float32); extra parameters carried."""
     check_same_architecture(base_dir, finetuned_dir)
     base, tuned = load_state_dict(base_dir), load_state_dict(finetuned_dir)
-    missing = sorted(set(base) - set(tuned))
-    shapes = [f"{n}: {tuple(base[n].shape)} vs {tuple(tuned[n].shape)}"
-              for n in base if n in tuned and base[n].shape != tuned[n].shape]
-    if missing or shapes:
-        problems = ([f"missing {len(missing)} base parameters, e.g. {missing[:3]}"] if missing else []) + shapes[:5]
-        raise TaskVectorError(f"{finetuned_dir} does not match base {base_dir}: " + "; ".join(problems))
     deltas = {n: tuned[n].float() - base[n].float() for n in base}
     carried = {n: t for n, t in tuned.items() if n not in base}
     return TaskVector(deltas, base_fingerprint(base_dir), "full", str(finetuned_dir), carried)
@@ -192,12 +214,15 @@ def lora_factors(base_dir: Path, adapter_dir: Path) -> tuple[dict[str, LoraFacto
         halves.setdefault(parsed[0], {})[parsed[1]] = value
     factors = {}
     for name, pair in sorted(halves.items()):
-        if set(pair) != {"A", "B"} or name not in base:
-            raise TaskVectorError(f"{adapter_dir}: {name} has no matching base weight or lacks lora_A/lora_B")
+        if name not in base:
+            raise TaskVectorError(f"{adapter_dir} does not fit base {base_dir}: first offending tensor {name!r} "
+                                  f"adapts a weight the base does not have")
+        if set(pair) != {"A", "B"}:
+            raise TaskVectorError(f"{adapter_dir}: {name!r} lacks lora_{({'A', 'B'} - set(pair)).pop()}")
         a, b = pair["A"], pair["B"]
         if (b.shape[0], a.shape[1]) != base[name] or a.shape[0] != b.shape[1]:
-            raise TaskVectorError(f"{adapter_dir}: {name} factors {tuple(b.shape)}@{tuple(a.shape)} "
-                                  f"do not fit base {base[name]}")
+            raise TaskVectorError(f"{adapter_dir} does not fit base {base_dir}: first offending tensor {name!r}: "
+                                  f"factors {tuple(b.shape)}@{tuple(a.shape)} do not fit the base's {base[name]}")
         factors[name] = LoraFactors(a, b, scaling)
     if not factors:
         raise TaskVectorError(f"{adapter_dir} holds no lora_A/lora_B weights")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import sys
 from types import ModuleType
 
 from deltaserve.server import commands
@@ -36,8 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; an input the experts package refuses (an expert that does not fit the base, a bad
+    source or expert folder) is one line on stderr and exit status 2, as argparse's own errors, not a traceback."""
+    from deltaserve.experts.expert import ExpertFormatError
+    from deltaserve.experts.sources import SourceError
+    from deltaserve.experts.taskvector import TaskVectorError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (TaskVectorError, SourceError, ExpertFormatError) as err:
+        print(f"deltaserve {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

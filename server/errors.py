@@ -29,6 +29,7 @@ from deltaserve.experts.merge.checkpoint import MergeError
 from deltaserve.experts.registry import OptionsError, UnknownNameError
 from deltaserve.experts.sources import SourceError
 from deltaserve.experts.store import ExpertExistsError, StoreError, UnknownExpertError
+from deltaserve.experts.taskvector import TaskVectorError
 from deltaserve.server.exceptions import (BodyTooLarge, Forbidden, InvalidRequest, RequestError, Unauthenticated,
                                           Unavailable)
 from deltaserve.server.recipes import RecipeError, UnknownModelError
@@ -49,6 +50,7 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (ExpertFormatError, 400),
     (StoreError, 400),
     (SourceError, 400),
+    (TaskVectorError, 400),    # the expert does not fit the base (names its first offending tensor)
     (MergeError, 400),
     (ValidationError, 400),
     (InvalidRequest, 400),

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from deltaserve_zoo.families import FAMILIES, Family, random_checkpoint, random_finetune, random_lora
+from deltaserve_zoo.families import FAMILIES, Family, Shape, random_checkpoint, random_finetune, random_lora
 from tests.support import ADMIN_KEY, REPO
 
 FAMILY_CASES: dict[str, Family] = {**FAMILIES, "starcoder2": Family("Starcoder2Config")}
@@ -192,3 +193,49 @@ def check_results(name: str, row: dict) -> None:
     assert recorded["families"].get(name) == {"config": FAMILY_CASES[name].config, **row}, (
         f"results/families.json does not say what {name} does now; rerun with DELTASERVE_UPDATE_FAMILIES=1")
 
+
+# ---------------------------------------------------------------------------- experts that do not fit
+
+# the micro zoo's base
+MICRO = Shape(hidden=64, heads=2, kv_heads=2, head_dim=32, intermediate=128, vocab=260, tied=False)
+MISFITS = {   # case: (family, shape, kind, what the refusal must say)
+    "phi3-lora": ("phi3", MICRO, "lora", "first offending tensor 'model.layers.0.mlp.gate_up_proj.weight' adapts a "
+                                         "weight the base does not have"),
+    "wide-lora": ("llama", replace(MICRO, hidden=128), "lora", "first offending tensor 'model.layers.0.mlp.down_proj"
+                                                                 ".weight': factors (128, 4)@(4, 128) do not fit"),
+    "vocab-finetune": ("llama", replace(MICRO, vocab=300), "finetune",
+                       "first offending tensor 'lm_head.weight' has shape (300, 64), the base's is (260, 64); "
+                       "vocabulary size 300 vs the base's 260"),
+    "qwen2-finetune": ("qwen2", MICRO, "finetune", "first offending tensor 'model.layers.0.self_attn.k_proj.bias' "
+                                                   "is not in the base; model_type: base 'llama' vs 'qwen2'"),
+}
+
+
+def misfit(case: str) -> Path:
+    family, shape, kind, _ = MISFITS[case]
+    base = random_checkpoint(family, CACHE / "misfits" / case / "base", shape)
+    make = random_lora if kind == "lora" else random_finetune
+    return make(base, CACHE / "misfits" / case / kind)
+
+
+@pytest.mark.parametrize("case", list(MISFITS))
+def test_an_expert_that_does_not_fit_the_base_is_refused_naming_its_first_offending_tensor(case, live_server, tmp_path):
+    """Another family, another width, another vocabulary: a 400 naming the tensor at registration (and the
+    same line from ``deltaserve compress``), never a 500 at serve time or a partial merge."""
+    import shutil
+
+    from deltaserve.server.cli import main as cli
+
+    source = live_server.store.parent / f"misfit-{case}"       # a registration root of the session server
+    if not source.exists():
+        shutil.copytree(misfit(case), source)
+    with live_server.client(ADMIN_KEY) as client:
+        r = client.post("/v1/experts", json={"name": f"misfit-{case}", "path": str(source)})
+        assert r.status_code == 400, r.text
+        assert MISFITS[case][3] in r.json()["error"]["message"], r.text
+        assert client.get("/v1/models").status_code == 200
+        assert f"misfit-{case}" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    kind = "--adapter" if MISFITS[case][2] == "lora" else "--finetuned"
+    assert cli(["compress", "--base", str(live_server.base), kind, str(source), "--method", "dense",
+                "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
