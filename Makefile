@@ -46,7 +46,7 @@ demo: runtime
 
 # The whole suite, after lint, types and the docs site (make test-fast: no engine, no training, < 2 minutes).
 test: install lint types docs
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not engine and not slow and not real"

@@ -89,8 +89,9 @@ def prompt_ids(base: Path) -> list[list[int]]:
 def family_servers(engines, tmp_path_factory, request):
     """``get(name)``: that family's server, started with the next collected family's already on its way up
     (the next one's imports overlap this one's requests); each stops when the next is asked for."""
-    names = [item.callspec.params["name"] for item in request.session.items
-             if item.path.name == "test_families.py" and hasattr(item, "callspec")]
+    cases = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items
+             if item.path.name == "test_families.py"]
+    names = [params["name"] for params in cases if "name" in params]
     started: dict[str, object] = {}
     root = tmp_path_factory.mktemp("families")
 
