@@ -11,13 +11,20 @@ from typing import Any
 def parallel_args(tensor_parallel_size: int) -> dict[str, Any]:
     """vLLM's arguments for ``tensor_parallel_size`` ranks: one process per rank (the ``mp`` executor); on
     vLLM-CPU each rank needs its own cores, so ``VLLM_CPU_OMP_THREADS_BIND`` is set (unless it is) to
-    ``tensor_parallel_size`` groups of the cores this process may use."""
+    ``tensor_parallel_size`` groups of the cores this process may use, and the ranks' gloo groups talk over
+    the loopback interface (``GLOO_SOCKET_IFNAME``, unless set): they are processes of this host, and gloo
+    otherwise takes the address the host name resolves to, which in a container may be one the ranks
+    cannot reach each other on (a one-rank group never connects, so only TP >= 2 would fail)."""
     if tensor_parallel_size == 1:
         return {}
     from deltaserve.server.vllm_compat import current_platform
 
-    if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
+    if current_platform.is_cpu():
+        if not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
+        loopback = loopback_interface()
+        if loopback and not os.environ.get("GLOO_SOCKET_IFNAME"):
+            os.environ["GLOO_SOCKET_IFNAME"] = loopback
     return {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "mp"}
 
 
@@ -32,6 +39,15 @@ def cpu_thread_binding(ranks: int, cores: list[int] | None = None) -> str:
     return "|".join(f"{g[0]}-{g[-1]}" if g == list(range(g[0], g[-1] + 1)) and len(g) > 1 else ",".join(map(str, g))
                     for g in groups)
 
+def loopback_interface() -> str | None:
+    """The name of this host's loopback network interface (``lo`` on Linux), None if it has none."""
+    import socket
+
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in names if n == "lo"), next((n for n in names if n.startswith("lo")), None))
 
 
 def lora_unavailable(base_dir: Path | str) -> str:
