@@ -123,8 +123,11 @@ def _shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from the safetensors headers, without reading any data."""
     out = {}
     for path in _weight_files(model_dir):
-        with safe_open(str(path), framework="pt") as fh:
-            out.update({name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()})
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                out.update({name: tuple(fh.get_slice(name).get_shape()) for name in fh.keys()})
+        except (SafetensorError, OSError) as err:
+            raise TaskVectorError(f"cannot read {path}: {err}") from err
     return out
 
 
