@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from deltaserve.server.engine.platform import cpu_thread_binding
+from deltaserve.server.engine.platform import cpu_thread_binding, parallel_args
 from tests.test_server_engine import QUESTIONS
 
 MAX_TOKENS = 10
@@ -34,6 +34,32 @@ def test_cpu_thread_binding_splits_the_cores_into_one_group_per_rank():
     assert cpu_thread_binding(2, [0, 1, 2, 3]) == "0-1|2-3"
     assert cpu_thread_binding(2, [0, 2, 3, 5]) == "0,2|3,5"
     assert cpu_thread_binding(1, [0, 1]) == "0-1"
+
+
+def test_a_preset_binding_that_does_not_give_each_rank_its_cores_is_refused_by_name(monkeypatch):
+    """CI's TP=2 servers inherited a one-group binding ('0-1') from the test process and died in vLLM's
+    assertion; such a setting is now refused before vLLM starts, naming the variable and a fix."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    with pytest.raises(ValueError, match=r"VLLM_CPU_OMP_THREADS_BIND='0-1' gives 1 group\(s\).*e\.g\. '0\|1'"):
+        parallel_args(2, cores=[0, 1])
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    assert parallel_args(2)["tensor_parallel_size"] == 2
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    assert parallel_args(2, cores=[0, 1]) and __import__("os").environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+
+
+def test_the_real_suite_engine_leaves_no_core_binding_behind(monkeypatch):
+    """The real suite's offline engine binds every core while it starts, then puts the environment back."""
+    import os
+
+    from deltaserve_zoo.real.evaluate import _all_cores_bound
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    with _all_cores_bound():
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
 @pytest.mark.parametrize("plain, mode", [("off", "reload"), ("on", "in_place")])

@@ -8,20 +8,25 @@ from pathlib import Path
 from typing import Any
 
 
-def parallel_args(tensor_parallel_size: int) -> dict[str, Any]:
+def parallel_args(tensor_parallel_size: int, cores: list[int] | None = None) -> dict[str, Any]:
     """vLLM's arguments for ``tensor_parallel_size`` ranks: one process per rank (the ``mp`` executor); on
     vLLM-CPU each rank needs its own cores, so ``VLLM_CPU_OMP_THREADS_BIND`` is set (unless it is) to
     ``tensor_parallel_size`` groups of the cores this process may use, and the ranks' gloo groups talk over
     the loopback interface (``GLOO_SOCKET_IFNAME``, unless set): they are processes of this host, and gloo
-    otherwise takes the address the host name resolves to, which in a container may be one the ranks
-    cannot reach each other on (a one-rank group never connects, so only TP >= 2 would fail)."""
+    otherwise takes the interface of the address the host name resolves to. A preset binding must give one
+    group of cores per rank (vLLM would stop on an assertion)."""
     if tensor_parallel_size == 1:
         return {}
     from deltaserve.server.vllm_compat import current_platform
 
     if current_platform.is_cpu():
-        if not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
+        given = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
+        if not given:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size, cores)
+        elif given not in ("auto", "nobind") and len(given.split("|")) != tensor_parallel_size:
+            raise ValueError(f"VLLM_CPU_OMP_THREADS_BIND={given!r} gives {len(given.split('|'))} group(s) of cores "
+                             f"and --tensor-parallel-size is {tensor_parallel_size}: give one group per rank "
+                             f"(e.g. {cpu_thread_binding(tensor_parallel_size, cores)!r}) or unset it")
         loopback = loopback_interface()
         if loopback and not os.environ.get("GLOO_SOCKET_IFNAME"):
             os.environ["GLOO_SOCKET_IFNAME"] = loopback

