@@ -78,7 +78,8 @@ def families_markdown() -> str:
     for name, row in sorted(recorded["families"].items()):
         rows.append(f"| {name} (`{row['config']}`) | `{row['model']}` | "
                     + " | ".join(row[c] for c in FAMILY_COLUMNS) + " |")
-    return "\n".join(rows) + f"\n\nMade by `{recorded['command']}`.\n"
+    when = f" at commit `{recorded['git_commit'][:12]}` on {recorded['date'][:10]}" if "git_commit" in recorded else ""
+    return "\n".join(rows) + f"\n\nMade by `{recorded['command']}`{when}.\n"
 
 
 GENERATED = {"methods": methods_markdown, "cli": cli_markdown, "families": families_markdown}
