@@ -117,6 +117,20 @@ def test_methods_page_is_the_registries_tables():
     assert families_markdown() not in (REPO / "README.md").read_text(encoding="utf-8")   # one place: the docs
 
 
+def test_families_page_is_the_support_table_the_family_tests_recorded():
+    import json
+
+    from tests.test_families import FAMILY_CASES
+
+    source = (REPO / "docs" / "families.md").read_text(encoding="utf-8")
+    rendered = load_hooks().render_generated(source)
+    assert "<!-- generated: families -->" in source and "<!-- generated:" not in rendered
+    recorded = json.loads((REPO / "results" / "families.json").read_text(encoding="utf-8"))["families"]
+    assert set(recorded) == set(FAMILY_CASES)     # every family the tests run, and no other
+    for name, row in recorded.items():
+        assert f"| {name} (`{row['config']}`) | `{row['model']}` | {row['base']} | {row['lora']} |" in rendered
+
+
 def test_cli_page_has_every_subcommands_help():
     import argparse
 
