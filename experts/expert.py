@@ -34,7 +34,7 @@ from deltaserve.experts.codecs import Codec, FactorCodec, SparseEntriesCodec, ge
 from deltaserve.experts.manifest import (_TORCH_DTYPES, CARRIED_FILE, MANIFEST_FILE, PART_SEPARATOR, TENSORS_FILE,
                                          BaseMismatchError, ExpertFormatError, ExpertManifest, TensorSpec, sha256_file)
 
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
@@ -246,7 +246,7 @@ def _part_meta(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | str
         meta = {}
         for key in fh.keys():
             info = fh.get_slice(key)
-            meta[key] = (tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype()))
+            meta[key] = (tuple(info.get_shape()), SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype()))
         return meta
 
 

@@ -17,9 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+from deltaserve.experts.expert import SAFETENSORS_DTYPES
 
 
 class BaseWeights(Mapping[str, Tensor]):
@@ -31,7 +29,7 @@ class BaseWeights(Mapping[str, Tensor]):
                 for key in fh.keys():
                     self._where[key] = str(path)
                     sl = fh.get_slice(key)
-                    self._specs[key] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+                    self._specs[key] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES[sl.get_dtype()])
         if not self._where:
             raise FileNotFoundError(f"no *.safetensors weights in {base_dir}")
 

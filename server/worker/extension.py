@@ -114,8 +114,7 @@ class DeltaWorkerExtension:
             watch_parent(server_pid)
         return {"rank": getattr(self, "rank", 0), "base_params": len(state.base), "swap": state.mode,
                 "vllm_patches": patched_targets(), "model": type(model).__name__,
-                "lora_names": lora_names(self.model_runner, state.layout),
-                "unloadable": state.layout.unloadable(state.base)}
+                "lora_names": lora_names(self.model_runner, state.layout)}
 
     def deltaserve_apply(self, request: dict) -> dict:
         """Make the weights ``base + merge(request)`` (a ``MergeRequest`` dump); no items restores the base.

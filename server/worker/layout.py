@@ -6,7 +6,7 @@ embeddings). vLLM's ``load_weights`` of the loaded model class knows; ``probe_la
 base's tensor names with every parameter's loader replaced by a recorder, so nothing is written, and learns
 which module each checkpoint tensor loads into. From that:
 
-* ``module_groups``: the checkpoint tensors that load into one module. vLLM's reload pass rebuilds a module
+* ``ModelLayout.siblings``: the checkpoint tensors that load into one module. vLLM's reload pass rebuilds a module
   from what it is given, so a swap that reloads one of them must reload all of them (q with k and v; one
   expert's weights with every expert of that layer).
 * ``lora_names``: the checkpoint tensors vLLM's LoRA can adapt on this model (the modules its LoRA manager
