@@ -51,8 +51,10 @@ def _wait(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) ->
 
 
 @contextlib.contextmanager
-def vllm_and_deltaserve(zoo: Path, tasks: list[str], work: Path, timeout_s: float = 600) -> Iterator[Servers]:
-    """Both servers up on ``zoo``'s base, each serving the LoRA adapters of ``tasks`` as ``<task>-lora``."""
+def vllm_and_deltaserve(zoo: Path, tasks: list[str], work: Path, timeout_s: float = 600,
+                        extra: tuple[str, ...] = ()) -> Iterator[Servers]:
+    """Both servers up on ``zoo``'s base, each serving the LoRA adapters of ``tasks`` as ``<task>-lora``;
+    ``extra``: flags both servers take alike (e.g. ``--tool-call-parser hermes``)."""
     from deltaserve_zoo.build import ZooLayout
 
     layout = ZooLayout(zoo)
@@ -62,13 +64,15 @@ def vllm_and_deltaserve(zoo: Path, tasks: list[str], work: Path, timeout_s: floa
     log(f"starting deltaserve on {layout.base}")
     ds = ServerProcess(layout.base, work / "store", work / "deltaserve.log",
                        ["--log-level", "warning", "--max-model-len", str(MAX_MODEL_LEN), "--max-lora-rank",
-                        str(MAX_LORA_RANK), "--max-loras", str(MAX_LORAS)], env=ENGINE_ENV, timeout_s=timeout_s)
+                        str(MAX_LORA_RANK), "--max-loras", str(MAX_LORAS), *extra], env=ENGINE_ENV,
+                       timeout_s=timeout_s)
     port = free_port()
     cmd = [sys.executable, "-m", "bench.compat.vllm_cli", "serve", str(layout.base), "--port", str(port),
            "--served-model-name", "base", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+           "--dtype", "float32",   # deltaserve's `auto` on a CPU; vLLM-CPU's `auto` is bfloat16
            "--gpu-memory-utilization", "0.3", "--seed", "0", "--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK),
            "--max-loras", str(MAX_LORAS), "--enable-tokenizer-info-endpoint", "--uvicorn-log-level", "warning",
-           "--lora-modules", *(f"{name}={path}" for name, path in loras.items())]
+           "--lora-modules", *(f"{name}={path}" for name, path in loras.items()), *extra]
     log("starting vllm serve")
     vlog = work / "vllm.log"
     with open(vlog, "ab") as out:
