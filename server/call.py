@@ -17,6 +17,7 @@ from deltaserve.server.errors import describe, error_body, status_of
 from deltaserve.server.prompts import Prompt
 from deltaserve.server.protocol.common import now
 from deltaserve.server.service import Service
+from deltaserve.server.tools import ToolOutputs
 
 log = logging.getLogger("deltaserve")
 
@@ -31,9 +32,9 @@ class Call:
     """One request's run through the engine: its id, timing, token counts, choices and metrics."""
 
     def __init__(self, service: Service, req, plan: Plan, prompts: list[Prompt], params: list[Any], chat: bool,
-                 echo_prefix: str) -> None:
+                 echo_prefix: str, tools: ToolOutputs | None = None) -> None:
         self.service, self.req, self.plan, self.prompts, self.params = service, req, plan, prompts, params
-        self.chat, self.echo_prefix = chat, echo_prefix
+        self.chat, self.echo_prefix, self.tools = chat, echo_prefix, tools
         self.rid = f"{'chatcmpl' if chat else 'cmpl'}-{req.request_id}"
         self.label = plan.recipe.label(service.base_name)
         self.model_label = service.model_label(req.model)
@@ -56,24 +57,20 @@ class Call:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
     # ------------------------------------------------------------------ choices
-    def _choice(self, p: int, out: Any, c: Any, *, stream: bool, finish: str | None) -> dict:
+    def _choice(self, p: int, out: Any, c: Any, *, stream: bool, finish: str | None) -> dict | None:
+        """One choice's piece (None: a streamed piece with nothing to send yet, e.g. inside a tool call)."""
         req = self.req
         index = p * req.n + c.index
         first = index not in self.begun
-        self.begun.add(index)
         extra: dict[str, Any] = {}
         if req.return_token_ids:
             extra["token_ids"] = list(c.token_ids)
             if not self.chat and (first or not stream):
                 extra["prompt_token_ids"] = self.prompts[p].ids
-        as_ids, explicit = bool(req.return_tokens_as_token_ids), bool(req.logprob_token_ids)
         if self.chat:
-            text = (self.echo_prefix + c.text) if first and self.echo_prefix else c.text
-            lp = shape.chat_logprobs(c.token_ids, c.logprobs or [], req.top_logprobs, self.tokenizer, as_ids=as_ids,
-                                     explicit=explicit) if req.logprobs else None
-            if stream:
-                return shape.chat_delta_choice(index, text, first, finish, c.stop_reason, lp, **extra)
-            return shape.chat_choice(index, text, finish, c.stop_reason, lp, **extra)
+            return self._chat_choice(p, index, c, first, stream, finish, extra)
+        self.begun.add(index)
+        as_ids, explicit = bool(req.return_tokens_as_token_ids), bool(req.logprob_token_ids)
         ids, steps, text = self._completion_piece(p, out, c, first)
         lp = None
         if req.logprobs is not None:
@@ -84,6 +81,25 @@ class Call:
         if not stream and self.params[p].prompt_logprobs is not None:
             extra["prompt_logprobs"] = shape.prompt_logprobs_json(out.prompt_logprobs)
         return shape.completion_choice(index, text, finish, c.stop_reason, lp, **extra)
+
+    def _chat_choice(self, p: int, index: int, c: Any, first: bool, stream: bool, finish: str | None,
+                     extra: dict) -> dict | None:
+        req = self.req
+        lp = shape.chat_logprobs(c.token_ids, c.logprobs or [], req.top_logprobs, self.tokenizer,
+                                 as_ids=bool(req.return_tokens_as_token_ids),
+                                 explicit=bool(req.logprob_token_ids)) if req.logprobs else None
+        text: str | dict = (self.echo_prefix + c.text) if first and self.echo_prefix else c.text
+        if self.tools is not None and stream:
+            delta = self.tools.delta(index, c.text, c.token_ids, self.prompts[p].ids, finish)
+            if delta is None and finish is None and lp is None and not req.return_token_ids:
+                return None
+            text, finish = delta or {}, self.tools.stream_finish(index, finish)
+        elif self.tools is not None:
+            text, finish = self.tools.message(c.text, c.token_ids, finish)
+        self.begun.add(index)
+        if stream:
+            return shape.chat_delta_choice(index, text, first, finish, c.stop_reason, lp, **extra)
+        return shape.chat_choice(index, text, finish, c.stop_reason, lp, **extra)
 
     def _completion_piece(self, p: int, out: Any, c: Any, first: bool) -> tuple[list[int], list, str]:
         """(token ids, their logprobs, text) a completion choice reports now: with ``echo``, the prompt first."""
@@ -200,7 +216,11 @@ class Call:
                     choices = []
                     for c in out.outputs:
                         self.completion_tokens += len(c.token_ids)
-                        choices.append(self._choice(p, out, c, stream=True, finish=c.finish_reason))
+                        if (choice := self._choice(p, out, c, stream=True, finish=c.finish_reason)) is not None:
+                            choices.append(choice)
+                    if not choices and not self.req.continuous_usage:
+                        item = await anext(self._stream, None)
+                        continue
                     body = self._body(obj, created, choices, self._usage() if self.req.continuous_usage else None)
                     if self.chat and not sent_prompt:
                         self._chat_prompt_fields(body, None)

@@ -93,17 +93,22 @@ def completion_choice(index: int, text: str, finish_reason: str | None, stop_rea
             "stop_reason": stop_reason, **extra}
 
 
-def chat_choice(index: int, content: str, finish_reason: str | None, stop_reason: Any = None,
+def chat_choice(index: int, message: str | dict, finish_reason: str | None, stop_reason: Any = None,
                 logprobs: dict | None = None, **extra: Any) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": content}, "logprobs": logprobs,
-            "finish_reason": finish_reason, "stop_reason": stop_reason, **extra}
+    """A whole chat choice: ``message`` is its text, or the message itself (with ``tool_calls``)."""
+    if isinstance(message, str):
+        message = {"role": "assistant", "content": message}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason, **extra}
 
 
-def chat_delta_choice(index: int, content: str, first: bool, finish_reason: str | None, stop_reason: Any = None,
-                      logprobs: dict | None = None, **extra: Any) -> dict:
-    """A streamed chat choice: the role comes with the first content, empty content is left out."""
-    delta: dict[str, str] = {"role": "assistant"} if first else {}
-    if content or first:
-        delta["content"] = content
+def chat_delta_choice(index: int, delta: str | dict, first: bool, finish_reason: str | None,
+                      stop_reason: Any = None, logprobs: dict | None = None, **extra: Any) -> dict:
+    """A streamed chat choice: the role comes with the first piece, empty content is left out; ``delta`` is
+    the piece's text, or the delta itself (a tool call's)."""
+    if isinstance(delta, str):
+        delta = {"content": delta} if delta or first else {}
+    if first:
+        delta = {"role": "assistant", "content": "", **delta}
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
             "stop_reason": stop_reason, **extra}

@@ -30,8 +30,8 @@ from deltaserve.experts.registry import OptionsError, UnknownNameError
 from deltaserve.experts.sources import SourceError
 from deltaserve.experts.store import ExpertExistsError, StoreError, UnknownExpertError
 from deltaserve.experts.taskvector import TaskVectorError
-from deltaserve.server.exceptions import (BodyTooLarge, Forbidden, InvalidRequest, RequestError, Unauthenticated,
-                                          Unavailable)
+from deltaserve.server.exceptions import (BodyTooLarge, Forbidden, InvalidRequest, NotFound, RequestError,
+                                          Unauthenticated, Unavailable)
 from deltaserve.server.recipes import RecipeError, UnknownModelError
 
 log = logging.getLogger("deltaserve")
@@ -54,6 +54,7 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (MergeError, 400),
     (ValidationError, 400),
     (InvalidRequest, 400),
+    (NotFound, 404),
     (Unauthenticated, 401),
     (Forbidden, 403),
     (BodyTooLarge, 413),

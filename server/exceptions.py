@@ -34,6 +34,10 @@ def from_vllm(err: Any, prefix: str = "", param: str | None = None) -> InvalidRe
     return InvalidRequest(prefix + message, getattr(err, "parameter", None) or param)
 
 
+class NotFound(RequestError):
+    """What the request names does not exist here (a 404)."""
+
+
 class Unauthenticated(RequestError):
     """No key, or an unknown one (a 401)."""
 

@@ -91,15 +91,38 @@ def completion_prompts(tokenizer: Any, req: Any, max_model_len: int) -> list[Pro
     return prompts
 
 
-def plain_messages(messages: list[Any]) -> list[dict[str, str]]:
-    """The chat as role/content strings (text parts joined with newlines, as vLLM's ``string`` format)."""
+def plain_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """The chat as role/content strings (text parts joined with newlines, as vLLM's ``string`` format), with
+    the fields tool-use templates read kept as vLLM keeps them: ``name``, a tool message's ``tool_call_id``,
+    an assistant's ``tool_calls`` with JSON ``arguments`` decoded to an object (``{}`` when not one)."""
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidRequest(f"messages[{i}] is not a chat message with a role and content", f"messages.{i}")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"],
-                    "content": _text_content(m.get("content"), i)})
+        plain: dict[str, Any] = {"role": "system" if m["role"] == "developer" else m["role"],
+                                 "content": _text_content(m.get("content"), i)}
+        if isinstance(m.get("name"), str):
+            plain["name"] = m["name"]
+        if m["role"] == "tool" and m.get("tool_call_id") is not None:
+            plain["tool_call_id"] = m["tool_call_id"]
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            plain["tool_calls"] = [_template_tool_call(c, i) for c in m["tool_calls"]]
+        out.append(plain)
     return out
+
+
+def _template_tool_call(call: Any, i: int) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or call.get("type", "function") != "function":
+        raise InvalidRequest(f"messages[{i}].tool_calls: only calls of type 'function' are served",
+                             f"messages.{i}.tool_calls")
+    arguments = function.get("arguments") or {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            arguments = {}
+    return {**call, "function": {**function, "arguments": arguments if isinstance(arguments, dict) else {}}}
 
 
 def _text_content(content: Any, i: int) -> str:
@@ -119,28 +142,29 @@ def _text_content(content: Any, i: int) -> str:
     return "\n".join(texts)
 
 
-def render_chat(tokenizer: Any, req: Any, messages: list[dict[str, str]]) -> str:
-    """The chat as text, rendered with the model's template and the request's template options."""
+def render_chat(tokenizer: Any, req: Any, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+    """The chat as text, rendered with the model's template, the request's template options and ``tools``."""
     if getattr(req, "chat_template", None) is not None:
         raise InvalidRequest("request chat templates are not trusted; the model's own template is used",
                        "chat_template")
-    if getattr(req, "tools", None):
-        raise InvalidRequest("tools are not served", "tools")
     kwargs = dict(req.chat_template_kwargs or {})
     if reserved := sorted(set(kwargs) & RESERVED_TEMPLATE_KWARGS):
         raise InvalidRequest(f"chat_template_kwargs may not set {reserved}", "chat_template_kwargs")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, documents=getattr(req, "documents", None),
-                                             add_generation_prompt=req.add_generation_prompt,
-                                             continue_final_message=req.continue_final_message, **kwargs)
+                                             tools=tools,
+                                             add_generation_prompt=getattr(req, "add_generation_prompt", True),
+                                             continue_final_message=getattr(req, "continue_final_message", False),
+                                             **kwargs)
     except Exception as err:  # noqa: BLE001 - template errors are the client's input
         raise InvalidRequest(f"cannot render these messages with the model's chat template: {err}",
                        "messages") from None
 
 
-def chat_prompt(tokenizer: Any, req: Any, messages: list[dict[str, str]], max_model_len: int) -> Prompt:
+def chat_prompt(tokenizer: Any, req: Any, messages: list[dict[str, Any]], max_model_len: int,
+                tools: list[dict] | None = None) -> Prompt:
     """The chat rendered and tokenised (no special tokens added unless the request asks, as in vLLM)."""
-    text = render_chat(tokenizer, req, messages)
+    text = render_chat(tokenizer, req, messages, tools)
     return Prompt(_encode(tokenizer, text, _tok_params(req, max_model_len)), text)
 
 
@@ -151,7 +175,8 @@ def tokenize_text(tokenizer: Any, req: Any) -> list[int]:
 
 def tokenize_chat(tokenizer: Any, req: Any) -> list[int]:
     """``/tokenize`` with messages: vLLM's ``TokenizeChatRequest``."""
-    text = render_chat(tokenizer, req, plain_messages(req.messages))
+    tools = [t if isinstance(t, dict) else t.model_dump() for t in req.tools] if getattr(req, "tools", None) else None
+    text = render_chat(tokenizer, req, plain_messages(req.messages), tools)
     return _encode(tokenizer, text, _tok_params(req, 0))
 
 

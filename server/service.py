@@ -25,6 +25,7 @@ from deltaserve.server.metrics import Metrics
 from deltaserve.server.protocol.admin import ExpertCard, ExpertRegistration
 from deltaserve.server.recipes import Recipe, RecipeError, parse_model
 from deltaserve.server.settings import ServerSettings
+from deltaserve.server.tools import ToolCalling
 
 log = logging.getLogger("deltaserve")
 AUTO = "auto"
@@ -44,10 +45,12 @@ class Service:
         self._batcher: Any = None     # router.RouteBatcher over self.routing, made on first use
         self.base_name = settings.engine.served_name
         self.markup = ChatMarkup()    # the served model's chat markup, set once the tokenizer is loaded
+        self.tools = ToolCalling(settings.tools, None)   # with the tokenizer once it is loaded
 
     async def start(self) -> None:
         await self.engine.start()
         self.markup = ChatMarkup.from_tokenizer(self.engine.tokenizer)
+        self.tools = ToolCalling(self.settings.tools, self.engine.tokenizer, self.base_name)
         if self.routing is None and self.settings.router.name != "none":
             from deltaserve.server.routing import build_routing
 

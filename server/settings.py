@@ -137,6 +137,30 @@ class RouterSettings(BaseModel):
         return self
 
 
+class ToolSettings(BaseModel):
+    """Tool calling on chat completions and responses, through vLLM's own parsers (``vllm serve``'s flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tool_call_parser: str | None = Field(None, description="vLLM's tool-call parser for the model's call format, "
+                                                           "e.g. hermes (named and `required` tool choice are "
+                                                           "grammar-constrained through it, so they work on any "
+                                                           "model); none refuses `tools` with a tool choice")
+    enable_auto_tool_choice: bool = Field(False, description="let the model decide to call tools "
+                                                             "(`tool_choice: auto`); needs --tool-call-parser",
+                                          json_schema_extra=cli(kind="switch"))
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter", description="vLLM's floor for grammar-constrained tool calls: 'parameter' pins every tool's "
+                                 "arguments to its JSON schema (so a named or `required` call always parses); "
+                                 "'auto' (vllm serve's default) only those of tools marked strict; 'function' "
+                                 "constrains the call's envelope only")
+
+    @model_validator(mode="after")
+    def _auto_needs_parser(self) -> ToolSettings:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (e.g. hermes)")
+        return self
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     store_dir: Path = Field(description="expert store directory (created if missing)",
@@ -157,6 +181,7 @@ class ServerSettings(BaseModel):
     auto_recipe: str = Field("", description="recipe for `auto` without a router ('' = the base)")
     store_poll_s: float = Field(2.0, gt=0.0, description="how often to look for other replicas' changes")
     router: RouterSettings = Field(default_factory=RouterSettings, json_schema_extra=cli(kind="flatten"))
+    tools: ToolSettings = Field(default_factory=ToolSettings, json_schema_extra=cli(kind="flatten"))
     max_request_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get a 413")
     ops_need_key: bool = Field(False, description="require an inference key for /metrics, /docs and /openapi.json "
                                                   "too (default: open, so Prometheus and people can read them; "

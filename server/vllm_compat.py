@@ -16,6 +16,7 @@ from typing import Any
 import vllm
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from vllm.entrypoints.serve.tokenize.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest,
                                                       TokenizeCompletionRequest, TokenizeResponse)
@@ -32,26 +33,34 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "AsyncEngineArgs": ("vllm.engine.arg_utils", "AsyncEngineArgs"),
     "AsyncLLM": ("vllm.v1.engine.async_llm", "AsyncLLM"),
     "BaseLinearLayerWithLoRA": ("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA"),
+    "DeltaMessage": ("vllm.entrypoints.generate.base.protocol", "DeltaMessage"),
     "EngineDeadError": ("vllm.v1.engine.exceptions", "EngineDeadError"),
     "LLM": ("vllm", "LLM"),
     "LinearBase": ("vllm.model_executor.layers.linear", "LinearBase"),
     "LoRARequest": ("vllm.lora.request", "LoRARequest"),
     "HAS_TRITON": ("vllm.triton_utils", "HAS_TRITON"),
     "ModelRegistry": ("vllm", "ModelRegistry"),
+    "ParserManager": ("vllm.parser", "ParserManager"),
     "supports_lora": ("vllm.model_executor.models.interfaces", "supports_lora"),
     "RequestOutputKind": ("vllm.sampling_params", "RequestOutputKind"),
+    "ResponseUsage": ("vllm.entrypoints.openai.responses.protocol", "ResponseUsage"),
     "SamplingParams": ("vllm", "SamplingParams"),
     "TokensPrompt": ("vllm.inputs", "TokensPrompt"),
+    "ToolCall": ("vllm.entrypoints.generate.base.protocol", "ToolCall"),
     "WEIGHT_LOADER_V2_SUPPORTED": ("vllm.model_executor.layers.linear", "WEIGHT_LOADER_V2_SUPPORTED"),
     "current_platform": ("vllm.platforms", "current_platform"),
+    "responses_utils": ("vllm.entrypoints.openai.responses.utils", None),
+    "responses_streaming": ("vllm.entrypoints.openai.responses.streaming_events", None),
     "lora_torch_ops": ("vllm.lora.ops.torch_ops.lora_ops", None),
+    "make_tool_call_id": ("vllm.renderers.chat_utils", "make_tool_call_id"),
     "punica_cpu": ("vllm.lora.punica_wrapper.punica_cpu", None),
 }
 
 __all__ = [
     "REQUEST_REFUSALS", "VERSION", "ChatCompletionMessageParam", "ChatCompletionRequest", "ChatCompletionResponse",
     "CompletionRequest", "CompletionResponse", "DetokenizeRequest", "DetokenizeResponse", "LoadLoRAAdapterRequest",
-    "TokenizeChatRequest", "TokenizeCompletionRequest", "TokenizeResponse", "UnloadLoRAAdapterRequest",
+    "ResponsesRequest", "ResponsesResponse", "TokenizeChatRequest", "TokenizeCompletionRequest", "TokenizeResponse",
+    "UnloadLoRAAdapterRequest",
     "VLLMValidationError", *_LAZY,
 ]
 

@@ -188,12 +188,14 @@ def live_server(engines, micro_zoo, tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_server(engines, real_base, tmp_path_factory):
     """One server on the real base for the whole session, with random LoRA and sparse experts
-    (tests.support.seed_real_store), the knn router and no keys (as the docs' examples call it);
+    (tests.support.seed_real_store), the knn router, vLLM's hermes tool-call parser with auto tool choice, and
+    no keys (as the docs' examples call it);
     ``sources`` maps each expert to the folder it was registered from."""
     root = tmp_path_factory.mktemp("real")
     sources = seed_real_store(real_base, root / "store", root / "sources")
     server = engines.start(real_base, root / "store", root / "server.log", roots=(root,), keys=False,
-                           extra=["--max-lora-rank", "8", "--max-model-len", "1024", "--router", "knn"])
+                           extra=["--max-lora-rank", "8", "--max-model-len", "1024", "--router", "knn",
+                                  "--tool-call-parser", "hermes", "--enable-auto-tool-choice"])
     server.root = root        # tests may register experts they write under it
     server.sources = sources
     engines.shared["real_server"] = server

@@ -104,8 +104,12 @@ def test_openai_and_vllm_refusals_4xx(server):
                          ("watermarking", True), ("vllm_xargs", {"a": 1})):
         _error(comp(**{field: value}), 400, "not supported by deltaserve", field)
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    _error(chat(tools=[tool]), 400, "tool-call parser", "tools")
-    _error(chat(functions=[tool["function"]]), 400, "tool-call parser", "functions")
+    _error(chat(tools=[tool]), 400, '"auto" tool choice requires --enable-auto-tool-choice', "tool_choice")
+    _error(chat(tools=[tool], tool_choice="required"), 400, 'tool_choice="required" requires --tool-call-parser',
+           "tool_choice")
+    _error(chat(tools=[tool], tool_choice={"type": "function", "function": {"name": "g"}}), 400,
+           "does not match any", "tool_choice")
+    _error(chat(functions=[tool["function"]]), 400, "legacy function-calling", "functions")
     _error(chat(chat_template="{{ messages }}"), 400, "not trusted", "chat_template")
     _error(chat(chat_template_kwargs={"tokenize": True}), 400, "may not set ['tokenize']", "chat_template_kwargs")
     _error(chat(reasoning_effort="high"), 400, "reasoning parser", "reasoning_effort")
@@ -116,6 +120,34 @@ def test_openai_and_vllm_refusals_4xx(server):
     _error(comp(structured_outputs=1), 400, "must be an object", "structured_outputs")
     _error(chat(messages=[{"author": {"role": "user"}, "content": [{"type": "text", "text": "x"}]}]), 400,
            "not a chat message", "messages.0")
+
+
+def test_responses_api_shapes_streams_and_refusals(server):
+    """``/v1/responses`` over a recipe: vLLM's response object (validated by the OpenAI SDK's types), its event
+    stream, the recipe in ``metadata``; what needs a response store or a built-in tool is a 400 naming it."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    c, _ = server
+    post = lambda **kw: c.post("/v1/responses", json={"model": "upper", "input": "hi", "max_output_tokens": 3,  # noqa: E731
+                                                       **kw})
+    r = post()
+    assert r.status_code == 200 and r.headers["x-deltaserve-recipe"] == "upper", r.text
+    body = Response.model_validate(r.json())
+    assert body.id.startswith("resp_") and body.status == "incomplete" and body.output_text and body.usage
+    assert json.loads(body.metadata["deltaserve"])["recipe"] == "upper"
+    events = [TypeAdapter(ResponseStreamEvent).validate_python(e) for e in _events(post(stream=True))]
+    assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == body.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert post(input=[{"role": "user", "content": "hi"}], instructions="Be brief.").status_code == 200
+    _error(post(background=True), 400, "response store", "background")
+    _error(post(previous_response_id="resp_1"), 400, "not stored", "previous_response_id")
+    _error(post(tools=[{"type": "web_search"}]), 400, "built-in tools are not served (web_search)", "tools")
+    _error(post(tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}], tool_choice="required"),
+           400, "requires --tool-call-parser", "tool_choice")
+    _error(post(model="no-such-expert"), 404, "unknown expert", "model")
+    _error(c.get("/v1/responses/resp_1"), 404, "not stored", "response_id")
 
 
 def test_every_vllm_request_field_has_a_policy():

@@ -419,3 +419,45 @@ def test_a_failed_start_reports_the_root_cause_lines_before_the_tail(tmp_path):
     assert head.startswith("machine: ") and "MemAvailable" in head
     assert "shm_open failed" in head and "Engine core initialization failed" in head and "File " not in head
     assert "shm_open failed" not in tail and tail.strip().endswith("Engine core initialization failed.")
+
+
+def test_tool_messages_reach_the_template_as_vllm_gives_them():
+    """An assistant's tool calls keep their ids with arguments decoded to an object (``{}`` when not one), a tool
+    message its ``tool_call_id``; a call of another type is a 400 naming the message."""
+    from deltaserve.server.exceptions import InvalidRequest
+    from deltaserve.server.prompts import plain_messages
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    broken = {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "[1"}}
+    out = plain_messages([{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": None, "tool_calls": [call, broken]},
+                          {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "42"}]}])
+    assert out[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {**call, "function": {"name": "f", "arguments": {"x": 1}}},
+        {**broken, "function": {"name": "g", "arguments": {}}}]}
+    assert out[2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
+    with pytest.raises(InvalidRequest) as err:
+        plain_messages([{"role": "assistant", "content": "", "tool_calls": [{"type": "custom", "custom": {}}]}])
+    assert err.value.param == "messages.0.tool_calls"
+
+
+def test_tool_choices_need_the_parser_and_flag_vllm_serve_needs():
+    """Without a parser only ``none`` is served; ``auto`` needs --enable-auto-tool-choice too (vLLM's messages)."""
+    from types import SimpleNamespace
+
+    from deltaserve.server.exceptions import InvalidRequest
+    from deltaserve.server.settings import ToolSettings
+    from deltaserve.server.tools import ToolCalling
+
+    tools = [object()]
+    named = SimpleNamespace(function=SimpleNamespace(name="f"))
+    bare = ToolCalling(ToolSettings(), tokenizer=None)
+    for choice, words in (("auto", '"auto" tool choice requires --enable-auto-tool-choice'),
+                          ("required", 'tool_choice="required" requires --tool-call-parser'),
+                          (named, 'tool_choice=function "f" requires --tool-call-parser')):
+        with pytest.raises(InvalidRequest, match=words):
+            bare.check(SimpleNamespace(tools=tools, tool_choice=choice))
+    bare.check(SimpleNamespace(tools=tools, tool_choice="none"))
+    assert bare.prepare(SimpleNamespace(tools=tools, tool_choice="none", chat_template_kwargs=None))[1] is None
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        ToolSettings(enable_auto_tool_choice=True)

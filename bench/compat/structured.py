@@ -8,8 +8,9 @@ Against a ``deltaserve serve`` on the real base: the OpenAI SDK's
 ``ChatOpenAI.with_structured_output(<pydantic model>)`` (JSON schema) must
 return schema-valid objects; ``json_object`` must return a JSON object; every
 response and stream chunk must validate strictly as the OpenAI SDK's types;
-``bind_tools`` must be refused with a 400 that says why. Each case records its
-output and latency.
+on this server, started without ``--tool-call-parser``, ``bind_tools`` must be
+refused with a 400 that says which flags tool calling needs (tool calls with a
+parser: ``bench.compat.tools``). Each case records its output and latency.
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ BANNER_QUESTIONS = {"iso_date": "Convert 14 July 2019 to ISO 8601 format.",
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    serve_command.add_arguments(p, defaults={("store_dir",): Path("store/demo"), ("router", "name"): "knn"},
+    # the demo serves tool calls as the docs' examples make them: vLLM's hermes parser, auto tool choice on
+    serve_command.add_arguments(p, defaults={("store_dir",): Path("store/demo"), ("router", "name"): "knn",
+                                             ("tools", "tool_call_parser"): "hermes",
+                                             ("tools", "enable_auto_tool_choice"): True},
                                 exclude=(("engine", "base_dir"),))
     p.add_argument("--suite", choices=["real", "toy"], default="real",
                    help="real: SmolLM2-135M-Instruct and its skills; toy: the tests' tiny zoo")

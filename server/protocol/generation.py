@@ -46,6 +46,7 @@ SERVED = frozenset({
     "model", "prompt", "messages", "stream", "stream_options", "echo", "add_special_tokens",
     "truncate_prompt_tokens", "truncation_side", "return_token_ids", "return_tokens_as_token_ids", "request_id",
     "add_generation_prompt", "continue_final_message", "chat_template_kwargs", "documents", "return_prompt_text",
+    "tools", "tool_choice", "parallel_tool_calls",
 })
 # Accepted and without effect here, as in vLLM without the matching server feature.
 NO_EFFECT = {
@@ -56,7 +57,6 @@ NO_EFFECT = {
     "return_token_offsets": "render endpoints only",
     "routed_experts_prompt_start": "mixture-of-experts routing data, not returned by this server",
     "include_reasoning": "no reasoning parser: there is no reasoning to include",
-    "parallel_tool_calls": "tools are refused",
 }
 # Refused with a 400 unless left at one of the listed values.
 REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
@@ -75,15 +75,12 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "chat_template": ("request chat templates are not trusted; the model's own template is used", (None,)),
     "media_io_kwargs": ("the served models are text-only", (None,)),
     "mm_processor_kwargs": ("the served models are text-only", (None,)),
-    "tools": (("tool calling needs a tool-call parser, which this server does not run; for structured output "
-               "use response_format {\"type\": \"json_schema\"}"), (None,)),
-    "tool_choice": ("tool calling needs a tool-call parser, which this server does not run", ("none", None)),
 }
 # OpenAI fields that are not in vLLM's models (vLLM drops them silently): refused when truthy.
 LEGACY_REFUSED = {
     "best_of": "best_of is not served; use n",
-    "functions": "function calling needs a tool-call parser, which this server does not run",
-    "function_call": "function calling needs a tool-call parser, which this server does not run",
+    "functions": "the legacy function-calling fields are not served; send `tools` (and `tool_choice`)",
+    "function_call": "the legacy function-calling fields are not served; send `tools` (and `tool_choice`)",
 }
 
 

@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: models, completions, chat completions."""
+"""OpenAI-compatible endpoints: models, completions, chat completions, responses."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from deltaserve.server import responses as responses_api
 from deltaserve.server import serving
+from deltaserve.server.exceptions import NotFound
 from deltaserve.server.protocol.admin import ModelCard, ModelList
 from deltaserve.server.protocol.common import ErrorResponse, now
+from deltaserve.server.protocol.responses import NOT_STORED, ResponsesRequest
 from deltaserve.server.protocol.generation import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                                    CompletionResponse)
 from deltaserve.server.routes import INFERENCE, SERVICE
@@ -63,3 +66,14 @@ async def completions(req: CompletionRequest, service: Service = SERVICE) -> Res
              responses={200: {"content": {"text/event-stream": {}}}})
 async def chat_completions(req: ChatCompletionRequest, service: Service = SERVICE) -> Response:
     return await serving.chat_completions(service, req)
+
+
+@router.post("/v1/responses", responses={200: {"content": {"text/event-stream": {}}}})
+async def responses(req: ResponsesRequest, service: Service = SERVICE) -> Response:
+    """The Responses API (server.responses): text and function calls over any recipe and `auto`."""
+    return await responses_api.responses(service, req)
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve_response(response_id: str) -> Response:
+    raise NotFound(f"response {response_id!r} not found: {NOT_STORED}", "response_id")
