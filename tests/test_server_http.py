@@ -144,6 +144,9 @@ def test_responses_api_shapes_streams_and_refusals(server):
     _error(post(background=True), 400, "response store", "background")
     _error(post(previous_response_id="resp_1"), 400, "not stored", "previous_response_id")
     _error(post(tools=[{"type": "web_search"}]), 400, "built-in tools are not served (web_search)", "tools")
+    _error(post(top_logprobs=2), 400, "logprobs are not returned", "top_logprobs")
+    _error(post(conversation="conv_1"), 400, "response store", "conversation")
+    _error(post(reasoning={"effort": "high"}), 400, "reasoning parser", "reasoning")
     _error(post(tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}], tool_choice="required"),
            400, "requires --tool-call-parser", "tool_choice")
     _error(post(model="no-such-expert"), 404, "unknown expert", "model")
@@ -151,7 +154,8 @@ def test_responses_api_shapes_streams_and_refusals(server):
 
 
 def test_every_vllm_request_field_has_a_policy():
-    """A vLLM upgrade that brings a new request field fails here until server.protocol says what to do with it."""
+    """A vLLM upgrade that brings a new request field (completions, chat, responses) fails here until
+    server.protocol says what to do with it."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -162,6 +166,16 @@ def test_every_vllm_request_field_has_a_policy():
     tables = [set(SAMPLING), set(SERVED), set(NO_EFFECT), set(REFUSED)]
     assert all(not (a & b) for i, a in enumerate(tables) for b in tables[i + 1:])   # one policy per field
     assert set().union(*tables) <= fields | {"prompt"}
+
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    from deltaserve.server.protocol import responses as api
+
+    fields = set(ResponsesRequest.model_fields)
+    assert {f for f in fields if api.field_policy(f) == "unknown"} == set()
+    tables = [set(api.SAMPLING), set(api.SERVED), set(api.NO_EFFECT), set(api.REFUSED)]
+    assert all(not (a & b) for i, a in enumerate(tables) for b in tables[i + 1:])
+    assert set().union(*tables) <= fields
 
 
 def test_sampling_options_reach_the_engine(server):

@@ -461,3 +461,36 @@ def test_tool_choices_need_the_parser_and_flag_vllm_serve_needs():
     assert bare.prepare(SimpleNamespace(tools=tools, tool_choice="none", chat_template_kwargs=None))[1] is None
     with pytest.raises(ValueError, match="needs --tool-call-parser"):
         ToolSettings(enable_auto_tool_choice=True)
+
+
+def test_hermes_output_becomes_tool_calls_as_vllm_reads_it(zoo_tokenizer):
+    """`auto` with vLLM's hermes parser: a call in the model's text becomes ``tool_calls`` (finish reason
+    ``tool_calls``), plain text stays content; `required`'s finish reason is ``tool_calls``, a named function's
+    ``stop``; streamed, the call's name comes first, then its arguments."""
+    from deltaserve.server.protocol.generation import ChatCompletionRequest
+    from deltaserve.server.settings import ToolSettings
+    from deltaserve.server.tools import ToolCalling
+
+    tools = ToolCalling(ToolSettings(tool_call_parser="hermes", enable_auto_tool_choice=True), zoo_tokenizer)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    text = '<tool_call>\n{"name": "f", "arguments": {"x": 3}}\n</tool_call>'
+    req, out = tools.prepare(ChatCompletionRequest(**base))
+    message, finish = out.message(text, [], "stop")
+    (call,) = message["tool_calls"]
+    assert finish == "tool_calls" and call["function"] == {"name": "f", "arguments": '{"x": 3}'} and call["id"]
+    assert out.message("just words", [], "stop") == ({"role": "assistant", "content": "just words"}, "stop")
+    tag = json.loads(req.to_sampling_params(8, {}).structured_outputs.structural_tag)
+    assert tag["format"]["at_least_one"] is False     # auto: the model decides; a call it starts is constrained
+    for choice, want in (("required", "tool_calls"), ({"type": "function", "function": {"name": "f"}}, "stop")):
+        req, out = tools.prepare(ChatCompletionRequest(**base, tool_choice=choice))
+        tag = json.loads(req.to_sampling_params(8, {}).structured_outputs.structural_tag)
+        assert tag["format"]["at_least_one"] is True   # a call is forced
+        assert out.message(text, [], "stop")[1] == want
+    deltas = [out.delta(0, piece, [], [], None) for piece in ("<tool_call>\n", '{"name": "f", "arguments": ',
+                                                              '{"x": 3}', "}\n</tool_call>")]
+    calls = [c for d in deltas if d for c in d.get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "f"
+    assert json.loads("".join(c["function"].get("arguments", "") for c in calls)) == {"x": 3}
+    assert out.stream_finish(0, "stop") == "stop"    # named: stop, as vLLM

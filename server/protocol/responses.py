@@ -18,27 +18,59 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from deltaserve.server.protocol.common import VllmBody
+from deltaserve.server.protocol.generation import REFUSED as CHAT_REFUSED
 from deltaserve.server.vllm_compat import ResponsesRequest as VllmResponsesRequest
 
 NOT_STORED = ("responses are not stored on this server (as `vllm serve` by default); send the whole "
               "conversation in `input`")
-# Refused with a 400 unless left at one of the listed values.
+# What happens to each field of vLLM's ResponsesRequest (tests/test_server_http.py fails on a field no table names).
+# Applied by the engine through vLLM's ``to_sampling_params``.
+SAMPLING = frozenset({
+    "temperature", "top_p", "top_k", "min_p", "max_output_tokens", "logit_bias", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
+    "include_stop_str_in_output", "structured_outputs", "text",
+})
+# Applied by deltaserve (prompt, routing, tools, the response).
+SERVED = frozenset({"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "stream",
+                    "metadata", "request_id", "chat_template_kwargs"})
+# Accepted and without effect here, as in ``vllm serve`` without the matching feature.
+NO_EFFECT = {
+    "store": "responses are not stored (as vllm serve by default): `store` is ignored",
+    "user": "end-user id for abuse monitoring",
+    "session_id": "affinity hint for routers in front of the server",
+    "prompt_cache_key": "prefix caching is automatic",
+    "service_tier": "one tier",
+    "truncation": "a prompt longer than the context is a 400, never cut",
+    "max_tool_calls": "one model turn per request: its calls are all the calls",
+    "include_reasoning": "no reasoning parser: there is no reasoning to include",
+    "mm_payload": "render endpoints only",
+    "return_mm_kwargs": "render endpoints only",
+}
+# Refused with a 400 unless left at one of the listed values: the Responses API's own, and the chat's refusals of
+# the fields the two requests share (server.protocol.generation).
+SHARED = ("cache_salt", "kv_transfer_params", "ec_transfer_params", "vllm_xargs", "priority", "watermarking",
+          "mm_processor_kwargs", "media_io_kwargs")
 REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "background": (f"background responses need a response store: {NOT_STORED}", (False, None)),
     "previous_response_id": (NOT_STORED, (None,)),
     "prompt": ("stored prompt templates are not served; send `instructions` and `input`", (None,)),
     "previous_input_messages": ("Harmony message history is for gpt-oss models, which are not served", (None,)),
     "enable_response_messages": ("raw Harmony messages are for gpt-oss models, which are not served", (False,)),
-    "cache_salt": ("per-request prefix-cache salts are not served", (None,)),
-    "kv_transfer_params": ("disaggregated serving is not configured", (None,)),
-    "ec_transfer_params": ("disaggregated serving is not configured", (None,)),
-    "vllm_xargs": ("no custom logits processors are installed to read vllm_xargs", (None,)),
-    "priority": ("priority scheduling is not enabled; deltaserve schedules by recipe", (0,)),
-    "watermarking": ("no watermark is configured on this server", (None, False)),
-    "mm_processor_kwargs": ("the served models are text-only", (None,)),
-    "media_io_kwargs": ("the served models are text-only", (None,)),
+    "include": ("output logprobs and other `include` items are not returned; chat completions return logprobs",
+                (None, [])),
+    "top_logprobs": ("output logprobs are not returned; chat completions return logprobs", (0, None)),
+    "reasoning": ("no reasoning parser is configured", (None,)),
+    **{name: CHAT_REFUSED[name] for name in SHARED},
 }
 
+
+def field_policy(name: str) -> str:
+    """``sampling`` / ``served`` / ``no_effect`` / ``refused`` for a Responses request field, else ``unknown``."""
+    for policy, names in (("sampling", SAMPLING), ("served", SERVED), ("no_effect", NO_EFFECT),
+                          ("refused", REFUSED)):
+        if name in names:
+            return policy
+    return "unknown"
 
 class ResponsesRequest(VllmBody, VllmResponsesRequest):
     """vLLM's ``ResponsesRequest``; ``model`` is the base, an expert, a recipe expression or `auto`."""
@@ -51,6 +83,8 @@ class ResponsesRequest(VllmBody, VllmResponsesRequest):
         """(field, why) for every field set to something this server does not serve."""
         out = [(name, why) for name, (why, allowed) in REFUSED.items()
                if name in type(self).model_fields and getattr(self, name) not in allowed]
+        if (self.model_extra or {}).get("conversation"):   # OpenAI's, not in vLLM's model
+            out.append(("conversation", f"conversations need a response store: {NOT_STORED}"))
         builtin = sorted({getattr(t, "type", "?") for t in self.tools or [] if getattr(t, "type", None) != "function"})
         if builtin:
             out.append(("tools", f"built-in tools are not served ({', '.join(builtin)}); send function tools"))
