@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,19 +52,21 @@ def _wait(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) ->
 
 @contextlib.contextmanager
 def vllm_and_deltaserve(zoo: Path, tasks: list[str], work: Path, timeout_s: float = 600,
-                        extra: tuple[str, ...] = ()) -> Iterator[Servers]:
+                        extra: tuple[str, ...] = (), ds_extra: tuple[str, ...] = (),
+                        lora_exemplars: Callable[[str], list[str]] | None = None) -> Iterator[Servers]:
     """Both servers up on ``zoo``'s base, each serving the LoRA adapters of ``tasks`` as ``<task>-lora``;
-    ``extra``: flags both servers take alike (e.g. ``--tool-call-parser hermes``)."""
+    ``extra``: flags both servers take alike (e.g. ``--tool-call-parser hermes``), ``ds_extra`` deltaserve's
+    own (e.g. ``--router knn``, with ``lora_exemplars(task)`` registered for it)."""
     from deltaserve_zoo.build import ZooLayout
 
     layout = ZooLayout(zoo)
     work.mkdir(parents=True, exist_ok=True)
-    seed_store(zoo, work / "store", tasks)
+    seed_store(zoo, work / "store", tasks, lora_exemplars=lora_exemplars)
     loras = {lora_name(t): layout.lora(t) for t in tasks}
     log(f"starting deltaserve on {layout.base}")
     ds = ServerProcess(layout.base, work / "store", work / "deltaserve.log",
                        ["--log-level", "warning", "--max-model-len", str(MAX_MODEL_LEN), "--max-lora-rank",
-                        str(MAX_LORA_RANK), "--max-loras", str(MAX_LORAS), *extra], env=ENGINE_ENV,
+                        str(MAX_LORA_RANK), "--max-loras", str(MAX_LORAS), *extra, *ds_extra], env=ENGINE_ENV,
                        timeout_s=timeout_s)
     port = free_port()
     cmd = [sys.executable, "-m", "bench.compat.vllm_cli", "serve", str(layout.base), "--port", str(port),

@@ -8,7 +8,10 @@ arguments pinned to each tool's schema (``--tool-call-parser hermes
 --enable-auto-tool-choice --tool-strict-level parameter``; deltaserve's
 default level is ``parameter``, vLLM's ``auto``) on the real zoo's base
 (SmolLM2-135M-Instruct) and its ``iso_date`` LoRA adapter
-(``bench.compat.pair``). For each model and two probes (the adapter's own
+(``bench.compat.pair``), deltaserve with the knn router (the adapter
+registered with the real suite's exemplars). For each model (the base, the
+adapter, and deltaserve's `auto` against vLLM serving what `auto` routed the
+probe to) and two probes (the adapter's own
 skill, and a question it has no skill for), greedy, the same requests through
 the same clients: the OpenAI SDK (chat with a named function and with
 ``required``, streamed and not; the Responses API with a named function,
@@ -19,8 +22,9 @@ named tool, then the tool-result turn, stopped at its first sentence). Each case
 the client worked, the tool calls (name, arguments) and the response's shape
 (the field names of the message, tool call or output item); where the calls
 differ, the step where the greedy outputs part with each side's top-2
-logprobs there. The summary says whether deltaserve's calls equal vLLM's and
-whether the shapes match.
+logprobs there. The summary says whether every case had the same outcome on both
+(the client worked on both or failed on both, with the same calls), how many
+cases worked on each, and whether the shapes match.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +184,29 @@ def _run(case: Callable[[], dict]) -> dict:
         return {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
 
 
+def _exemplars(task: str) -> list[str]:
+    """The router's exemplars for the task's LoRA: the real suite's calibration questions, as the demo's."""
+    from deltaserve_zoo.real.skills import get_skill
+
+    return [e.question for e in get_skill(task).examples("calib", 8, seed=1)]
+
+
+def _routed(url: str, probe: Probe) -> str:
+    """The model vLLM serves to compare with deltaserve's `auto` on ``probe``: the expert `auto` routes it to
+    (a LoRA adapter of the same name on vLLM), or the base."""
+    import httpx
+
+    r = httpx.post(url + "/v1/route", json={"messages": [{"role": "user", "content": probe.question}]}, timeout=60)
+    r.raise_for_status()
+    weights = r.json()["weights"]
+    if not weights:
+        return "base"
+    (name, weight), = weights.items()
+    if weight != 1.0:
+        raise SystemExit(f"`auto` routed {probe.question!r} to a blend {weights}, which vLLM cannot serve")
+    return name
+
+
 def _divergence(ds: dict, vl: dict) -> dict | None:
     """Where two greedy outputs part: the step, each side's token and its top-2 logprobs there."""
     for i, (a, b) in enumerate(zip(ds.get("steps", []), vl.get("steps", []), strict=False)):
@@ -207,25 +235,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     work = args.work or REPO / ".cache" / "bench" / f"compat-tools-{args.zoo.name}"
+    shutil.rmtree(work / "store", ignore_errors=True)   # registered afresh, with the router's exemplars
     rows = []
-    with vllm_and_deltaserve(args.zoo, [args.task], work, extra=TOOL_FLAGS) as servers:
-        for model in ["base", *servers.loras]:
+    with vllm_and_deltaserve(args.zoo, [args.task], work, extra=TOOL_FLAGS, ds_extra=("--router", "knn"),
+                             lora_exemplars=_exemplars) as servers:
+        for model in ["base", *servers.loras, "auto"]:
             for probe_name, probe in PROBES.items():
-                cases = {side: {**_chat_cases(url, model, probe),
-                                **(_client_cases(url, model) if probe is CLIENT_PROBE else {})}
-                         for side, url in (("deltaserve", servers.deltaserve), ("vllm", servers.vllm))}
+                served = _routed(servers.deltaserve, probe) if model == "auto" else model
+                cases = {side: {**_chat_cases(url, name, probe),
+                                **(_client_cases(url, name) if probe is CLIENT_PROBE else {})}
+                         for side, url, name in (("deltaserve", servers.deltaserve, model),
+                                                 ("vllm", servers.vllm, served))}
                 for name in cases["vllm"]:
-                    rows.append(_compare(model, probe_name, name, {s: _run(c[name]) for s, c in cases.items()}))
+                    row = _compare(model, probe_name, name, {s: _run(c[name]) for s, c in cases.items()})
+                    rows.append({**row, "vllm_model": served})
     result = {"provenance": provenance(argv=argv),
               "setup": {"flags_both": list(TOOL_FLAGS), "max_tokens": MAX_TOKENS,
                         "probes": {k: {"question": p.question, "tool": p.tool, "schema": p.schema}
                                    for k, p in PROBES.items()}},
-              "all_clients_work_on_both": all(r["deltaserve"]["ok"] and r["vllm"]["ok"] for r in rows),
+              "all_same_outcome": all(r["deltaserve"]["ok"] == r["vllm"]["ok"] and r["calls_equal"] for r in rows),
+              "cases_ok": {side: sum(r[side]["ok"] for r in rows) for side in ("deltaserve", "vllm")},
+              "cases": len(rows),
               "all_calls_equal": all(r["calls_equal"] for r in rows),
               "all_shapes_equal": all(r["shape_equal"] for r in rows), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"wrote {args.out}: clients work on both {result['all_clients_work_on_both']}, calls equal "
+    log(f"wrote {args.out}: same outcome {result['all_same_outcome']}, cases ok {result['cases_ok']} of "
+        f"{len(rows)}, calls equal "
         f"{result['all_calls_equal']}, shapes equal {result['all_shapes_equal']}")
     return 0
 
