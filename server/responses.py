@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from deltaserve.router.text import route_text
 from deltaserve.server.call import Call
 from deltaserve.server.errors import describe, status_of
-from deltaserve.server.exceptions import InvalidRequest
+from deltaserve.server.exceptions import InvalidRequest, from_vllm
 from deltaserve.server.prompts import chat_prompt, generation_defaults, max_new_tokens, plain_messages
 from deltaserve.server.protocol.common import now
 from deltaserve.server.protocol.generation import ServedAs
@@ -35,6 +35,7 @@ from deltaserve.server.protocol.responses import ResponsesRequest
 from deltaserve.server.service import Service
 from deltaserve.server.serving import RECIPE_HEADER
 from deltaserve.server.tools import ToolOutputs
+from deltaserve.server.vllm_compat import VLLMValidationError
 
 log = logging.getLogger("deltaserve")
 
@@ -49,7 +50,9 @@ async def responses(service: Service, req: ResponsesRequest) -> Response:
     try:
         chat = responses_utils.construct_input_messages(request_instructions=req.instructions,
                                                         request_input=req.input)
-    except (ValueError, TypeError, KeyError) as err:
+    except VLLMValidationError as err:
+        raise from_vllm(err, param="input") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise InvalidRequest(f"cannot read these input items: {err}", "input") from None
     messages = plain_messages(chat)
     model = req.model or service.base_name
@@ -58,7 +61,7 @@ async def responses(service: Service, req: ResponsesRequest) -> Response:
     template_tools = responses_utils.construct_tool_dicts(req.tools, req.tool_choice)
     prompt = await asyncio.to_thread(chat_prompt, service.engine.tokenizer, req, messages, limit, template_tools)
     defaults = generation_defaults(str(service.settings.engine.base_dir))
-    params = req.to_sampling_params(max_new_tokens(None, len(prompt.ids), limit, defaults), defaults)
+    params = req.sampling(max_new_tokens(None, len(prompt.ids), limit, defaults), defaults)
     plan = service.engine.plan(recipe, arriving=True)
     call = ResponsesCall(service, req, plan, [prompt], [params], tools, model)
     served = ServedAs(recipe=call.label, path=plan.path, reason=plan.reason or None, weights=dict(recipe.terms),

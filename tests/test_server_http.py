@@ -146,6 +146,8 @@ def test_responses_api_shapes_streams_and_refusals(server):
     _error(post(tools=[{"type": "web_search"}]), 400, "built-in tools are not served (web_search)", "tools")
     _error(post(top_logprobs=2), 400, "logprobs are not returned", "top_logprobs")
     _error(post(conversation="conv_1"), 400, "response store", "conversation")
+    _error(post(min_p=2.0), 400, "min_p")                                  # vLLM's sampling checks: 400, not 500
+    _error(post(input=[{"type": "item_reference", "id": "x"}]), 400, "unsupported input item type", "input")
     _error(post(reasoning={"effort": "high"}), 400, "reasoning parser", "reasoning")
     _error(post(tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}], tool_choice="required"),
            400, "requires --tool-call-parser", "tool_choice")

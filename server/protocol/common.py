@@ -69,6 +69,19 @@ class VllmBody(Body):
             raise InvalidRequest(f"invalid request: {err}") from None
 
 
+class VllmSampling:
+    """For vLLM request models: ``sampling`` builds vLLM's ``SamplingParams``, its checks becoming 400s."""
+
+    def sampling(self, max_tokens: int, defaults: dict[str, Any]) -> Any:
+        """vLLM's ``SamplingParams`` for this request; vLLM's checks become 400s naming the parameter."""
+        try:
+            return self.to_sampling_params(max_tokens, defaults)  # type: ignore[attr-defined]
+        except VLLMValidationError as err:
+            raise from_vllm(err) from None
+        except (ValueError, TypeError) as err:
+            raise InvalidRequest(f"invalid sampling parameters: {err}", "sampling") from None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

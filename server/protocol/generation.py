@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deltaserve.server.engine.types import PathName
-from deltaserve.server.exceptions import InvalidRequest, from_vllm
-from deltaserve.server.protocol.common import VllmBody
-from deltaserve.server.vllm_compat import ChatCompletionMessageParam, VLLMValidationError
+from deltaserve.server.exceptions import InvalidRequest
+from deltaserve.server.protocol.common import VllmBody, VllmSampling
+from deltaserve.server.vllm_compat import ChatCompletionMessageParam
 from deltaserve.server.vllm_compat import ChatCompletionRequest as VllmChatCompletionRequest
 from deltaserve.server.vllm_compat import ChatCompletionResponse as VllmChatCompletionResponse
 from deltaserve.server.vllm_compat import CompletionRequest as VllmCompletionRequest
@@ -93,7 +93,7 @@ def field_policy(name: str) -> str:
     return "unknown"
 
 
-class _Generation(VllmBody):
+class _Generation(VllmSampling, VllmBody):
     """What deltaserve adds to vLLM's completion and chat requests."""
 
     if TYPE_CHECKING:   # from the vLLM request class that each concrete request below also derives from
@@ -120,15 +120,6 @@ class _Generation(VllmBody):
     @property
     def continuous_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
-
-    def sampling(self, max_tokens: int, defaults: dict[str, Any]) -> Any:
-        """vLLM's ``SamplingParams`` for this request; vLLM's checks become 400s naming the parameter."""
-        try:
-            return self.to_sampling_params(max_tokens, defaults)
-        except VLLMValidationError as err:
-            raise from_vllm(err) from None
-        except (ValueError, TypeError) as err:
-            raise InvalidRequest(f"invalid sampling parameters: {err}", "sampling") from None
 
 
 def _same(value: Any, allowed: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from deltaserve.server.protocol.common import VllmBody
+from deltaserve.server.protocol.common import VllmBody, VllmSampling
 from deltaserve.server.protocol.generation import REFUSED as CHAT_REFUSED
 from deltaserve.server.vllm_compat import ResponsesRequest as VllmResponsesRequest
 
@@ -72,7 +72,7 @@ def field_policy(name: str) -> str:
             return policy
     return "unknown"
 
-class ResponsesRequest(VllmBody, VllmResponsesRequest):
+class ResponsesRequest(VllmSampling, VllmBody, VllmResponsesRequest):
     """vLLM's ``ResponsesRequest``; ``model`` is the base, an expert, a recipe expression or `auto`."""
 
     model_config = ConfigDict(extra="allow")
