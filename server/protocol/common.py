@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import BaseModel, model_validator
@@ -67,6 +68,11 @@ class VllmBody(Body):
             raise from_vllm(err) from None
         except (TypeError, AttributeError, KeyError, IndexError) as err:   # vLLM's validators on odd shapes
             raise InvalidRequest(f"invalid request: {err}") from None
+
+
+def policy_of(name: str, **tables: Collection[str]) -> str:
+    """The name of the first of ``tables`` (policy -> field names) that holds ``name``, else ``unknown``."""
+    return next((policy for policy, names in tables.items() if name in names), "unknown")
 
 
 class VllmSampling:

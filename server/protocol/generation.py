@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deltaserve.server.engine.types import PathName
 from deltaserve.server.exceptions import InvalidRequest
-from deltaserve.server.protocol.common import VllmBody, VllmSampling
+from deltaserve.server.protocol.common import VllmBody, VllmSampling, policy_of
 from deltaserve.server.vllm_compat import ChatCompletionMessageParam
 from deltaserve.server.vllm_compat import ChatCompletionRequest as VllmChatCompletionRequest
 from deltaserve.server.vllm_compat import ChatCompletionResponse as VllmChatCompletionResponse
@@ -86,11 +86,7 @@ LEGACY_REFUSED = {
 
 def field_policy(name: str) -> str:
     """``sampling`` / ``served`` / ``no_effect`` / ``refused`` for a request field, ``unknown`` otherwise."""
-    for policy, names in (("sampling", SAMPLING), ("served", SERVED), ("no_effect", NO_EFFECT),
-                          ("refused", REFUSED)):
-        if name in names:
-            return policy
-    return "unknown"
+    return policy_of(name, sampling=SAMPLING, served=SERVED, no_effect=NO_EFFECT, refused=REFUSED)
 
 
 class _Generation(VllmSampling, VllmBody):

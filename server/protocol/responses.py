@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from deltaserve.server.protocol.common import VllmBody, VllmSampling
+from deltaserve.server.protocol.common import VllmBody, VllmSampling, policy_of
 from deltaserve.server.protocol.generation import REFUSED as CHAT_REFUSED
 from deltaserve.server.vllm_compat import ResponsesRequest as VllmResponsesRequest
 
@@ -66,11 +66,7 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
 
 def field_policy(name: str) -> str:
     """``sampling`` / ``served`` / ``no_effect`` / ``refused`` for a Responses request field, else ``unknown``."""
-    for policy, names in (("sampling", SAMPLING), ("served", SERVED), ("no_effect", NO_EFFECT),
-                          ("refused", REFUSED)):
-        if name in names:
-            return policy
-    return "unknown"
+    return policy_of(name, sampling=SAMPLING, served=SERVED, no_effect=NO_EFFECT, refused=REFUSED)
 
 class ResponsesRequest(VllmSampling, VllmBody, VllmResponsesRequest):
     """vLLM's ``ResponsesRequest``; ``model`` is the base, an expert, a recipe expression or `auto`."""
