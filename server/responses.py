@@ -30,10 +30,9 @@ from deltaserve.server.errors import describe, status_of
 from deltaserve.server.exceptions import InvalidRequest, from_vllm
 from deltaserve.server.prompts import chat_prompt, generation_defaults, max_new_tokens, plain_messages
 from deltaserve.server.protocol.common import now
-from deltaserve.server.protocol.generation import ServedAs
 from deltaserve.server.protocol.responses import ResponsesRequest
 from deltaserve.server.service import Service
-from deltaserve.server.serving import RECIPE_HEADER
+from deltaserve.server.serving import RECIPE_HEADER, reject_refused, served_as
 from deltaserve.server.tools import ToolOutputs
 from deltaserve.server.vllm_compat import VLLMValidationError
 
@@ -43,9 +42,7 @@ log = logging.getLogger("deltaserve")
 async def responses(service: Service, req: ResponsesRequest) -> Response:
     from deltaserve.server.vllm_compat import responses_utils
 
-    if refused := req.refused():
-        name, why = refused[0]
-        raise InvalidRequest(f"`{name}` is not supported by deltaserve: {why}", name)
+    reject_refused(req)
     req, tools = service.tools.prepare(req)
     try:
         chat = responses_utils.construct_input_messages(request_instructions=req.instructions,
@@ -64,9 +61,7 @@ async def responses(service: Service, req: ResponsesRequest) -> Response:
     params = req.sampling(max_new_tokens(None, len(prompt.ids), limit, defaults), defaults)
     plan = service.engine.plan(recipe, arriving=True)
     call = ResponsesCall(service, req, plan, [prompt], [params], tools, model)
-    served = ServedAs(recipe=call.label, path=plan.path, reason=plan.reason or None, weights=dict(recipe.terms),
-                      method=recipe.method, options=recipe.option_dict, route=route).model_dump()
-    call.metadata = {**(req.metadata or {}), "deltaserve": json.dumps(served)}
+    call.metadata = {**(req.metadata or {}), "deltaserve": json.dumps(served_as(call, recipe, route))}
     headers = {RECIPE_HEADER: call.label}
     if req.stream:
         await call.open_stream()

@@ -30,7 +30,7 @@ RECIPE_HEADER = "x-deltaserve-recipe"
 
 
 async def completions(service: Service, req: CompletionRequest) -> Response:
-    _reject_refused(req)
+    reject_refused(req)
     limit = service.settings.engine.max_model_len
     prompts = await asyncio.to_thread(completion_prompts, service.engine.tokenizer, req, limit)
     recipe, route = await service.resolve(req.model, route_text(prompt=prompts[0].text, markup=service.markup))
@@ -38,7 +38,7 @@ async def completions(service: Service, req: CompletionRequest) -> Response:
 
 
 async def chat_completions(service: Service, req: ChatCompletionRequest) -> Response:
-    _reject_refused(req)
+    reject_refused(req)
     req, tools = service.tools.prepare(req)
     messages = plain_messages(req.messages)
     if req.add_generation_prompt and not req.continue_final_message and messages[-1]["role"] == "assistant":
@@ -53,7 +53,7 @@ async def chat_completions(service: Service, req: ChatCompletionRequest) -> Resp
     return await serve(service, req, recipe, route, [prompt], requested, chat=True, echo_prefix=echo, tools=tools)
 
 
-def _reject_refused(req) -> None:
+def reject_refused(req) -> None:
     if refused := req.refused():
         name, why = refused[0]
         raise InvalidRequest(f"`{name}` is not supported by deltaserve: {why}", name)
@@ -75,7 +75,12 @@ async def serve(service: Service, req, recipe: Recipe, route: dict | None, promp
         await call.open_stream()
         return StreamingResponse(call.stream(), media_type="text/event-stream", headers=headers)
     body = await call.final()
-    body["deltaserve"] = ServedAs(recipe=call.label, path=plan.path, reason=plan.reason or None,
-                                  weights=dict(recipe.terms),
-                                  method=recipe.method, options=recipe.option_dict, route=route).model_dump()
+    body["deltaserve"] = served_as(call, recipe, route)
     return JSONResponse(body, headers=headers)
+
+
+def served_as(call: Call, recipe: Recipe, route: dict | None) -> dict:
+    """The ``deltaserve`` field of a response: the recipe, its serving path and the routing decision."""
+    plan = call.plan
+    return ServedAs(recipe=call.label, path=plan.path, reason=plan.reason or None, weights=dict(recipe.terms),
+                    method=recipe.method, options=recipe.option_dict, route=route).model_dump()
