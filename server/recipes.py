@@ -15,7 +15,11 @@ Accepted `model` strings (``parse_model``):
   ``ties:add+rev`` (methods: experts.merge, aliases as in ``deltaserve merge``)
 * ``<method>(<k>=<v>,...):<expression>`` -> that merge with options, e.g.
   ``ties(density=0.3):add+rev`` or ``dare_ties(density=0.5,seed=3):add+rev``; the
-  options are checked against the method's options model and are part of the key
+  options are checked against the method's options model and are part of the key.
+  Options may be separated by ``;`` as well, and the canonical key uses ``;``
+  (``dare_ties(density=0.5;seed=3):add+rev``): recipe IDs hold no comma, because
+  the Kubernetes inference gateway's endpoint picker splits adapter lists on commas
+* a named recipe (``POST /v1/recipes``; server.service resolves those before this module)
 """
 
 from __future__ import annotations
@@ -56,13 +60,14 @@ class Recipe:
 
     @property
     def key(self) -> str:
-        """Canonical text: ``""`` for the base, else e.g. ``add``, ``0.7*add+0.3*rev``, ``ties(density=0.3):a+b``."""
+        """Canonical text, comma-free: ``""`` for the base, else e.g. ``add``, ``0.7*add+0.3*rev``,
+        ``ties(density=0.3;seed=3):a+b``."""
         if not self.terms:
             return ""
         text = "+".join(n if w == 1.0 else f"{_fmt(w)}*{n}" for n, w in self.terms).replace("+-", "-")
         if self.method == "task_arithmetic" and not self.options:
             return text
-        options = ",".join(f"{k}={_fmt_value(v)}" for k, v in self.options)
+        options = ";".join(f"{k}={_fmt_value(v)}" for k, v in self.options)
         return f"{self.method}({options}):{text}" if options else f"{self.method}:{text}"
 
     @property
@@ -114,7 +119,7 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     except UnknownNameError:
         raise RecipeError(f"unknown merge method {method!r} in `model`; known: {sorted(MERGE_METHODS)}") from None
     given: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in (m["options"] or "").split(","))):
+    for item in filter(None, (p.strip() for p in re.split("[,;]", m["options"] or ""))):
         key, sep, value = (x.strip() for x in item.partition("="))
         if not sep or not key or not value:
             raise RecipeError(f"merge option {item!r} must be written key=value")

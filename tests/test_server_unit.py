@@ -27,9 +27,13 @@ EXPERTS = frozenset({"add", "rev", "code-v2", "m.1"})
     ("base", ""), ("add", "add"), ("0.7*add+0.3*rev", "0.7*add+0.3*rev"), (" 0.3 * rev + 0.7*add ", "0.7*add+0.3*rev"),
     ("add-0.5*rev", "add-0.5*rev"), ("1e-1*add", "0.1*add"), ("ties:add+rev", "ties:add+rev"),
     ("ta:add+code-v2", "add+code-v2"), (".5*m.1", "0.5*m.1"), ("0.33333*add", "0.3333*add"),
+    ("dare_ties(seed=3,density=0.5):add+rev", "dare_ties(density=0.5;seed=3):add+rev"),
+    ("dare_ties(density=0.5; seed=3):add+rev", "dare_ties(density=0.5;seed=3):add+rev"),
 ])
 def test_parse_model_canonical(text, key):
-    assert parse_model(text, base_name="base", experts=EXPERTS).key == key
+    recipe = parse_model(text, base_name="base", experts=EXPERTS)
+    assert recipe.key == key and "," not in recipe.key   # the gateway's endpoint picker splits IDs on commas
+    assert parse_model(key or "base", base_name="base", experts=EXPERTS) == recipe   # the key is itself a `model`
 
 
 @pytest.mark.parametrize("text,words", [
