@@ -3,6 +3,8 @@
 Layout of ``<store>/``::
 
     GENERATION             {"generation": n}; bumped on every publish/delete (replicas poll it)
+    RECIPES                {"support-bot": "0.7*tone+0.3*sql", ...}: named recipes (server.service
+                           resolves them; the store keeps the text and the names apart from experts')
     <name>/                an expert folder (experts.expert) plus, optionally,
     <name>/exemplars.json  ["example prompt", ...] for the routers
     .retired/<name>@<digest>/  a replaced or deleted version, kept RETIRE_GRACE_S so that
@@ -41,6 +43,9 @@ from deltaserve.experts.versions import (RETIRE_GRACE_S, STAGING_PREFIX, collect
                                          retired_paths)
 
 GENERATION_FILE = "GENERATION"
+RECIPES_FILE = "RECIPES"
+MAX_RECIPES = 10_000
+MAX_RECIPE_CHARS = 1_000
 EXEMPLARS_FILE = "exemplars.json"
 LOCK_FILE = ".lock"
 MAX_EXEMPLARS = 10_000
@@ -61,7 +66,11 @@ class ExpertExistsError(StoreError):
 
 class UnknownExpertError(StoreError, KeyError):
     def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownRecipeError(UnknownExpertError):
+    """No named recipe of that name (a 404 like an unknown expert)."""
 
 
 class ExpertStore:
@@ -216,6 +225,8 @@ class ExpertStore:
                 write_json_atomic(stage / EXEMPLARS_FILE, texts, sort_keys=False)
             fsync_tree(stage)
             with self._locked():
+                if name in self.recipes():
+                    raise ExpertExistsError(f"{name!r} is a named recipe's name; delete it or pick another name")
                 self._install(stage, target, name, replace)
                 self._bump()
             return expert.manifest
@@ -241,6 +252,44 @@ class ExpertStore:
             if not (target / MANIFEST_FILE).is_file():
                 raise UnknownExpertError(f"unknown expert {name!r}; known experts: {self.names()}")
             retire(self.root, target, check_name(name))
+            self._bump()
+
+    # ------------------------------------------------------------------ named recipes
+    def recipes(self) -> dict[str, str]:
+        """Named recipes: name -> recipe text (as a request's `model` would write it)."""
+        try:
+            data = json.loads((self.root / RECIPES_FILE).read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as err:
+            raise StoreError(f"{self.root / RECIPES_FILE} is corrupt: {err}") from err
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise StoreError(f"{self.root / RECIPES_FILE} must map names to recipe strings")
+        return data
+
+    def set_recipe(self, name: str, text: str) -> None:
+        """Name recipe ``text`` (checked by the caller) ``name``, replacing an earlier one of that name; a name
+        may not be an expert's."""
+        check_name(name)
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_RECIPE_CHARS:
+            raise StoreError(f"a named recipe is a non-empty string of at most {MAX_RECIPE_CHARS} characters")
+        with self._locked():
+            if (self.root / name / MANIFEST_FILE).is_file():
+                raise ExpertExistsError(f"{name!r} is an expert's name; a named recipe needs a name of its own")
+            recipes = self.recipes()
+            if name not in recipes and len(recipes) >= MAX_RECIPES:
+                raise StoreError(f"at most {MAX_RECIPES} named recipes per store")
+            recipes[name] = text.strip()
+            write_json_atomic(self.root / RECIPES_FILE, recipes)
+            self._bump()
+
+    def delete_recipe(self, name: str) -> None:
+        with self._locked():
+            recipes = self.recipes()
+            if name not in recipes:
+                raise UnknownRecipeError(f"unknown named recipe {name!r}; named recipes: {sorted(recipes)[:20]}")
+            del recipes[name]
+            write_json_atomic(self.root / RECIPES_FILE, recipes)
             self._bump()
 
     def set_exemplars(self, name: str, texts: Sequence[str]) -> None:

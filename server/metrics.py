@@ -6,15 +6,22 @@ one of PATHS, ``tier`` one of TIERS, ``status`` an HTTP status code, ``model``
 what the client asked for only when it names a known model (otherwise
 ``"other"``), ``recipe`` the canonical recipe string of a served request.
 
-This module is the contract for deploy/ (Grafana dashboard, alert rules):
-renaming a metric here means updating deploy/grafana and deploy/prometheus.
+This module is the contract for deploy/ (Grafana dashboard, alert rules) and for
+the Kubernetes inference gateway's endpoint picker (``GatewayCollector``: GIE's
+Model Server Protocol, read through the custom engine mapping in
+helm/deltaserve/files/llm-d-router-values.yaml): renaming a metric here means
+updating those. ``/metrics`` also passes on vLLM's own ``vllm:`` metrics
+(``VllmCollector``), KV-cache usage among them.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PATHS = ("base", "dense", "lora")
@@ -63,6 +70,12 @@ class Metrics:
         self.engine_up = Gauge("deltaserve_engine_up", "1 while the vLLM engine is alive, else 0", registry=r)
         self.engine_restarts = Counter("deltaserve_engine_restarts", "Engine restarts after the engine died",
                                        registry=r)
+        self.arrivals = Counter(
+            "deltaserve_recipe_arrivals", "Requests by whether their recipe was resident when they arrived "
+            "(served without a swap or an adapter build): the affinity hit rate behind a gateway", ["resident"],
+            registry=r)
+        for resident in ("true", "false"):
+            self.arrivals.labels(resident)
         self.registered_experts = Gauge("deltaserve_registered_experts", "Experts in the store", registry=r)
         self.store_generation = Gauge("deltaserve_store_generation", "Store generation counter", registry=r)
         self._routing_metrics(r)
@@ -128,5 +141,58 @@ class Metrics:
         if stats.host_misses:
             self.cache_hits.labels("disk").inc(n_items)
 
+    def watch(self, residency: Callable[[], Any]) -> None:
+        """Expose what the gateway reads, from ``residency()`` (a server.engine.types.Residency) at each scrape,
+        and vLLM's own metrics."""
+        self.registry.register(GatewayCollector(residency))
+        self.registry.register(VllmCollector())
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+#: The recipes-info gauge: ``vllm:lora_requests_info``'s shape, with recipe IDs for adapter names.
+RECIPES_INFO = "deltaserve_recipe_requests_info"
+WAITING = "deltaserve_num_requests_waiting"
+RUNNING = "deltaserve_num_requests_running"
+
+
+class GatewayCollector:
+    """The Model Server Protocol's metrics, computed at each scrape (exactly one series each).
+
+    * ``deltaserve_recipe_requests_info`` (gauge, value: the time of this snapshot, as vLLM's
+      ``vllm:lora_requests_info``): ``running_lora_adapters`` the resident recipe IDs, comma-separated,
+      ``waiting_lora_adapters`` the recipes requests wait for, ``max_lora`` how many can be resident;
+    * ``deltaserve_num_requests_waiting`` / ``deltaserve_num_requests_running``: requests held in
+      deltaserve's scheduler (for a swap or an adapter) / admitted to the engine.
+    """
+
+    def __init__(self, residency: Callable[[], Any]) -> None:
+        self.residency = residency
+
+    def describe(self) -> list[Metric]:
+        return []   # nothing to check at registration: the names are fixed and the values come per scrape
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.residency()
+        info = GaugeMetricFamily(RECIPES_INFO, "Recipes resident and waiting (the shape of vllm:lora_requests_info, "
+                                 "recipe IDs for adapter names)",
+                                 labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+        info.add_metric([str(r.slots), ",".join(r.waiting), ",".join(r.running)], time.time())
+        yield info
+        yield GaugeMetricFamily(WAITING, "Requests held in deltaserve's scheduler (for a weight swap or an adapter)",
+                                value=r.waiting_requests)
+        yield GaugeMetricFamily(RUNNING, "Requests admitted to the engine", value=r.running_requests)
+
+
+class VllmCollector:
+    """vLLM's own metrics (``vllm:*``, e.g. ``vllm:kv_cache_usage_perc``, ``vllm:cache_config_info``), which
+    vLLM's stat logger registers in prometheus_client's default registry."""
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family

@@ -3,6 +3,8 @@ operations on them that are not about building a response (server.serving does t
 
 * ``resolve``: a request's ``model`` -> the recipe to serve (and the routing decision);
 * ``expert_card`` / ``register`` / ``delete``: the expert admin operations;
+* ``named`` / ``recipe_card`` / ``name_recipe`` / ``delete_recipe``: named recipes (the store's RECIPES);
+* ``residency``: the resident recipes' IDs, named recipes included, for the gateway's metrics;
 * ``sync`` / ``refresh_routing``: keep the engine's and the router's experts in step with the store.
 """
 
@@ -16,13 +18,13 @@ from typing import Any
 
 from deltaserve.experts.sources import Compression
 
-from deltaserve.experts.store import ExpertStore, UnknownExpertError
+from deltaserve.experts.store import ExpertExistsError, ExpertStore, UnknownExpertError, UnknownRecipeError
 from deltaserve.router.text import ChatMarkup
 from deltaserve.server.engine.core import Engine
-from deltaserve.server.engine.types import EngineProtocol
+from deltaserve.server.engine.types import EngineProtocol, Residency
 from deltaserve.server.exceptions import Forbidden, InvalidRequest, RoutingUnavailable, Unavailable
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.protocol.admin import ExpertCard, ExpertRegistration
+from deltaserve.server.protocol.admin import ExpertCard, ExpertRegistration, RecipeCard, RecipeRegistration
 from deltaserve.server.recipes import Recipe, RecipeError, parse_model
 from deltaserve.server.settings import ServerSettings
 from deltaserve.server.tools import ToolCalling
@@ -46,9 +48,13 @@ class Service:
         self.base_name = settings.engine.served_name
         self.markup = ChatMarkup()    # the served model's chat markup, set once the tokenizer is loaded
         self.tools = ToolCalling(settings.tools, None)   # with the tokenizer once it is loaded
+        self.named: dict[str, str] = {}   # named recipes: name -> recipe text (the store's RECIPES)
+        self._names_of: dict[str, list[str]] = {}   # recipe key -> the named recipes that serve it
+        self.metrics.watch(self.residency)
 
     async def start(self) -> None:
         await self.engine.start()
+        await self._load_named()
         self.markup = ChatMarkup.from_tokenizer(self.engine.tokenizer)
         self.tools = ToolCalling(self.settings.tools, self.engine.tokenizer, self.base_name)
         if self.routing is None and self.settings.router.name != "none":
@@ -76,7 +82,15 @@ class Service:
                     raise RoutingUnavailable(f"the router chose {recipe.key!r}, which is no longer servable")
                 return recipe, decision.to_json()
             return self._auto_default(experts), {"router": None, "fallback": "no_router"}
+        if model in self.named and model not in experts:
+            return self._named_recipe(model, experts), None
         return parse_model(model, base_name=self.base_name, experts=experts), None
+
+    def _named_recipe(self, name: str, experts: frozenset[str]) -> Recipe:
+        try:
+            return parse_model(self.named[name], base_name=self.base_name, experts=experts)
+        except RecipeError as err:
+            raise Unavailable(f"the named recipe {name!r} = {self.named[name]!r} is not servable now: {err}") from None
 
     def _route_batcher(self) -> Any:
         if self._batcher is None or self._batcher.service is not self.routing:
@@ -105,7 +119,60 @@ class Service:
             m.route_decisions.labels(decision.router, name).inc()
 
     def model_label(self, model: str) -> str:
-        return model if model in (AUTO, self.base_name) or model in self.engine.experts else "expression"
+        known = model in (AUTO, self.base_name) or model in self.engine.experts or model in self.named
+        return model if known else "expression"
+
+    # ------------------------------------------------------------------ named recipes
+    def recipe_card(self, name: str) -> RecipeCard:
+        text = self.named.get(name)
+        if text is None:
+            raise UnknownRecipeError(f"unknown named recipe {name!r}; named recipes: {sorted(self.named)[:20]}")
+        try:
+            recipe = self._named_recipe(name, frozenset(self.engine.experts))
+        except Unavailable as err:
+            return RecipeCard(id=name, recipe=text, key=None, unavailable=str(err))
+        return RecipeCard(id=name, recipe=text, key=recipe.label(self.base_name), path=self.engine.plan(recipe).path,
+                          weights=dict(recipe.terms), method=recipe.method)
+
+    async def name_recipe(self, body: RecipeRegistration) -> RecipeCard:
+        if body.name in (self.base_name, AUTO):
+            raise InvalidRequest(f"{body.name!r} is reserved", "name")
+        if body.name in self.engine.experts:
+            raise ExpertExistsError(f"{body.name!r} is an expert's name; a named recipe needs a name of its own")
+        if body.recipe.strip() in self.named:
+            raise InvalidRequest("a named recipe names experts, not another named recipe", "recipe")
+        try:
+            parse_model(body.recipe, base_name=self.base_name, experts=frozenset(self.engine.experts))
+        except RecipeError as err:
+            raise InvalidRequest(str(err), "recipe") from None
+        await asyncio.to_thread(self.store.set_recipe, body.name, body.recipe)
+        await self.sync(force=True)
+        return self.recipe_card(body.name)
+
+    async def delete_recipe(self, name: str) -> None:
+        await asyncio.to_thread(self.store.delete_recipe, name)
+        await self.sync(force=True)
+
+    def residency(self) -> Residency:
+        """The engine's residency with each resident recipe also listed under its names (a gateway matches the
+        request's `model` against these IDs)."""
+        r = self.engine.residency()
+
+        def ids(keys: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(dict.fromkeys(i for k in keys for i in (k, *self._names_of.get(k, ()))))
+        return Residency(ids(r.running), ids(r.waiting), r.slots, r.waiting_requests, r.running_requests)
+
+    async def _load_named(self) -> None:
+        """The store's named recipes, and which names each servable recipe key has."""
+        self.named = await asyncio.to_thread(self.store.recipes)
+        experts = frozenset(self.engine.experts)
+        names_of: dict[str, list[str]] = {}
+        for name in sorted(self.named):
+            try:
+                names_of.setdefault(self._named_recipe(name, experts).key, []).append(name)
+            except Unavailable:
+                continue
+        self._names_of = names_of
 
     # ------------------------------------------------------------------ experts
     def expert_card(self, name: str) -> ExpertCard:
@@ -191,6 +258,7 @@ class Service:
         router's; returns whether anything changed."""
         changed = await self.engine.refresh(force=force)
         if changed:
+            await self._load_named()
             await self.refresh_routing()
         return changed
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from deltaserve.server.engine.adaptive import AdaptiveSettings, MergePolicy
 from deltaserve.server.engine.planner import plan_recipe
-from deltaserve.server.engine.types import ExpertInfo, Plan
+from deltaserve.server.engine.types import ExpertInfo, Plan, Residency
 from deltaserve.server.exceptions import EngineUnavailable
 from deltaserve.server.recipes import Recipe
 
@@ -78,6 +78,9 @@ class FakeEngine:
 
     def plan(self, recipe: Recipe, *, arriving: bool = False) -> Plan:
         return plan_recipe(recipe, self.experts, self.config)   # the real planning rules
+
+    def residency(self) -> Residency:
+        return Residency()   # nothing is ever resident here: the metrics contract is tested on the real engine
 
 
     async def generate(self, prompt_ids: list[int], params: Any, plan: Plan, request_id: str,

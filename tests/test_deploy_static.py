@@ -311,6 +311,8 @@ def test_dashboard_has_the_required_panels(dashboard):
         "Registered experts": "deltaserve_registered_experts",
         "Store generation": "deltaserve_store_generation",
         "Tokens / s": "deltaserve_generated_tokens_total",
+        "Affinity hit rate": 'deltaserve_recipe_arrivals_total{instance=~"$instance",resident="true"}',
+        "Swaps per request": "deltaserve_weight_swaps_total",
     }
     for title, needle in required.items():
         assert title in panels, f"missing panel {title!r}"

@@ -451,3 +451,56 @@ def test_a_router_that_times_out_is_a_503_not_a_500(micro_zoo, store_dir, tokeni
     with TestClient(create_app(settings, engine=engine, routing=SlowRouting()), raise_server_exceptions=False) as c:
         r = c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
     _error(r, 503, "routing timed out")
+
+
+def test_named_recipes_are_models_with_their_own_4xx(server):
+    """POST /v1/recipes names a recipe: a `model` like any other, listed in /v1/models with parent = the base;
+    names never shadow experts, the base or `auto`; a recipe whose expert goes away is a 503 saying so."""
+    c, engine = server
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    _error(c.post("/v1/recipes", json={"name": "bot", "recipe": "0.7*upper+0.3*vowels-lora"}), 403, "may not")
+    r = c.post("/v1/recipes", json={"name": "bot", "recipe": "dare_ties(density=0.5,seed=3):upper+vowels-lora"},
+               headers=admin)
+    assert r.status_code == 201, r.text
+    card = r.json()
+    assert card["key"] == "dare_ties(density=0.5;seed=3):upper+vowels-lora" and card["path"] == "dense"
+    try:
+        r = c.post("/v1/chat/completions", json={"model": "bot", **CHAT})
+        assert r.status_code == 200 and r.json()["deltaserve"]["recipe"] == card["key"], r.text
+        assert engine.calls[-1]["plan"].recipe.key == card["key"]
+        models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+        assert models["bot"]["parent"] == models["bot"]["root"] == engine.config.served_name
+        assert models["bot"]["deltaserve"]["kind"] == "named_recipe"
+        assert [x["id"] for x in c.get("/v1/recipes").json()["data"]] == ["bot"]
+        _error(c.post("/v1/recipes", json={"name": "upper", "recipe": "vowels-lora"}, headers=admin), 409, "expert")
+        _error(c.post("/v1/recipes", json={"name": "auto", "recipe": "upper"}, headers=admin), 400, "reserved", "name")
+        _error(c.post("/v1/recipes", json={"name": "b2", "recipe": "bot"}, headers=admin), 400, "named recipe",
+               "recipe")
+        _error(c.post("/v1/recipes", json={"name": "b2", "recipe": "nope+upper"}, headers=admin), 400, "unknown",
+               "recipe")
+        _error(c.post("/v1/recipes", json={"name": "Bad Name", "recipe": "upper"}, headers=admin), 400, "must match")
+        _error(c.get("/v1/recipes/none"), 404, "unknown named recipe")
+        engine.store.set_recipe("gone", "0.5*no-such")   # written by hand: its expert is not in the store
+        c.post("/v1/recipes", json={"name": "b3", "recipe": "upper"}, headers=admin)   # any change syncs the service
+        _error(c.post("/v1/chat/completions", json={"model": "gone", **CHAT}), 503, "not servable now")
+        assert c.get("/v1/recipes/gone").json()["unavailable"]
+    finally:
+        for name in ("bot", "gone", "b3"):
+            c.delete(f"/v1/recipes/{name}", headers=admin)
+    _error(c.delete("/v1/recipes/bot", headers=admin), 404, "unknown named recipe")
+    _error(c.post("/v1/chat/completions", json={"model": "bot", **CHAT}), 404, "unknown expert")
+
+
+def test_metrics_need_no_key_unless_asked(micro_zoo, store_dir, tokenizer):
+    """/metrics is open with inference keys configured (the gateway's scraper has none); --ops-need-key closes it.
+    Either way it carries the gateway's metrics (their values are tested through the real engine, test_gateway)."""
+    for ops_need_key, anonymous in ((False, 200), (True, 401)):
+        settings = ServerSettings(store_dir=store_dir, engine=EngineConfig(base_dir=micro_zoo.layout.base),
+                                  api_keys=[API], admin_keys=[ADMIN], ops_need_key=ops_need_key)
+        engine = FakeEngine(settings.engine, ExpertStore(store_dir, micro_zoo.layout.base), tokenizer)
+        with TestClient(create_app(settings, engine=engine), raise_server_exceptions=False) as c:
+            assert c.get("/v1/models").status_code == 401
+            assert c.get("/metrics").status_code == anonymous
+            keyed = c.get("/metrics", headers={"authorization": f"Bearer {API}"})
+            assert "deltaserve_recipe_requests_info{" in keyed.text
+            assert "deltaserve_num_requests_waiting 0.0" in keyed.text

@@ -202,6 +202,11 @@ class AdapterCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in [*self._items.values(), *self._retired.values()])
 
+    def keys(self) -> list[str]:
+        """The cached adapters' keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
     @property
     def pinned(self) -> int:
         return len(self._pins)

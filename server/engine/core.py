@@ -28,7 +28,7 @@ from deltaserve.server.engine.planner import LoraSupport, lora_servable, plan_re
 from deltaserve.server.engine.platform import lora_unavailable, parallel_args
 from deltaserve.server.engine.scheduler import WeightScheduler
 from deltaserve.server.engine.swap import WeightSwap
-from deltaserve.server.engine.types import ExpertInfo, Plan, WeightState
+from deltaserve.server.engine.types import ExpertInfo, Plan, Residency, WeightState
 from deltaserve.server.exceptions import EngineUnavailable, ExpertUnavailable, from_vllm
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.recipes import Recipe
@@ -70,6 +70,7 @@ class Engine:
         self.scheduler = WeightScheduler(self._apply, max_wait_s=config.max_wait_ms / 1000.0,
                                          initial_state=WeightState())
         self._refresh_lock = asyncio.Lock()
+        self.dense_recipe = ""   # the key of the dense recipe the weights hold ("" for the base weights)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -116,6 +117,7 @@ class Engine:
                     log.warning("shutting down the dead engine failed", exc_info=True)
             self.scheduler.reset(EngineUnavailable("the engine restarted; retry"), WeightState())
             self.swap.weights = ""
+            self.dense_recipe = ""
             self.generation = -1
             await self.start()
             self.restarts += 1
@@ -232,6 +234,7 @@ class Engine:
         state = plan.state
         if params.prompt_logprobs is not None:
             state = WeightState(plan.state.weights, exclusive=f"prompt-logprobs:{request_id}")
+        self.metrics.arrivals.labels("true" if self._resident(plan) else "false").inc()
         depth = self.metrics.queue_depth.labels(plan.path)
         depth.inc()
         adapter = None
@@ -276,4 +279,27 @@ class Engine:
 
     async def _apply(self, state: WeightState, plan: Plan | None) -> None:
         """Scheduler callback: make the weights match ``state`` (server.engine.swap)."""
+        self.dense_recipe = ""   # unknown until the swap succeeds
         await self.swap.apply(self.llm, lambda: self.alive, state, plan)
+        self.dense_recipe = plan.recipe.key if state.weights and plan is not None else ""
+
+    def _resident(self, plan: Plan) -> bool:
+        """Whether ``plan`` is served now without a swap or an adapter build."""
+        if plan.path == "dense":
+            return self.dense_recipe == plan.recipe.key
+        return not self.dense_recipe and (plan.path == "base" or plan.recipe.key in self.lora.resident())
+
+    def residency(self) -> Residency:
+        """The recipes resident and wanted now, and the requests held and admitted (for the gateway's metrics).
+
+        While a dense recipe holds the weights it is the only recipe servable without a swap (LoRA and base
+        requests wait for the base weights back): it is the one running, in one slot. On the base weights the
+        merged adapters in the cache are running, in as many slots as the cache holds."""
+        if self.dense_recipe:
+            running, slots = [self.dense_recipe], 1
+        else:
+            running, slots = self.lora.resident(), self.lora.cache.capacity
+        wanted = [p.recipe.key for p in self.scheduler.waiting_payloads() if isinstance(p, Plan)]
+        waiting = dict.fromkeys(k for k in [*wanted, *self.lora.building] if k and k not in running)
+        held = len(self.scheduler.waiting_payloads()) + sum(self.lora.building.values())
+        return Residency(tuple(dict.fromkeys(running)), tuple(waiting), slots, held, self.scheduler.inflight)

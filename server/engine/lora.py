@@ -38,6 +38,11 @@ class LoraAdapters:
         self.cache, self.metrics, self.load = cache, metrics, load
         self.base_shapes, self.base_dir = base_shapes, base_dir
         self.names: frozenset[str] | None = None   # what vLLM's LoRA adapts on this model (server.worker.layout)
+        self.building: dict[str, int] = {}   # recipe key -> requests waiting for its adapter to be built
+
+    def resident(self) -> list[str]:
+        """The recipe keys whose merged adapters are in the cache (scoring proxies left out)."""
+        return [k.split("|", 1)[0] for k in self.cache.keys() if not k.startswith("proxy|")]
 
     async def acquire(self, plan: Plan, llm: Any) -> tuple[Any, MergedAdapter]:
         """The vLLM ``LoRARequest`` of a LoRA-path plan and its adapter, pinned until ``release``."""
@@ -45,8 +50,10 @@ class LoraAdapters:
         adapter = self.cache.acquire(key)
         if adapter is None:
             self.metrics.cache_misses.labels("device").inc()
-            experts = [self.load(i) for i in plan.experts]
+            recipe = plan.recipe.key
+            self.building[recipe] = self.building.get(recipe, 0) + 1
             try:
+                experts = [self.load(i) for i in plan.experts]
                 built = await asyncio.to_thread(
                     self.cache.build, key, experts, list(plan.recipe.weights), self.base_shapes, str(self.base_dir),
                     self.names)
@@ -54,6 +61,10 @@ class LoraAdapters:
                 log.error("building the adapter of %r failed", plan.recipe.key, exc_info=err)
                 raise ExpertUnavailable(f"recipe {plan.recipe.key!r} cannot be served: one of its experts failed "
                                         "its checks (see the server log)") from None
+            finally:
+                left = self.building.pop(recipe) - 1
+                if left:
+                    self.building[recipe] = left
             adapter, evicted = built   # unpacked here: mypy does not narrow `adapter` when unpacking an await
             self.metrics.adapter_builds.inc()
             self.metrics.cache_evictions.labels("device").inc(len(evicted))

@@ -80,6 +80,10 @@ class WeightScheduler(Generic[S]):
             counts[w.state] = counts.get(w.state, 0) + 1
         return counts
 
+    def waiting_payloads(self) -> list[Any]:
+        """The payloads of the waiting requests, oldest first."""
+        return [w.payload for w in self._waiting]
+
     # ------------------------------------------------------------------ internals
     def _draining(self, now: float) -> bool:
         return any(w.state != self.active and now - w.since >= self.max_wait_s for w in self._waiting)

@@ -78,6 +78,25 @@ class Plan:
                             options=self.recipe.option_dict)
 
 
+@dataclass(frozen=True)
+class Residency:
+    """Which recipes an engine holds now, in recipe keys (server.recipes.Recipe.key; never the base's ``""``).
+
+    ``running``: servable now without a swap or an adapter build — the dense recipe the weights hold, or, on
+    the base weights, the merged adapters in the cache; ``waiting``: wanted by requests held for a swap or an
+    adapter build; ``slots``: how many recipes can be resident at once in the current state (1 while a dense
+    recipe holds the weights: any other recipe needs a swap; the adapter cache's capacity on the base
+    weights); ``waiting_requests`` / ``running_requests``: requests held in deltaserve's scheduler / admitted
+    to vLLM.
+    """
+
+    running: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()
+    slots: int = 1
+    waiting_requests: int = 0
+    running_requests: int = 0
+
+
 class EngineProtocol(Protocol):
     """What the HTTP layer needs from an engine (server.engine.core.Engine, or a fake in tests)."""
 
@@ -94,6 +113,7 @@ class EngineProtocol(Protocol):
     async def check_health(self) -> None: ...
     async def refresh(self, force: bool = False) -> bool: ...
     def plan(self, recipe: Recipe, *, arriving: bool = False) -> Plan: ...
+    def residency(self) -> Residency: ...
     def generate(self, prompt_ids: list[int], params: Any, plan: Plan, request_id: str,
                  stream: bool = False) -> AsyncIterator[Any]:
         """vLLM ``RequestOutput``s for ``prompt_ids`` with vLLM ``SamplingParams`` ``params``."""

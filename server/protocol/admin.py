@@ -103,6 +103,39 @@ class DeletedExpert(BaseModel):
     deleted: bool = True
 
 
+class RecipeRegistration(Body):
+    """POST /v1/recipes body: a name for a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=64, description="the name clients send as `model` (not an expert's name)")
+    recipe: str = Field(min_length=1, max_length=1000,
+                        description="what it serves, as `model` would write it: 'tone', '0.7*tone+0.3*sql', "
+                                    "'ties(density=0.3):tone+sql'")
+
+
+class RecipeCard(BaseModel):
+    id: str
+    object: Literal["recipe"] = "recipe"
+    recipe: str = Field(description="the recipe as registered")
+    key: str | None = Field(description="its canonical, comma-free ID (what /metrics lists); null while it is "
+                                        "not servable")
+    path: PathName | None = None
+    weights: dict[str, float] = Field(default_factory=dict)
+    method: str | None = None
+    unavailable: str | None = Field(None, description="why it cannot be served now (an expert it names is gone)")
+
+
+class RecipeList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RecipeCard]
+
+
+class DeletedRecipe(BaseModel):
+    id: str
+    object: Literal["recipe"] = "recipe"
+    deleted: bool = True
+
+
 class RouteResponse(BaseModel):
     model: str
     recipe: str

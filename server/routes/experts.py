@@ -1,4 +1,4 @@
-"""Expert admin: list, inspect, register, delete; and the routing dry run."""
+"""Expert admin: list, inspect, register, delete; named recipes; and the routing dry run."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from fastapi import APIRouter
 
 from deltaserve.router.text import route_text
 from deltaserve.server.exceptions import ExpertUnavailable, InvalidRequest
-from deltaserve.server.protocol.admin import (DeletedExpert, ExpertCard, ExpertList, ExpertRegistration, RouteRequest,
-                                              RouteResponse)
+from deltaserve.server.protocol.admin import (DeletedExpert, DeletedRecipe, ExpertCard, ExpertList, ExpertRegistration,
+                                              RecipeCard, RecipeList, RecipeRegistration, RouteRequest, RouteResponse)
 from deltaserve.server.protocol.common import ErrorResponse
 from deltaserve.server.routes import ADMIN, INFERENCE, SERVICE
 from deltaserve.server.service import Service
@@ -43,6 +43,31 @@ async def register(body: ExpertRegistration, service: Service = SERVICE) -> Expe
 async def delete(name: str, service: Service = SERVICE) -> DeletedExpert:
     await service.delete(name)
     return DeletedExpert(id=name)
+
+
+@router.get("/v1/recipes", response_model=RecipeList, dependencies=[INFERENCE])
+async def list_recipes(service: Service = SERVICE) -> RecipeList:
+    await service.sync()
+    return RecipeList(data=[service.recipe_card(n) for n in sorted(service.named)])
+
+
+@router.get("/v1/recipes/{name}", response_model=RecipeCard, dependencies=[INFERENCE])
+async def get_recipe(name: str, service: Service = SERVICE) -> RecipeCard:
+    await service.sync()
+    return service.recipe_card(name)
+
+
+@router.post("/v1/recipes", response_model=RecipeCard, status_code=201, dependencies=[ADMIN])
+async def name_recipe(body: RecipeRegistration, service: Service = SERVICE) -> RecipeCard:
+    """Name a recipe: clients then send the name as `model`; `/v1/models` lists it and `/metrics` reports it
+    resident under that name too (a gateway routes on it)."""
+    return await service.name_recipe(body)
+
+
+@router.delete("/v1/recipes/{name}", response_model=DeletedRecipe, dependencies=[ADMIN])
+async def delete_recipe(name: str, service: Service = SERVICE) -> DeletedRecipe:
+    await service.delete_recipe(name)
+    return DeletedRecipe(id=name)
 
 
 @router.post("/v1/route", response_model=RouteResponse, dependencies=[INFERENCE])

@@ -31,6 +31,10 @@ def _cards(service: Service, created: int) -> dict[str, ModelCard]:
     for name in sorted(service.engine.experts):
         rows[name] = ModelCard(id=name, created=created, root=base, parent=base, max_model_len=limit,
                                deltaserve=service.expert_card(name).model_dump())
+    for name in sorted(service.named):
+        if name not in rows:
+            rows[name] = ModelCard(id=name, created=created, root=base, parent=base, max_model_len=limit,
+                                   deltaserve={"kind": "named_recipe", **service.recipe_card(name).model_dump()})
     return rows
 
 
