@@ -76,10 +76,10 @@ def server_container(docs: list[dict]) -> dict:
     return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
 
 
-def strict_crd_schema(crd_file: Path) -> dict:
+def strict_crd_schema(crd_file: Path, version_name: str = "v1") -> dict:
     """A CRD's openAPIV3Schema where objects reject unknown fields (as `kubectl --validate=strict`)."""
     crd = yaml.safe_load(crd_file.read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == version_name)
     schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
 
     def close(node):
@@ -98,15 +98,20 @@ def strict_crd_schema(crd_file: Path) -> dict:
     return schema
 
 
-CRD_SCHEMAS = {
-    "ServiceMonitor": SCHEMAS / "monitoring.coreos.com_servicemonitors.yaml",
-    "PrometheusRule": SCHEMAS / "monitoring.coreos.com_prometheusrules.yaml",
+CRD_SCHEMAS = {   # apiVersion -> kind -> the vendored CRD (deploy/schemas/README.md says where each comes from)
+    OPERATOR_API: {"ServiceMonitor": SCHEMAS / "monitoring.coreos.com_servicemonitors.yaml",
+                   "PrometheusRule": SCHEMAS / "monitoring.coreos.com_prometheusrules.yaml"},
+    "inference.networking.k8s.io/v1": {"InferencePool": SCHEMAS / "inference.networking.k8s.io_inferencepools.yaml"},
+    "llm-d.ai/v1alpha2": {"InferenceObjective": SCHEMAS / "llm-d.ai_inferenceobjectives.yaml",
+                          "InferenceModelRewrite": SCHEMAS / "llm-d.ai_inferencemodelrewrites.yaml"},
 }
 
 
 def validate(doc: dict) -> None:
-    if doc["apiVersion"] == OPERATOR_API:
-        jsonschema.Draft7Validator(strict_crd_schema(CRD_SCHEMAS[doc["kind"]])).validate(doc)
+    if doc["apiVersion"] in CRD_SCHEMAS:
+        crd = CRD_SCHEMAS[doc["apiVersion"]][doc["kind"]]
+        schema = strict_crd_schema(crd, doc["apiVersion"].rsplit("/", 1)[1])
+        jsonschema.Draft7Validator(schema).validate(doc)
         name = doc["metadata"]["name"]
         assert name and len(name) <= 253 and name == name.lower()
     else:
