@@ -240,7 +240,7 @@ class Call:
 
     def _finish(self) -> None:
         m = self.service.metrics
-        m.requests.labels(self.model_label, self.label, self.status).inc()
+        m.count_request(self.model_label, self.label, self.status)
         m.latency.labels(self.plan.path).observe(time.perf_counter() - self.started)
         m.ttft.labels(self.plan.path).observe(self.ttft or (time.perf_counter() - self.started))
 

@@ -3,8 +3,12 @@
 One ``Metrics`` object per server owns its own ``CollectorRegistry`` (so tests
 can run several servers in one process). Label values are bounded: ``path`` is
 one of PATHS, ``tier`` one of TIERS, ``status`` an HTTP status code, ``model``
-what the client asked for only when it names a known model (otherwise
-``"other"``), ``recipe`` the canonical recipe string of a served request.
+what the client asked for when it names a known model (otherwise
+``"expression"`` or ``"other"``), ``recipe`` the canonical recipe string of a
+served request, ``expert`` a routed expert; the first ``label_values`` distinct
+models, recipes and experts get their own series and later ones count as
+``"other"`` (``LabelBudget``), so a store of 10,000 experts or a stream of
+ad-hoc expressions cannot grow Prometheus' series without bound.
 
 This module is the contract for deploy/ (Grafana dashboard, alert rules) and for
 the Kubernetes inference gateway's endpoint picker (``GatewayCollector``: GIE's
@@ -36,8 +40,28 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 SWAP_PHASES = ("drain", "rpc", "decode", "merge", "load", "retie", "prefix_reset", "resume")
 
 
+OTHER = "other"
+
+
+class LabelBudget:
+    """The first ``limit`` distinct values of a label keep their own series; later ones map to ``"other"``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.kept:
+            return value
+        if len(self.kept) >= self.limit:
+            return OTHER
+        self.kept.add(value)
+        return value
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, label_values: int = 100) -> None:
+        self.models, self.recipes, self.experts = (LabelBudget(label_values) for _ in range(3))
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "deltaserve_requests", "Inference requests by requested model, served recipe and HTTP status",
@@ -126,6 +150,12 @@ class Metrics:
             "Measured LoRA-path overhead per output token (the adaptive policy's benefit input)", registry=r)
         for to in ("merged", "lora"):
             self.adaptive_switches.labels(to)
+
+    def count_request(self, model: str, recipe: str, status: str) -> None:
+        self.requests.labels(self.models(model), self.recipes(recipe), status).inc()
+
+    def count_route(self, router: str, expert: str) -> None:
+        self.route_decisions.labels(router, expert if expert == "fallback" else self.experts(expert)).inc()
 
     def record_swap(self, stats: Any, seconds: float, n_items: int, phases: dict[str, float]) -> None:
         """One dense-path swap: its ``server.engine.contracts.SwapStats``, wall seconds, experts merged, and phases."""

@@ -39,7 +39,7 @@ class Service:
     def __init__(self, settings: ServerSettings, *, engine: EngineProtocol | None = None,
                  routing: Any = None) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.metrics_label_values)
         self.store = ExpertStore(settings.store_dir, settings.engine.base_dir)
         self.engine: EngineProtocol = engine if engine is not None else Engine(settings.engine, self.store,
                                                                                self.metrics)
@@ -114,9 +114,9 @@ class Service:
         m.route_confidence.labels(decision.router).observe(decision.confidence)
         if decision.fallback:
             m.route_fallbacks.labels(decision.router, decision.fallback).inc()
-            m.route_decisions.labels(decision.router, "fallback").inc()
+            m.count_route(decision.router, "fallback")
         for name in decision.recipe:
-            m.route_decisions.labels(decision.router, name).inc()
+            m.count_route(decision.router, name)
 
     def model_label(self, model: str) -> str:
         known = model in (AUTO, self.base_name) or model in self.engine.experts or model in self.named

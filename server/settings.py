@@ -183,6 +183,9 @@ class ServerSettings(BaseModel):
     router: RouterSettings = Field(default_factory=RouterSettings, json_schema_extra=cli(kind="flatten"))
     tools: ToolSettings = Field(default_factory=ToolSettings, json_schema_extra=cli(kind="flatten"))
     max_request_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get a 413")
+    metrics_label_values: int = Field(
+        100, ge=0, description="distinct models, recipes and experts that get their own series in /metrics; later "
+                               "ones are counted as 'other' (Prometheus' series stay bounded with 10,000 experts)")
     ops_need_key: bool = Field(False, description="require an inference key for /metrics, /docs and /openapi.json "
                                                   "too (default: open, so Prometheus and people can read them; "
                                                   "/health is always open)", json_schema_extra=cli(kind="switch"))

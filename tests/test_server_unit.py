@@ -498,3 +498,25 @@ def test_hermes_output_becomes_tool_calls_as_vllm_reads_it(zoo_tokenizer):
     assert calls[0]["function"]["name"] == "f"
     assert json.loads("".join(c["function"].get("arguments", "") for c in calls)) == {"x": 3}
     assert out.stream_finish(0, "stop") == "stop"    # named: stop, as vLLM
+
+
+# ---------------------------------------------------------------------------- metrics cardinality
+
+def test_10000_recipes_models_and_experts_make_a_bounded_number_of_series():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deltaserve.server.metrics import Metrics
+
+    metrics = Metrics(label_values=100)
+    for i in range(10_000):
+        metrics.count_request(f"expert-{i}", f"0.5*expert-{i}+0.5*expert-{i + 1}", "200")
+        metrics.count_route("knn", f"expert-{i}")
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    requests = [s for s in families["deltaserve_requests"].samples if s.name.endswith("_total")]
+    assert len(requests) == 101 and sum(s.value for s in requests) == 10_000   # nothing is lost, only pooled
+    assert sum(s.labels["recipe"] == "other" for s in requests) == 1
+    decisions = [s for s in families["deltaserve_route_decisions"].samples if s.name.endswith("_total")]
+    assert len(decisions) == 101 and {s.labels["expert"] for s in decisions} >= {"expert-0", "other"}
+    off = Metrics(label_values=0)
+    off.count_request("m", "r", "200")
+    assert 'deltaserve_requests_total{model="other",recipe="other",status="200"} 1.0' in off.render().decode()
