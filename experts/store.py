@@ -3,8 +3,7 @@
 Layout of ``<store>/``::
 
     GENERATION             {"generation": n}; bumped on every publish/delete (replicas poll it)
-    RECIPES                {"support-bot": "0.7*tone+0.3*sql", ...}: named recipes (server.service
-                           resolves them; the store keeps the text and the names apart from experts')
+    RECIPES                {"support-bot": "0.7*tone+0.3*sql", ...}: named recipes (experts.named_recipes)
     <name>/                an expert folder (experts.expert) plus, optionally,
     <name>/exemplars.json  ["example prompt", ...] for the routers
     .retired/<name>@<digest>/  a replaced or deleted version, kept RETIRE_GRACE_S so that
@@ -27,7 +26,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -36,16 +34,15 @@ from typing import Any
 
 from deltaserve.experts.atomic import exchange, fsync_tree, write_json_atomic
 from deltaserve.experts.expert import Expert, load_expert, load_pinned
-from deltaserve.experts.manifest import MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE, ExpertManifest
+from deltaserve.experts.manifest import MANIFEST_FILE, TENSORS_FILE, ExpertManifest
+from deltaserve.experts.named_recipes import NamedRecipes
+from deltaserve.experts.store_errors import ExpertExistsError, StoreError, UnknownExpertError, check_name
 from deltaserve.experts.sources import Compression, score_stage, source_writer
 from deltaserve.experts.taskvector import _shapes, base_fingerprint
 from deltaserve.experts.versions import (RETIRE_GRACE_S, STAGING_PREFIX, collect_garbage, manifest_digest, retire,
                                          retired_paths)
 
 GENERATION_FILE = "GENERATION"
-RECIPES_FILE = "RECIPES"
-MAX_RECIPES = 10_000
-MAX_RECIPE_CHARS = 1_000
 EXEMPLARS_FILE = "exemplars.json"
 LOCK_FILE = ".lock"
 MAX_EXEMPLARS = 10_000
@@ -56,24 +53,7 @@ class _Moved(Exception):
     """The folder a reader opened no longer held the version it looked for (replaced in between)."""
 
 
-class StoreError(ValueError):
-    """A store operation was refused; the message says why (safe to show to API clients)."""
-
-
-class ExpertExistsError(StoreError):
-    pass
-
-
-class UnknownExpertError(StoreError, KeyError):
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
-
-
-class UnknownRecipeError(UnknownExpertError):
-    """No named recipe of that name (a 404 like an unknown expert)."""
-
-
-class ExpertStore:
+class ExpertStore(NamedRecipes):
     def __init__(self, root: Path, base_dir: Path) -> None:
         self.root = Path(root)
         self.base_dir = Path(base_dir)
@@ -254,44 +234,6 @@ class ExpertStore:
             retire(self.root, target, check_name(name))
             self._bump()
 
-    # ------------------------------------------------------------------ named recipes
-    def recipes(self) -> dict[str, str]:
-        """Named recipes: name -> recipe text (as a request's `model` would write it)."""
-        try:
-            data = json.loads((self.root / RECIPES_FILE).read_text())
-        except FileNotFoundError:
-            return {}
-        except ValueError as err:
-            raise StoreError(f"{self.root / RECIPES_FILE} is corrupt: {err}") from err
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise StoreError(f"{self.root / RECIPES_FILE} must map names to recipe strings")
-        return data
-
-    def set_recipe(self, name: str, text: str) -> None:
-        """Name recipe ``text`` (checked by the caller) ``name``, replacing an earlier one of that name; a name
-        may not be an expert's."""
-        check_name(name)
-        if not isinstance(text, str) or not text.strip() or len(text) > MAX_RECIPE_CHARS:
-            raise StoreError(f"a named recipe is a non-empty string of at most {MAX_RECIPE_CHARS} characters")
-        with self._locked():
-            if (self.root / name / MANIFEST_FILE).is_file():
-                raise ExpertExistsError(f"{name!r} is an expert's name; a named recipe needs a name of its own")
-            recipes = self.recipes()
-            if name not in recipes and len(recipes) >= MAX_RECIPES:
-                raise StoreError(f"at most {MAX_RECIPES} named recipes per store")
-            recipes[name] = text.strip()
-            write_json_atomic(self.root / RECIPES_FILE, recipes)
-            self._bump()
-
-    def delete_recipe(self, name: str) -> None:
-        with self._locked():
-            recipes = self.recipes()
-            if name not in recipes:
-                raise UnknownRecipeError(f"unknown named recipe {name!r}; named recipes: {sorted(recipes)[:20]}")
-            del recipes[name]
-            write_json_atomic(self.root / RECIPES_FILE, recipes)
-            self._bump()
-
     def set_exemplars(self, name: str, texts: Sequence[str]) -> None:
         self.load(name)
         with self._locked():
@@ -306,12 +248,6 @@ class ExpertStore:
         check_name(name)
         write = source_writer(self.base_dir, self.fingerprint, name, Path(source), compression, objective, trainer)
         return self.publish(name, write, exemplars=exemplars, replace=replace, objective=objective)
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
-        raise StoreError(f"expert name {name!r} must match {NAME_PATTERN} (lowercase letters, digits, '_', '.', '-')")
-    return name
 
 
 def check_exemplars(texts: Sequence[str] | None) -> list[str]:

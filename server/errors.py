@@ -28,7 +28,7 @@ from deltaserve.experts.expert import ExpertFormatError
 from deltaserve.experts.merge.checkpoint import MergeError
 from deltaserve.experts.registry import OptionsError, UnknownNameError
 from deltaserve.experts.sources import SourceError
-from deltaserve.experts.store import ExpertExistsError, StoreError, UnknownExpertError
+from deltaserve.experts.store_errors import ExpertExistsError, StoreError, UnknownExpertError
 from deltaserve.experts.taskvector import TaskVectorError
 from deltaserve.server.exceptions import (BodyTooLarge, Forbidden, InvalidRequest, NotFound, RequestError,
                                           Unauthenticated, Unavailable)

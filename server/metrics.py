@@ -94,17 +94,12 @@ class Metrics:
         self.engine_up = Gauge("deltaserve_engine_up", "1 while the vLLM engine is alive, else 0", registry=r)
         self.engine_restarts = Counter("deltaserve_engine_restarts", "Engine restarts after the engine died",
                                        registry=r)
-        self.arrivals = Counter(
-            "deltaserve_recipe_arrivals", "Requests by whether their recipe was resident when they arrived "
-            "(served without a swap or an adapter build): the affinity hit rate behind a gateway", ["resident"],
-            registry=r)
-        for resident in ("true", "false"):
-            self.arrivals.labels(resident)
         self.registered_experts = Gauge("deltaserve_registered_experts", "Experts in the store", registry=r)
         self.store_generation = Gauge("deltaserve_store_generation", "Store generation counter", registry=r)
         self._routing_metrics(r)
         self._swap_phase_metrics(r)
         self._adaptive_metrics(r)
+        self._affinity_metrics(r)
         for path in PATHS:
             self.queue_depth.labels(path)
             self.latency.labels(path)
@@ -150,6 +145,15 @@ class Metrics:
             "Measured LoRA-path overhead per output token (the adaptive policy's benefit input)", registry=r)
         for to in ("merged", "lora"):
             self.adaptive_switches.labels(to)
+
+    def _affinity_metrics(self, r: CollectorRegistry) -> None:
+        """Whether requests find their recipe resident (the gateway's scraped metrics: GatewayCollector)."""
+        self.arrivals = Counter(
+            "deltaserve_recipe_arrivals", "Requests by whether their recipe was resident when they arrived "
+            "(served without a swap or an adapter build): the affinity hit rate behind a gateway", ["resident"],
+            registry=r)
+        for resident in ("true", "false"):
+            self.arrivals.labels(resident)
 
     def count_request(self, model: str, recipe: str, status: str) -> None:
         self.requests.labels(self.models(model), self.recipes(recipe), status).inc()

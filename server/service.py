@@ -18,7 +18,8 @@ from typing import Any
 
 from deltaserve.experts.sources import Compression
 
-from deltaserve.experts.store import ExpertExistsError, ExpertStore, UnknownExpertError, UnknownRecipeError
+from deltaserve.experts.store import ExpertStore
+from deltaserve.experts.store_errors import ExpertExistsError, UnknownExpertError, UnknownRecipeError
 from deltaserve.router.text import ChatMarkup
 from deltaserve.server.engine.core import Engine
 from deltaserve.server.engine.types import EngineProtocol, Residency

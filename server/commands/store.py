@@ -51,7 +51,7 @@ def _store(args: argparse.Namespace):
 def _add(args: argparse.Namespace) -> int:
     from deltaserve.experts.compress import COMPRESSORS
     from deltaserve.experts.sources import Compression
-    from deltaserve.experts.store import StoreError
+    from deltaserve.experts.store_errors import StoreError
 
     store = _store(args)
     compression, options = None, {}
@@ -82,7 +82,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    from deltaserve.experts.store import StoreError
+    from deltaserve.experts.store_errors import StoreError
 
     try:
         _store(args).delete(args.name)

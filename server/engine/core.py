@@ -28,7 +28,7 @@ from deltaserve.server.engine.planner import LoraSupport, lora_servable, plan_re
 from deltaserve.server.engine.platform import lora_unavailable, parallel_args
 from deltaserve.server.engine.scheduler import WeightScheduler
 from deltaserve.server.engine.swap import WeightSwap
-from deltaserve.server.engine.types import ExpertInfo, Plan, Residency, WeightState
+from deltaserve.server.engine.types import ExpertInfo, Plan, Residency, WeightState, residency
 from deltaserve.server.exceptions import EngineUnavailable, ExpertUnavailable, from_vllm
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.recipes import Recipe
@@ -290,16 +290,5 @@ class Engine:
         return not self.dense_recipe and (plan.path == "base" or plan.recipe.key in self.lora.resident())
 
     def residency(self) -> Residency:
-        """The recipes resident and wanted now, and the requests held and admitted (for the gateway's metrics).
-
-        While a dense recipe holds the weights it is the only recipe servable without a swap (LoRA and base
-        requests wait for the base weights back): it is the one running, in one slot. On the base weights the
-        merged adapters in the cache are running, in as many slots as the cache holds."""
-        if self.dense_recipe:
-            running, slots = [self.dense_recipe], 1
-        else:
-            running, slots = self.lora.resident(), self.lora.cache.capacity
-        wanted = [p.recipe.key for p in self.scheduler.waiting_payloads() if isinstance(p, Plan)]
-        waiting = dict.fromkeys(k for k in [*wanted, *self.lora.building] if k and k not in running)
-        held = len(self.scheduler.waiting_payloads()) + sum(self.lora.building.values())
-        return Residency(tuple(dict.fromkeys(running)), tuple(waiting), slots, held, self.scheduler.inflight)
+        """The recipes resident and wanted now, and the requests held and admitted (for the gateway's metrics)."""
+        return residency(self.dense_recipe, self.lora, self.scheduler)

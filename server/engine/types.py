@@ -97,6 +97,24 @@ class Residency:
     running_requests: int = 0
 
 
+def residency(dense_recipe: str, lora: Any, scheduler: Any) -> Residency:
+    """An engine's residency from the dense recipe its weights hold (``""``: the base weights), its LoRA adapters
+    (server.engine.lora.LoraAdapters) and its weight scheduler (server.engine.scheduler.WeightScheduler).
+
+    While a dense recipe holds the weights it is the only recipe servable without a swap (LoRA and base requests
+    wait for the base weights back): it is the one running, in one slot. On the base weights the merged adapters
+    in the cache are running, in as many slots as the cache holds."""
+    if dense_recipe:
+        running, slots = [dense_recipe], 1
+    else:
+        running, slots = lora.resident(), lora.cache.capacity
+    held = scheduler.waiting_payloads()
+    wanted = [p.recipe.key for p in held if isinstance(p, Plan)]
+    waiting = dict.fromkeys(k for k in [*wanted, *lora.building] if k and k not in running)
+    return Residency(tuple(dict.fromkeys(running)), tuple(waiting), slots, len(held) + sum(lora.building.values()),
+                     scheduler.inflight)
+
+
 class EngineProtocol(Protocol):
     """What the HTTP layer needs from an engine (server.engine.core.Engine, or a fake in tests)."""
 
