@@ -90,3 +90,12 @@ def test_router_values_match_the_chart_and_the_metrics(docs):
     # residency (1.0 vs 0.8 for a free slot) outweighs any queue difference (min-max normalised: worth its weight)
     assert 0.2 * weights["lora-affinity-scorer"] > weights["queue-scorer"]
     assert all(ref in plugins for ref in weights)
+
+
+def test_helm_lint_strict_is_clean_with_the_gateway_on():
+    import helm_python
+
+    from tests.test_deploy_helm import CHART, KUBE_VERSION
+
+    report = helm_python.lint(CHART, GATEWAY, strict=True, kube_version=f"v{KUBE_VERSION}.0")
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
