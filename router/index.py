@@ -40,22 +40,26 @@ class ExemplarSet:
     def __init__(self, encoder: Encoder):
         self.encoder = encoder
         self._features: dict[str, np.ndarray] = {}
+        self._texts: dict[str, tuple[str, ...]] = {}   # the texts each expert's features were encoded from
 
     @property
     def experts(self) -> tuple[str, ...]:
         return tuple(sorted(self._features))
 
     def replace(self, exemplars: Mapping[str, Sequence[str]]) -> None:
+        """Set every expert's exemplars; an expert whose texts did not change keeps its features (only new or
+        changed experts are encoded, so one registration in a large store encodes one expert's texts)."""
         for name in exemplars:
             _check_name(name)
-        names = [n for n in sorted(exemplars) if len(exemplars[n]) > 0]
-        texts = [t for n in names for t in exemplars[n]]
+        wanted = {n: tuple(exemplars[n]) for n in sorted(exemplars) if len(exemplars[n]) > 0}
+        fresh = [n for n, texts in wanted.items() if self._texts.get(n) != texts]
+        texts = [t for n in fresh for t in wanted[n]]
         vectors = self.encoder.encode(texts) if texts else np.zeros((0, self.encoder.dim), np.float32)
-        features, start = {}, 0
-        for name in names:
-            features[name] = vectors[start : start + len(exemplars[name])]
-            start += len(exemplars[name])
-        self._features = features
+        features, start = {n: self._features[n] for n in wanted if n not in fresh}, 0
+        for name in fresh:
+            features[name] = vectors[start : start + len(wanted[name])]
+            start += len(wanted[name])
+        self._features, self._texts = features, wanted
 
     def add(self, expert: str, texts: Sequence[str]) -> None:
         """Append ``texts`` to ``expert``'s exemplars (creating the expert)."""
@@ -65,10 +69,12 @@ class ExemplarSet:
         new = self.encoder.encode(list(texts))
         old = self._features.get(expert)
         self._features = {**self._features, expert: new if old is None else np.vstack([old, new])}
+        self._texts = {**self._texts, expert: (*self._texts.get(expert, ()), *texts)}
 
     def remove(self, expert: str) -> None:
         """Forget ``expert``; unknown names are ignored (removal is idempotent)."""
         self._features = {n: f for n, f in self._features.items() if n != expert}
+        self._texts = {n: t for n, t in self._texts.items() if n != expert}
 
     def snapshot(self) -> Snapshot:
         names = self.experts

@@ -155,3 +155,31 @@ def test_cosine_index_matches_sklearn(n_exemplars, k):
     ref_distances, ref_rows = reference.kneighbors(queries)
     np.testing.assert_allclose(distances, ref_distances, atol=1e-5)
     np.testing.assert_array_equal(got_labels, labels[ref_rows])
+
+
+def test_refitting_a_large_store_encodes_only_what_changed():
+    """One registration in a store of 2,000 experts encodes that expert's exemplars, not every expert's again;
+    the router's answers are those of a fresh fit."""
+
+    class Counting(RandomEncoder):
+        encoded = 0
+
+        def encode(self, texts):
+            self.encoded += len(texts)
+            return super().encode(texts)
+
+    encoder = Counting()
+    exemplars = {f"e{i}": [f"e{i} text {j}" for j in range(2)] for i in range(2000)}
+    router = make_router("knn", encoder=encoder)
+    router.fit(exemplars)
+    assert encoder.encoded == 4000
+    changed = {**exemplars, "new": ["a new skill", "another"], "e7": ["e7 rewritten"]}
+    del changed["e9"]
+    router.fit(changed)
+    assert encoder.encoded == 4000 + 3
+    fresh = make_router("knn", encoder=RandomEncoder())
+    fresh.fit(changed)
+    queries = ["a new skill", "e7 rewritten", "e9 text 0", "e1 text 1"]
+    assert router.experts == fresh.experts
+    for (scores, distance), (want, want_distance) in zip(router.score(queries), fresh.score(queries)):
+        assert scores == pytest.approx(want) and distance == pytest.approx(want_distance)
