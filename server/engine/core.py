@@ -70,7 +70,6 @@ class Engine:
         self.scheduler = WeightScheduler(self._apply, max_wait_s=config.max_wait_ms / 1000.0,
                                          initial_state=WeightState())
         self._refresh_lock = asyncio.Lock()
-        self.dense_recipe = ""   # the key of the dense recipe the weights hold ("" for the base weights)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -116,8 +115,7 @@ class Engine:
                 except Exception:  # noqa: BLE001 - a dead engine may fail to shut down cleanly; it is gone anyway
                     log.warning("shutting down the dead engine failed", exc_info=True)
             self.scheduler.reset(EngineUnavailable("the engine restarted; retry"), WeightState())
-            self.swap.weights = ""
-            self.dense_recipe = ""
+            self.swap.weights, self.swap.recipe = "", ""
             self.generation = -1
             await self.start()
             self.restarts += 1
@@ -279,16 +277,14 @@ class Engine:
 
     async def _apply(self, state: WeightState, plan: Plan | None) -> None:
         """Scheduler callback: make the weights match ``state`` (server.engine.swap)."""
-        self.dense_recipe = ""   # unknown until the swap succeeds
         await self.swap.apply(self.llm, lambda: self.alive, state, plan)
-        self.dense_recipe = plan.recipe.key if state.weights and plan is not None else ""
 
     def _resident(self, plan: Plan) -> bool:
         """Whether ``plan`` is served now without a swap or an adapter build."""
         if plan.path == "dense":
-            return self.dense_recipe == plan.recipe.key
-        return not self.dense_recipe and (plan.path == "base" or plan.recipe.key in self.lora.resident())
+            return self.swap.recipe == plan.recipe.key
+        return not self.swap.recipe and (plan.path == "base" or plan.recipe.key in self.lora.resident())
 
     def residency(self) -> Residency:
         """The recipes resident and wanted now, and the requests held and admitted (for the gateway's metrics)."""
-        return residency(self.dense_recipe, self.lora, self.scheduler)
+        return residency(self.swap.recipe, self.lora, self.scheduler)

@@ -45,6 +45,7 @@ class WeightSwap:
     def __init__(self, metrics: Metrics, adaptive: MergePolicy, version_dir: Callable[[str, str], Path]) -> None:
         self.metrics, self.adaptive, self.version_dir = metrics, adaptive, version_dir
         self.weights = ""          # what the worker's weights hold ("" = the base, "?" = unknown)
+        self.recipe = ""           # the key of the dense recipe they hold ("" = the base, or unknown)
 
     async def apply(self, llm: Any, alive: Callable[[], bool], state: WeightState, plan: Plan | None) -> None:
         """Make the weights match ``state`` (drain, rewrite, reset prefix cache); nothing if they do."""
@@ -60,7 +61,7 @@ class WeightSwap:
             await llm.reset_prefix_cache()
             laps.lap("prefix_reset")
         except Exception as err:
-            self.weights = "?"   # unknown: the next apply rewrites from the base whatever it targets
+            self.weights, self.recipe = "?", ""   # unknown: the next apply rewrites from the base whatever it targets
             if not alive():
                 raise EngineUnavailable("the engine stopped while applying a recipe; retry shortly") from err
             log.error("applying recipe %r failed", request.key, exc_info=err)
@@ -70,7 +71,7 @@ class WeightSwap:
             if alive():
                 await llm.resume_generation()
                 laps.lap("resume")
-        self.weights = state.weights
+        self.weights, self.recipe = state.weights, request.key
         stats = slowest_rank(raw, request.key)
         laps.phases["rpc"] -= sum(stats.phases.values())   # the RPC's own overhead: round trip minus the worker's
         self.adaptive.observe_swap(laps.total)
