@@ -153,18 +153,38 @@ class Expert:
             self._checked[file_name] = state
 
     def verify(self) -> None:
-        """Full check: file digests, every parameter decodes to finite values, density as recorded."""
+        """Full check: file digests, every parameter decodes to finite values, density as recorded. The tensors
+        file is opened once; a low-rank parameter is checked on its factors when their product cannot overflow
+        (finite A and B with r·max|A|·max|B| within float32), without forming the dense delta."""
         self.check_digests()
-        kept = [self.codec.kept_count(self.parts(n)) for n in self.param_names]
-        for name in self.param_names:
-            if not torch.isfinite(self.decode(name, torch.float32)).all():
-                raise ExpertFormatError(f"{self.directory / TENSORS_FILE}: parameter {name!r} holds NaN or Inf")
+        kept = []
+        path = self.directory / TENSORS_FILE
+        with _open_safetensors(path) as fh:
+            for name in self.param_names:
+                try:
+                    parts = {p: fh.get_tensor(f"{name}{PART_SEPARATOR}{p}") for p in self.codec.part_names}
+                except SafetensorError as err:
+                    raise ExpertFormatError(f"{path}: cannot read parameter {name!r}: {err}") from err
+                kept.append(self.codec.kept_count(parts))
+                if not self._finite(name, parts):
+                    raise ExpertFormatError(f"{path}: parameter {name!r} holds NaN or Inf")
         density = None if None in kept else sum(k for k in kept if k is not None) / self.manifest.base_params
         if density != self.manifest.density and not (
                 density is not None and self.manifest.density is not None
                 and math.isclose(density, self.manifest.density, rel_tol=1e-9)):
             raise ExpertFormatError(f"{self.directory / MANIFEST_FILE}: density {self.manifest.density} "
                                     f"but the mask keeps {density}")
+
+    def _finite(self, name: str, parts: dict[str, Tensor]) -> bool:
+        if self.codec.lowrank and all(t.is_floating_point() for t in parts.values()):
+            if not all(bool(torch.isfinite(t).all()) for t in parts.values()):
+                return False
+            bound = math.prod(float(t.abs().max()) if t.numel() else 0.0 for t in parts.values())
+            if bound * min(parts["A"].shape[0], parts["B"].shape[-1]) < torch.finfo(torch.float32).max:
+                return True
+        spec = self._spec(name)
+        with self._format_errors(name):
+            return bool(torch.isfinite(self.codec.decode(parts, spec.shape, torch.float32)).all())
 
     def _format_errors(self, name: str):
         return _reraise_as_format_error(f"{self.directory / TENSORS_FILE}: parameter {name!r}")

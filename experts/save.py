@@ -96,7 +96,8 @@ def _encode(codec: Codec, param: str, delta: Tensor | EncodedDelta, value_dtype:
             raise ValueError("; ".join(problems))
         if not all(torch.isfinite(t).all() for t in parts.values() if t.is_floating_point()):
             raise ValueError("parts hold NaN or Inf")
-        codec.decode(parts, delta.shape, torch.float32)  # full consistency check (mask counts etc.)
+        if not codec.lowrank:   # factors are whole once check_parts passed their shapes
+            codec.decode(parts, delta.shape, torch.float32)  # full consistency check (mask counts etc.)
         return EncodedDelta(parts, tuple(delta.shape), delta.dtype)
     except ValueError as err:
         raise ValueError(f"delta for parameter {param!r} ({codec.name} codec): {err}") from err

@@ -214,3 +214,29 @@ def test_parts_missing_or_inconsistent(tmp_path):
     expert = load_expert(tmp_path / "e")  # header-level shapes are plausible
     with pytest.raises(ExpertFormatError, match="parameter 'w': part 'values' has shape \\[7\\] but the mask keeps 8"):
         expert.decode("w")
+
+
+def _lowrank(directory, scale):
+    codec = get_codec("lowrank")
+    A, B = torch.randn(2, 8) * scale, torch.randn(4, 2) * scale
+    encoded = {"w": EncodedDelta(codec.encode_factors(A, B, value_dtype=torch.float32), (4, 8))}
+    return save_expert(directory, encoded, name="lr", base_fingerprint=FINGERPRINT, codec="lowrank", source="t",
+                       method={"name": "lora"}, value_dtype=torch.float32)
+
+
+def test_verify_checks_lowrank_factors_without_the_dense_product(tmp_path, monkeypatch):
+    """A registration verifies every expert; a LoRA's factors are checked as they are (the dense product of
+    every adapted matrix made registration 7x slower) unless their product could overflow, which is decoded."""
+    from deltaserve.experts.codecs.lowrank import LowRankCodec
+
+    _lowrank(tmp_path / "ok", 1.0)
+    _lowrank(tmp_path / "huge", 1e20)   # finite factors whose product is inf in float32
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded")
+    with monkeypatch.context() as m:
+        m.setattr(LowRankCodec, "decode", no_decode)
+        load_expert(tmp_path / "ok", verify=True)
+    load_expert(tmp_path / "huge")   # the headers are fine
+    with pytest.raises(ExpertFormatError, match="'w' holds NaN or Inf"):
+        load_expert(tmp_path / "huge", verify=True)
