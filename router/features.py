@@ -43,6 +43,7 @@ class CachedEncoder:
 
     dim: int
     name: str | None = None   # what decisions report as their ``encoder``
+    identity: str | None = None   # names its features on disk (router.index.FeatureCache); None: not kept
 
     def __init__(self, batch_size: int = 32, cache_size: int = 4096):
         if batch_size < 1 or cache_size < 0:
@@ -173,6 +174,8 @@ class SentenceEncoder(CachedEncoder):
             self.model = _with_precision(model, precision)
         self.precision = precision
         self.dim = int(st.get_embedding_dimension())
+        weights = sum(p.stat().st_size for p in sorted(self.model_dir.glob("*.safetensors")))
+        self.identity = f"minilm-{precision}-{self.dim}-{self.max_length}-{weights}"
         self.reference = st  # the library pipeline, for tests comparing against it
 
     @torch.inference_mode()

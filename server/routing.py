@@ -13,6 +13,7 @@ from typing import Any
 from deltaserve.server.recipes import parse_model
 
 SCORE_TIMEOUT_S = 300
+FEATURES_DIR = ".features"
 
 
 def build_routing(service: Any, loop: asyncio.AbstractEventLoop) -> Any:
@@ -39,6 +40,8 @@ def build_routing(service: Any, loop: asyncio.AbstractEventLoop) -> Any:
     if "uncertainty_scorer" in needs:
         deps["uncertainty_scorer"] = engine_scorer(service.engine, loop)
     router = make_router(rs.name, **deps, **rs.options)
+    if hasattr(router, "keep_features"):   # exemplar features on disk beside the store (router.index.FeatureCache)
+        router.keep_features(service.store.root / FEATURES_DIR)
     # thresholds belong to the features they were calibrated on (router/base.py, router/static.py)
     encoder = deps.get("encoder")
     max_distance = None

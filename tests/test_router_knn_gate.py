@@ -183,3 +183,37 @@ def test_refitting_a_large_store_encodes_only_what_changed():
     assert router.experts == fresh.experts
     for (scores, distance), (want, want_distance) in zip(router.score(queries), fresh.score(queries)):
         assert scores == pytest.approx(want) and distance == pytest.approx(want_distance)
+
+
+def test_a_new_router_reads_exemplar_features_from_disk(tmp_path):
+    """A replica restarting on a large store reads its exemplars' features (router.index.FeatureCache) instead of
+    encoding them again; changed texts are encoded, a corrupt file is encoded again, answers are a fresh fit's."""
+
+    class Counting(RandomEncoder):
+        identity = "random-384"
+        encoded = 0
+
+        def encode(self, texts):
+            self.encoded += len(texts)
+            return super().encode(texts)
+
+    exemplars = {f"e{i}": [f"e{i} text {j}" for j in range(2)] for i in range(300)}
+    first = make_router("knn", encoder=Counting())
+    first.keep_features(tmp_path)
+    first.fit(exemplars)
+    files = sorted((tmp_path / "random-384").glob("*.safetensors"))
+    assert first.encoder.encoded == 600 and len(files) == 300
+    files[0].write_bytes(b"not safetensors")
+    again = make_router("knn", encoder=Counting())
+    again.keep_features(tmp_path)
+    again.fit({**exemplars, "e5": ["e5 rewritten"]})
+    assert again.encoder.encoded == 2 + 1   # the corrupt file's two texts and the rewritten one
+    fresh = make_router("knn", encoder=RandomEncoder())
+    fresh.fit({**exemplars, "e5": ["e5 rewritten"]})
+    queries = ["e5 rewritten", "e9 text 0", "e1 text 1"]
+    for (scores, distance), (want, want_distance) in zip(again.score(queries), fresh.score(queries)):
+        assert scores == pytest.approx(want) and distance == pytest.approx(want_distance)
+    unnamed = make_router("knn", encoder=RandomEncoder())   # an encoder with no identity keeps nothing on disk
+    unnamed.keep_features(tmp_path / "other")
+    unnamed.fit(exemplars)
+    assert not (tmp_path / "other").exists()
