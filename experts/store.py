@@ -9,6 +9,7 @@ Layout of ``<store>/``::
     .retired/<name>@<digest>/  a replaced or deleted version, kept RETIRE_GRACE_S so that
                            requests admitted before the change finish on it
     .staging-<pid>-*/      in-flight publishes (removed on open once their process is gone)
+    .features/<encoder>/   the routers' exemplar features, by text (router.index.FeatureCache; a cache)
 
 Publishing is atomic: the expert is written into a staging folder, fsynced and
 renamed into place (a replacement is swapped in with one atomic exchange), so a
@@ -47,6 +48,7 @@ EXEMPLARS_FILE = "exemplars.json"
 LOCK_FILE = ".lock"
 MAX_EXEMPLARS = 10_000
 MAX_EXEMPLAR_CHARS = 4_000
+Stamp = tuple[int, int, int, int]   # a file's (st_dev, st_ino, st_mtime_ns, st_size)
 
 
 class _Moved(Exception):
@@ -60,6 +62,7 @@ class ExpertStore(NamedRecipes):
         self.root.mkdir(parents=True, exist_ok=True)
         self.fingerprint = base_fingerprint(self.base_dir)
         self.shapes = _shapes(self.base_dir)
+        self._exemplars: dict[str, tuple[Stamp, list[str]]] = {}   # name -> (file stamp, texts)
         self.collect_garbage()
 
     def collect_garbage(self, grace_s: float = RETIRE_GRACE_S) -> list[Path]:
@@ -76,8 +79,23 @@ class ExpertStore(NamedRecipes):
             raise StoreError(f"{self.root / GENERATION_FILE} is corrupt: {err}") from err
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_FILE).is_file())
+        return sorted(self.stamps())
+
+    def stamps(self) -> dict[str, Stamp]:
+        """Every expert's name and a stamp of its current version's manifest (device, inode, mtime, size): a
+        publish, replacement or deletion changes it, so a reader re-reads only the experts whose stamp moved
+        (one ``stat`` per expert instead of opening, parsing and checking every manifest)."""
+        out: dict[str, Stamp] = {}
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    st = os.stat(os.path.join(entry.path, MANIFEST_FILE))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                out[entry.name] = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        return out
 
     def path(self, name: str) -> Path:
         check_name(name)
@@ -145,16 +163,24 @@ class ExpertStore(NamedRecipes):
         raise AssertionError("unreachable")
 
     def exemplars(self, name: str) -> list[str]:
+        """The exemplar prompts of ``name`` (a copy; read again only when the file's stamp moved)."""
         path = self.path(name) / EXEMPLARS_FILE
-        if not path.is_file():
-            return []
         try:
-            texts = json.loads(path.read_text())
-        except ValueError as err:
-            raise StoreError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise StoreError(f"{path}: must be a JSON list of strings")
-        return texts
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            self._exemplars.pop(name, None)
+            return []
+        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._exemplars.get(name)
+        if cached is None or cached[0] != stamp:
+            try:
+                texts = json.loads(path.read_text())
+            except ValueError as err:
+                raise StoreError(f"{path}: not valid JSON ({err})") from err
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise StoreError(f"{path}: must be a JSON list of strings")
+            cached = self._exemplars[name] = (stamp, texts)
+        return list(cached[1])
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager

@@ -94,8 +94,7 @@ class Metrics:
         self.engine_up = Gauge("deltaserve_engine_up", "1 while the vLLM engine is alive, else 0", registry=r)
         self.engine_restarts = Counter("deltaserve_engine_restarts", "Engine restarts after the engine died",
                                        registry=r)
-        self.registered_experts = Gauge("deltaserve_registered_experts", "Experts in the store", registry=r)
-        self.store_generation = Gauge("deltaserve_store_generation", "Store generation counter", registry=r)
+        self._store_metrics(r)
         self._routing_metrics(r)
         self._swap_phase_metrics(r)
         self._adaptive_metrics(r)
@@ -107,6 +106,15 @@ class Metrics:
         for tier in TIERS:
             for family in (self.cache_hits, self.cache_misses, self.cache_evictions, self.cache_bytes):
                 family.labels(tier)
+
+    def _store_metrics(self, r: CollectorRegistry) -> None:
+        self.registered_experts = Gauge("deltaserve_registered_experts", "Experts in the store", registry=r)
+        self.store_generation = Gauge("deltaserve_store_generation", "Store generation counter", registry=r)
+        self.store_refresh = Histogram(
+            "deltaserve_store_refresh_seconds", "Following a store change: the engine's store scan, the router's refit",
+            ["part"], buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        for part in ("engine", "router"):
+            self.store_refresh.labels(part)
 
     def _routing_metrics(self, r: CollectorRegistry) -> None:
         """Routing of `model: auto`: decisions, confidence, fallbacks, latency."""

@@ -12,31 +12,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
-from deltaserve.experts.sources import Compression
 
 from deltaserve.experts.store import ExpertStore
 from deltaserve.experts.store_errors import ExpertExistsError, UnknownExpertError, UnknownRecipeError
 from deltaserve.router.text import ChatMarkup
+from deltaserve.server.coalesce import Coalesced
 from deltaserve.server.engine.core import Engine
 from deltaserve.server.engine.types import EngineProtocol, Residency
-from deltaserve.server.exceptions import Forbidden, InvalidRequest, RoutingUnavailable, Unavailable
+from deltaserve.server.exceptions import InvalidRequest, RoutingUnavailable, Unavailable
+from deltaserve.server.listing import Listings
 from deltaserve.server.metrics import Metrics
-from deltaserve.server.protocol.admin import ExpertCard, ExpertRegistration, RecipeCard, RecipeRegistration
+from deltaserve.server.protocol.admin import ExpertCard, RecipeCard, RecipeRegistration
 from deltaserve.server.recipes import Recipe, RecipeError, parse_model
+from deltaserve.server.registration import AUTO, Registrations
 from deltaserve.server.settings import ServerSettings
 from deltaserve.server.tools import ToolCalling
 
 log = logging.getLogger("deltaserve")
-AUTO = "auto"
-MAX_INLINE_EXAMPLES = 2000
 GC_EVERY_POLLS = 30
 
 
-class Service:
+class Service(Registrations):
     def __init__(self, settings: ServerSettings, *, engine: EngineProtocol | None = None,
                  routing: Any = None) -> None:
         self.settings = settings
@@ -49,6 +47,9 @@ class Service:
         self.base_name = settings.engine.served_name
         self.markup = ChatMarkup()    # the served model's chat markup, set once the tokenizer is loaded
         self.tools = ToolCalling(settings.tools, None)   # with the tokenizer once it is loaded
+        self._importing = {False: asyncio.Semaphore(1), True: asyncio.Semaphore(1)}   # plain / compressing
+        self._refits = Coalesced()   # router refits, shared by concurrent callers
+        self.listings = Listings()        # /v1/models and /v1/experts, built once per store state
         self.named: dict[str, str] = {}   # named recipes: name -> recipe text (the store's RECIPES)
         self._names_of: dict[str, list[str]] = {}   # recipe key -> the named recipes that serve it
         self.metrics.watch(self.residency)
@@ -188,68 +189,6 @@ class Service:
             calibration=m.calibration.model_dump() if m.calibration else None, created=m.created,
             path=self.engine.plan(Recipe(((name, 1.0),))).path, exemplars=len(self.store.exemplars(name)))
 
-    def allowed_path(self, raw: str, param: str = "path") -> Path:
-        """``raw`` resolved (symlinks followed) and checked to lie under a ``--register-root``."""
-        roots = [Path(os.path.realpath(r)) for r in self.settings.register_roots]
-        if not roots:
-            raise Forbidden("registration from server paths is disabled: start the server with --register-root DIR")
-        path = Path(os.path.realpath(raw))
-        if not any(path == r or r in path.parents for r in roots):
-            raise Forbidden(f"{param} {raw!r} is outside the allowed registration roots "
-                                f"{[str(r) for r in roots]}", param)
-        return path
-
-    def _check_links(self, path: Path, raw: str) -> None:
-        """Every file and folder under ``path`` must resolve inside a registration root, links included."""
-        for root, dirs, files in os.walk(path):
-            for entry in [*dirs, *files]:
-                inner = Path(root) / entry
-                if inner.is_symlink():
-                    self.allowed_path(str(inner), "path")
-
-    async def register(self, body: ExpertRegistration) -> ExpertCard:
-        if body.name in (self.base_name, AUTO):
-            raise InvalidRequest(f"{body.name!r} is reserved", "name")
-        path = self.allowed_path(body.path)
-        if not path.is_dir():
-            raise InvalidRequest(f"path {body.path!r} is not a directory on the server", "path")
-        self._check_links(path, body.path)
-        objective, trainer = await asyncio.to_thread(self._compression_helpers, body.compression, body.calibration)
-        await asyncio.to_thread(self.store.import_source, body.name, path, compression=body.compression,
-                                exemplars=body.exemplars, replace=body.replace, objective=objective,
-                                trainer=trainer)
-        await self.sync(force=True)
-        return self.expert_card(body.name)
-
-    def _compression_helpers(self, compression: Compression | None, calibration: Any = None) -> tuple[Any, Any]:
-        """The calibration objective and sparse_ft's trainer from the examples the request names
-        (experts.compress.compression_helpers; a missing set is a 400 naming its field)."""
-        from deltaserve.experts.sources import MissingExamples, compression_helpers
-
-        source, param = calibration, "calibration"
-        if compression is not None and compression.calibration is not None:
-            source, param = compression.calibration, "compression.calibration"
-        training = compression.training if compression is not None else None
-        try:
-            return compression_helpers(
-                self.settings.engine.base_dir, compression.method if compression else None,
-                compression.options if compression else None,
-                None if source is None else self._examples(source, param),
-                None if training is None else self._examples(training, "compression.training"))
-        except MissingExamples as err:
-            param = "compression.calibration" if err.param == "calibration" else "compression.training"
-            raise InvalidRequest(f"this compression method needs `{param}`: chat examples as a JSONL path under a "
-                                 "registration root, or a list of {\"messages\": [...]} objects", param) from None
-
-    def _examples(self, source: str | list, param: str) -> list:
-        from deltaserve.experts.examples import ChatExample, read_examples
-
-        if isinstance(source, str):
-            return read_examples(self.allowed_path(source, param))
-        if len(source) > MAX_INLINE_EXAMPLES:
-            raise InvalidRequest(f"at most {MAX_INLINE_EXAMPLES} inline examples, got {len(source)}", param)
-        return [ChatExample.from_json(obj, f"{param}[{i}]") for i, obj in enumerate(source)]
-
     async def delete(self, name: str) -> None:
         await asyncio.to_thread(self.store.delete, name)
         await self.sync(force=True)
@@ -264,14 +203,22 @@ class Service:
         return changed
 
     async def refresh_routing(self) -> None:
-        """The router's experts, exemplars and quality (each expert's calibration score) from the store."""
+        """The router's experts, exemplars and quality (each expert's calibration score) from the store.
+        Concurrent callers share refits: each returns once a refit that started after its call has finished, so a
+        burst of registrations refits the router a few times, not once per expert (a refit costs O(store))."""
         if self.routing is None:
             return
-        experts = dict(self.engine.experts)
+        await self._refits.run(self._timed_refit)
+
+    async def _timed_refit(self) -> None:
+        with self.metrics.store_refresh.labels("router").time():
+            await asyncio.to_thread(self._refit_router, dict(self.engine.experts))
+
+    def _refit_router(self, experts: dict) -> None:
         exemplars = {n: self.store.exemplars(n) for n in experts}
         if getattr(self.routing.router, "needs_exemplars", True):
             exemplars = {n: t for n, t in exemplars.items() if t}
-        await asyncio.to_thread(self.routing.set_exemplars, exemplars)
+        self.routing.set_exemplars(exemplars)
         self.routing.set_quality({n: info.manifest.calibration_score for n, info in experts.items()})
         self.routing.set_preferred(n for n in experts if self.engine.plan(Recipe(((n, 1.0),))).path == "lora")
 

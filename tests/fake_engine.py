@@ -13,6 +13,7 @@ from typing import Any
 
 from deltaserve.server.engine.adaptive import AdaptiveSettings, MergePolicy
 from deltaserve.server.engine.planner import plan_recipe
+from deltaserve.server.engine.scan import scan_store
 from deltaserve.server.engine.types import ExpertInfo, Plan, Residency
 from deltaserve.server.exceptions import EngineUnavailable
 from deltaserve.server.recipes import Recipe
@@ -38,6 +39,7 @@ class FakeEngine:
         self.config, self.store, self.tokenizer = config.resolved(store.root), store, tokenizer
         self.experts: dict[str, ExpertInfo] = {}
         self.unavailable: dict[str, str] = {}
+        self._stamps: dict = {}
         self.generation = -1
         self.started = False
         self.restarting = False
@@ -69,10 +71,7 @@ class FakeEngine:
         generation = self.store.generation()
         if generation == self.generation and not force:
             return False
-        self.experts = {}
-        for name in self.store.names():
-            expert = self.store.load(name)
-            self.experts[name] = ExpertInfo(name, expert.manifest, self.store.path(name))
+        self.experts, self.unavailable, self._stamps = scan_store(self.store, self.experts, self._stamps)
         self.generation = generation
         return True
 

@@ -504,3 +504,29 @@ def test_metrics_need_no_key_unless_asked(micro_zoo, store_dir, tokenizer):
             keyed = c.get("/metrics", headers={"authorization": f"Bearer {API}"})
             assert "deltaserve_recipe_requests_info{" in keyed.text
             assert "deltaserve_num_requests_waiting 0.0" in keyed.text
+
+
+def test_expert_listing_pages_and_listings_follow_the_store(server, micro_zoo):
+    """/v1/experts in id order, whole or in pages (OpenAI's list shape: `limit`, `after`, `has_more`, `last_id`);
+    both listings are built once per store state (server.listing) and rebuilt after a registration or deletion."""
+    c, engine = server
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    whole = c.get("/v1/experts").json()
+    ids = [e["id"] for e in whole["data"]]
+    assert ids == sorted(ids) and len(ids) >= 2 and not whole["has_more"] and whole["last_id"] == ids[-1]
+    first = c.get("/v1/experts", params={"limit": 1}).json()
+    assert [e["id"] for e in first["data"]] == ids[:1] and first["has_more"] and first["last_id"] == ids[0]
+    rest = c.get("/v1/experts", params={"after": first["last_id"]}).json()
+    assert [e["id"] for e in rest["data"]] == ids[1:] and not rest["has_more"]
+    assert c.get("/v1/experts", params={"after": "~"}).json()["data"] == []   # a cursor need not exist
+    _error(c.get("/v1/experts", params={"limit": 0}), 400, "greater than or equal to 1", "query.limit")
+    assert c.get("/v1/models").content == c.get("/v1/models").content   # the same state: the same listing
+    r = c.post("/v1/experts", json={"name": "aaa-new", "path": str(micro_zoo.layout.lora("upper"))}, headers=admin)
+    assert r.status_code == 201, r.text
+    try:
+        assert "aaa-new" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert c.get("/v1/experts", params={"limit": 1}).json()["data"][0]["id"] == "aaa-new"
+    finally:
+        c.delete("/v1/experts/aaa-new", headers=admin)
+    assert "aaa-new" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+    assert [e["id"] for e in c.get("/v1/experts").json()["data"]] == ids

@@ -520,3 +520,94 @@ def test_10000_recipes_models_and_experts_make_a_bounded_number_of_series():
     off = Metrics(label_values=0)
     off.count_request("m", "r", "200")
     assert 'deltaserve_requests_total{model="other",recipe="other",status="200"} 1.0' in off.render().decode()
+
+
+def test_the_store_scan_reads_only_the_experts_whose_version_changed(micro_zoo, tmp_path, monkeypatch):
+    """Every registration rescans the store; with 10,000 experts reading every manifest made that O(store).
+    Unchanged experts keep their info (no read); new, replaced and unservable ones are read."""
+    from deltaserve.server.engine.scan import scan_store
+
+    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    store.import_source("a", micro_zoo.layout.lora("upper"))
+    store.import_source("b", micro_zoo.layout.lora("length"))
+    (store.root / "junk").mkdir()
+    (store.root / "junk" / "manifest.json").write_text("{}")
+    experts, broken, stamps = scan_store(store, {}, {})
+    assert sorted(experts) == ["a", "b"] and list(broken) == ["junk"]
+    loads: list[str] = []
+    real = store.load
+    monkeypatch.setattr(store, "load", lambda name, **kw: loads.append(name) or real(name, **kw))
+    again, broken, stamps = scan_store(store, experts, stamps)
+    assert loads == ["junk"] and all(again[n] is experts[n] for n in experts) and list(broken) == ["junk"]
+    store.import_source("a", micro_zoo.layout.lora("length"), replace=True)
+    store.import_source("c", micro_zoo.layout.lora("upper"))
+    store.delete("b")
+    loads.clear()
+    third, _, _ = scan_store(store, again, stamps)
+    assert sorted(loads) == ["a", "c", "junk"] and sorted(third) == ["a", "c"]
+    assert third["a"].digest != experts["a"].digest
+
+
+def test_requests_for_an_adapter_being_built_wait_for_that_build(micro_zoo, tmp_path):
+    """Eight requests for one new LoRA recipe at once built it eight times (a registration bench saw 8 builds for
+    16 requests of one expert); the first builds, the others wait and count as hits."""
+    import time
+
+    from deltaserve.server.engine.lora import LoraAdapters
+    from deltaserve.server.engine.types import ExpertInfo, Plan, WeightState
+    from deltaserve.server.metrics import Metrics
+
+    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    store.import_source("a", micro_zoo.layout.lora("upper"))
+    info = ExpertInfo("a", store.load("a").manifest, store.path("a"))
+    cache = AdapterCache(tmp_path / "cache", capacity=4)
+    built = []
+
+    def slow_build(*args, **kwargs):
+        built.append(args[0])
+        time.sleep(0.2)
+        return AdapterCache.build(cache, *args, **kwargs)
+    cache.build = slow_build
+    metrics = Metrics()
+    adapters = LoraAdapters(cache, metrics, lambda i: store.load(i.name), store.shapes, micro_zoo.layout.base)
+    plan = Plan("lora", Recipe((("a", 1.0),)), WeightState(), experts=(info,))
+
+    async def many():
+        return await asyncio.gather(*(adapters.acquire(plan, None) for _ in range(8)))
+    got = asyncio.run(many())
+    assert len(built) == 1 and len({a.lora_id for _, a in got}) == 1 and cache._pins[got[0][1].lora_id] == 8
+    assert metrics.cache_hits.labels("device")._value.get() == 7 and metrics.adapter_builds._value.get() == 1
+    assert adapters.building == {}
+
+
+def test_concurrent_callers_share_runs_that_start_after_their_call():
+    """server.coalesce: a store rescan or router refit asked for by eight registrations at once runs twice (the
+    first caller's, then one shared by everyone who arrived meanwhile), and nobody returns on a run that began
+    before its call; a failed run is not shared."""
+    from deltaserve.server.coalesce import Coalesced
+
+    runs: list[int] = []   # the number of calls made when each run started
+    calls = 0
+    shared = Coalesced()
+
+    async def work():
+        runs.append(calls)
+        await asyncio.sleep(0.05)
+
+    async def caller():
+        nonlocal calls
+        calls += 1
+        mine = calls
+        await shared.run(work)
+        assert any(started >= mine for started in runs)   # a run that started after this call
+
+    async def scenario():
+        await asyncio.gather(*(caller() for _ in range(8)))
+        assert runs == [1, 8]
+
+        async def boom():
+            raise RuntimeError("scan failed")
+        with pytest.raises(RuntimeError):
+            await shared.run(boom)
+        assert await shared.run(work) is True   # the failure covered nobody
+    asyncio.run(scenario())

@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from deltaserve.experts.expert import Expert, ExpertFormatError
-from deltaserve.experts.store import ExpertStore
+from deltaserve.experts.store import ExpertStore, Stamp
 from deltaserve.experts.taskvector import _shapes
+from deltaserve.server.coalesce import Coalesced
 from deltaserve.server.engine import scoring
 from deltaserve.server.engine.adapters import AdapterCache, MergedAdapter, clean_stale_roots, default_adapter_root
 from deltaserve.server.engine.adaptive import MergePolicy
 from deltaserve.server.engine.lora import LoraAdapters
 from deltaserve.server.engine.planner import LoraSupport, lora_servable, plan_recipe
 from deltaserve.server.engine.platform import lora_unavailable, parallel_args
+from deltaserve.server.engine.scan import scan_store
 from deltaserve.server.engine.scheduler import WeightScheduler
 from deltaserve.server.engine.swap import WeightSwap
 from deltaserve.server.engine.types import ExpertInfo, Plan, Residency, WeightState, residency
@@ -70,6 +72,8 @@ class Engine:
         self.scheduler = WeightScheduler(self._apply, max_wait_s=config.max_wait_ms / 1000.0,
                                          initial_state=WeightState())
         self._refresh_lock = asyncio.Lock()
+        self._stamps: dict[str, Stamp] = {}   # each expert's manifest stamp at the last scan (store.stamps)
+        self._forced = Coalesced()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -139,12 +143,21 @@ class Engine:
 
     # ------------------------------------------------------------------ experts
     async def refresh(self, force: bool = False) -> bool:
-        """Re-read the store if its generation moved; returns whether anything changed."""
+        """Re-read the store if its generation moved (or ``force``); returns whether anything may have changed.
+        Forced refreshes (after this replica's own writes) share scans (server.coalesce)."""
+        if force:
+            await self._forced.run(lambda: self._refresh(True))
+            return True
+        return await self._refresh(False)
+
+    async def _refresh(self, force: bool) -> bool:
         async with self._refresh_lock:
             generation = self.store.generation()
             if generation == self.generation and not force:
                 return False
-            fresh, broken = await asyncio.to_thread(self._scan_store)
+            with self.metrics.store_refresh.labels("engine").time():
+                fresh, broken, self._stamps = await asyncio.to_thread(scan_store, self.store, self.experts,
+                                                                      self._stamps)
             for name, reason in broken.items():
                 if self.unavailable.get(name) != reason:
                     log.error("expert %r is not servable: %s", name, reason)
@@ -158,22 +171,6 @@ class Engine:
             self.metrics.store_generation.set(generation)
             self.metrics.cache_bytes.labels("disk").set(sum(e.manifest.bytes for e in fresh.values()))
             return True
-
-    def _scan_store(self) -> tuple[dict[str, ExpertInfo], dict[str, str]]:
-        """Every expert's current version; a version seen for the first time has its digests checked."""
-        fresh: dict[str, ExpertInfo] = {}
-        broken: dict[str, str] = {}
-        for name in self.store.names():
-            known = self.experts.get(name)
-            try:
-                expert = self.store.load(name)
-                if known is None or known.digest != expert.manifest.sha256.get("tensors.safetensors"):
-                    expert.check_digests()
-            except (ValueError, OSError) as err:
-                broken[name] = str(err)
-                continue
-            fresh[name] = ExpertInfo(name, expert.manifest, self.store.path(name))
-        return fresh, broken
 
     async def _forget(self, info: ExpertInfo) -> None:
         await self.lora.forget(info.name, self.llm)

@@ -39,40 +39,56 @@ class LoraAdapters:
         self.base_shapes, self.base_dir = base_shapes, base_dir
         self.names: frozenset[str] | None = None   # what vLLM's LoRA adapts on this model (server.worker.layout)
         self.building: dict[str, int] = {}   # recipe key -> requests waiting for its adapter to be built
+        self._pending: dict[str, asyncio.Future] = {}   # adapter key -> done when its build in flight ends
 
     def resident(self) -> list[str]:
         """The recipe keys whose merged adapters are in the cache (scoring proxies left out)."""
         return [k.split("|", 1)[0] for k in self.cache.keys() if not k.startswith("proxy|")]
 
     async def acquire(self, plan: Plan, llm: Any) -> tuple[Any, MergedAdapter]:
-        """The vLLM ``LoRARequest`` of a LoRA-path plan and its adapter, pinned until ``release``."""
+        """The vLLM ``LoRARequest`` of a LoRA-path plan and its adapter, pinned until ``release``. Requests that
+        arrive while their adapter is being built wait for that build instead of building it again."""
         key = plan.recipe.key + "|" + ",".join(i.token for i in plan.experts)
         adapter = self.cache.acquire(key)
-        if adapter is None:
-            self.metrics.cache_misses.labels("device").inc()
+        if adapter is not None:
+            self.metrics.cache_hits.labels("device").inc()
+        else:
             recipe = plan.recipe.key
             self.building[recipe] = self.building.get(recipe, 0) + 1
             try:
-                experts = [self.load(i) for i in plan.experts]
-                built = await asyncio.to_thread(
-                    self.cache.build, key, experts, list(plan.recipe.weights), self.base_shapes, str(self.base_dir),
-                    self.names)
-            except ExpertFormatError as err:
-                log.error("building the adapter of %r failed", plan.recipe.key, exc_info=err)
-                raise ExpertUnavailable(f"recipe {plan.recipe.key!r} cannot be served: one of its experts failed "
-                                        "its checks (see the server log)") from None
+                adapter = await self._wait_or_build(plan, key, llm)
             finally:
                 left = self.building.pop(recipe) - 1
                 if left:
                     self.building[recipe] = left
-            adapter, evicted = built   # unpacked here: mypy does not narrow `adapter` when unpacking an await
-            self.metrics.adapter_builds.inc()
-            self.metrics.cache_evictions.labels("device").inc(len(evicted))
-            await self.drop(evicted, llm)
-        else:
-            self.metrics.cache_hits.labels("device").inc()
         self.metrics.cache_bytes.labels("device").set(self.cache.nbytes)
         return lora_request(adapter), adapter
+
+    async def _wait_or_build(self, plan: Plan, key: str, llm: Any) -> MergedAdapter:
+        while key in self._pending:   # built by an earlier request: it is a hit unless evicted meanwhile
+            await asyncio.wait([self._pending[key]])
+            adapter = self.cache.acquire(key)
+            if adapter is not None:
+                self.metrics.cache_hits.labels("device").inc()
+                return adapter
+        self.metrics.cache_misses.labels("device").inc()
+        self._pending[key] = asyncio.get_running_loop().create_future()
+        try:
+            experts = [self.load(i) for i in plan.experts]
+            built = await asyncio.to_thread(
+                self.cache.build, key, experts, list(plan.recipe.weights), self.base_shapes, str(self.base_dir),
+                self.names)
+        except ExpertFormatError as err:
+            log.error("building the adapter of %r failed", plan.recipe.key, exc_info=err)
+            raise ExpertUnavailable(f"recipe {plan.recipe.key!r} cannot be served: one of its experts failed "
+                                    "its checks (see the server log)") from None
+        finally:
+            self._pending.pop(key).set_result(None)
+        fresh, evicted = built   # unpacked here: mypy does not narrow the adapter when unpacking an await
+        self.metrics.adapter_builds.inc()
+        self.metrics.cache_evictions.labels("device").inc(len(evicted))
+        await self.drop(evicted, llm)
+        return fresh
 
     async def acquire_proxy(self, info: ExpertInfo, llm: Any) -> tuple[Any, MergedAdapter]:
         """A pinned rank-``PROXY_RANK`` SVD proxy of a full-rank expert (what uncertainty scoring runs)."""

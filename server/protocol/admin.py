@@ -95,6 +95,10 @@ class ExpertList(BaseModel):
     store_generation: int
     unavailable: dict[str, str] = Field(default_factory=dict,
                                         description="experts in the store that cannot be served, and why")
+    first_id: str | None = Field(None, description="the first expert's id in `data` (OpenAI's list shape)")
+    last_id: str | None = Field(None, description="the last expert's id in `data`: pass it as `after` for the next "
+                                                  "page")
+    has_more: bool = Field(False, description="more experts follow this page")
 
 
 class DeletedExpert(BaseModel):

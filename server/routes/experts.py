@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
 
 from deltaserve.router.text import route_text
 from deltaserve.server.exceptions import ExpertUnavailable, InvalidRequest
+from deltaserve.server.listing import json_response, page, state_key
 from deltaserve.server.protocol.admin import (DeletedExpert, DeletedRecipe, ExpertCard, ExpertList, ExpertRegistration,
                                               RecipeCard, RecipeList, RecipeRegistration, RouteRequest, RouteResponse)
 from deltaserve.server.protocol.common import ErrorResponse
@@ -19,10 +21,22 @@ router = APIRouter(responses=ERRORS)
 
 
 @router.get("/v1/experts", response_model=ExpertList, dependencies=[INFERENCE])
-async def list_experts(service: Service = SERVICE) -> ExpertList:
+async def list_experts(service: Service = SERVICE, limit: int | None = Query(None, ge=1, le=100_000),
+                       after: str | None = Query(None, description="an expert id: list the experts after it")
+                       ) -> Response:
+    """Every expert in id order, or a page of ``limit`` after ``after`` (``has_more``, ``last_id``)."""
     await service.sync()   # another replica may have changed the store
-    return ExpertList(data=[service.expert_card(n) for n in sorted(service.engine.experts)],
-                      store_generation=service.engine.generation, unavailable=service.engine.unavailable)
+    engine = service.engine
+
+    def wrap(cards: list[ExpertCard], more: bool = False) -> ExpertList:
+        return ExpertList(data=cards, store_generation=engine.generation, unavailable=engine.unavailable,
+                          first_id=cards[0].id if cards else None, last_id=cards[-1].id if cards else None,
+                          has_more=more)
+    cards, whole = service.listings.cards("experts", state_key(service),
+                                          lambda: [service.expert_card(n) for n in sorted(engine.experts)], wrap)
+    if limit is None and after is None:
+        return json_response(whole)
+    return json_response(wrap(*page(cards, limit, after)).model_dump_json().encode())
 
 
 @router.get("/v1/experts/{name}", response_model=ExpertCard, dependencies=[INFERENCE])

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from deltaserve.server import responses as responses_api
 from deltaserve.server import serving
 from deltaserve.server.exceptions import NotFound
+from deltaserve.server.listing import json_response, state_key
 from deltaserve.server.protocol.admin import ModelCard, ModelList
 from deltaserve.server.protocol.common import ErrorResponse, now
 from deltaserve.server.protocol.responses import NOT_STORED, ResponsesRequest
@@ -22,32 +23,42 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for co
 router = APIRouter(dependencies=[INFERENCE], responses=ERRORS)
 
 
-def _cards(service: Service, created: int) -> dict[str, ModelCard]:
-    limit = service.settings.engine.max_model_len
-    base = service.base_name
-    rows = {base: ModelCard(id=base, created=created, root=base, max_model_len=limit, deltaserve={"kind": "base"}),
-            AUTO: ModelCard(id=AUTO, created=created, root=base, parent=base, max_model_len=limit,
-                            deltaserve={"kind": "router", "router": getattr(service.routing, "name", None)})}
-    for name in sorted(service.engine.experts):
-        rows[name] = ModelCard(id=name, created=created, root=base, parent=base, max_model_len=limit,
-                               deltaserve=service.expert_card(name).model_dump())
-    for name in sorted(service.named):
-        if name not in rows:
-            rows[name] = ModelCard(id=name, created=created, root=base, parent=base, max_model_len=limit,
-                                   deltaserve={"kind": "named_recipe", **service.recipe_card(name).model_dump()})
-    return rows
+def _fixed_card(service: Service, name: str, created: int) -> ModelCard | None:
+    """The card of the base, `auto`, an expert or a named recipe (None for anything else)."""
+    limit, base = service.settings.engine.max_model_len, service.base_name
+    if name == base:
+        return ModelCard(id=base, created=created, root=base, max_model_len=limit, deltaserve={"kind": "base"})
+    if name == AUTO:
+        return ModelCard(id=AUTO, created=created, root=base, parent=base, max_model_len=limit,
+                         deltaserve={"kind": "router", "router": getattr(service.routing, "name", None)})
+    if name in service.engine.experts:
+        return ModelCard(id=name, created=created, root=base, parent=base, max_model_len=limit,
+                         deltaserve=service.expert_card(name).model_dump())
+    if name in service.named:
+        return ModelCard(id=name, created=created, root=base, parent=base, max_model_len=limit,
+                         deltaserve={"kind": "named_recipe", **service.recipe_card(name).model_dump()})
+    return None
+
+
+def _cards(service: Service) -> list[ModelCard]:
+    created = now()
+    names = dict.fromkeys([service.base_name, AUTO, *sorted(service.engine.experts), *sorted(service.named)])
+    return [card for n in names if (card := _fixed_card(service, n, created)) is not None]
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def models(service: Service = SERVICE) -> ModelList:
-    return ModelList(data=list(_cards(service, now()).values()))
+async def models(service: Service = SERVICE) -> Response:
+    """The base, `auto`, every expert and every named recipe (built once per store state: server.listing)."""
+    _, body = service.listings.cards("models", state_key(service), lambda: _cards(service),
+                                     lambda cards: ModelList(data=cards))
+    return json_response(body)
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def model(model_id: str, service: Service = SERVICE) -> ModelCard:
     """One model: the base, `auto`, an expert, or any servable recipe expression."""
     created = now()
-    card = _cards(service, created).get(model_id)
+    card = _fixed_card(service, model_id, created)
     if card is not None:
         return card
     recipe, _ = await service.resolve(model_id, None, record=False)    # 404 / 400 for what is not servable
