@@ -21,15 +21,15 @@ SPARSE_TOUCHED = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.
                   "model.layers.11.mlp.gate_proj.weight")
 
 
-def random_lora(base: Path, out: Path, rank: int = 8, seed: int = 0) -> Path:
-    """A PEFT LoRA of ``base`` (rank ``rank`` on attention and MLP) with random A and scaled random B."""
+def random_lora(base: Path, out: Path, rank: int = 8, seed: int = 0, targets: Sequence[str] = LORA_TARGETS) -> Path:
+    """A PEFT LoRA of ``base`` (rank ``rank`` on ``targets``: attention and MLP) with random A and scaled random B."""
     from peft import LoraConfig, get_peft_model
 
     from deltaserve.experts.hfmodel import load_causal_lm
 
     torch.manual_seed(seed)
     model = get_peft_model(load_causal_lm(base), LoraConfig(
-        r=rank, lora_alpha=2 * rank, init_lora_weights=False, lora_dropout=0.0, target_modules=list(LORA_TARGETS)))
+        r=rank, lora_alpha=2 * rank, init_lora_weights=False, lora_dropout=0.0, target_modules=list(targets)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
