@@ -26,7 +26,7 @@ class NamedRecipes:
 
     root: Path
     _locked: Callable[..., Any]
-    _bump: Callable[[], int]
+    _bump: Callable[..., int]
 
     def recipes(self) -> dict[str, str]:
         """Named recipes: name -> recipe text (as a request's `model` would write it)."""

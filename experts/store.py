@@ -3,6 +3,7 @@
 Layout of ``<store>/``::
 
     GENERATION             {"generation": n}; bumped on every publish/delete (replicas poll it)
+    JOURNAL                the experts each generation changed (experts.journal: replicas follow in O(change))
     RECIPES                {"support-bot": "0.7*tone+0.3*sql", ...}: named recipes (experts.named_recipes)
     <name>/                an expert folder (experts.expert) plus, optionally,
     <name>/exemplars.json  ["example prompt", ...] for the routers
@@ -33,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from deltaserve.experts import journal
 from deltaserve.experts.atomic import exchange, fsync_tree, write_json_atomic
 from deltaserve.experts.expert import Expert, load_expert, load_pinned
 from deltaserve.experts.manifest import MANIFEST_FILE, TENSORS_FILE, ExpertManifest
@@ -48,7 +50,7 @@ EXEMPLARS_FILE = "exemplars.json"
 LOCK_FILE = ".lock"
 MAX_EXEMPLARS = 10_000
 MAX_EXEMPLAR_CHARS = 4_000
-Stamp = tuple[int, int, int, int]   # a file's (st_dev, st_ino, st_mtime_ns, st_size)
+Stamp = tuple[int, int, int, int]   # an expert folder's (st_dev, st_ino, st_mtime_ns) and its manifest's size
 
 
 class _Moved(Exception):
@@ -82,20 +84,24 @@ class ExpertStore(NamedRecipes):
         return sorted(self.stamps())
 
     def stamps(self) -> dict[str, Stamp]:
-        """Every expert's name and a stamp of its current version's manifest (device, inode, mtime, size): a
-        publish, replacement or deletion changes it, so a reader re-reads only the experts whose stamp moved
-        (one ``stat`` per expert instead of opening, parsing and checking every manifest)."""
+        """Every expert's name and the stamp of its current version (``stamp``): a reader re-reads only experts
+        whose stamp moved (one ``stat`` each instead of opening, parsing and checking every manifest)."""
         out: dict[str, Stamp] = {}
         with os.scandir(self.root) as entries:
             for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                try:
-                    st = os.stat(os.path.join(entry.path, MANIFEST_FILE))
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                out[entry.name] = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+                if not entry.name.startswith(".") and (stamp := self.stamp(entry.name)) is not None:
+                    out[entry.name] = stamp
         return out
+
+    def stamp(self, name: str) -> Stamp | None:
+        """(device, inode, mtime) of expert ``name``'s folder and its manifest's size, None if it has none: a
+        publish or replacement swaps in a new folder (a new inode), new exemplars change its mtime."""
+        try:
+            st = os.stat(self.root / name)
+            size = os.stat(self.root / name / MANIFEST_FILE).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_dev, st.st_ino, st.st_mtime_ns, size
 
     def path(self, name: str) -> Path:
         check_name(name)
@@ -201,8 +207,10 @@ class ExpertStore(NamedRecipes):
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _bump(self) -> int:
+    def _bump(self, names: Sequence[str] = ()) -> int:
+        """The next generation, after journaling that it changes experts ``names`` (experts.journal)."""
         generation = self.generation() + 1
+        journal.append(self.root, generation, names)
         write_json_atomic(self.root / GENERATION_FILE, {"generation": generation})
         return generation
 
@@ -234,7 +242,7 @@ class ExpertStore(NamedRecipes):
                 if name in self.recipes():
                     raise ExpertExistsError(f"{name!r} is a named recipe's name; delete it or pick another name")
                 self._install(stage, target, name, replace)
-                self._bump()
+                self._bump([name])
             return expert.manifest
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -258,13 +266,13 @@ class ExpertStore(NamedRecipes):
             if not (target / MANIFEST_FILE).is_file():
                 raise UnknownExpertError(f"unknown expert {name!r}; known experts: {self.names()}")
             retire(self.root, target, check_name(name))
-            self._bump()
+            self._bump([name])
 
     def set_exemplars(self, name: str, texts: Sequence[str]) -> None:
         self.load(name)
         with self._locked():
             write_json_atomic(self.path(name) / EXEMPLARS_FILE, check_exemplars(texts), sort_keys=False)
-            self._bump()
+            self._bump([name])
 
     # ------------------------------------------------------------------ importing
     def import_source(self, name: str, source: Path, *, compression: Compression | None = None,

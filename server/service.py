@@ -49,6 +49,7 @@ class Service(Registrations):
         self.tools = ToolCalling(settings.tools, None)   # with the tokenizer once it is loaded
         self._importing = {False: asyncio.Semaphore(1), True: asyncio.Semaphore(1)}   # plain / compressing
         self._refits = Coalesced()   # router refits, shared by concurrent callers
+        self._exemplars: dict[str, tuple[Any, list[str]]] = {}   # what the last refit read (_refit_router)
         self.listings = Listings()        # /v1/models and /v1/experts, built once per store state
         self.named: dict[str, str] = {}   # named recipes: name -> recipe text (the store's RECIPES)
         self._names_of: dict[str, list[str]] = {}   # recipe key -> the named recipes that serve it
@@ -215,7 +216,10 @@ class Service(Registrations):
             await asyncio.to_thread(self._refit_router, dict(self.engine.experts))
 
     def _refit_router(self, experts: dict) -> None:
-        exemplars = {n: self.store.exemplars(n) for n in experts}
+        read = self._exemplars   # name -> (the expert's info when read, its exemplars): a new info is a change
+        self._exemplars = {n: read[n] if n in read and read[n][0] is info else (info, self.store.exemplars(n))
+                           for n, info in experts.items()}
+        exemplars = {n: texts for n, (_, texts) in self._exemplars.items()}
         if getattr(self.routing.router, "needs_exemplars", True):
             exemplars = {n: t for n, t in exemplars.items() if t}
         self.routing.set_exemplars(exemplars)

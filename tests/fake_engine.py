@@ -13,7 +13,7 @@ from typing import Any
 
 from deltaserve.server.engine.adaptive import AdaptiveSettings, MergePolicy
 from deltaserve.server.engine.planner import plan_recipe
-from deltaserve.server.engine.scan import scan_store
+from deltaserve.server.engine.scan import Followed, follow_store
 from deltaserve.server.engine.types import ExpertInfo, Plan, Residency
 from deltaserve.server.exceptions import EngineUnavailable
 from deltaserve.server.recipes import Recipe
@@ -39,7 +39,7 @@ class FakeEngine:
         self.config, self.store, self.tokenizer = config.resolved(store.root), store, tokenizer
         self.experts: dict[str, ExpertInfo] = {}
         self.unavailable: dict[str, str] = {}
-        self._stamps: dict = {}
+        self._followed = Followed()
         self.generation = -1
         self.started = False
         self.restarting = False
@@ -71,7 +71,8 @@ class FakeEngine:
         generation = self.store.generation()
         if generation == self.generation and not force:
             return False
-        self.experts, self.unavailable, self._stamps = scan_store(self.store, self.experts, self._stamps)
+        self._followed = follow_store(self.store, self._followed, generation)
+        self.experts, self.unavailable = self._followed.experts, self._followed.unavailable
         self.generation = generation
         return True
 

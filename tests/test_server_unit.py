@@ -522,30 +522,71 @@ def test_10000_recipes_models_and_experts_make_a_bounded_number_of_series():
     assert 'deltaserve_requests_total{model="other",recipe="other",status="200"} 1.0' in off.render().decode()
 
 
-def test_the_store_scan_reads_only_the_experts_whose_version_changed(micro_zoo, tmp_path, monkeypatch):
-    """Every registration rescans the store; with 10,000 experts reading every manifest made that O(store).
-    Unchanged experts keep their info (no read); new, replaced and unservable ones are read."""
-    from deltaserve.server.engine.scan import scan_store
+def test_following_the_store_reads_only_the_experts_that_changed(micro_zoo, tmp_path, monkeypatch):
+    """Every registration is followed by every replica; with 10,000 experts reading (or even statting) every
+    expert made that O(store). The journal names what each generation changed and only those are read; without
+    a journal position every expert is statted and only new, replaced or unservable ones are read."""
+    from deltaserve.server.engine.scan import Followed, follow_store
 
     store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
     store.import_source("a", micro_zoo.layout.lora("upper"))
     store.import_source("b", micro_zoo.layout.lora("length"))
     (store.root / "junk").mkdir()
     (store.root / "junk" / "manifest.json").write_text("{}")
-    experts, broken, stamps = scan_store(store, {}, {})
-    assert sorted(experts) == ["a", "b"] and list(broken) == ["junk"]
-    loads: list[str] = []
-    real = store.load
-    monkeypatch.setattr(store, "load", lambda name, **kw: loads.append(name) or real(name, **kw))
-    again, broken, stamps = scan_store(store, experts, stamps)
-    assert loads == ["junk"] and all(again[n] is experts[n] for n in experts) and list(broken) == ["junk"]
+    first = follow_store(store, Followed(), store.generation())   # no position yet: a full scan
+    assert sorted(first.experts) == ["a", "b"] and list(first.unavailable) == ["junk"] and first.cursor
     store.import_source("a", micro_zoo.layout.lora("length"), replace=True)
     store.import_source("c", micro_zoo.layout.lora("upper"))
     store.delete("b")
+    store.set_exemplars("c", ["make it upper case"])
+    store.set_recipe("bot", "a")
+    loads: list[str] = []
+    stamped: list[str] = []
+    real_load, real_stamp = store.load, store.stamp
+    monkeypatch.setattr(store, "load", lambda name, **kw: loads.append(name) or real_load(name, **kw))
+    monkeypatch.setattr(store, "stamp", lambda name: stamped.append(name) or real_stamp(name))
+    after = follow_store(store, first, store.generation())
+    assert sorted(loads) == ["a", "c"] and sorted(set(stamped)) == ["a", "b", "c"]   # nothing else touched
+    assert sorted(after.experts) == ["a", "c"] and list(after.unavailable) == ["junk"]
+    assert after.experts["a"].digest != first.experts["a"].digest
+    monkeypatch.undo()
+    store.set_exemplars("a", ["new exemplar"])   # the same version, new exemplars: a new info (routers re-read)
+    monkeypatch.setattr(store, "load", lambda name, **kw: loads.append(name) or real_load(name, **kw))
     loads.clear()
-    third, _, _ = scan_store(store, again, stamps)
-    assert sorted(loads) == ["a", "c", "junk"] and sorted(third) == ["a", "c"]
-    assert third["a"].digest != experts["a"].digest
+    changed = follow_store(store, after, store.generation())
+    assert loads == ["a"] and changed.experts["a"] is not after.experts["a"]
+    assert changed.experts["a"].token == after.experts["a"].token and changed.experts["c"] is after.experts["c"]
+    after = changed
+    loads.clear()
+    again = follow_store(store, Followed(after.experts, after.unavailable, after.stamps), store.generation())
+    assert sorted(loads) == ["junk"] and all(again.experts[n] is after.experts[n] for n in after.experts)
+
+
+def test_the_journal_names_what_each_generation_changed(tmp_path, monkeypatch):
+    """experts.journal: a reader's cursor follows generation by generation; a gap (a generation written without
+    the journal), a journal started afresh or a torn line never yield a wrong answer, only a full scan."""
+    from deltaserve.experts import journal
+
+    assert journal.changes(tmp_path, None, 0) == (None, None)   # no journal yet
+    journal.append(tmp_path, 1, ["a"])
+    names, cursor = journal.changes(tmp_path, None, 1)
+    assert names is None and cursor.generation == 1   # no position: scan everything, go on from here
+    journal.append(tmp_path, 2, ["b", "a"])
+    journal.append(tmp_path, 3, [])
+    names, later = journal.changes(tmp_path, cursor, 3)
+    assert names == {"a", "b"} and later.generation == 3
+    journal.append(tmp_path, 4, ["c"])
+    assert journal.changes(tmp_path, later, 3) == (set(), later)   # generation 4 is not read yet
+    with open(tmp_path / journal.JOURNAL_FILE, "a") as fh:
+        fh.write('{"generation": 5, "names": ["d"')   # being appended
+    assert journal.changes(tmp_path, later, 4)[0] == {"c"}
+    assert journal.changes(tmp_path, later, 5)[0] is None   # generation 5 not complete in the journal
+    journal.append(tmp_path, 7, ["e"])    # generation 6 was never journaled
+    assert journal.changes(tmp_path, journal.changes(tmp_path, later, 4)[1], 7)[0] is None
+    monkeypatch.setattr(journal, "MAX_JOURNAL_BYTES", 0)
+    journal.append(tmp_path, 8, ["f"])    # started afresh: old cursors no longer fit
+    names, fresh = journal.changes(tmp_path, later, 8)
+    assert names is None and journal.changes(tmp_path, fresh, 8) == (set(), fresh)
 
 
 def test_requests_for_an_adapter_being_built_wait_for_that_build(micro_zoo, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deltaserve.experts.expert import Expert, ExpertFormatError
-from deltaserve.experts.store import ExpertStore, Stamp
+from deltaserve.experts.store import ExpertStore
 from deltaserve.experts.taskvector import _shapes
 from deltaserve.server.coalesce import Coalesced
 from deltaserve.server.engine import scoring
@@ -27,7 +27,7 @@ from deltaserve.server.engine.adaptive import MergePolicy
 from deltaserve.server.engine.lora import LoraAdapters
 from deltaserve.server.engine.planner import LoraSupport, lora_servable, plan_recipe
 from deltaserve.server.engine.platform import lora_unavailable, parallel_args
-from deltaserve.server.engine.scan import scan_store
+from deltaserve.server.engine.scan import Followed, follow_store
 from deltaserve.server.engine.scheduler import WeightScheduler
 from deltaserve.server.engine.swap import WeightSwap
 from deltaserve.server.engine.types import ExpertInfo, Plan, Residency, WeightState, residency
@@ -72,7 +72,7 @@ class Engine:
         self.scheduler = WeightScheduler(self._apply, max_wait_s=config.max_wait_ms / 1000.0,
                                          initial_state=WeightState())
         self._refresh_lock = asyncio.Lock()
-        self._stamps: dict[str, Stamp] = {}   # each expert's manifest stamp at the last scan (store.stamps)
+        self._followed = Followed()   # the store as last followed (server.engine.scan)
         self._forced = Coalesced()
 
     # ------------------------------------------------------------------ lifecycle
@@ -156,8 +156,9 @@ class Engine:
             if generation == self.generation and not force:
                 return False
             with self.metrics.store_refresh.labels("engine").time():
-                fresh, broken, self._stamps = await asyncio.to_thread(scan_store, self.store, self.experts,
-                                                                      self._stamps)
+                last = Followed(self.experts, self.unavailable, self._followed.stamps, self._followed.cursor)
+                self._followed = await asyncio.to_thread(follow_store, self.store, last, generation)
+            fresh, broken = self._followed.experts, self._followed.unavailable
             for name, reason in broken.items():
                 if self.unavailable.get(name) != reason:
                     log.error("expert %r is not servable: %s", name, reason)
