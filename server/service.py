@@ -49,7 +49,7 @@ class Service(Registrations):
         self.tools = ToolCalling(settings.tools, None)   # with the tokenizer once it is loaded
         self._importing = {False: asyncio.Semaphore(1), True: asyncio.Semaphore(1)}   # plain / compressing
         self._refits = Coalesced()   # router refits, shared by concurrent callers
-        self._exemplars: dict[str, tuple[Any, list[str]]] = {}   # what the last refit read (_refit_router)
+        self._read: dict[str, tuple[Any, list[str], bool]] = {}   # what the last refit read (_refit_router)
         self.listings = Listings()        # /v1/models and /v1/experts, built once per store state
         self.named: dict[str, str] = {}   # named recipes: name -> recipe text (the store's RECIPES)
         self._names_of: dict[str, list[str]] = {}   # recipe key -> the named recipes that serve it
@@ -216,15 +216,18 @@ class Service(Registrations):
             await asyncio.to_thread(self._refit_router, dict(self.engine.experts))
 
     def _refit_router(self, experts: dict) -> None:
-        read = self._exemplars   # name -> (the expert's info when read, its exemplars): a new info is a change
-        self._exemplars = {n: read[n] if n in read and read[n][0] is info else (info, self.store.exemplars(n))
-                           for n, info in experts.items()}
-        exemplars = {n: texts for n, (_, texts) in self._exemplars.items()}
+        read = self._read   # name -> (its info when read, its exemplars, served on the LoRA path): a new info is
+        self._read = {n: read[n] if n in read and read[n][0] is info else self._read_expert(n, info)   # a change
+                      for n, info in experts.items()}
+        exemplars = {n: texts for n, (_, texts, _) in self._read.items()}
         if getattr(self.routing.router, "needs_exemplars", True):
             exemplars = {n: t for n, t in exemplars.items() if t}
         self.routing.set_exemplars(exemplars)
         self.routing.set_quality({n: info.manifest.calibration_score for n, info in experts.items()})
-        self.routing.set_preferred(n for n in experts if self.engine.plan(Recipe(((n, 1.0),))).path == "lora")
+        self.routing.set_preferred(n for n, (_, _, lora) in self._read.items() if lora)
+
+    def _read_expert(self, name: str, info: Any) -> tuple[Any, list[str], bool]:
+        return info, self.store.exemplars(name), self.engine.plan(Recipe(((name, 1.0),))).path == "lora"
 
     async def poll_store(self) -> None:
         """Notice experts published or deleted by other replicas (shared store); now and then remove

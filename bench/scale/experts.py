@@ -261,7 +261,7 @@ def run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     rows, names = [], []
     try:
         for size in sorted(args.sizes):
-            idle = asyncio.run(route_latencies(url, probe[:64], 1)) if names else None
+            idle = asyncio.run(route_latencies(url, probe[:200], 1)) if names else None
             new = [f"x{i:05d}" for i in range(len(names), size)]
             log(f"writing {len(new)} LoRAs for {size} experts")
             jobs = [(n, factory.write(work / "src" / n, i), pool[2 * i:2 * i + 2])
