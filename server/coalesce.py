@@ -1,6 +1,6 @@
 """Work that many concurrent callers need done once after their change: a store rescan, a router refit.
 
-With eight registrations in flight each used to rescan the store and refit the router itself, one after another
+Eight registrations in flight would otherwise each rescan the store and refit the router, one after another
 (O(store) each). ``Coalesced.run(work)`` returns once a run of ``work`` that *started after the call* has finished:
 the first caller runs it, callers arriving meanwhile wait and share the next run (group commit).
 """
