@@ -216,8 +216,9 @@ class Service(Registrations):
             await asyncio.to_thread(self._refit_router, dict(self.engine.experts))
 
     def _refit_router(self, experts: dict) -> None:
-        read = self._read   # name -> (its info when read, its exemplars, served on the LoRA path): a new info is
-        self._read = {n: read[n] if n in read and read[n][0] is info else self._read_expert(n, info)   # a change
+        # what the last refit read of each expert (its info then, exemplars, LoRA path); a new info is a change
+        read = self._read
+        self._read = {n: read[n] if n in read and read[n][0] is info else self._read_expert(n, info)
                       for n, info in experts.items()}
         exemplars = {n: texts for n, (_, texts, _) in self._read.items()}
         if getattr(self.routing.router, "needs_exemplars", True):
