@@ -652,3 +652,18 @@ def test_concurrent_callers_share_runs_that_start_after_their_call():
             await shared.run(boom)
         assert await shared.run(work) is True   # the failure covered nobody
     asyncio.run(scenario())
+
+
+def test_a_request_planned_after_its_expert_was_deleted_is_a_404(micro_zoo, tmp_path):
+    """A chat request resolved its `model` just before the expert was deleted, then planned it: that was a
+    KeyError and a 500 (the chaos test's replace-and-delete under load); it is the 404 of a later arrival."""
+    from deltaserve.experts.store_errors import UnknownExpertError
+    from deltaserve.server.engine.core import Engine
+    from deltaserve.server.metrics import Metrics
+    from deltaserve.server.settings import EngineConfig
+
+    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    engine = Engine(EngineConfig(base_dir=micro_zoo.layout.base, adapter_root=tmp_path / "adapters"), store,
+                    Metrics())
+    with pytest.raises(UnknownExpertError, match="'gone': deleted while"):
+        engine.plan(Recipe((("gone", 1.0),)), arriving=True)

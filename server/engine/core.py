@@ -5,12 +5,9 @@ Lifecycle (start, restart after a crash, shutdown, health), the store scan that 
 server.engine.planner; the LoRA path lives in server.engine.lora, the dense path's
 weight swap in server.engine.swap, uncertainty scoring in server.engine.scoring.
 
-Each store state followed is frozen out of the cyclic garbage collector (``gc.freeze``):
-an expert's manifest is ~140 objects, and with 4,000 experts a full collection took
-0.66 s (1.5 s expected at 10,000), pausing every thread of the server — the 0.5 s
-spikes in routing latency while a store grew past 1,000 (bench/scale/experts.py).
-Frozen objects are still freed when unreferenced; only a reference cycle alive at a
-freeze is never collected.
+Each store state followed is frozen out of the cyclic GC (``gc.freeze``): a manifest is ~140 objects, and
+at 4,000 experts a full collection took 0.66 s, pausing every thread (bench/scale/experts.py). Frozen objects
+are still freed when unreferenced; only a reference cycle alive at a freeze is never collected.
 """
 
 from __future__ import annotations
@@ -27,6 +24,7 @@ from typing import Any
 
 from deltaserve.experts.expert import Expert, ExpertFormatError
 from deltaserve.experts.store import ExpertStore
+from deltaserve.experts.store_errors import UnknownExpertError
 from deltaserve.experts.taskvector import _shapes
 from deltaserve.server.coalesce import Coalesced
 from deltaserve.server.engine import scoring
@@ -200,7 +198,11 @@ class Engine:
     # ------------------------------------------------------------------ planning and scoring
     def plan(self, recipe: Recipe, *, arriving: bool = False) -> Plan:
         """How ``recipe`` is served now (server.engine.planner); ``arriving``: count a request for it with the
-        adaptive policy (server.engine.adaptive), which may serve a dominant LoRA recipe merged."""
+        adaptive policy (server.engine.adaptive), which may serve a dominant LoRA recipe merged. An expert deleted
+        after the request named it is a 404, as if it had arrived later."""
+        gone = [n for n in recipe.names if n not in self.experts]
+        if gone:
+            raise UnknownExpertError(f"unknown expert {gone[0]!r}: deleted while the request was being prepared")
         if arriving:
             infos = tuple(self.experts[n] for n in recipe.names)
             lora = bool(recipe.terms) and lora_servable(recipe, infos, self.config, self.lora_support)
