@@ -85,7 +85,7 @@ class ExpertStore(NamedRecipes):
 
     def stamps(self) -> dict[str, Stamp]:
         """Every expert's name and the stamp of its current version (``stamp``): a reader re-reads only experts
-        whose stamp moved (one ``stat`` each instead of opening, parsing and checking every manifest)."""
+        whose stamp moved (two ``stat`` calls each instead of opening, parsing and checking every manifest)."""
         out: dict[str, Stamp] = {}
         with os.scandir(self.root) as entries:
             for entry in entries:
