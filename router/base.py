@@ -79,7 +79,9 @@ class Router(Protocol):
 
     def remove(self, expert: str) -> None: ...
 
-    def score(self, texts: Sequence[str]) -> list[ScoredText]: ...
+    def score(self, texts: Sequence[str], allowed: frozenset[str] | None = None) -> list[ScoredText]:
+        """Each text's scores over the experts (only the ``allowed`` ones: None is all) and distance."""
+        ...
 
 
 @dataclass

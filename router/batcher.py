@@ -6,7 +6,8 @@ thread pool would queue the rest). Encoding a batch of prompts costs far less
 than encoding them one by one, so the batcher collects
 the texts that arrive within ``window_s`` of the first one (at most
 ``max_batch``), routes them with one ``RoutingService.route`` call in one
-thread, and hands each caller its own decision. While a batch is being routed
+thread, and hands each caller its own decision. Callers scoped to some experts (tenants: server.scoping) are
+routed among those only, one routing call per distinct scope in the batch. While a batch is being routed
 the next one collects, so at most one routing call runs at a time.
 
 A lone request pays at most ``window_s`` (2 ms by default) for the batching.
@@ -35,16 +36,17 @@ class RouteBatcher:
         self.service = service
         self.window_s = window_s
         self.max_batch = max_batch
-        self._pending: list[tuple[str, float, asyncio.Future]] = []
+        self._pending: list[tuple[str, float, asyncio.Future, frozenset[str] | None]] = []
         self._runner: asyncio.Task | None = None
         self.batches = 0      # routing calls made
         self.routed = 0       # texts routed
 
-    async def route(self, text: str) -> Decision:
-        """The decision for one text; raises what the router raised for its batch."""
+    async def route(self, text: str, allowed: frozenset[str] | None = None) -> Decision:
+        """The decision for one text, among the ``allowed`` experts only (None: all); raises what the router
+        raised for its batch."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((text, time.perf_counter(), future))
+        self._pending.append((text, time.perf_counter(), future, allowed))
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run())
         return await future
@@ -58,18 +60,31 @@ class RouteBatcher:
             if not batch:
                 continue
             try:
-                decisions = await asyncio.to_thread(self.service.route, [text for text, _, _ in batch])
+                decisions = await asyncio.to_thread(self._route, batch)
             except Exception as err:  # noqa: BLE001 - every caller of the batch gets the router's error
-                for _, _, future in batch:
+                for _, _, future, _ in batch:
                     if not future.done():
                         future.set_exception(err)
                 continue
             self.batches += 1
             self.routed += len(batch)
             done = time.perf_counter()
-            for (_, since, future), decision in zip(batch, decisions):
+            for (_, since, future, _), decision in zip(batch, decisions):
                 if not future.done():
                     future.set_result(dataclasses.replace(decision, latency_s=done - since))
+
+    def _route(self, batch: list) -> list[Decision]:
+        """One routing call per distinct ``allowed`` set in the batch (one for all when no caller is scoped)."""
+        groups: dict[frozenset[str] | None, list[int]] = {}
+        for i, item in enumerate(batch):
+            groups.setdefault(item[3], []).append(i)
+        out: list[Decision | None] = [None] * len(batch)
+        for allowed, rows in groups.items():
+            texts = [batch[i][0] for i in rows]
+            decided = self.service.route(texts) if allowed is None else self.service.route(texts, allowed=allowed)
+            for i, decision in zip(rows, decided):
+                out[i] = decision
+        return out  # type: ignore[return-value]
 
     async def route_many(self, texts: Sequence[str]) -> list[Decision]:
         return list(await asyncio.gather(*(self.route(t) for t in texts)))

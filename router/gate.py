@@ -21,7 +21,7 @@ from pydantic import Field
 from deltaserve.experts.registry import Options
 from deltaserve.router.base import ScoredText, register_router
 from deltaserve.router.features import Encoder
-from deltaserve.router.index import CosineIndex, ExemplarRouter, Snapshot
+from deltaserve.router.index import CosineIndex, ExemplarRouter, allowed_rows, Snapshot
 
 
 @dataclass(frozen=True)
@@ -75,17 +75,23 @@ class GateRouter(ExemplarRouter):
         classifier = train_gate(snapshot, self.C, self.max_iter, self.calibrate)
         self._trained = _Trained(snapshot, classifier, CosineIndex(snapshot, 1))
 
-    def score(self, texts: Sequence[str]) -> list[ScoredText]:
+    def score(self, texts: Sequence[str], allowed: frozenset[str] | None = None) -> list[ScoredText]:
+        """The gate's probabilities; with ``allowed``, conditioned on those experts (renormalised over them)."""
         trained = self._trained
-        if trained is None:
+        experts, rows = (None, None) if trained is None else allowed_rows(trained.snapshot, allowed)
+        if trained is None or (experts is not None and not experts.any()):
             return [({}, None) for _ in texts]
         features = self.encoder.encode(texts)
-        distances, _ = trained.nearest.query(features)
+        distances, _ = trained.nearest.query(features, rows)
         names = trained.snapshot.names
         if trained.classifier is None:
             probs = np.ones((len(texts), 1))
         else:
             probs = np.zeros((len(texts), len(names)))
             probs[:, trained.classifier.classes_] = trained.classifier.predict_proba(features)
+        if experts is not None:
+            probs[:, ~experts] = 0.0
+            probs[probs.sum(axis=1) == 0] = experts   # no mass left on the allowed experts: uniform over them
         probs = probs / probs.sum(axis=1, keepdims=True)
-        return [(dict(zip(names, row)), d) for row, d in zip(probs.tolist(), distances[:, 0].tolist())]
+        return [({n: p for n, p in zip(names, row) if experts is None or p > 0}, d)
+                for row, d in zip(probs.tolist(), distances[:, 0].tolist())]

@@ -158,12 +158,16 @@ class CosineIndex:
         # (n, d) unit rows; queries multiply its transposed view (BLAS reads it as is: no copy at 20,000 rows)
         self._unit = snapshot.features.astype(np.float32, copy=False) if snapshot.unit else _unit(snapshot.features)
 
-    def query(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(cosine distances, expert label indices), both (n, k), nearest first."""
+    def query(self, features: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine distances, expert label indices), both (n, k), nearest first; ``rows`` (a boolean mask over
+        the exemplars, at least one True) limits the search to those exemplars."""
         queries = np.asarray(features, dtype=np.float32)
         queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         similarity = queries @ self._unit.T
         k, n_rows = self.k, similarity.shape[1]
+        if rows is not None:
+            similarity[:, ~rows] = -np.inf
+            k = min(k, int(rows.sum()))
         if k == 1:   # the gate's nearest-exemplar distance: one argmax, no partition or sort
             rows = similarity.argmax(axis=1)[:, None]
             distances = 1.0 - np.take_along_axis(similarity, rows, axis=1).astype(np.float64)
@@ -177,6 +181,14 @@ class CosineIndex:
         rows = np.take_along_axis(rows, order, axis=1)
         distances = 1.0 - np.take_along_axis(picked, order, axis=1).astype(np.float64)
         return np.clip(distances, 0.0, 2.0), self.snapshot.labels[rows]
+
+
+def allowed_rows(snapshot: Snapshot, allowed: frozenset[str] | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(expert mask, exemplar-row mask) for ``allowed`` experts; (None, None) for all."""
+    if allowed is None:
+        return None, None
+    experts = np.fromiter((n in allowed for n in snapshot.names), dtype=bool, count=len(snapshot.names))
+    return experts, experts[snapshot.labels]
 
 
 class ExemplarRouter:

@@ -16,7 +16,7 @@ from pydantic import Field
 from deltaserve.experts.registry import Options
 from deltaserve.router.base import ScoredText, register_router
 from deltaserve.router.features import Encoder
-from deltaserve.router.index import CosineIndex, ExemplarRouter
+from deltaserve.router.index import CosineIndex, ExemplarRouter, allowed_rows
 
 
 def neighbour_votes(distances: np.ndarray, labels: np.ndarray, n_experts: int, temperature: float) -> np.ndarray:
@@ -54,11 +54,12 @@ class KnnRouter(ExemplarRouter):
         snapshot = self._exemplars.snapshot()
         self._index = None if snapshot.empty else CosineIndex(snapshot, self.k)
 
-    def score(self, texts: Sequence[str]) -> list[ScoredText]:
+    def score(self, texts: Sequence[str], allowed: frozenset[str] | None = None) -> list[ScoredText]:
         index = self._index  # one snapshot for the whole call
-        if index is None:
+        experts, rows = (None, None) if index is None else allowed_rows(index.snapshot, allowed)
+        if index is None or (experts is not None and not experts.any()):
             return [({}, None) for _ in texts]
-        distances, labels = index.query(self.encoder.encode(texts))
+        distances, labels = index.query(self.encoder.encode(texts), rows)
         shares = neighbour_votes(distances, labels, len(index.snapshot.names), self.temperature)
         names = index.snapshot.names
         out: list[ScoredText] = []

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from deltaserve.router.base import Decision, Policy, Router
 
@@ -90,13 +90,19 @@ class RoutingService:
             self._texts = {n: t for n, t in self._texts.items() if n != expert}
             self._twins = twin_groups(self._texts)
 
-    def route(self, texts: Sequence[str]) -> list[Decision]:
-        """One decision per text, in order."""
+    def route(self, texts: Sequence[str], allowed: Collection[str] | None = None) -> list[Decision]:
+        """One decision per text, in order; with ``allowed``, among those experts only (the router never looks
+        at the others' exemplars, so neither scores nor distances depend on them)."""
         if isinstance(texts, str):
             raise TypeError("route() takes a sequence of texts, not one string")
         started = self._clock()
         quality = self._quality
-        scored = self.router.score(list(texts)) if texts else []
+        if not texts:
+            scored = []
+        elif allowed is None:
+            scored = self.router.score(list(texts))
+        else:
+            scored = self.router.score(list(texts), allowed=frozenset(allowed))
         preferred = self._preferred
         weighted = [(tie_broken(quality_weighted(scores, quality), preferred), distance) for scores, distance in scored]
         policy = self.policy

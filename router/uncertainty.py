@@ -73,8 +73,8 @@ class UncertaintyRouter:
     def remove(self, expert: str) -> None:
         self._experts = tuple(n for n in self._experts if n != expert)
 
-    def score(self, texts: Sequence[str]) -> list[ScoredText]:
-        names = self._experts
+    def score(self, texts: Sequence[str], allowed: frozenset[str] | None = None) -> list[ScoredText]:
+        names = self._experts if allowed is None else tuple(n for n in self._experts if n in allowed)
         if not names or not texts:
             return [({}, None) for _ in texts]
         nll = np.asarray(self.scorer(list(texts), list(names)), dtype=np.float64)

@@ -7,13 +7,15 @@ expert admin, ops). Pass a fake ``engine`` to test the HTTP layer in-process.
 
 Auth: with ``api_keys`` set, inference and reads need ``Authorization: Bearer
 <key>``; with ``admin_keys`` set, expert writes need an admin key (admin keys
-also work for inference). With no keys configured the API is open (the demo).
+also work for inference). With no keys configured the API is open (the demo). With ``key_file``
+(server.tenants) keys are scoped to tenants, roles and limits instead (server.limits.Tenancy).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,6 +25,7 @@ from fastapi.responses import JSONResponse
 from deltaserve.server import errors
 from deltaserve.server.auth import bearer_token
 from deltaserve.server.engine.types import EngineProtocol
+from deltaserve.server.limits import Tenancy
 from deltaserve.server.routes import experts, lora, openai, ops, tokenize
 from deltaserve.server.service import Service
 from deltaserve.server.settings import ServerSettings
@@ -40,6 +43,7 @@ def create_app(settings: ServerSettings, *, engine: EngineProtocol | None = None
         await service.start()
         supervisor = EngineSupervisor(service.engine, service.metrics, on_restart=service.refresh_routing)
         tasks = [asyncio.create_task(service.poll_store()), asyncio.create_task(supervisor.run())]
+        _reload_keys_on_sighup(service)
         if on_ready is not None:
             on_ready()
         try:
@@ -60,10 +64,21 @@ def create_app(settings: ServerSettings, *, engine: EngineProtocol | None = None
     app.add_middleware(errors.BodyLimit, max_bytes=settings.max_request_bytes)
     if settings.ops_need_key:
         app.add_middleware(OpsKey, keys=settings.api_keys + settings.admin_keys)
+    if service.keys is not None:   # scoped keys: the caller of each request, its limits (server.limits)
+        app.add_middleware(Tenancy, ring=service.keys, limiter=service.limiter, metrics=service.metrics)
     for module in (openai, experts, ops, tokenize, lora):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]  # FastAPI's documented override
     return app
+
+
+def _reload_keys_on_sighup(service: Service) -> None:
+    if service.keys is None:
+        return
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.keys.reload)
+    except (NotImplementedError, RuntimeError, ValueError):   # not the main thread (tests), or no SIGHUP here
+        pass
 
 
 class OpsKey:

@@ -248,6 +248,7 @@ class Call:
         m = self.service.metrics
         m.prompt_tokens.labels(self.plan.path).inc(self.prompt_tokens)
         m.generated_tokens.labels(self.plan.path).inc(self.completion_tokens)
+        self.service.charge(self.prompt_tokens + self.completion_tokens)   # the key's tokens-per-minute limit
 
 
 def _event(body: dict) -> bytes:

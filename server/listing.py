@@ -26,10 +26,10 @@ def state_key(service: Any) -> Hashable:
 
 class Listings:
     def __init__(self) -> None:
-        self._cached: dict[str, tuple[Hashable, list[Any], bytes]] = {}
+        self._cached: dict[Hashable, tuple[Hashable, list[Any], bytes]] = {}
 
-    def cards(self, name: str, key: Hashable, build: Callable[[], list[Any]], wrap: Callable[[list[Any]], BaseModel]
-              ) -> tuple[list[Any], bytes]:
+    def cards(self, name: Hashable, key: Hashable, build: Callable[[], list[Any]],
+              wrap: Callable[[list[Any]], BaseModel]) -> tuple[list[Any], bytes]:
         """(the cards, the whole listing as JSON) of listing ``name`` at state ``key``; ``build()`` makes the cards
         (sorted by id) and ``wrap(cards)`` the listing when the state moved."""
         hit = self._cached.get(name)

@@ -99,6 +99,7 @@ class Metrics:
         self._swap_phase_metrics(r)
         self._adaptive_metrics(r)
         self._affinity_metrics(r)
+        self._tenant_metrics(r)
         for path in PATHS:
             self.queue_depth.labels(path)
             self.latency.labels(path)
@@ -106,6 +107,16 @@ class Metrics:
         for tier in TIERS:
             for family in (self.cache_hits, self.cache_misses, self.cache_evictions, self.cache_bytes):
                 family.labels(tier)
+
+    def _tenant_metrics(self, r: CollectorRegistry) -> None:
+        # one series per tenant of the key file (bounded by it); no expert names
+        self.tenant_requests = Counter("deltaserve_tenant_requests", "API requests admitted, per tenant (--key-file)",
+                                       ["tenant"], registry=r)
+        self.tenant_tokens = Counter("deltaserve_tenant_tokens", "Prompt + completion tokens, per tenant",
+                                     ["tenant"], registry=r)
+        self.tenant_rejections = Counter("deltaserve_tenant_rejections",
+                                         "Requests refused with 429, per tenant and limit (rpm, tpm, in_flight)",
+                                         ["tenant", "limit"], registry=r)
 
     def _store_metrics(self, r: CollectorRegistry) -> None:
         self.registered_experts = Gauge("deltaserve_registered_experts", "Experts in the store", registry=r)

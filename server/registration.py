@@ -29,6 +29,8 @@ class Registrations:
     store: Any
     base_name: str
     _importing: dict[bool, asyncio.Semaphore]
+    check_owner: Any   # server.scoping.Scoping's
+    audited: Any
 
     async def sync(self, force: bool = False) -> bool:
         raise NotImplementedError
@@ -58,15 +60,18 @@ class Registrations:
     async def register(self, body: ExpertRegistration) -> ExpertCard:
         if body.name in (self.base_name, AUTO):
             raise InvalidRequest(f"{body.name!r} is reserved", "name")
+        self.check_owner(body.name)   # a tenant's admin registers '<tenant>.<name>' only (server.scoping)
         path = self.allowed_path(body.path)
         if not path.is_dir():
             raise InvalidRequest(f"path {body.path!r} is not a directory on the server", "path")
         self._check_links(path, body.path)
         objective, trainer = await asyncio.to_thread(self._compression_helpers, body.compression, body.calibration)
         async with self._importing[body.compression is not None]:
-            await asyncio.to_thread(self.store.import_source, body.name, path, compression=body.compression,
-                                    exemplars=body.exemplars, replace=body.replace, objective=objective,
-                                    trainer=trainer)
+            manifest = await asyncio.to_thread(self.store.import_source, body.name, path, compression=body.compression,
+                                               exemplars=body.exemplars, replace=body.replace, objective=objective,
+                                               trainer=trainer)
+        self.audited("register", expert=body.name, source=str(path), replace=body.replace,
+                     sha256=dict(manifest.sha256))
         await self.sync(force=True)   # concurrent registrations share the router's refits (Service.refresh_routing)
         return self.expert_card(body.name)
 

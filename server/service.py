@@ -16,25 +16,29 @@ from typing import Any
 
 
 from deltaserve.experts.store import ExpertStore
-from deltaserve.experts.store_errors import ExpertExistsError, UnknownExpertError, UnknownRecipeError
+from deltaserve.experts.store_errors import ExpertExistsError, UnknownExpertError
 from deltaserve.router.text import ChatMarkup
 from deltaserve.server.coalesce import Coalesced
 from deltaserve.server.engine.core import Engine
 from deltaserve.server.engine.types import EngineProtocol, Residency
 from deltaserve.server.exceptions import InvalidRequest, RoutingUnavailable, Unavailable
+from deltaserve.server.audit import AuditLog
+from deltaserve.server.limits import Limiter
 from deltaserve.server.listing import Listings
 from deltaserve.server.metrics import Metrics
 from deltaserve.server.protocol.admin import ExpertCard, RecipeCard, RecipeRegistration
 from deltaserve.server.recipes import Recipe, RecipeError, parse_model
 from deltaserve.server.registration import AUTO, Registrations
+from deltaserve.server.scoping import Scoping
 from deltaserve.server.settings import ServerSettings
+from deltaserve.server.tenants import KeyRing
 from deltaserve.server.tools import ToolCalling
 
 log = logging.getLogger("deltaserve")
 GC_EVERY_POLLS = 30
 
 
-class Service(Registrations):
+class Service(Registrations, Scoping):
     def __init__(self, settings: ServerSettings, *, engine: EngineProtocol | None = None,
                  routing: Any = None) -> None:
         self.settings = settings
@@ -54,6 +58,13 @@ class Service(Registrations):
         self.named: dict[str, str] = {}   # named recipes: name -> recipe text (the store's RECIPES)
         self._names_of: dict[str, list[str]] = {}   # recipe key -> the named recipes that serve it
         self.metrics.watch(self.residency)
+        self.audit = AuditLog(settings.audit_log)
+        self.keys = None if settings.key_file is None else KeyRing(settings.key_file, on_reload=self._keys_reloaded)
+        self.limiter = Limiter()
+        self._views: dict[tuple, Any] = {}   # the callers' views of experts and recipes (server.scoping)
+
+    def _keys_reloaded(self, ok: bool, detail: str) -> None:
+        self.audited("keys_reload", ok=ok, detail=detail)
 
     async def start(self) -> None:
         await self.engine.start()
@@ -70,22 +81,26 @@ class Service(Registrations):
     async def resolve(self, model: str, text: str | None = None, *, record: bool = True
                       ) -> tuple[Recipe, dict | None]:
         """A request's `model` -> (recipe, routing decision as JSON or None)."""
-        experts = frozenset(self.engine.experts)
+        view = self.view()
+        experts = self.visible_experts(view)
         if model == AUTO:
             if self.routing is not None and text is not None:
                 try:
-                    decision = await self._route_batcher().route(text)
+                    decision = await self._route_batcher().route(text, None if view.everything else experts)
                 except TimeoutError:   # the uncertainty router's scoring queue is longer than its timeout
                     raise RoutingUnavailable("routing timed out: the router's scoring is overloaded; retry later or "
                                         "name a model instead of `auto`") from None
                 if record:   # a dry run (/v1/route) is not a routing decision
                     self._record_route(decision)
                 recipe = Recipe.of(dict(decision.recipe))
+                if not view.everything and any(n not in experts for n in recipe.names):
+                    return Recipe(), {**decision.to_json(), "recipe": {}, "scores": {}, "quality": {}}
                 if any(n not in experts for n in recipe.names):
                     raise RoutingUnavailable(f"the router chose {recipe.key!r}, which is no longer servable")
                 return recipe, decision.to_json()
             return self._auto_default(experts), {"router": None, "fallback": "no_router"}
-        if model in self.named and model not in experts:
+        named = self.visible_named(view)
+        if model in named and model not in experts:
             return self._named_recipe(model, experts), None
         return parse_model(model, base_name=self.base_name, experts=experts), None
 
@@ -109,6 +124,8 @@ class Service(Registrations):
         try:
             return parse_model(text, base_name=self.base_name, experts=experts)
         except RecipeError as err:
+            if not self.view().everything:   # a tenant that may not use the configured recipe gets the base
+                return Recipe()
             raise Unavailable(f"the configured auto recipe is not servable: {err}") from None
 
     def _record_route(self, decision: Any) -> None:
@@ -127,9 +144,9 @@ class Service(Registrations):
 
     # ------------------------------------------------------------------ named recipes
     def recipe_card(self, name: str) -> RecipeCard:
-        text = self.named.get(name)
+        text = self.visible_named().get(name)
         if text is None:
-            raise UnknownRecipeError(f"unknown named recipe {name!r}; named recipes: {sorted(self.named)[:20]}")
+            raise self.unknown_recipe(name)
         try:
             recipe = self._named_recipe(name, frozenset(self.engine.experts))
         except Unavailable as err:
@@ -140,20 +157,26 @@ class Service(Registrations):
     async def name_recipe(self, body: RecipeRegistration) -> RecipeCard:
         if body.name in (self.base_name, AUTO):
             raise InvalidRequest(f"{body.name!r} is reserved", "name")
+        self.check_owner(body.name, "named recipe")
         if body.name in self.engine.experts:
             raise ExpertExistsError(f"{body.name!r} is an expert's name; a named recipe needs a name of its own")
         if body.recipe.strip() in self.named:
             raise InvalidRequest("a named recipe names experts, not another named recipe", "recipe")
         try:
-            parse_model(body.recipe, base_name=self.base_name, experts=frozenset(self.engine.experts))
+            parse_model(body.recipe, base_name=self.base_name, experts=self.visible_experts())
         except RecipeError as err:
             raise InvalidRequest(str(err), "recipe") from None
         await asyncio.to_thread(self.store.set_recipe, body.name, body.recipe)
+        self.audited("name_recipe", recipe=body.name, text=body.recipe)
         await self.sync(force=True)
         return self.recipe_card(body.name)
 
     async def delete_recipe(self, name: str) -> None:
+        if name not in self.visible_named():
+            raise self.unknown_recipe(name)
+        self.check_owner(name, "named recipe")
         await asyncio.to_thread(self.store.delete_recipe, name)
+        self.audited("delete_recipe", recipe=name)
         await self.sync(force=True)
 
     def residency(self) -> Residency:
@@ -180,8 +203,8 @@ class Service(Registrations):
     # ------------------------------------------------------------------ experts
     def expert_card(self, name: str) -> ExpertCard:
         info = self.engine.experts.get(name)
-        if info is None:
-            raise UnknownExpertError(f"unknown expert {name!r}; known experts: {sorted(self.engine.experts)}")
+        if info is None or not self.view().sees(name):
+            raise self.unknown_expert(name)
         m = info.manifest
         return ExpertCard(
             id=name, kind=m.kind, codec=m.codec, density=m.density, rank=m.rank, bytes=m.bytes,
@@ -191,7 +214,15 @@ class Service(Registrations):
             path=self.engine.plan(Recipe(((name, 1.0),))).path, exemplars=len(self.store.exemplars(name)))
 
     async def delete(self, name: str) -> None:
-        await asyncio.to_thread(self.store.delete, name)
+        if not self.view().sees(name):
+            raise self.unknown_expert(name)
+        self.check_owner(name)
+        info = self.engine.experts.get(name)
+        try:
+            await asyncio.to_thread(self.store.delete, name)
+        except UnknownExpertError:
+            raise self.unknown_expert(name) from None
+        self.audited("delete", expert=name, version=getattr(info, "token", None))
         await self.sync(force=True)
 
     async def sync(self, force: bool = False) -> bool:

@@ -175,6 +175,11 @@ class ServerSettings(BaseModel):
     admin_keys: list[str] = Field(default_factory=list, description="key for expert registration and deletion "
                                                                     "(repeatable)",
                                   json_schema_extra=cli("--admin-key", "repeat"))
+    key_file: Path | None = Field(None, description="TOML key file: keys scoped to tenants, roles and limits "
+                                                   "(docs/tenants.md); replaces --api-key/--admin-key; re-read on "
+                                                   "change and on SIGHUP")
+    audit_log: Path | None = Field(None, description="append a JSON line per registration, deletion and key-file "
+                                                     "reload to this file")
     register_roots: list[Path] = Field(default_factory=list, description="directories POST /v1/experts may read "
                                                                          "from (repeatable)",
                                        json_schema_extra=cli("--register-root", "repeat"))
@@ -195,6 +200,12 @@ class ServerSettings(BaseModel):
         if self.router.name == "uncertainty" and not self.engine.enable_lora:
             raise ValueError("the uncertainty router scores experts through LoRA adapters: it needs the engine's "
                              "LoRA support (--lora on)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_kind_of_keys(self) -> ServerSettings:
+        if self.key_file is not None and (self.api_keys or self.admin_keys):
+            raise ValueError("--key-file replaces --api-key/--admin-key: put every key in the key file")
         return self
 
     @field_validator("api_keys", "admin_keys")

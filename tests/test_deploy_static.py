@@ -93,6 +93,9 @@ def test_contract_matches_exposition():
     metrics.router_latency.labels("knn").observe(0.01)
     metrics.prompt_tokens.labels("base").inc()
     metrics.generated_tokens.labels("base").inc()
+    metrics.tenant_requests.labels("acme").inc()
+    metrics.tenant_tokens.labels("acme").inc(3)
+    metrics.tenant_rejections.labels("acme", "rpm").inc()
     exposed = {line.split("{")[0].split(" ")[0] for line in metrics.render().decode().splitlines()
                if line and not line.startswith("#")}
     exposed = {name for name in exposed if not name.endswith("_created")}

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from fastapi import Depends, Request
 
-from deltaserve.server.auth import check_key
+from deltaserve.server.auth import bearer_token, check_key
+from deltaserve.server.exceptions import Forbidden, Unauthenticated
 from deltaserve.server.service import Service
+from deltaserve.server.tenants import current_caller
 
 
 def get_service(request: Request) -> Service:
@@ -14,7 +16,16 @@ def get_service(request: Request) -> Service:
 
 
 def _check_key(request: Request, admin: bool) -> None:
-    settings = request.app.state.service.settings
+    service = request.app.state.service
+    if service.keys is not None:   # scoped keys: server.limits.Tenancy identified the caller
+        caller = current_caller()
+        if caller is None:
+            raise Unauthenticated("invalid API key" if bearer_token(request.headers.get("authorization"))
+                                  else "missing bearer token: send 'Authorization: Bearer <key>'")
+        if admin and caller.role == "inference":
+            raise Forbidden("this key may not manage experts")
+        return
+    settings = service.settings
     check_key(request.headers.get("authorization"), settings.api_keys, settings.admin_keys, admin=admin)
 
 

@@ -26,14 +26,16 @@ async def list_experts(service: Service = SERVICE, limit: int | None = Query(Non
                        ) -> Response:
     """Every expert in id order, or a page of ``limit`` after ``after`` (``has_more``, ``last_id``)."""
     await service.sync()   # another replica may have changed the store
-    engine = service.engine
+    engine, view = service.engine, service.view()
+    unavailable = {n: why for n, why in engine.unavailable.items() if view.sees(n)}
 
     def wrap(cards: list[ExpertCard], more: bool = False) -> ExpertList:
-        return ExpertList(data=cards, store_generation=engine.generation, unavailable=engine.unavailable,
+        return ExpertList(data=cards, store_generation=engine.generation, unavailable=unavailable,
                           first_id=cards[0].id if cards else None, last_id=cards[-1].id if cards else None,
                           has_more=more)
-    cards, whole = service.listings.cards("experts", state_key(service),
-                                          lambda: [service.expert_card(n) for n in sorted(engine.experts)], wrap)
+    cards, whole = service.listings.cards(("experts", view.key), state_key(service),
+                                          lambda: [service.expert_card(n) for n in sorted(service.visible_experts())],
+                                          wrap)
     if limit is None and after is None:
         return json_response(whole)
     return json_response(wrap(*page(cards, limit, after)).model_dump_json().encode())
@@ -42,7 +44,7 @@ async def list_experts(service: Service = SERVICE, limit: int | None = Query(Non
 @router.get("/v1/experts/{name}", response_model=ExpertCard, dependencies=[INFERENCE])
 async def get_expert(name: str, service: Service = SERVICE) -> ExpertCard:
     await service.sync()
-    if name in service.engine.unavailable:
+    if name in service.engine.unavailable and service.view().sees(name):
         raise ExpertUnavailable(f"expert {name!r} is in the store but cannot be served: "
                             f"{service.engine.unavailable[name]}")
     return service.expert_card(name)
@@ -62,7 +64,7 @@ async def delete(name: str, service: Service = SERVICE) -> DeletedExpert:
 @router.get("/v1/recipes", response_model=RecipeList, dependencies=[INFERENCE])
 async def list_recipes(service: Service = SERVICE) -> RecipeList:
     await service.sync()
-    return RecipeList(data=[service.recipe_card(n) for n in sorted(service.named)])
+    return RecipeList(data=[service.recipe_card(n) for n in sorted(service.visible_named())])
 
 
 @router.get("/v1/recipes/{name}", response_model=RecipeCard, dependencies=[INFERENCE])

@@ -31,10 +31,10 @@ def _fixed_card(service: Service, name: str, created: int) -> ModelCard | None:
     if name == AUTO:
         return ModelCard(id=AUTO, created=created, root=base, parent=base, max_model_len=limit,
                          deltaserve={"kind": "router", "router": getattr(service.routing, "name", None)})
-    if name in service.engine.experts:
+    if name in service.visible_experts():
         return ModelCard(id=name, created=created, root=base, parent=base, max_model_len=limit,
                          deltaserve=service.expert_card(name).model_dump())
-    if name in service.named:
+    if name in service.visible_named():
         return ModelCard(id=name, created=created, root=base, parent=base, max_model_len=limit,
                          deltaserve={"kind": "named_recipe", **service.recipe_card(name).model_dump()})
     return None
@@ -42,14 +42,15 @@ def _fixed_card(service: Service, name: str, created: int) -> ModelCard | None:
 
 def _cards(service: Service) -> list[ModelCard]:
     created = now()
-    names = dict.fromkeys([service.base_name, AUTO, *sorted(service.engine.experts), *sorted(service.named)])
+    names = dict.fromkeys([service.base_name, AUTO, *sorted(service.visible_experts()),
+                           *sorted(service.visible_named())])
     return [card for n in names if (card := _fixed_card(service, n, created)) is not None]
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(service: Service = SERVICE) -> Response:
     """The base, `auto`, every expert and every named recipe (built once per store state: server.listing)."""
-    _, body = service.listings.cards("models", state_key(service), lambda: _cards(service),
+    _, body = service.listings.cards(("models", service.view().key), state_key(service), lambda: _cards(service),
                                      lambda cards: ModelList(data=cards))
     return json_response(body)
 
