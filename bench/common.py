@@ -172,12 +172,12 @@ async def post_chats(url: str, jobs: Sequence[tuple[Any, dict]], concurrency: in
     return done, wall
 
 
-def scrape(url: str) -> dict[str, float]:
+def scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
     """The server's ``/metrics`` as ``{series: value}`` (comments dropped)."""
     import httpx
 
     out = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
+    for line in httpx.get(url + "/metrics", headers=headers).text.splitlines():
         if line and not line.startswith("#"):
             key, value = line.rsplit(" ", 1)
             out[key] = float(value)
