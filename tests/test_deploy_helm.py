@@ -129,6 +129,7 @@ SETUPS = {
                                  "extraVolumeMounts": [{"name": "incoming", "mountPath": "/incoming",
                                                         "readOnly": True}]},
                                 ()),
+    "keyFile": ({"auth": {"keyFileSecret": "tenant-keys"}, "serviceMonitor": {"enabled": True}}, (OPERATOR_API,)),
     "initCopy-no-auth": ({"baseModel": {"source": "initCopy", "initCopy": {"image": "reg/base-model:1"}},
                           "auth": {"create": False}, "server": {"cacheBytes": 4294967296, "maxWaitMs": 200}}, ()),
 }
@@ -261,6 +262,19 @@ def test_api_keys_come_from_the_secret(setup):
     test_refs = secret_refs(one(docs, "Pod")["spec"]["containers"][0])
     if name == "initCopy-no-auth":
         assert server_refs == {} and test_refs == {} and "Secret" not in by_kind(docs)
+        return
+    if name == "keyFile":   # scoped keys: the key file mounted from its Secret; probes and scrapes use a global admin
+        server = server_container(docs)
+        assert server_refs == {} and "Secret" not in by_kind(docs)
+        assert test_refs == {"DELTASERVE_API_KEY": ("tenant-keys", "global-admin-key")}
+        assert "--key-file=/etc/deltaserve/keys/keys.toml" in server["args"]
+        assert {"name": "key-file", "mountPath": "/etc/deltaserve/keys", "readOnly": True} in server["volumeMounts"]
+        volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "key-file", "secret": {"secretName": "tenant-keys",
+                                               "items": [{"key": "keys.toml", "path": "keys.toml"}]}} in volumes
+        endpoint = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+        assert endpoint["authorization"] == {"type": "Bearer",
+                                             "credentials": {"name": "tenant-keys", "key": "global-admin-key"}}
         return
     secret_name = "my-keys" if name == "hostPath-existingSecret" else f"{FULLNAME}-auth"
     assert server_refs == {"DELTASERVE_API_KEY": (secret_name, "api-key"),

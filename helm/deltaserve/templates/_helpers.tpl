@@ -50,7 +50,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Secret holding the API keys; empty when the API runs without keys. */}}
 {{- define "deltaserve.authSecretName" -}}
-{{- if .Values.auth.existingSecret }}
+{{- if .Values.auth.keyFileSecret }}
+{{- else if .Values.auth.existingSecret }}
 {{- .Values.auth.existingSecret }}
 {{- else if .Values.auth.create }}
 {{- printf "%s-auth" (include "deltaserve.fullname" .) }}
