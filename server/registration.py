@@ -31,6 +31,8 @@ class Registrations:
     _importing: dict[bool, asyncio.Semaphore]
     check_owner: Any   # server.scoping.Scoping's
     audited: Any
+    view: Any
+    keys: Any
 
     async def sync(self, force: bool = False) -> bool:
         raise NotImplementedError
@@ -39,10 +41,15 @@ class Registrations:
         raise NotImplementedError
 
     def allowed_path(self, raw: str, param: str = "path") -> Path:
-        """``raw`` resolved (symlinks followed) and checked to lie under a ``--register-root``."""
+        """``raw`` resolved (symlinks followed) and checked to lie under a ``--register-root`` — for a tenant's
+        admin (``--key-file``), under its own ``<root>/<tenant>/`` folder: one tenant cannot register another's
+        uploads."""
         roots = [Path(os.path.realpath(r)) for r in self.settings.register_roots]
         if not roots:
             raise Forbidden("registration from server paths is disabled: start the server with --register-root DIR")
+        caller = self.view().caller
+        if self.keys is not None and caller is not None and not caller.is_global and caller.tenant:
+            roots = [r / caller.tenant for r in roots]
         path = Path(os.path.realpath(raw))
         if not any(path == r or r in path.parents for r in roots):
             raise Forbidden(f"{param} {raw!r} is outside the allowed registration roots "

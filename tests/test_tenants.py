@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 
 import numpy as np
@@ -82,13 +83,15 @@ def server(micro_zoo, store_dir, zoo_tokenizer, keyset, tmp_path, monkeypatch):
     monkeypatch.setattr(tenants, "RELOAD_CHECK_S", 0.0)
     key_file = tmp_path / "keys.toml"
     key_file.write_text(keys_toml([e for _, e in keyset.values()], [PUBLIC]))
+    for tenant in ("acme", "globex"):   # each tenant's uploads, under its own folder of the registration root
+        shutil.copytree(micro_zoo.layout.lora("max_digit"), tmp_path / "uploads" / tenant / "max_digit")
     settings = ServerSettings(store_dir=store_dir, engine=EngineConfig(base_dir=micro_zoo.layout.base),
                               key_file=key_file, audit_log=tmp_path / "audit.jsonl",
-                              register_roots=[micro_zoo.layout.root])
+                              register_roots=[tmp_path / "uploads"])
     engine = FakeEngine(settings.engine, ExpertStore(store_dir, micro_zoo.layout.base), zoo_tokenizer)
     routing = RoutingService(KnnRouter(WordsEncoder(), k=3), Policy(max_distance=None, min_confidence=0.0))
     with TestClient(create_app(settings, engine=engine, routing=routing), raise_server_exceptions=False) as client:
-        client.key_file, client.audit = key_file, tmp_path / "audit.jsonl"
+        client.key_file, client.audit, client.uploads = key_file, tmp_path / "audit.jsonl", tmp_path / "uploads"
         yield client
 
 
@@ -132,11 +135,15 @@ def test_isolation_matrix(server, keyset, tenant, other):
     assert other not in server.get("/v1/experts?limit=1&after=a", headers=headers).text
 
 
-def test_admin_matrix(server, keyset, micro_zoo):
-    """A tenant's admin registers and deletes '<tenant>.<name>' only; the other's experts are missing to it, the
-    public one is visible but not its to delete; inference keys manage nothing; the global admin sees all."""
+def test_admin_matrix(server, keyset):
+    """A tenant's admin registers and deletes '<tenant>.<name>' only, from its own uploads folder; the other's
+    experts are missing to it, the public one is visible but not its to delete; inference keys manage nothing;
+    the global admin sees all."""
     admin = as_(keyset, "acme-admin")
-    source = str(micro_zoo.layout.lora("max_digit"))
+    source = str(server.uploads / "acme" / "max_digit")
+    r = server.post("/v1/experts", json={"name": "acme.stolen", "path": str(server.uploads / "globex" / "max_digit")},
+                    headers=admin)
+    assert r.status_code == 403 and "globex" not in r.json()["error"]["message"].split("roots")[1]
     r = server.post("/v1/experts", json={"name": "globex.evil", "path": source}, headers=admin)
     assert r.status_code == 403 and "acme.<name>" in r.json()["error"]["message"]
     assert server.post("/v1/experts", json={"name": "plain", "path": source}, headers=admin).status_code == 403

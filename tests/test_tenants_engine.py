@@ -5,6 +5,7 @@ tenant admin's registration, 429 at a key's limit, and the audit log. Fast HTTP-
 from __future__ import annotations
 
 import json
+import shutil
 
 from deltaserve.experts.store import ExpertStore
 from tests.test_tenants import EXPERTS, HIDDEN, MISSING, PUBLIC, SECRET_PROMPT, _requests, keys_toml, make_key
@@ -46,7 +47,9 @@ def test_tenant_isolation_through_the_engine(engines, micro_zoo, tmp_path):
         assert set(routed["route"]["scores"]) <= {"acme.vowels", PUBLIC}
         assert clients["globex"].post("/v1/route", json={"model": "auto", "prompt": SECRET_PROMPT}
                                       ).json()["weights"] == {"globex.vowels": 1.0}
-        r = clients["acme-admin"].post("/v1/experts", json={"name": "acme.digits", "path": str(lora("max_digit"))})
+        upload = tmp_path / "acme" / "max_digit"   # the tenant's own folder under a registration root
+        shutil.copytree(lora("max_digit"), upload)
+        r = clients["acme-admin"].post("/v1/experts", json={"name": "acme.digits", "path": str(upload)})
         assert r.status_code == 201, r.text
         assert clients["acme"].post("/v1/completions", json={"model": "acme.digits", "prompt": "7 3",
                                                              "max_tokens": 2}).status_code == 200

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -120,15 +121,17 @@ async def limited_loop(url: str, deadline: float, key: str, tally: Tally) -> Non
             await asyncio.sleep(float(r.headers.get("retry-after", 0)) / 10 if r.status_code == 429 else 0.2)
 
 
-async def churn(url: str, source: Path, deadline: float, period: float, keys: dict, tally: Tally) -> None:
+async def churn(url: str, source: Path, deadline: float, period: float, keys: dict, tally: Tally,
+                uploads: Path) -> None:
     """Register a hot expert, delete it half a period later; alternate tenants (or the one HOT name)."""
     started, turn = time.monotonic(), 0
     while time.monotonic() + period < deadline:
         tenant = TENANTS[turn % 2] if keys else None
         name = f"{tenant}.hot" if tenant else HOT
         headers = {"authorization": f"Bearer {keys[tenant + '-admin']}"} if tenant else {}
+        path = uploads / tenant / "hot" if tenant else source
         async with httpx.AsyncClient(base_url=url, timeout=300, headers=headers) as admin:
-            r = await admin.post("/v1/experts", json={"name": name, "path": str(source)})
+            r = await admin.post("/v1/experts", json={"name": name, "path": str(path)})
             tally.events.append({"at_s": round(time.monotonic() - started), "event": f"register {name}",
                                  "status": r.status_code})
             await asyncio.sleep(period / 2)
@@ -155,12 +158,12 @@ async def sampler(pid: int, deadline: float, every: float, tally: Tally) -> None
 async def soak(url: str, pid: int, args: argparse.Namespace, keys: dict) -> dict:
     tally = Tally()
     deadline = time.monotonic() + args.seconds
-    source = args.zoo / "experts" / "lora" / "min_digit"
+    source = args.zoo / "experts" / "lora" / "min_digit"   # a tenant's: <uploads>/<tenant>/hot
     loops = [client_loop(url, deadline, i, tally, keys.get(TENANTS[i % 2]), TENANTS[i % 2] if keys else None)
              for i in range(args.clients)]
     if keys:
         loops.append(limited_loop(url, deadline, keys["limited"], tally))
-    await asyncio.gather(churn(url, source, deadline, args.churn_s, keys, tally),
+    await asyncio.gather(churn(url, source, deadline, args.churn_s, keys, tally, args.uploads),
                          sampler(pid, deadline, args.sample_s, tally), *loops)
     return summary(tally)
 
@@ -235,12 +238,15 @@ def main(argv: list[str] | None = None) -> dict:
     seed_store(args.zoo, tmp / "store", tasks, full=full,
                lora_exemplars=lambda t: [e.question for e in get_task(t).examples("calib", 24, seed=1)])
     keys = key_file(tmp / "keys.toml", args.limited_rpm) if args.tenants else {}
-    extra = ["--router", args.router, "--register-root", str(args.zoo)]
+    for tenant in TENANTS if keys else ():   # tenants register from their own upload folders (docs/tenants.md)
+        shutil.copytree(args.zoo / "experts" / "lora" / "min_digit", tmp / "uploads" / tenant / "hot")
+    extra = ["--router", args.router, "--register-root", str(args.zoo), "--register-root", str(tmp / "uploads")]
     extra += ["--key-file", str(tmp / "keys.toml")] if keys else []
     server, url = start_server(ZooLayout(args.zoo).base, tmp / "store", tmp / "server.log", extra)
     ops = {"authorization": f"Bearer {keys['ops']}"} if keys else {}
     try:
         log(f"soak: {args.clients} clients for {args.seconds:.0f} s against {url} (router {args.router})")
+        args.uploads = tmp / "uploads"
         result = asyncio.run(soak(url, server.proc.pid, args, keys))
         metrics = scrape(url, headers=ops)
         result.update(engine_restarts=metrics.get("deltaserve_engine_restarts_total", 0.0),
