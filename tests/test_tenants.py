@@ -66,15 +66,20 @@ def keyset():
     return keys
 
 
-@pytest.fixture(scope="module")
-def store_dir(micro_zoo, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tenants")
-    store = ExpertStore(root / "store", micro_zoo.layout.base)
-    lora = micro_zoo.layout.lora
+def seed_tenant_store(zoo, store_dir) -> None:
+    """Each tenant's expert (globex's exemplar is the prompt acme sends), a public one and a hidden one."""
+    store = ExpertStore(store_dir, zoo.layout.base)
+    lora = zoo.layout.lora
     store.import_source("acme.vowels", lora("count_vowels"), exemplars=["How many vowels are in banana?"])
     store.import_source("globex.vowels", lora("count_vowels"), exemplars=[SECRET_PROMPT])
     store.import_source(PUBLIC, lora("max_digit"), exemplars=["What is the largest digit in 4817?"])
     store.import_source(HIDDEN, lora("min_digit"), exemplars=["What is the smallest digit in 4817?"])
+
+
+@pytest.fixture(scope="module")
+def store_dir(micro_zoo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tenants")
+    seed_tenant_store(micro_zoo, root / "store")
     return root / "store"
 
 

@@ -7,17 +7,13 @@ from __future__ import annotations
 import json
 import shutil
 
-from deltaserve.experts.store import ExpertStore
-from tests.test_tenants import EXPERTS, HIDDEN, MISSING, PUBLIC, SECRET_PROMPT, _requests, keys_toml, make_key
+from tests.test_tenants import (EXPERTS, HIDDEN, MISSING, PUBLIC, SECRET_PROMPT, _requests, keys_toml, make_key,
+                                seed_tenant_store)
 
 
 def test_tenant_isolation_through_the_engine(engines, micro_zoo, tmp_path):
-    store = ExpertStore(tmp_path / "store", micro_zoo.layout.base)
+    seed_tenant_store(micro_zoo, tmp_path / "store")
     lora = micro_zoo.layout.lora
-    store.import_source("acme.vowels", lora("count_vowels"), exemplars=["How many vowels are in banana?"])
-    store.import_source("globex.vowels", lora("count_vowels"), exemplars=[SECRET_PROMPT])
-    store.import_source(PUBLIC, lora("max_digit"), exemplars=["What is the largest digit in 4817?"])
-    store.import_source(HIDDEN, lora("min_digit"), exemplars=["What is the smallest digit in 4817?"])
     keys = {"acme": make_key("acme"), "globex": make_key("globex"), "acme-admin": make_key("acme", "admin"),
             "root": make_key(None, "global_admin"), "slow": make_key("globex", rpm=1)}
     key_file = tmp_path / "keys.toml"
