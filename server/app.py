@@ -60,12 +60,13 @@ def create_app(settings: ServerSettings, *, engine: EngineProtocol | None = None
         if request.url.path in INFERENCE_PATHS:
             service.metrics.requests.labels("other", "none", str(status)).inc()
 
+    if service.keys is not None:   # scoped keys: the caller of each request, its limits (server.limits); added
+        # first, it runs inside the request-id and body-limit middleware, just outside the routes
+        app.add_middleware(Tenancy, ring=service.keys, limiter=service.limiter, metrics=service.metrics)
     errors.install(app, count_failure)
     app.add_middleware(errors.BodyLimit, max_bytes=settings.max_request_bytes)
     if settings.ops_need_key:
         app.add_middleware(OpsKey, keys=settings.api_keys + settings.admin_keys)
-    if service.keys is not None:   # scoped keys: the caller of each request, its limits (server.limits)
-        app.add_middleware(Tenancy, ring=service.keys, limiter=service.limiter, metrics=service.metrics)
     for module in (openai, experts, ops, tokenize, lora):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]  # FastAPI's documented override

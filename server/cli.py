@@ -38,15 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; an input the experts package refuses (an expert that does not fit the base, a bad
-    source or expert folder) is one line on stderr and exit status 2, as argparse's own errors, not a traceback."""
+    source or expert folder) or a bad key file is one line on stderr and exit status 2, as argparse's own errors,
+    not a traceback."""
     from deltaserve.experts.expert import ExpertFormatError
     from deltaserve.experts.sources import SourceError
     from deltaserve.experts.taskvector import TaskVectorError
+    from deltaserve.server.tenants import KeyFileError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (TaskVectorError, SourceError, ExpertFormatError) as err:
+    except (TaskVectorError, SourceError, ExpertFormatError, KeyFileError) as err:
         print(f"deltaserve {args.command}: error: {err}", file=sys.stderr)
         return 2
 

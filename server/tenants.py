@@ -118,18 +118,22 @@ def current_caller() -> Caller | None:
     return CALLER.get()
 
 
+class KeyFileError(ValueError):
+    """A key file that cannot be read or is not valid (the message never holds a key or a hash)."""
+
+
 def parse_key_file(path: Path) -> KeyFile:
-    """The key file at ``path``; ValueError naming the problem (never a key or a hash) when it is not valid."""
+    """The key file at ``path``; KeyFileError naming the problem when it is not valid."""
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read the key file {path}: {type(err).__name__}") from None
+        raise KeyFileError(f"cannot read the key file {path}: {type(err).__name__}") from None
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"the key file {path} is not TOML: {err}") from None
+        raise KeyFileError(f"the key file {path} is not TOML: {err}") from None
     try:
         return KeyFile.model_validate(raw)
     except ValidationError as err:
-        raise ValueError(f"the key file {path} is not valid: {problems(err)}") from None
+        raise KeyFileError(f"the key file {path} is not valid: {problems(err)}") from None
 
 
 def problems(err: ValidationError) -> str:
@@ -179,7 +183,7 @@ class KeyRing:
             self._stamp = self._stat()
             try:
                 config = parse_key_file(self.path)
-            except ValueError as err:
+            except KeyFileError as err:
                 log.error("key file not reloaded, keeping the previous keys: %s", err)
                 self._notify(False, str(err))
                 return False

@@ -228,6 +228,7 @@ def test_limits_per_key(server, keyset):
     assert codes == [200, 200, 429]
     r = server.get("/v1/models", headers=slow)
     assert r.json()["error"]["type"] == "rate_limit_exceeded" and 1 <= int(r.headers["retry-after"]) <= 60
+    assert r.headers["x-request-id"]
     assert server.get("/v1/models", headers=as_(keyset, "acme")).status_code == 200   # same tenant, other key
     frugal = as_(keyset, "frugal")
     first = server.post("/v1/chat/completions", json={"model": EXPERTS["globex"], **CHAT}, headers=frugal)
@@ -301,3 +302,28 @@ def test_routers_score_only_allowed_experts():
     uncertainty.fit(exemplars)
     (scores, _), = uncertainty.score(["x"], allowed=frozenset({"pub"}))
     assert scores == {"pub": 1.0} and seen == [["pub"]]
+
+
+def test_keys_cli_and_a_bad_key_file_at_start(tmp_path, micro_zoo, capsys):
+    """`deltaserve keys new/list/revoke` keep a valid file (hashes only); `serve` refuses a bad one in one line."""
+    from deltaserve.server.cli import main
+    from deltaserve.server.tenants import parse_key_file
+
+    path = tmp_path / "keys.toml"
+    assert main(["keys", "new", "--key-file", str(path), "--tenant", "acme", "--role", "admin", "--rpm", "5"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert main(["keys", "new", "--key-file", str(path), "--role", "global_admin", "--name", 'ops "root"']) == 0
+    capsys.readouterr()
+    config = parse_key_file(path)
+    assert [(k.tenant, k.role, k.rpm) for k in config.keys] == [("acme", "admin", 5), (None, "global_admin", 0)]
+    assert key.startswith(f"dsk_{config.keys[0].id}_") and key not in path.read_text()
+    assert main(["keys", "list", "--key-file", str(path)]) == 0
+    assert "$argon2" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs a tenant"):
+        main(["keys", "new", "--key-file", str(path), "--role", "inference"])
+    assert main(["keys", "revoke", config.keys[0].id, "--key-file", str(path)]) == 0
+    assert [k.role for k in parse_key_file(path).keys] == ["global_admin"]
+    path.write_text("keys = [\n")
+    code = main(["serve", "--base", str(micro_zoo.layout.base), "--store", str(tmp_path / "store"),
+                 "--key-file", str(path)])
+    assert code == 2 and "is not TOML" in capsys.readouterr().err
