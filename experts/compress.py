@@ -94,11 +94,19 @@ class SparseOptions(Options):
     density: Density = 0.05
 
 
-class DareOptions(SparseOptions):
+class SupportOptions(SparseOptions):
+    """A sparse support whose kept values are stored exactly (fp16) or as ``±scale`` (one sign bit each)."""
+
+    values: Literal["exact", "sign"] = Field(
+        "exact", description="kept values as stored ('exact', fp16) or sign * one scale per tensor ('sign': mean "
+                             "|kept|, BitDelta's scale on the support; stored with the sign_ef codec)")
+
+
+class DareOptions(SupportOptions):
     seed: Seed = 0
 
 
-class BreadcrumbsOptions(SparseOptions):
+class BreadcrumbsOptions(SupportOptions):
     gamma: Gamma = 0.01
 
 
@@ -106,7 +114,7 @@ class LowRankOptions(Options):
     rank: int = Field(8, ge=1, le=4096, description="rank of each matrix's truncated SVD")
 
 
-class NpsOptions(SparseOptions):
+class NpsOptions(SupportOptions):
     bands: int = Field(8, ge=1, le=64, description="magnitude bands, one searched weight each")
     generations: int = Field(20, ge=1, le=1000, description="CMA-ES generations at most")
     patience: int | None = Field(8, ge=1, le=1000, description="stop after this many generations without a better "
@@ -133,17 +141,24 @@ def _per_tensor(deltas: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) ->
     return {name: fn(t) for name, t in deltas.items()}
 
 
+def _valued(out: dict[str, Tensor], options: SupportOptions) -> dict[str, Tensor]:
+    """The support's kept values as they will be stored: as they are, or ``sign * scale`` per tensor."""
+    return _per_tensor(out, signs.sign_valued) if options.values == "sign" else out
+
+
 @compressor("dense", codec="dense")
 def _dense(deltas, options: NoOptions, context: CompressionContext) -> Compressed:
     """The whole task vector (fp16 by default): the reference."""
     return Compressed(dict(deltas), {"name": "dense"})
 
 
-@compressor("magnitude", codec="sparse", options=SparseOptions)
-def _magnitude(deltas, options: SparseOptions, context: CompressionContext) -> Compressed:
+@compressor("magnitude", codec="sparse", options=SupportOptions)
+def _magnitude(deltas, options: SupportOptions, context: CompressionContext) -> Compressed:
     """Top-density entries of each tensor by |tau| (= TIES's trim step)."""
     out = _per_tensor(deltas, lambda t: sparsify.magnitude(t, options.density))
-    return Compressed(out, {"name": "magnitude", "density": options.density})
+    method = {"name": "magnitude", "density": options.density, **({"values": "sign"} if options.values == "sign"
+                                                                    else {})}
+    return Compressed(_valued(out, options), method)
 
 
 @compressor("dare", codec="sparse", options=DareOptions)
@@ -151,14 +166,14 @@ def _dare(deltas, options: DareOptions, context: CompressionContext) -> Compress
     """Random drop with probability 1 - density, kept entries rescaled by 1/density."""
     gen = torch.Generator().manual_seed(options.seed)
     out = _per_tensor(deltas, lambda t: sparsify.dare(t, options.density, gen))
-    return Compressed(out, {"name": "dare", **options.model_dump()})
+    return Compressed(_valued(out, options), {"name": "dare", **options.model_dump()})
 
 
 @compressor("breadcrumbs", codec="sparse", options=BreadcrumbsOptions)
 def _breadcrumbs(deltas, options: BreadcrumbsOptions, context: CompressionContext) -> Compressed:
     """Magnitude band without the largest outliers (Model Breadcrumbs)."""
     out = _per_tensor(deltas, lambda t: sparsify.breadcrumbs(t, options.density, options.gamma))
-    return Compressed(out, {"name": "breadcrumbs", **options.model_dump()})
+    return Compressed(_valued(out, options), {"name": "breadcrumbs", **options.model_dump()})
 
 
 @compressor("tswitch", codec="ternary", options=SparseOptions)
@@ -197,7 +212,10 @@ def _nps(deltas, options: NpsOptions, context: CompressionContext) -> Compressed
     if context.objective is None:
         raise ValueError("nps needs a calibration objective: calibration examples (a JSONL file of chat examples)")
     per_tensor = options.banding == "per-tensor"
-    prune = nps_pruner(deltas, options.bands, options.density, per_tensor)   # the stored expert is what was scored
+    support = nps_pruner(deltas, options.bands, options.density, per_tensor)
+
+    def prune(weights: list[float]) -> dict[str, Tensor]:   # the stored expert is what was scored
+        return _valued(support(weights), options)
     result = nps_search(deltas, context.objective, density=options.density, seed=options.seed,
                         progress=context.progress, pruner=prune, bands=options.bands,
                         generations=options.generations, patience=options.patience, population=options.population,
@@ -231,9 +249,12 @@ def _sparse_ft(deltas, options: SparseFtOptions, context: CompressionContext) ->
 def storage_codec(comp: Compressor, result: Compressed) -> str:
     """The codec an expert is stored with. The sparse methods' output goes to whichever sparse codec
     is smaller at the density they actually kept: Elias-Fano coded positions (``sparse_ef``, bytes
-    falling with density) below about 25 %, the bitmask (``sparse``) above."""
+    falling with density) below about 25 %, the bitmask (``sparse``) above; sign-valued output
+    (``values="sign"``) to ``sign_ef``."""
     if comp.codec != "sparse":
         return comp.codec
+    if result.method.get("values") == "sign":
+        return "sign_ef"
     from deltaserve.experts.codecs.sparse_ef import sparse_codec_for
 
     tensors = [d for d in result.deltas.values() if isinstance(d, Tensor)]

@@ -1,5 +1,6 @@
-"""Sign-valued compressors of task vectors: T-Switch's ternary ``scale * sign`` on the top entries and
-BitDelta's ``scale * sign(tau)`` per changed row. Pure tensor -> tensor, conventions as experts.sparsify."""
+"""Sign-valued compressors of task vectors: T-Switch's ternary ``scale * sign`` on the top entries,
+BitDelta's ``scale * sign(tau)`` per changed row, and ``sign * mean |kept|`` on any sparse support. Pure
+tensor -> tensor, conventions as experts.sparsify."""
 
 from __future__ import annotations
 
@@ -78,3 +79,13 @@ def bitdelta(tensor: Tensor) -> Tensor:
     scale = grid[kept].abs().double().mean().to(tensor.dtype)
     signs = torch.where(grid < 0, -1.0, 1.0).to(tensor.dtype)
     return (signs * scale * kept.unsqueeze(1).to(tensor.dtype)).reshape(tensor.shape)
+
+
+def sign_valued(tensor: Tensor) -> Tensor:
+    """A sparse tensor's kept (non-zero) entries as ``sign * scale`` with ``scale = mean |kept|`` (computed in
+    float64), the squared-error-optimal scale for fixed signs and support; zeros stay zero."""
+    kept = tensor != 0
+    if not bool(kept.any()):
+        return tensor.clone()
+    scale = tensor[kept].abs().double().mean().to(tensor.dtype)
+    return torch.sign(tensor) * scale

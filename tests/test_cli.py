@@ -50,7 +50,7 @@ def test_eval_cli_matches_the_zoo_matrix(micro_zoo, tmp_path):
         (["eval", "--model", "{base}", "--n", "0"], "--n must be >= 1"),
         (["zoo", "build", "--size", "huge"], "unknown zoo size 'huge'"),
         (["compress", "--base", "{base}", "--finetuned", "{base}", "--method", "magnitude", "--rank", "4",
-          "--out", "/tmp/x"], "--rank does not apply to compression method 'magnitude' (it takes --density)"),
+          "--out", "/tmp/x"], "--rank does not apply to compression method 'magnitude' (it takes --density, --values)"),
         (["merge", "--base", "{base}", "--experts", "{base}", "--method", "ties", "--density", "2",
           "--out", "/tmp/x"], "--density: invalid options for merge method 'ties'"),
     ],

@@ -76,7 +76,7 @@ def test_nps_needs_an_objective_and_unknown_methods_list_the_known(tv, tmp_path)
 
 def test_options_are_checked_against_the_methods_model(tv, tmp_path):
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['rank'\] for compression method 'magnitude'; "
-                                         r"valid options: \['density'\]"):
+                                         r"valid options: \['density', 'values'\]"):
         compress_expert(tv, tmp_path / "m", name="m", method="magnitude", rank=4)
     with pytest.raises(ValueError, match="density: Input should be less than or equal to 1"):
         compress_expert(tv, tmp_path / "m", name="m", method="magnitude", density=1.5)

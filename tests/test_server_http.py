@@ -366,7 +366,7 @@ def test_registration_4xx(server, micro_zoo, tmp_path):
     _error(reg({"name": "x", "path": full, "compression": {"method": "zip"}}), 400, "unknown compression method",
            "compression")
     _error(reg({"name": "x", "path": full, "compression": {"method": "magnitude", "rank": 3}}), 400,
-           "valid options: ['density']", "compression")
+           "valid options: ['density', 'values']", "compression")
     _error(reg({"name": "x", "path": full, "compression": {"method": "nps"}}), 400, "needs `compression.calibration`",
            "compression.calibration")
     _error(reg({"name": "x", "path": full, "compression": {"method": "nps", "calibration": "/etc/passwd"}}), 403,
