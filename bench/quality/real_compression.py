@@ -33,12 +33,13 @@ DENSITIES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 DARE_SEEDS = (0, 1, 2)
 LOWRANK_RANKS = (1, 4, 16)
 NPS_DENSITIES = (0.01, 0.05)
+SIGN_DENSITIES = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05)   # --sign-values: values="sign" cells
 TEST_EXAMPLES = 64
 CALIB_EXAMPLES = 64
 
 
 def settings(nps_generations: int, nps: bool = True, dare_seeds: tuple[int, ...] = DARE_SEEDS,
-             nps_densities: tuple[float, ...] = NPS_DENSITIES) -> list[tuple[str, dict]]:
+             nps_densities: tuple[float, ...] = NPS_DENSITIES, sign_values: bool = False) -> list[tuple[str, dict]]:
     out: list[tuple[str, dict]] = [("dense", {}), ("bitdelta", {})]
     for d in DENSITIES:
         out += [("magnitude", {"density": d}), ("tswitch", {"density": d})]
@@ -46,6 +47,10 @@ def settings(nps_generations: int, nps: bool = True, dare_seeds: tuple[int, ...]
     out += [("lowrank", {"rank": r}) for r in LOWRANK_RANKS]
     if nps:
         out += [("nps", {"density": d, "generations": nps_generations}) for d in nps_densities]
+    if sign_values:   # sign-valued supports (sign_ef codec): one sign bit per kept entry
+        for d in SIGN_DENSITIES:
+            out += [("magnitude", {"density": d, "values": "sign"}),
+                    ("dare", {"density": d, "seed": dare_seeds[0], "values": "sign"})]
     return out
 
 
@@ -55,7 +60,7 @@ def cell_key(skill: str, method: str, options: dict) -> str:
 
 def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | None,
               nps_skills: list[str] | None = None, dare_seeds: tuple[int, ...] = DARE_SEEDS,
-              nps_densities: tuple[float, ...] = NPS_DENSITIES) -> None:
+              nps_densities: tuple[float, ...] = NPS_DENSITIES, sign_values: bool = False) -> None:
     from deltaserve.experts.calibration import DeltaObjective, TeacherForcedScorer
     from deltaserve.experts.compress import compress_expert, extract
     from deltaserve.experts.expert import load_expert
@@ -78,7 +83,7 @@ def run_cells(root: Path, out: Path, nps_generations: int, skills: list[str] | N
             _append(cells_path, {"key": base_key, "skill": skill_name, "method": "base", "options": {},
                                  "test_exact": test.evaluate({}).exact, "bits_per_param": 0.0})
         for method, options in settings(nps_generations, nps_skills is None or skill_name in nps_skills,
-                                          dare_seeds, nps_densities):
+                                          dare_seeds, nps_densities, sign_values):
             key = cell_key(skill_name, method, options)
             if key in done:
                 continue
@@ -240,7 +245,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        by_method[r["method"]].append(r)
+        by_method[r["method"] + (" (sign values)" if r["options"].get("values") == "sign" else "")].append(r)
     for method, group in sorted(by_method.items()):
         group.sort(key=lambda r: r["bits_per_param"])
         ax.plot([r["bits_per_param"] for r in group], [100 * r["retained"] for r in group], "o-", label=method)
@@ -263,13 +268,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nps-skills", nargs="*", help="skills that get NPS cells (default: all)")
     parser.add_argument("--dare-seeds", type=int, nargs="+", default=list(DARE_SEEDS))
     parser.add_argument("--nps-densities", type=float, nargs="+", default=list(NPS_DENSITIES))
+    parser.add_argument("--sign-values", action="store_true",
+                        help=f"also magnitude and DARE with values=sign at {list(SIGN_DENSITIES)}")
     parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from cells.jsonl")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = provenance(argv=argv)
     if not args.tables_only:
         run_cells(args.root, args.out, args.nps_generations, args.skills, args.nps_skills, tuple(args.dare_seeds),
-                  tuple(args.nps_densities))
+                  tuple(args.nps_densities), args.sign_values)
     summary = summarise(args.out)   # every cell of cells.jsonl, whichever run made it
     summary["tau_stats"] = tau_stats(args.root, args.out)
     write_tables(args.out, summary, meta)
