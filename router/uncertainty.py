@@ -47,6 +47,7 @@ class UncertaintyRouter:
     """Exemplar-free: each expert's own confidence (mean token NLL) on the text."""
 
     needs_exemplars = False
+    max_pending = 64   # texts that may wait for a routing call (server.service's RouteBatcher); more get a 503
 
     def __init__(self, scorer: NllScorer, temperature: float = 0.1):
         if not callable(scorer):

@@ -13,6 +13,7 @@ never the exception's text.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -174,10 +175,13 @@ def install(app: FastAPI, on_error: Callable[[Request, int], None] = lambda requ
 
     app.add_middleware(RequestIds, on_error=on_error)
 
-    def respond(request: Request, status: int, message: str, param: str | None) -> JSONResponse:
+    def respond(request: Request, status: int, message: str, param: str | None,
+                retry_after: float | None = None) -> JSONResponse:
         on_error(request, status)
-        return JSONResponse(error_body(message, status, param), status_code=status,
-                            headers={REQUEST_ID_HEADER: request_id(request)})
+        headers = {REQUEST_ID_HEADER: request_id(request)}
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -194,7 +198,7 @@ def install(app: FastAPI, on_error: Callable[[Request, int], None] = lambda requ
         return respond(request, err.status_code, message, None)
 
     async def _domain(request: Request, err: Exception) -> JSONResponse:
-        return respond(request, status_of(err) or 500, *describe(err))
+        return respond(request, status_of(err) or 500, *describe(err), getattr(err, "retry_after", None))
 
     for cls, _status in ERROR_STATUS:
         app.add_exception_handler(cls, _domain)

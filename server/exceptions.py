@@ -51,7 +51,12 @@ class BodyTooLarge(RequestError):
 
 
 class Unavailable(RequestError):
-    """The request is fine but cannot be served now (a 503): retry, or ask for something else."""
+    """The request is fine but cannot be served now (a 503): retry, or ask for something else; ``retry_after``
+    (seconds) becomes the response's ``Retry-After``."""
+
+    def __init__(self, message: str, param: str | None = None, *, retry_after: float | None = None) -> None:
+        super().__init__(message, param)
+        self.retry_after = retry_after
 
 
 class EngineUnavailable(Unavailable):

@@ -17,6 +17,7 @@ from typing import Any
 
 from deltaserve.experts.store import ExpertStore
 from deltaserve.experts.store_errors import ExpertExistsError, UnknownExpertError
+from deltaserve.router.batcher import RouterBusy
 from deltaserve.router.text import ChatMarkup
 from deltaserve.server.coalesce import Coalesced
 from deltaserve.server.engine.core import Engine
@@ -90,6 +91,10 @@ class Service(Registrations, Scoping):
                 except TimeoutError:   # the uncertainty router's scoring queue is longer than its timeout
                     raise RoutingUnavailable("routing timed out: the router's scoring is overloaded; retry later or "
                                         "name a model instead of `auto`") from None
+                except RouterBusy as busy:   # past the router's stated load (--route-max-pending)
+                    raise RoutingUnavailable(f"the router is at capacity ({busy.pending} prompts waiting); retry "
+                                             "later or name a model instead of `auto`",
+                                             retry_after=busy.retry_after_s) from None
                 if record:   # a dry run (/v1/route) is not a routing decision
                     self._record_route(decision)
                 recipe = Recipe.of(dict(decision.recipe))
@@ -114,7 +119,9 @@ class Service(Registrations, Scoping):
         if self._batcher is None or self._batcher.service is not self.routing:
             from deltaserve.router.batcher import RouteBatcher
 
-            self._batcher = RouteBatcher(self.routing, window_s=self.settings.router.batch_window_ms / 1000)
+            rs = self.settings.router
+            bound = rs.max_pending if rs.max_pending is not None else getattr(self.routing.router, "max_pending", None)
+            self._batcher = RouteBatcher(self.routing, window_s=rs.batch_window_ms / 1000, max_pending=bound)
         return self._batcher
 
     def _auto_default(self, experts: frozenset[str]) -> Recipe:

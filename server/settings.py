@@ -123,6 +123,10 @@ class RouterSettings(BaseModel):
     max_distance: float | None = Field(None, ge=0.0, description="knn/gate: fallback beyond this exemplar distance "
                                                                  "(default: calibrated)")
     fallback: str = Field("", description="recipe served on fallback ('' = the base)")
+    max_pending: int | None = Field(None, ge=1, description="`auto` prompts that may wait for the router; "
+                                    "more get a 503 with Retry-After (default: unbounded, 64 for the uncertainty "
+                                    "router, which runs the engine per routing call)",
+                                    json_schema_extra=cli("--route-max-pending"))
     batch_window_ms: float = Field(2.0, ge=0.0, le=100.0,
                                    description="concurrent `auto` requests arriving within this window share one "
                                                "routing call; 0 routes each at once",

