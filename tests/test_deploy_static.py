@@ -316,6 +316,9 @@ def test_dashboard_has_the_required_panels(dashboard):
         "Tokens / s": "deltaserve_generated_tokens_total",
         "Affinity hit rate": 'deltaserve_recipe_arrivals_total{instance=~"$instance",resident="true"}',
         "Swaps per request": "deltaserve_weight_swaps_total",
+        "Requests / s by tenant": "deltaserve_tenant_requests_total",
+        "Tokens / s by tenant": "deltaserve_tenant_tokens_total",
+        "Rate-limited requests / s": "by (tenant, limit)",
     }
     for title, needle in required.items():
         assert title in panels, f"missing panel {title!r}"
