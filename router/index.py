@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,22 @@ class FeatureCache:
             return None
         return features if features.shape == (len(texts), self.dim) and features.dtype == np.float32 else None
 
+    def prune(self, keep: Iterable[Sequence[str]], older_than_s: float = 3600.0) -> int:
+        """Delete the files of texts not in ``keep`` (deleted or re-described experts) that are older than
+        ``older_than_s`` (a replica sharing the store may have just written one for an expert this one has not
+        seen yet); returns how many were deleted."""
+        wanted = {self._path(texts).name for texts in keep}
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for path in self.root.glob("*.safetensors"):
+            try:
+                if path.name not in wanted and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:   # gone already (another replica pruned it) or read-only
+                continue
+        return removed
+
     def put(self, texts: Sequence[str], features: np.ndarray) -> None:
         path = self._path(texts)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
@@ -95,6 +112,10 @@ class ExemplarSet:
     @property
     def experts(self) -> tuple[str, ...]:
         return tuple(sorted(self._features))
+
+    def texts(self) -> list[tuple[str, ...]]:
+        """Each expert's exemplar texts (the tuples the feature cache is keyed by)."""
+        return list(self._texts.values())
 
     def replace(self, exemplars: Mapping[str, Sequence[str]]) -> None:
         """Set every expert's exemplars; an expert whose texts did not change keeps its features (only new or
@@ -213,6 +234,11 @@ class ExemplarRouter:
     def fit(self, exemplars: Mapping[str, Sequence[str]]) -> None:
         self._exemplars.replace(exemplars)
         self._rebuild()
+
+    def prune_features(self, older_than_s: float = 3600.0) -> int:
+        """Delete feature files on disk that no current expert's exemplars use (FeatureCache.prune)."""
+        cache = self._exemplars.cache
+        return 0 if cache is None else cache.prune(self._exemplars.texts(), older_than_s)
 
     def add(self, expert: str, texts: Sequence[str]) -> None:
         self._exemplars.add(expert, texts)

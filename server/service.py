@@ -249,6 +249,11 @@ class Service(Registrations, Scoping):
             return
         await self._refits.run(self._timed_refit)
 
+    async def after_restart(self) -> None:
+        """The engine restarted: each expert's serving path may differ now, so the router reads them again."""
+        self._read = {}
+        await self.refresh_routing()
+
     async def _timed_refit(self) -> None:
         with self.metrics.store_refresh.labels("router").time():
             await asyncio.to_thread(self._refit_router, dict(self.engine.experts))
@@ -268,9 +273,15 @@ class Service(Registrations, Scoping):
     def _read_expert(self, name: str, info: Any) -> tuple[Any, list[str], bool]:
         return info, self.store.exemplars(name), self.engine.plan(Recipe(((name, 1.0),))).path == "lora"
 
+    def _prune_features(self) -> None:
+        """Exemplar features on disk (``<store>/.features/``) that no expert uses any more."""
+        prune = getattr(getattr(self.routing, "router", None), "prune_features", None)
+        if prune is not None and (removed := prune()):
+            log.info("removed %d unused exemplar feature files", removed)
+
     async def poll_store(self) -> None:
         """Notice experts published or deleted by other replicas (shared store); now and then remove
-        retired versions past their grace period and dead processes' staging folders."""
+        retired versions past their grace period, dead processes' staging folders and unused exemplar features."""
         rounds = 0
         while True:
             await asyncio.sleep(self.settings.store_poll_s)
@@ -279,5 +290,6 @@ class Service(Registrations, Scoping):
                 await self.sync()
                 if rounds % GC_EVERY_POLLS == 0:
                     await asyncio.to_thread(self.store.collect_garbage)
+                    await asyncio.to_thread(self._prune_features)
             except Exception:  # noqa: BLE001 - keep polling; the next round may succeed
                 log.exception("store poll failed")

@@ -217,3 +217,30 @@ def test_a_new_router_reads_exemplar_features_from_disk(tmp_path):
     unnamed.keep_features(tmp_path / "other")
     unnamed.fit(exemplars)
     assert not (tmp_path / "other").exists()
+
+
+def test_feature_files_no_expert_uses_are_pruned_once_old(tmp_path):
+    """router.index.FeatureCache.prune: files of deleted or re-described experts go once older than the grace
+    period (another replica may have just written one); current experts' files stay."""
+    import os
+    import time
+
+    class Named(RandomEncoder):
+        identity = "random-384"
+
+    router = make_router("knn", encoder=Named())
+    router.keep_features(tmp_path)
+    router.fit({"a": ["a text"], "b": ["b text"], "c": ["c text"]})
+    router.fit({"a": ["a text"], "b": ["b rewritten"]})   # c deleted, b re-described
+    folder = tmp_path / "random-384"
+    assert len(list(folder.glob("*.safetensors"))) == 4
+    assert router.prune_features() == 0                      # all younger than an hour
+    old = time.time() - 7200
+    for path in folder.glob("*.safetensors"):
+        os.utime(path, (old, old))
+    assert router.prune_features() == 2
+    assert len(list(folder.glob("*.safetensors"))) == 2
+    again = make_router("knn", encoder=Named())
+    again.keep_features(tmp_path)
+    again.fit({"a": ["a text"], "b": ["b rewritten"]})      # both read from disk: answers as before
+    assert again.score(["a text"])[0][0] == pytest.approx(router.score(["a text"])[0][0])
