@@ -41,7 +41,7 @@ def create_app(settings: ServerSettings, *, engine: EngineProtocol | None = None
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
-        supervisor = EngineSupervisor(service.engine, service.metrics, on_restart=service.refresh_routing)
+        supervisor = EngineSupervisor(service.engine, service.metrics, on_restart=service.after_restart)
         tasks = [asyncio.create_task(service.poll_store()), asyncio.create_task(supervisor.run())]
         _reload_keys_on_sighup(service)
         if on_ready is not None:

@@ -327,3 +327,13 @@ def test_keys_cli_and_a_bad_key_file_at_start(tmp_path, micro_zoo, capsys):
     code = main(["serve", "--base", str(micro_zoo.layout.base), "--store", str(tmp_path / "store"),
                  "--key-file", str(path)])
     assert code == 2 and "is not TOML" in capsys.readouterr().err
+
+
+def test_an_engine_restart_makes_the_router_read_every_expert_again(server):
+    """What the router cached per expert (its serving path among it) is read again after an engine restart
+    (server.service.Service.after_restart, the supervisor's hook): the path may differ after a restart."""
+    service = server.app.state.service
+    before = dict(service._read)
+    assert before
+    server.portal.call(service.after_restart)
+    assert set(service._read) == set(before) and all(service._read[n] is not before[n] for n in before)
