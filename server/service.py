@@ -167,7 +167,7 @@ class Service(Registrations, Scoping):
         self.check_owner(body.name, "named recipe")
         if body.name in self.engine.experts:
             raise ExpertExistsError(f"{body.name!r} is an expert's name; a named recipe needs a name of its own")
-        if body.recipe.strip() in self.named:
+        if body.recipe.strip() in self.visible_named():
             raise InvalidRequest("a named recipe names experts, not another named recipe", "recipe")
         try:
             parse_model(body.recipe, base_name=self.base_name, experts=self.visible_experts())
