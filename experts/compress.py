@@ -33,7 +33,7 @@ from deltaserve.experts.lowrank import lowrank
 from deltaserve.experts.manifest import ExpertManifest
 from deltaserve.experts.nps import Objective, nps_search
 from deltaserve.experts.nps_bands import nps_pruner
-from deltaserve.experts.options import Density, Gamma, Seed
+from deltaserve.experts.options import Density, Gamma, Seed, Values
 from deltaserve.experts.registry import NoOptions, Options, Registry
 from deltaserve.experts.save import EncodedDelta, save_expert
 from deltaserve.experts.taskvector import TaskVector, extract_full, extract_lora
@@ -94,12 +94,8 @@ class SparseOptions(Options):
     density: Density = 0.05
 
 
-class SupportOptions(SparseOptions):
-    """A sparse support whose kept values are stored exactly (fp16) or as ``±scale`` (one sign bit each)."""
-
-    values: Literal["exact", "sign"] = Field(
-        "exact", description="kept values as stored ('exact', fp16) or sign * one scale per tensor ('sign': mean "
-                             "|kept|, BitDelta's scale on the support; stored with the sign_ef codec)")
+class SupportOptions(SparseOptions):   # a sparse support whose kept values are exact or ±scale
+    values: Values = "exact"
 
 
 class DareOptions(SupportOptions):
@@ -141,10 +137,6 @@ def _per_tensor(deltas: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) ->
     return {name: fn(t) for name, t in deltas.items()}
 
 
-def _valued(out: dict[str, Tensor], options: SupportOptions) -> dict[str, Tensor]:
-    """The support's kept values as they will be stored: as they are, or ``sign * scale`` per tensor."""
-    return _per_tensor(out, signs.sign_valued) if options.values == "sign" else out
-
 
 @compressor("dense", codec="dense")
 def _dense(deltas, options: NoOptions, context: CompressionContext) -> Compressed:
@@ -158,7 +150,7 @@ def _magnitude(deltas, options: SupportOptions, context: CompressionContext) -> 
     out = _per_tensor(deltas, lambda t: sparsify.magnitude(t, options.density))
     method = {"name": "magnitude", "density": options.density, **({"values": "sign"} if options.values == "sign"
                                                                     else {})}
-    return Compressed(_valued(out, options), method)
+    return Compressed(signs.with_values(out, options.values), method)
 
 
 @compressor("dare", codec="sparse", options=DareOptions)
@@ -166,14 +158,14 @@ def _dare(deltas, options: DareOptions, context: CompressionContext) -> Compress
     """Random drop with probability 1 - density, kept entries rescaled by 1/density."""
     gen = torch.Generator().manual_seed(options.seed)
     out = _per_tensor(deltas, lambda t: sparsify.dare(t, options.density, gen))
-    return Compressed(_valued(out, options), {"name": "dare", **options.model_dump()})
+    return Compressed(signs.with_values(out, options.values), {"name": "dare", **options.model_dump()})
 
 
 @compressor("breadcrumbs", codec="sparse", options=BreadcrumbsOptions)
 def _breadcrumbs(deltas, options: BreadcrumbsOptions, context: CompressionContext) -> Compressed:
     """Magnitude band without the largest outliers (Model Breadcrumbs)."""
     out = _per_tensor(deltas, lambda t: sparsify.breadcrumbs(t, options.density, options.gamma))
-    return Compressed(_valued(out, options), {"name": "breadcrumbs", **options.model_dump()})
+    return Compressed(signs.with_values(out, options.values), {"name": "breadcrumbs", **options.model_dump()})
 
 
 @compressor("tswitch", codec="ternary", options=SparseOptions)
@@ -215,7 +207,7 @@ def _nps(deltas, options: NpsOptions, context: CompressionContext) -> Compressed
     support = nps_pruner(deltas, options.bands, options.density, per_tensor)
 
     def prune(weights: list[float]) -> dict[str, Tensor]:   # the stored expert is what was scored
-        return _valued(support(weights), options)
+        return signs.with_values(support(weights), options.values)
     result = nps_search(deltas, context.objective, density=options.density, seed=options.seed,
                         progress=context.progress, pruner=prune, bands=options.bands,
                         generations=options.generations, patience=options.patience, population=options.population,

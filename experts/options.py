@@ -17,3 +17,6 @@ SignSource = Annotated[Literal["weighted", "unweighted"],
 Normalize = Annotated[Literal["weight", "count", "none"],
                       Field(description="divide by the agreeing weights, count, or not at all")]
 Ratio = Annotated[float, Field(gt=0.0, le=1.0, description="kept fraction of the balanced scores")]
+Values = Annotated[Literal["exact", "sign"],
+                   Field(description="kept values as stored ('exact', fp16) or sign * one scale per tensor ('sign': "
+                                     "mean |kept|, BitDelta's scale on the support; stored with the sign_ef codec)")]

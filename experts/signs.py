@@ -89,3 +89,9 @@ def sign_valued(tensor: Tensor) -> Tensor:
         return tensor.clone()
     scale = tensor[kept].abs().double().mean().to(tensor.dtype)
     return torch.sign(tensor) * scale
+
+
+def with_values(deltas: dict[str, Tensor], values: str) -> dict[str, Tensor]:
+    """A sparse support's kept values as they will be stored: as they are (``exact``) or ``sign_valued``
+    per tensor (``sign``)."""
+    return {name: sign_valued(t) for name, t in deltas.items()} if values == "sign" else deltas
