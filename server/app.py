@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from deltaserve.server import errors
 from deltaserve.server.auth import bearer_token
 from deltaserve.server.engine.types import EngineProtocol
-from deltaserve.server.limits import Tenancy
+from deltaserve.server.limits import OPS_PATHS, Tenancy
 from deltaserve.server.routes import experts, lora, openai, ops, tokenize
 from deltaserve.server.service import Service
 from deltaserve.server.settings import ServerSettings
@@ -85,7 +85,7 @@ def _reload_keys_on_sighup(service: Service) -> None:
 class OpsKey:
     """ASGI middleware for ``--ops-need-key``: /metrics, /docs and /openapi.json need a key too."""
 
-    PATHS = ("/metrics", "/docs", "/openapi.json", "/redoc")
+    PATHS = OPS_PATHS
 
     def __init__(self, app, keys: list[str]) -> None:
         self.app, self.keys = app, set(keys)

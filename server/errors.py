@@ -65,7 +65,7 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 503: "service_unavailable"}
+          422: "invalid_request_error", 429: "rate_limit_exceeded", 503: "service_unavailable"}
 
 
 def error_body(message: str, code: int, param: str | None = None) -> dict:

@@ -26,6 +26,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from deltaserve.server.auth import bearer_token
+from deltaserve.server.errors import error_body
 from deltaserve.server.tenants import CALLER, Caller, KeyRing
 
 WINDOW_S = 60.0
@@ -98,14 +99,11 @@ class Limiter:
 def too_many(limit: str, wait_s: float) -> JSONResponse:
     wait = max(1, math.ceil(wait_s))
     what = {"rpm": "requests per minute", "tpm": "tokens per minute", "in_flight": "requests in flight"}[limit]
-    body = {"error": {"message": f"rate limit reached for this key ({what}); retry after {wait} s",
-                      "type": "rate_limit_exceeded", "param": None, "code": 429}}
-    return JSONResponse(body, status_code=429, headers={"Retry-After": str(wait)})
+    return JSONResponse(error_body(f"rate limit reached for this key ({what}); retry after {wait} s", 429),
+                        status_code=429, headers={"Retry-After": str(wait)})
 
 
 def _unauthorised(message: str, status: int) -> JSONResponse:
-    from deltaserve.server.errors import error_body
-
     return JSONResponse(error_body(message, status), status_code=status)
 
 
